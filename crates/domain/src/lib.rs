@@ -1,0 +1,1 @@
+//! Pure domain aggregates (filled in by the write-path work).

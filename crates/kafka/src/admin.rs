@@ -1,0 +1,398 @@
+//! The platform topics of DESIGN section 2, created idempotently with their configs.
+//!
+//! Every co-partitioned topic shares one partition count P. Once any platform
+//! topic exists, P is read from the cluster rather than assumed, so a second
+//! `topics init` (or a writer creating a new category's topic) can never
+//! break co-partitioning.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use esk_wire::Topics;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::metadata::Metadata;
+use serde::Serialize;
+
+use crate::config::KafkaConfig;
+use crate::error::Error;
+
+/// The partition count of a new installation unless `--partitions` says otherwise.
+pub const DEFAULT_PARTITIONS: i32 = 12;
+
+const WEEK_MS: &str = "604800000";
+const HOUR_MS: &str = "3600000";
+
+/// What one topic should look like.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub configs: BTreeMap<String, String>,
+}
+
+/// The kinds of platform topic, each with its cleanup and retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    /// Requests to the writer; kept a week for replays and audits.
+    Commands,
+    /// The event log: delete policy with infinite retention.
+    Events,
+    /// The leader topic: compacted, one record per stream survives.
+    State,
+    /// Answers to clients: short retention.
+    Replies,
+    /// Coordinator and participant traffic; kept a week.
+    TxTraffic,
+    /// The coordinator's log: compacted, one record per txid survives.
+    TxLog,
+    /// Parked records: kept until an operator deals with them.
+    DeadLetters,
+}
+
+/// Replication factor and min ISR for a cluster of a given size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    pub replication_factor: i32,
+    pub min_insync_replicas: i32,
+}
+
+impl Durability {
+    /// min.insync.replicas: 2 from replication 3 up (one broker may die with
+    /// acks=all still succeeding), else 1.
+    pub fn new(replication_factor: i32) -> Self {
+        Self {
+            replication_factor,
+            min_insync_replicas: if replication_factor >= 3 { 2 } else { 1 },
+        }
+    }
+
+    /// Replication 3 where the cluster has three brokers, else as many as there are.
+    pub fn for_brokers(brokers: usize) -> Self {
+        Self::new(brokers.clamp(1, 3) as i32)
+    }
+}
+
+impl TopicKind {
+    pub fn spec(self, name: String, partitions: i32, d: Durability) -> TopicSpec {
+        let (cleanup, retention) = match self {
+            TopicKind::Commands | TopicKind::TxTraffic => ("delete", WEEK_MS),
+            TopicKind::Events | TopicKind::DeadLetters => ("delete", "-1"),
+            TopicKind::Replies => ("delete", HOUR_MS),
+            TopicKind::State | TopicKind::TxLog => ("compact", "-1"),
+        };
+        let mut configs = BTreeMap::from([
+            ("cleanup.policy".to_owned(), cleanup.to_owned()),
+            ("retention.ms".to_owned(), retention.to_owned()),
+            (
+                "min.insync.replicas".to_owned(),
+                d.min_insync_replicas.to_string(),
+            ),
+        ]);
+        if self == TopicKind::Events || self == TopicKind::DeadLetters {
+            configs.insert("retention.bytes".into(), "-1".into());
+        }
+        TopicSpec {
+            name,
+            partitions,
+            replication_factor: d.replication_factor,
+            configs,
+        }
+    }
+}
+
+/// Every platform topic: the co-partitioned ones, an events topic per known
+/// category and the writer's dead-letter topic.
+pub fn platform_topics<'a>(
+    topics: &Topics,
+    categories: impl IntoIterator<Item = &'a str>,
+    partitions: i32,
+    d: Durability,
+) -> Vec<TopicSpec> {
+    let mut specs = vec![
+        TopicKind::Commands.spec(topics.commands(), partitions, d),
+        TopicKind::State.spec(topics.state(), partitions, d),
+        TopicKind::Replies.spec(topics.replies(), partitions, d),
+        TopicKind::TxTraffic.spec(topics.tx_requests(), partitions, d),
+        TopicKind::TxTraffic.spec(topics.tx_prepare(), partitions, d),
+        TopicKind::TxTraffic.spec(topics.tx_commit(), partitions, d),
+        TopicKind::TxTraffic.spec(topics.tx_votes(), partitions, d),
+        TopicKind::TxLog.spec(topics.tx_log(), partitions, d),
+    ];
+    for c in categories {
+        specs.push(TopicKind::Events.spec(topics.events(c), partitions, d));
+    }
+    specs.push(TopicKind::DeadLetters.spec(topics.dlq("writer"), partitions, d));
+    specs
+}
+
+/// A topic as it exists on the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopicInfo {
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Configs that are set on the topic (not broker defaults), plus
+    /// `cleanup.policy`, `retention.ms` and `min.insync.replicas` always.
+    pub configs: BTreeMap<String, String>,
+}
+
+/// Whether `ensure_topics` made a topic or found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Created,
+    Existing,
+}
+
+/// An admin connection with bounded waits.
+pub struct Admin {
+    client: AdminClient<DefaultClientContext>,
+    config: KafkaConfig,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("bootstrap", &self.config.bootstrap)
+            .finish()
+    }
+}
+
+impl Admin {
+    pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
+        let client = config.client().create()?;
+        Ok(Self {
+            client,
+            config: config.clone(),
+        })
+    }
+
+    fn options(&self) -> AdminOptions {
+        AdminOptions::new()
+            .request_timeout(Some(self.config.timeout))
+            .operation_timeout(Some(self.config.timeout))
+    }
+
+    /// Cluster metadata, or `Unavailable` after the configured timeout.
+    pub async fn metadata(&self) -> Result<Metadata, Error> {
+        let timeout = self.config.timeout;
+        let result =
+            tokio::task::block_in_place(|| self.client.inner().fetch_metadata(None, timeout));
+        result.map_err(|e| {
+            self.config
+                .unavailable(format!("no metadata within {timeout:?} ({e})"))
+        })
+    }
+
+    /// The number of brokers the cluster reports.
+    pub async fn broker_count(&self) -> Result<usize, Error> {
+        Ok(self.metadata().await?.brokers().len())
+    }
+
+    /// Describes the named topics that exist (missing ones are left out).
+    pub async fn describe(&self, names: &[String]) -> Result<Vec<TopicInfo>, Error> {
+        let metadata = self.metadata().await?;
+        let mut found = Vec::new();
+        for t in metadata.topics() {
+            if !names.iter().any(|n| n == t.name()) || t.partitions().is_empty() {
+                continue;
+            }
+            found.push(TopicInfo {
+                name: t.name().to_owned(),
+                partitions: t.partitions().len() as i32,
+                replication_factor: t.partitions()[0].replicas().len() as i32,
+                configs: BTreeMap::new(),
+            });
+        }
+        if found.is_empty() {
+            return Ok(found);
+        }
+        let specifiers: Vec<_> = found
+            .iter()
+            .map(|t| ResourceSpecifier::Topic(&t.name))
+            .collect();
+        let results = self
+            .client
+            .describe_configs(&specifiers, &self.options())
+            .await?;
+        for (info, result) in found.iter_mut().zip(results) {
+            let resource = result.map_err(|code| {
+                Error::Invalid(format!("describing the configs of {}: {code}", info.name))
+            })?;
+            for entry in resource.entries {
+                let always = matches!(
+                    entry.name.as_str(),
+                    "cleanup.policy" | "retention.ms" | "retention.bytes" | "min.insync.replicas"
+                );
+                if let (Some(value), true) = (entry.value, always || !entry.is_default) {
+                    info.configs.insert(entry.name, value);
+                }
+            }
+        }
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+
+    /// The names of all topics starting with `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let metadata = self.metadata().await?;
+        let mut names: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Creates the topics that do not exist yet, with their configs; existing ones
+    /// are reported, never altered.
+    pub async fn ensure(&self, specs: &[TopicSpec]) -> Result<Vec<(TopicSpec, Outcome)>, Error> {
+        let new_topics: Vec<NewTopic> = specs
+            .iter()
+            .map(|s| {
+                let mut t = NewTopic::new(
+                    &s.name,
+                    s.partitions,
+                    TopicReplication::Fixed(s.replication_factor),
+                );
+                for (k, v) in &s.configs {
+                    t = t.set(k, v);
+                }
+                t
+            })
+            .collect();
+        let results = self
+            .client
+            .create_topics(&new_topics, &self.options())
+            .await?;
+        let mut outcomes = Vec::with_capacity(specs.len());
+        for (spec, result) in specs.iter().zip(results) {
+            match result {
+                Ok(_) => outcomes.push((spec.clone(), Outcome::Created)),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    outcomes.push((spec.clone(), Outcome::Existing))
+                }
+                Err((name, code)) if crate::error::is_transient_code(Some(code)) => {
+                    return Err(self.config.unavailable(format!("creating {name}: {code}")));
+                }
+                Err((name, code)) => {
+                    return Err(Error::Invalid(format!("creating {name}: {code}")));
+                }
+            }
+        }
+        // A created topic's metadata reaches every broker a little later; wait so
+        // that the caller can produce to it at once.
+        let created: Vec<&str> = outcomes
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Created)
+            .map(|(s, _)| s.name.as_str())
+            .collect();
+        self.wait_visible(&created).await?;
+        Ok(outcomes)
+    }
+
+    async fn wait_visible(&self, names: &[&str]) -> Result<(), Error> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        loop {
+            let metadata = self.metadata().await?;
+            let ready = names.iter().all(|n| {
+                metadata.topics().iter().any(|t| {
+                    t.name() == *n
+                        && t.error().is_none()
+                        && !t.partitions().is_empty()
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                })
+            });
+            if ready {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(self
+                    .config
+                    .unavailable(format!("topics {names:?} have no leaders yet")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The partition count of an installation: what its existing co-partitioned
+/// topics have, or `None` when there are none yet. Disagreeing topics are an error.
+pub fn installed_partitions(existing: &[TopicInfo], topics: &Topics) -> Result<Option<i32>, Error> {
+    let co_partitioned = [
+        topics.commands(),
+        topics.state(),
+        topics.tx_prepare(),
+        topics.tx_commit(),
+    ];
+    let mut found: Option<(&str, i32)> = None;
+    for t in existing.iter().filter(|t| co_partitioned.contains(&t.name)) {
+        match found {
+            None => found = Some((&t.name, t.partitions)),
+            Some((name, p)) if p != t.partitions => {
+                return Err(Error::Invalid(format!(
+                    "{name} has {p} partitions but {} has {}: co-partitioned topics must share one count",
+                    t.name, t.partitions
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(found.map(|(_, p)| p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_carry_the_design_configs() {
+        let specs = platform_topics(&Topics::new("x"), ["account"], 6, Durability::new(3));
+        let get = |name: &str| specs.iter().find(|s| s.name == name).unwrap();
+        assert_eq!(get("x.state").configs["cleanup.policy"], "compact");
+        assert_eq!(get("x.tx.log").configs["cleanup.policy"], "compact");
+        assert_eq!(get("x.events.account").configs["retention.ms"], "-1");
+        assert_eq!(get("x.events.account").configs["retention.bytes"], "-1");
+        assert_eq!(get("x.commands").configs["cleanup.policy"], "delete");
+        assert!(
+            specs
+                .iter()
+                .all(|s| s.partitions == 6 && s.replication_factor == 3)
+        );
+        assert!(
+            specs
+                .iter()
+                .all(|s| s.configs["min.insync.replicas"] == "2")
+        );
+        assert_eq!(Durability::for_brokers(1), Durability::new(1));
+        assert_eq!(Durability::new(1).min_insync_replicas, 1);
+        assert_eq!(Durability::for_brokers(5).replication_factor, 3);
+    }
+
+    #[test]
+    fn disagreeing_partition_counts_are_refused() {
+        let t = Topics::new("x");
+        let info = |name: String, partitions| TopicInfo {
+            name,
+            partitions,
+            replication_factor: 1,
+            configs: BTreeMap::new(),
+        };
+        assert_eq!(installed_partitions(&[], &t).unwrap(), None);
+        assert_eq!(
+            installed_partitions(&[info(t.commands(), 4)], &t).unwrap(),
+            Some(4)
+        );
+        let err =
+            installed_partitions(&[info(t.commands(), 4), info(t.state(), 6)], &t).unwrap_err();
+        assert!(err.to_string().contains("co-partitioned"), "{err}");
+    }
+}

@@ -1,0 +1,21 @@
+//! The wire format of esk: what any Kafka client sees on esk's topics.
+//!
+//! # Layout
+//! - [`stream`]: stream names, `<category>-<id>`, and their validation.
+//! - [`envelope`]: the CloudEvents 1.0 binary-mode envelope (Kafka headers + JSON value).
+//! - [`schema`]: JSON Schemas from `schemas/<category>/<Type>.v<N>.json`, strict
+//!   categories, upcasters.
+//! - [`topics`]: the names of the platform topics under a prefix.
+//!
+//! Nothing here talks to Kafka: headers are plain `(name, bytes)` pairs so that the
+//! format can be tested (and fuzzed) without a broker.
+
+pub mod envelope;
+pub mod schema;
+pub mod stream;
+pub mod topics;
+
+pub use envelope::{DecodeError, Event, Header};
+pub use schema::{SchemaError, SchemaRegistry, ValidationError};
+pub use stream::{StreamName, StreamNameError};
+pub use topics::Topics;

@@ -1,0 +1,336 @@
+#!/usr/bin/env bash
+# A real Apache Kafka broker (KRaft) from Maven Central jars: no Docker needed.
+#
+#   kafka.sh fetch                   jars into infra/kafka/lib, once (later calls stay offline)
+#   kafka.sh start [--watch-pid P]   single node on 127.0.0.1:9092, waits until it answers metadata
+#   kafka.sh stop | status
+#   kafka.sh cluster start|stop|status
+#                                    three nodes on 127.0.0.1:19092, :29092, :39092
+#   kafka.sh cluster kill N          SIGKILL node N (1..3)
+#   kafka.sh cluster restart N       start node N again (same data, no re-format)
+#   kafka.sh tool CLASS [ARGS...]    run a tool from the same jars, e.g. ProducerPerformance
+#   kafka.sh wait HOST:PORT [SECS] [MIN_BROKERS]
+#
+# Environment (all optional):
+#   ESK_HOME                   state root (default: <repo>/.esk): kafka/ data, run/ pids, log/ logs
+#   ESK_KAFKA_PORT             single-node client port (9092); the controller uses the next port
+#   ESK_KAFKA_CLUSTER_PORTS    client ports of the three nodes ("19092 29092 39092")
+#   ESK_KAFKA_HEAP             broker heap (512m)
+#   ESK_KAFKA_START_TIMEOUT    seconds to wait for readiness (90)
+#
+# --watch-pid P ties the broker's life to process P: when P exits the broker is
+# killed. The test harness uses it so that no broker outlives a test run.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+ESK_HOME=${ESK_HOME:-$repo/.esk}
+lib=$here/lib
+heap=${ESK_KAFKA_HEAP:-512m}
+start_timeout=${ESK_KAFKA_START_TIMEOUT:-90}
+single_port=${ESK_KAFKA_PORT:-9092}
+read -r -a cluster_ports <<<"${ESK_KAFKA_CLUSTER_PORTS:-19092 29092 39092}"
+
+log() { printf 'kafka: %s\n' "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+need_java() {
+  command -v java >/dev/null || die "java not found: Kafka 4 needs Java 17 or newer"
+  local major
+  major=$(java -XshowSettings:properties -version 2>&1 | awk -F'= ' '/java.specification.version/{print $2}')
+  [ "${major%%.*}" -ge 17 ] 2>/dev/null || die "java $major found: Kafka 4 needs Java 17 or newer"
+}
+
+# Jars are fetched once per pom: the stamp holds the pom's checksum, so a second
+# start does not touch the network and a changed pom fetches afresh.
+fetch() {
+  local stamp=$lib/.fetched sum
+  sum=$(sha256sum "$here/pom.xml" | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ]; then
+    return 0
+  fi
+  command -v mvn >/dev/null || die "mvn not found: it fetches the Kafka jars from Maven Central"
+  log "fetching Kafka jars from Maven Central into $lib"
+  rm -rf "$lib"
+  mvn -q -B -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$lib" >&2
+  echo "$sum" >"$stamp"
+}
+
+classpath() { printf '%s/*' "$lib"; }
+
+kafka_java() {
+  java -Xms128m -Xmx"$heap" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$here/log4j2.properties" \
+    -cp "$(classpath)" "$@"
+}
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_ready() { # addr secs min_brokers [pidfile...]
+  local addr=$1 secs=$2 want=$3 deadline pf
+  shift 3
+  deadline=$((SECONDS + secs))
+  while ((SECONDS < deadline)); do
+    for pf in "$@"; do
+      alive "$pf" || return 1
+    done
+    if python3 "$here/metadata_probe.py" "$addr" "$want" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.3
+  done
+  python3 "$here/metadata_probe.py" "$addr" "$want"
+}
+
+# write_config FILE NODE_ID PORT DIR VOTERS|"" EXTRA...
+write_config() {
+  local file=$1 id=$2 port=$3 dir=$4 voters=$5
+  shift 5
+  local cport=$((port + 1))
+  {
+    echo "process.roles=broker,controller"
+    echo "node.id=$id"
+    if [ -n "$voters" ]; then
+      echo "controller.quorum.voters=$voters"
+    else
+      echo "controller.quorum.bootstrap.servers=127.0.0.1:$cport"
+    fi
+    echo "listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport"
+    echo "advertised.listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport"
+    echo "inter.broker.listener.name=PLAINTEXT"
+    echo "controller.listener.names=CONTROLLER"
+    echo "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    echo "log.dirs=$dir/data"
+    echo "group.initial.rebalance.delay.ms=0"
+    # esk creates every topic it uses, with its own configs (DESIGN section 2).
+    echo "auto.create.topics.enable=false"
+    printf '%s\n' "$@"
+  } >"$file"
+}
+
+# start_node NAME CONFIG DIR WATCH_PID CLUSTER_ID FORMAT_FLAGS...
+start_node() {
+  local name=$1 config=$2 dir=$3 watch=$4 cid=$5
+  shift 5
+  local pidfile=$ESK_HOME/run/$name.pid logfile=$ESK_HOME/log/$name.log
+  mkdir -p "$ESK_HOME/run" "$ESK_HOME/log" "$dir"
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    kafka_java kafka.tools.StorageTool format -t "$cid" -c "$config" "$@" --ignore-formatted \
+      >>"$logfile" 2>&1 || die "formatting $name failed: see $logfile"
+  fi
+  # setsid: the broker must not die with the shell that started it (make up), nor
+  # get its terminal's signals.
+  setsid nohup java -Xms128m -Xmx"$heap" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -Djava.awt.headless=true -Dkafka.logs.dir="$ESK_HOME/log" \
+    -Dlog4j2.configurationFile="$here/log4j2.properties" \
+    -cp "$(classpath)" kafka.Kafka "$config" >>"$logfile" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  if [ -n "$watch" ]; then
+    local broker=$!
+    setsid nohup bash -c '
+      while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep 1; done
+      kill -9 "$2" 2>/dev/null; rm -f "$3"' watchdog "$watch" "$broker" "$pidfile" \
+      >/dev/null 2>&1 </dev/null &
+  fi
+}
+
+# stop_pidfiles PIDFILE... : SIGTERM to all at once (a KRaft quorum that loses
+# members one by one cannot finish a controlled shutdown), SIGKILL after 30 s.
+stop_pidfiles() {
+  local pf pids=() i
+  for pf in "$@"; do
+    if alive "$pf"; then
+      pids+=("$(cat "$pf")")
+      kill -TERM "$(cat "$pf")" 2>/dev/null || true
+    fi
+  done
+  for ((i = 0; i < 300; i++)); do
+    local left=0 pid
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+    ((left)) || break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      log "pid $pid did not stop in 30 s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  rm -f "$@"
+  ((${#pids[@]} == 0)) || log "stopped (pid ${pids[*]})"
+}
+
+single_start() {
+  local watch=""
+  if [ "${1:-}" = "--watch-pid" ]; then watch=${2:?--watch-pid needs a pid}; fi
+  local pf=$ESK_HOME/run/kafka.pid dir=$ESK_HOME/kafka
+  if alive "$pf"; then
+    wait_ready "127.0.0.1:$single_port" "$start_timeout" 1 "$pf" ||
+      die "broker pid $(cat "$pf") runs but does not answer on 127.0.0.1:$single_port"
+    log "already running on 127.0.0.1:$single_port (pid $(cat "$pf"))"
+    return 0
+  fi
+  if port_open "$single_port"; then
+    die "port $single_port is taken by another process; stop it or set ESK_KAFKA_PORT"
+  fi
+  need_java
+  fetch
+  mkdir -p "$dir"
+  write_config "$dir/server.properties" 1 "$single_port" "$dir" "" \
+    "offsets.topic.replication.factor=1" \
+    "transaction.state.log.replication.factor=1" \
+    "transaction.state.log.min.isr=1" \
+    "share.coordinator.state.topic.replication.factor=1" \
+    "share.coordinator.state.topic.min.isr=1" \
+    "num.partitions=1"
+  local t0=$SECONDS cid
+  cid=$(cat "$dir/cluster.id" 2>/dev/null || true)
+  if [ -z "$cid" ]; then
+    cid=$(kafka_java kafka.tools.StorageTool random-uuid)
+    echo "$cid" >"$dir/cluster.id"
+  fi
+  start_node kafka "$dir/server.properties" "$dir" "$watch" "$cid" --standalone
+  if ! wait_ready "127.0.0.1:$single_port" "$start_timeout" 1 "$pf"; then
+    tail -n 30 "$ESK_HOME/log/kafka.log" >&2 || true
+    stop_pidfiles "$pf"
+    die "broker did not answer on 127.0.0.1:$single_port within ${start_timeout}s"
+  fi
+  log "ready on 127.0.0.1:$single_port in $((SECONDS - t0))s (pid $(cat "$pf"), data $dir, log $ESK_HOME/log/kafka.log)"
+}
+
+single_status() {
+  local pf=$ESK_HOME/run/kafka.pid
+  if alive "$pf" && python3 "$here/metadata_probe.py" "127.0.0.1:$single_port" 2>/dev/null; then
+    echo "kafka: running on 127.0.0.1:$single_port (pid $(cat "$pf"))"
+  elif alive "$pf"; then
+    echo "kafka: pid $(cat "$pf") alive but not answering on 127.0.0.1:$single_port"
+    return 1
+  else
+    echo "kafka: stopped"
+    return 1
+  fi
+}
+
+cluster_voters() {
+  local i voters=""
+  for i in 1 2 3; do
+    voters+="${voters:+,}$i@127.0.0.1:$((cluster_ports[i - 1] + 1))"
+  done
+  echo "$voters"
+}
+
+cluster_node_start() { # N
+  local n=$1 dir=$ESK_HOME/kafka-cluster/node$1 base=$ESK_HOME/kafka-cluster
+  local pf=$ESK_HOME/run/kafka-node$n.pid
+  [[ $n =~ ^[123]$ ]] || die "node must be 1, 2 or 3, not '$n'"
+  if alive "$pf"; then
+    log "node $n already running (pid $(cat "$pf"))"
+    return 0
+  fi
+  port_open "${cluster_ports[n - 1]}" && die "port ${cluster_ports[n - 1]} is taken by another process"
+  mkdir -p "$dir"
+  write_config "$dir/server.properties" "$n" "${cluster_ports[n - 1]}" "$dir" "$(cluster_voters)" \
+    "default.replication.factor=3" \
+    "min.insync.replicas=2" \
+    "offsets.topic.replication.factor=3" \
+    "transaction.state.log.replication.factor=3" \
+    "transaction.state.log.min.isr=2" \
+    "share.coordinator.state.topic.replication.factor=3" \
+    "share.coordinator.state.topic.min.isr=2" \
+    "broker.session.timeout.ms=6000" \
+    "broker.heartbeat.interval.ms=1000"
+  start_node "kafka-node$n" "$dir/server.properties" "$dir" "${CLUSTER_WATCH:-}" "$(cat "$base/cluster.id")"
+}
+
+cluster_bootstrap() {
+  local i out=""
+  for i in 0 1 2; do out+="${out:+,}127.0.0.1:${cluster_ports[i]}"; done
+  echo "$out"
+}
+
+cluster() {
+  local sub=${1:-}
+  shift || true
+  local base=$ESK_HOME/kafka-cluster
+  case "$sub" in
+  start)
+    if [ "${1:-}" = "--watch-pid" ]; then CLUSTER_WATCH=${2:?--watch-pid needs a pid}; fi
+    need_java
+    fetch
+    mkdir -p "$base"
+    [ -f "$base/cluster.id" ] || kafka_java kafka.tools.StorageTool random-uuid >"$base/cluster.id"
+    local t0=$SECONDS n
+    for n in 1 2 3; do cluster_node_start "$n"; done
+    # A quorum needs two of three controllers, so wait for all three together.
+    for n in 1 2 3; do
+      if ! wait_ready "127.0.0.1:${cluster_ports[n - 1]}" "$start_timeout" 3 "$ESK_HOME/run/kafka-node$n.pid"; then
+        tail -n 30 "$ESK_HOME/log/kafka-node$n.log" >&2 || true
+        die "node $n did not answer with 3 brokers within ${start_timeout}s"
+      fi
+    done
+    log "cluster ready on $(cluster_bootstrap) in $((SECONDS - t0))s"
+    ;;
+  stop)
+    stop_pidfiles "$ESK_HOME"/run/kafka-node{1,2,3}.pid
+    ;;
+  status)
+    local n rc=0
+    for n in 1 2 3; do
+      if alive "$ESK_HOME/run/kafka-node$n.pid"; then
+        echo "node $n: running on 127.0.0.1:${cluster_ports[n - 1]} (pid $(cat "$ESK_HOME/run/kafka-node$n.pid"))"
+      else
+        echo "node $n: stopped"
+        rc=1
+      fi
+    done
+    return $rc
+    ;;
+  kill)
+    local n=${1:?which node: 1, 2 or 3} pf
+    pf=$ESK_HOME/run/kafka-node$n.pid
+    alive "$pf" || die "node $n is not running"
+    kill -KILL "$(cat "$pf")"
+    log "node $n killed (SIGKILL, pid $(cat "$pf"))"
+    rm -f "$pf"
+    ;;
+  restart)
+    local n=${1:?which node: 1, 2 or 3}
+    cluster_node_start "$n"
+    wait_ready "127.0.0.1:${cluster_ports[n - 1]}" "$start_timeout" 3 "$ESK_HOME/run/kafka-node$n.pid" ||
+      die "node $n did not rejoin within ${start_timeout}s"
+    log "node $n rejoined"
+    ;;
+  bootstrap) cluster_bootstrap ;;
+  *) die "usage: kafka.sh cluster start|stop|status|kill N|restart N|bootstrap" ;;
+  esac
+}
+
+tool() {
+  local class=${1:?usage: kafka.sh tool CLASS [ARGS...]}
+  shift
+  [[ $class == *.* ]] || class=org.apache.kafka.tools.$class
+  need_java
+  fetch
+  exec java -Xmx"$heap" -Dlog4j2.configurationFile="$here/log4j2.properties" \
+    -cp "$(classpath)" "$class" "$@"
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+fetch) fetch ;;
+start) single_start "$@" ;;
+stop) stop_pidfiles "$ESK_HOME/run/kafka.pid" ;;
+status) single_status ;;
+cluster) cluster "$@" ;;
+tool) tool "$@" ;;
+wait) wait_ready "${1:?HOST:PORT}" "${2:-$start_timeout}" "${3:-1}" ;;
+*)
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+  ;;
+esac

@@ -1,0 +1,114 @@
+//! The command-line grammar. `esk --help` and `esk <command> --help` are the reference.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "esk",
+    version,
+    about = "Event sourcing on Apache Kafka",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Kafka bootstrap servers, host:port[,host:port...].
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub bootstrap_servers: String,
+    /// Prefix of every platform topic, so that installations can share a cluster.
+    #[arg(long, global = true, env = "ESK_TOPIC_PREFIX", default_value = "esk")]
+    pub prefix: String,
+    /// Print one JSON document (JSON lines for event streams) on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// How long to wait for Kafka or a service before giving up (exit 5), e.g. 10s, 500ms.
+    #[arg(long, global = true, env = "ESK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or inspect the platform topics.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create every platform topic with its configs. Idempotent: existing topics are kept.
+    Init(InitArgs),
+    /// Show the platform topics that exist, their partitions, replication and configs.
+    Describe,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Partitions of every co-partitioned topic (default 12, or what an existing installation has).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub partitions: Option<i32>,
+    /// Replicas per partition (default: 3, or the number of brokers if fewer).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub replication_factor: Option<i32>,
+}
+
+/// `10s`, `500ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration; use e.g. 10s, 500ms, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("'{s}' has unknown unit '{unit}'; use ms, s or m")),
+    };
+    if !(secs > 0.0 && secs < 86_400.0) {
+        return Err(format!(
+            "'{s}' is out of range; give more than 0 and less than a day"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,44 @@
+//! `esk`: the command line of esk, event sourcing on Apache Kafka.
+//!
+//! Human output by default; `--json` prints one JSON document on stdout. Errors
+//! go to stderr (and, with `--json`, to stdout as `{"error", "message"}`). The
+//! exit codes are the contract of DESIGN section 8; see [`exit::Failure`].
+
+mod cli;
+mod exit;
+mod topics;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, TopicsCommand};
+use crate::exit::Failure;
+
+fn main() -> ExitCode {
+    let json_requested = std::env::args().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return exit::usage(e, json_requested),
+    };
+    esk_runtime::init_tracing("warn");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let json = cli.global.json;
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(json),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let g = cli.global;
+    match cli.command {
+        Command::Topics { command } => match command {
+            TopicsCommand::Init(args) => topics::init(&g, args).await,
+            TopicsCommand::Describe => topics::describe(&g).await,
+        },
+    }
+}
