@@ -17,6 +17,7 @@
 #   ESK_KAFKA_CLUSTER_PORTS    client ports of the three nodes ("19092 29092 39092")
 #   ESK_KAFKA_HEAP             broker heap (512m)
 #   ESK_KAFKA_START_TIMEOUT    seconds to wait for readiness (90)
+#   ESK_KAFKA_EPHEMERAL=1      with --watch-pid: remove ESK_HOME when the watched process ends
 #
 # --watch-pid P ties the broker's life to process P: when P exits the broker is
 # killed. The test harness uses it so that no broker outlives a test run.
@@ -130,16 +131,21 @@ start_node() {
     -cp "$(classpath)" kafka.Kafka "$config" >>"$logfile" 2>&1 </dev/null &
   echo $! >"$pidfile"
   if [ -n "$watch" ]; then
-    local broker=$!
+    # The watchdog: when process $watch ends, the broker is killed (and with
+    # ESK_KAFKA_EPHEMERAL=1 its state dir removed). A broker that dies first
+    # (say, killed by a fault test) just ends the watchdog.
     setsid nohup bash -c '
-      while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep 1; done
-      kill -9 "$2" 2>/dev/null; rm -f "$3"' watchdog "$watch" "$broker" "$pidfile" \
+      watch=$1 broker=$2 pidfile=$3 home=$4
+      while kill -0 "$watch" 2>/dev/null && kill -0 "$broker" 2>/dev/null; do sleep 1; done
+      kill -0 "$watch" 2>/dev/null && exit 0
+      kill -9 "$broker" 2>/dev/null
+      [ "$(cat "$pidfile" 2>/dev/null)" = "$broker" ] && rm -f "$pidfile"
+      if [ -n "$home" ]; then sleep 0.5; rm -rf "$home"; fi' \
+      watchdog "$watch" "$!" "$pidfile" "${ESK_KAFKA_EPHEMERAL:+$ESK_HOME}" \
       >/dev/null 2>&1 </dev/null &
   fi
 }
 
-# stop_pidfiles PIDFILE... : SIGTERM to all at once (a KRaft quorum that loses
-# members one by one cannot finish a controlled shutdown), SIGKILL after 30 s.
 stop_pidfiles() {
   local pf pids=() i
   for pf in "$@"; do
@@ -243,7 +249,10 @@ cluster_node_start() { # N
     "share.coordinator.state.topic.min.isr=2" \
     "broker.session.timeout.ms=6000" \
     "broker.heartbeat.interval.ms=1000"
-  start_node "kafka-node$n" "$dir/server.properties" "$dir" "${CLUSTER_WATCH:-}" "$(cat "$base/cluster.id")"
+  # A restarted node keeps the watchdog binding the cluster was started with.
+  local watch
+  watch=$(cat "$ESK_HOME/run/kafka-cluster.watch" 2>/dev/null || true)
+  start_node "kafka-node$n" "$dir/server.properties" "$dir" "$watch" "$(cat "$base/cluster.id")"
 }
 
 cluster_bootstrap() {
@@ -258,7 +267,12 @@ cluster() {
   local base=$ESK_HOME/kafka-cluster
   case "$sub" in
   start)
-    if [ "${1:-}" = "--watch-pid" ]; then CLUSTER_WATCH=${2:?--watch-pid needs a pid}; fi
+    mkdir -p "$ESK_HOME/run"
+    if [ "${1:-}" = "--watch-pid" ]; then
+      echo "${2:?--watch-pid needs a pid}" >"$ESK_HOME/run/kafka-cluster.watch"
+    else
+      rm -f "$ESK_HOME/run/kafka-cluster.watch"
+    fi
     need_java
     fetch
     mkdir -p "$base"
@@ -276,6 +290,7 @@ cluster() {
     ;;
   stop)
     stop_pidfiles "$ESK_HOME"/run/kafka-node{1,2,3}.pid
+    rm -f "$ESK_HOME/run/kafka-cluster.watch"
     ;;
   status)
     local n rc=0

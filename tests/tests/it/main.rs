@@ -1,1 +1,7 @@
-fn main() {}
+//! esk's integration tests: one binary, a module per scenario, all against a real
+//! Kafka broker (see `esk_tests::broker`).
+
+mod broker;
+mod cluster;
+mod platform;
+mod topics;

@@ -1,0 +1,35 @@
+# esk: event sourcing on Apache Kafka. Thin targets: the work is in cargo and infra/.
+CARGO ?= cargo
+
+.PHONY: up down status build test bench lint fmt
+
+## up: start Kafka (unless KAFKA_BOOTSTRAP_SERVERS names one), create the topics, start the services
+up:
+	@infra/platform.sh up
+
+## down: stop what `make up` started
+down:
+	@infra/platform.sh down
+
+## status: what runs, where
+status:
+	@infra/platform.sh status
+
+build:
+	$(CARGO) build --locked --workspace --bins
+
+## test: every test, unit and integration, against a real broker (started here if needed)
+test: build
+	$(CARGO) test --locked --workspace
+
+## bench: the benchmarks, with Kafka's own tools on the same broker for reference
+bench:
+	@infra/bench.sh
+
+## lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# make up | down | status: the local esk platform.
+#
+#   up      the broker (unless KAFKA_BOOTSTRAP_SERVERS names one), the topics, the
+#           services; waits until each answers; idempotent
+#   down    stops what up started
+#   status  what runs, where
+#
+# Pids go to $ESK_HOME/run/<name>.pid, logs to $ESK_HOME/log/<name>.log
+# (ESK_HOME defaults to <repo>/.esk, which git ignores).
+#
+# Environment: KAFKA_BOOTSTRAP_SERVERS (use this cluster, start no broker),
+# ESK_TOPIC_PREFIX (esk), ESK_PARTITIONS (12 for a new installation),
+# ESK_BIN_DIR (use these binaries instead of building target/release),
+# ESK_KAFKA_PORT (9092, for the local broker).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export ESK_HOME=${ESK_HOME:-$repo/.esk}
+run=$ESK_HOME/run
+logs=$ESK_HOME/log
+prefix=${ESK_TOPIC_PREFIX:-esk}
+kafka=$repo/infra/kafka/kafka.sh
+
+# name:port of every service, in start order. Each binary is <bin_dir>/esk-<name>.
+SERVICES=()
+
+say() { printf 'esk: %s\n' "$*"; }
+die() { printf 'esk: %s\n' "$*" >&2; exit 1; }
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+bin_dir() {
+  if [ -n "${ESK_BIN_DIR:-}" ]; then
+    echo "$ESK_BIN_DIR"
+    return
+  fi
+  (cd "$repo" && cargo build --release --locked --workspace --bins -q) >&2 || die "cargo build failed"
+  echo "$repo/target/release"
+}
+
+bootstrap() {
+  if [ -n "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
+    echo "$KAFKA_BOOTSTRAP_SERVERS"
+  else
+    echo "127.0.0.1:${ESK_KAFKA_PORT:-9092}"
+  fi
+}
+
+wait_healthy() { # name port pidfile
+  local name=$1 port=$2 pf=$3 i
+  for ((i = 0; i < 300; i++)); do
+    alive "$pf" || die "$name exited during start; see $logs/$name.log"
+    if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  die "$name did not become healthy on 127.0.0.1:$port in 60 s; see $logs/$name.log"
+}
+
+start_service() { # name port bin_dir bootstrap
+  local name=$1 port=$2 bins=$3 bs=$4 pf=$run/$1.pid
+  if alive "$pf"; then
+    wait_healthy "$name" "$port" "$pf"
+    say "$name already running (pid $(cat "$pf"), http://127.0.0.1:$port)"
+    return
+  fi
+  setsid nohup env KAFKA_BOOTSTRAP_SERVERS="$bs" ESK_TOPIC_PREFIX="$prefix" \
+    ESK_DATA_DIR="$ESK_HOME/data" \
+    "$bins/esk-$name" >>"$logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$pf"
+  wait_healthy "$name" "$port" "$pf"
+  say "$name started (pid $(cat "$pf"), http://127.0.0.1:$port)"
+}
+
+up() {
+  mkdir -p "$run" "$logs" "$ESK_HOME/data"
+  local bins bs
+  bins=$(bin_dir)
+  bs=$(bootstrap)
+  if [ -n "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
+    say "using the Kafka cluster at $bs (KAFKA_BOOTSTRAP_SERVERS)"
+  else
+    "$kafka" start 2>&1 | sed 's/^kafka: /esk: kafka /'
+  fi
+  local init_args=(topics init --bootstrap-servers "$bs" --prefix "$prefix" --timeout 30s)
+  if [ -n "${ESK_PARTITIONS:-}" ]; then init_args+=(--partitions "$ESK_PARTITIONS"); fi
+  "$bins/esk" "${init_args[@]}" | tail -n 1 | sed 's/^/esk: topics: /'
+  local entry
+  for entry in "${SERVICES[@]}"; do
+    start_service "${entry%%:*}" "${entry##*:}" "$bins" "$bs"
+  done
+  cat <<INFO
+esk: up.
+  kafka       $bs
+  topics      prefix '$prefix' (esk topics describe)
+  logs        $logs/<name>.log
+  pids        $run/<name>.pid
+  cli         $bins/esk --help
+INFO
+}
+
+down() {
+  local entry i
+  for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
+    entry=${SERVICES[i]}
+    stop_service "${entry%%:*}"
+  done
+  if [ -f "$run/kafka.pid" ]; then
+    "$kafka" stop 2>&1 | sed 's/^kafka: /esk: kafka /'
+  fi
+  say "down."
+}
+
+stop_service() {
+  local name=$1 pf=$run/$1.pid pid i
+  alive "$pf" || { rm -f "$pf"; return 0; }
+  pid=$(cat "$pf")
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 150; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  rm -f "$pf"
+  say "$name stopped"
+}
+
+status() {
+  local rc=0 entry
+  if [ -n "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
+    say "kafka: external, $KAFKA_BOOTSTRAP_SERVERS"
+  else
+    "$kafka" status | sed 's/^kafka: /esk: kafka: /' || rc=1
+  fi
+  for entry in "${SERVICES[@]}"; do
+    local name=${entry%%:*} port=${entry##*:}
+    if alive "$run/$name.pid"; then
+      say "$name: running (pid $(cat "$run/$name.pid"), http://127.0.0.1:$port)"
+    else
+      say "$name: stopped"
+      rc=1
+    fi
+  done
+  return $rc
+}
+
+case "${1:-}" in
+up) up ;;
+down) down ;;
+status) status ;;
+*) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac
