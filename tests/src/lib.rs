@@ -24,7 +24,10 @@ use anyhow::{Context, Result, bail};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
 }
 
 /// How the run's broker was obtained.
@@ -46,17 +49,19 @@ static BROKER: OnceLock<Broker> = OnceLock::new();
 
 /// The broker of this test run, started on first use.
 pub fn broker() -> &'static Broker {
-    BROKER.get_or_init(|| start_broker().unwrap_or_else(|e| panic!("no Kafka broker for the tests: {e:#}")))
+    BROKER.get_or_init(|| {
+        start_broker().unwrap_or_else(|e| panic!("no Kafka broker for the tests: {e:#}"))
+    })
 }
 
 fn start_broker() -> Result<Broker> {
-    if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
-        if !bootstrap.trim().is_empty() {
-            return Ok(Broker {
-                bootstrap,
-                kind: BrokerKind::External,
-            });
-        }
+    if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+        && !bootstrap.trim().is_empty()
+    {
+        return Ok(Broker {
+            bootstrap,
+            kind: BrokerKind::External,
+        });
     }
     let forced = std::env::var("ESK_TEST_BROKER").unwrap_or_default();
     if forced == "docker" || (forced != "local" && docker_answers()) {
@@ -73,7 +78,9 @@ fn docker_answers() -> bool {
         .ok()
         .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))
         .unwrap_or_else(|| "/var/run/docker.sock".into());
-    let Ok(mut s) = UnixStream::connect(path) else { return false };
+    let Ok(mut s) = UnixStream::connect(path) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     if s.write_all(b"GET /_ping HTTP/1.0\r\n\r\n").is_err() {
         return false;
@@ -111,7 +118,10 @@ fn kafka_sh() -> PathBuf {
 /// Runs `infra/kafka/kafka.sh` with a state dir of its own; the broker is tied
 /// to this process (`--watch-pid`) and its data removed when it dies.
 fn start_local() -> Result<Broker> {
-    let home = tempfile::Builder::new().prefix("esk-test-kafka-").tempdir()?.keep();
+    let home = tempfile::Builder::new()
+        .prefix("esk-test-kafka-")
+        .tempdir()?
+        .keep();
     let port = free_port_pair()?;
     let status = Command::new(kafka_sh())
         .args(["start", "--watch-pid", &std::process::id().to_string()])
@@ -122,7 +132,10 @@ fn start_local() -> Result<Broker> {
         .status()
         .context("running infra/kafka/kafka.sh")?;
     if !status.success() {
-        bail!("infra/kafka/kafka.sh start failed ({status}); see {}/log/kafka.log", home.display());
+        bail!(
+            "infra/kafka/kafka.sh start failed ({status}); see {}/log/kafka.log",
+            home.display()
+        );
     }
     Ok(Broker {
         bootstrap: format!("127.0.0.1:{port}"),
@@ -152,7 +165,10 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Result<Self> {
-        let home = tempfile::Builder::new().prefix("esk-test-cluster-").tempdir()?.keep();
+        let home = tempfile::Builder::new()
+            .prefix("esk-test-cluster-")
+            .tempdir()?
+            .keep();
         let mut ports = [0u16; 3];
         for i in 0..3 {
             // Step past the ports already picked and their controller neighbours.
@@ -165,7 +181,12 @@ impl Cluster {
             }
         }
         let cluster = Self { home, ports };
-        cluster.script(&["cluster", "start", "--watch-pid", &std::process::id().to_string()])?;
+        cluster.script(&[
+            "cluster",
+            "start",
+            "--watch-pid",
+            &std::process::id().to_string(),
+        ])?;
         Ok(cluster)
     }
 
@@ -179,7 +200,10 @@ impl Cluster {
             .stdout(Stdio::null())
             .status()?;
         if !status.success() {
-            bail!("kafka.sh {args:?} failed ({status}); logs in {}/log", self.home.display());
+            bail!(
+                "kafka.sh {args:?} failed ({status}); logs in {}/log",
+                self.home.display()
+            );
         }
         Ok(())
     }
@@ -243,7 +267,8 @@ impl TestEnv {
     }
 
     pub fn kafka(&self) -> esk_kafka::KafkaConfig {
-        esk_kafka::KafkaConfig::new(&self.bootstrap, Duration::from_secs(15)).expect("valid bootstrap")
+        esk_kafka::KafkaConfig::new(&self.bootstrap, Duration::from_secs(15))
+            .expect("valid bootstrap")
     }
 
     /// The `esk` binary, set up for this test's broker and prefix.
@@ -267,13 +292,18 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     // Test binaries live in target/<profile>/deps; the workspace's binaries one up.
     let exe = std::env::current_exe().expect("the test binary has a path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_owned();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_owned();
     let path = dir.join(name);
     if !path.exists() {
         BUILT.get_or_init(|| {
             let release = dir.file_name().is_some_and(|n| n == "release");
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.args(["build", "--workspace", "--bins"]).current_dir(repo_root());
+            cmd.args(["build", "--workspace", "--bins"])
+                .current_dir(repo_root());
             if release {
                 cmd.arg("--release");
             }
@@ -344,7 +374,8 @@ impl Run {
     /// stdout as one JSON document.
     #[track_caller]
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
     }
 }
 
@@ -359,7 +390,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

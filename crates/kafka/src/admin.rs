@@ -275,7 +275,7 @@ impl Admin {
             match result {
                 Ok(_) => outcomes.push((spec.clone(), Outcome::Created)),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
-                    outcomes.push((spec.clone(), Outcome::Existing))
+                    outcomes.push((spec.clone(), Outcome::Existing));
                 }
                 Err((name, code)) if crate::error::is_transient_code(Some(code)) => {
                     return Err(self.config.unavailable(format!("creating {name}: {code}")));

@@ -6,8 +6,8 @@ use std::time::Duration;
 use esk_kafka::admin::{Admin, Durability, TopicKind};
 use esk_tests::TestEnv;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -28,7 +28,9 @@ async fn transactional_produce_and_read_committed_consume() {
         .unwrap();
     let timeout = Duration::from_secs(30);
     tokio::task::block_in_place(|| {
-        producer.init_transactions(timeout).expect("init_transactions: is the transaction log at replication 1?");
+        producer
+            .init_transactions(timeout)
+            .expect("init_transactions: is the transaction log at replication 1?");
         for (value, commit) in [("one", true), ("aborted", false), ("two", true)] {
             producer.begin_transaction().unwrap();
             producer
@@ -53,7 +55,8 @@ async fn transactional_produce_and_read_committed_consume() {
             .create()
             .unwrap();
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+            .unwrap();
         consumer.assign(&tpl).unwrap();
         let (_, high) = consumer.fetch_watermarks(&topic, 0, timeout).unwrap();
         let mut seen = Vec::new();
@@ -66,11 +69,17 @@ async fn transactional_produce_and_read_committed_consume() {
                 seen.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
             }
             let pos = consumer.position().unwrap();
-            let at = pos.find_partition(&topic, 0).and_then(|p| p.offset().to_raw()).unwrap_or(0);
+            let at = pos
+                .find_partition(&topic, 0)
+                .and_then(|p| p.offset().to_raw())
+                .unwrap_or(0);
             if at >= high {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "never caught up to {high}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never caught up to {high}"
+            );
         }
         seen
     };

@@ -20,7 +20,11 @@ fn make(target: &str, home: &Path, port: u16) -> (bool, String) {
         .env_remove("ESK_TOPIC_PREFIX")
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -51,7 +55,10 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
     let (ok, again) = make("up", home.path(), port);
     assert!(ok, "second make up failed:\n{again}");
     assert!(again.contains("already running"), "{again}");
-    assert!(again.contains("0 created"), "second make up changed topics:\n{again}");
+    assert!(
+        again.contains("0 created"),
+        "second make up changed topics:\n{again}"
+    );
     let same = std::fs::read_to_string(home.path().join("run/kafka.pid")).unwrap();
     assert_eq!(pid, same, "second make up restarted the broker");
 

@@ -7,6 +7,10 @@ use serde_json::json;
 
 /// Why a command failed; each kind has its documented exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(
+    dead_code,
+    reason = "the write-path and transaction commands raise the rest"
+)]
 pub enum Kind {
     /// 1: a bug or an unexpected state; the message says what.
     Internal,
@@ -101,7 +105,7 @@ impl From<esk_kafka::Error> for Failure {
 
 /// Reports a command-line parse error: help and version go to stdout with exit 0,
 /// real errors exit 2.
-pub fn usage(e: clap::Error, json: bool) -> ExitCode {
+pub fn usage(e: &clap::Error, json: bool) -> ExitCode {
     use clap::error::ErrorKind;
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let _ = e.print();
@@ -113,4 +117,25 @@ pub fn usage(e: clap::Error, json: bool) -> ExitCode {
         println!("{}", json!({"error": Kind::Usage.code(), "message": first}));
     }
     ExitCode::from(Kind::Usage.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_design() {
+        let all = [
+            (Kind::Internal, 1, "internal"),
+            (Kind::Usage, 2, "usage"),
+            (Kind::WrongExpectedVersion, 3, "wrong_expected_version"),
+            (Kind::InvalidInput, 4, "invalid_input"),
+            (Kind::Unavailable, 5, "unavailable"),
+            (Kind::Aborted, 6, "aborted"),
+            (Kind::Refused, 7, "domain_refused"),
+        ];
+        for (kind, code, name) in all {
+            assert_eq!((kind.exit_code(), kind.code()), (code, name));
+        }
+    }
 }

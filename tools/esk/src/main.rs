@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     let json_requested = std::env::args().any(|a| a == "--json");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => return exit::usage(e, json_requested),
+        Err(e) => return exit::usage(&e, json_requested),
     };
     esk_runtime::init_tracing("warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
