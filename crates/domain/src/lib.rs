@@ -1,1 +1,15 @@
-//! Pure domain aggregates (filled in by the write-path work).
+//! Pure domain aggregates for esk: no I/O, no Kafka, no clocks.
+//!
+//! # Layout
+//! - [`aggregate`]: the [`Aggregate`] trait (`handle(&state, command)` and
+//!   `apply(state, event)`, plus the 2PC participant hooks), [`DomainError`], and
+//!   [`DynAggregate`], the JSON-facing form the writer calls.
+//! - [`account`]: the worked example: open, deposit, withdraw never below
+//!   zero, and holds for two-phase commits.
+//! - [`testing`]: given/when/then helpers for aggregate tests.
+
+pub mod account;
+pub mod aggregate;
+pub mod testing;
+
+pub use aggregate::{Aggregate, DomainError, DynAggregate, EventData, Registry};

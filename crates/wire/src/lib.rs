@@ -6,11 +6,15 @@
 //! - [`schema`]: JSON Schemas from `schemas/<category>/<Type>.v<N>.json`, strict
 //!   categories, upcasters.
 //! - [`topics`]: the names of the platform topics under a prefix.
+//! - [`partition`]: Kafka's Java partitioner (murmur2), so every client agrees.
+//! - [`protocol`]: requests, replies, 2PC messages and state records.
 //!
 //! Nothing here talks to Kafka: headers are plain `(name, bytes)` pairs so that the
 //! format can be tested (and fuzzed) without a broker.
 
 pub mod envelope;
+pub mod partition;
+pub mod protocol;
 pub mod schema;
 pub mod stream;
 pub mod topics;

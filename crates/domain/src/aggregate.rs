@@ -1,0 +1,217 @@
+//! The aggregate contract: pure functions from state and command to events.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Why the domain refused a command. Holds no technical cause, only the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    /// The command is malformed for this aggregate (unknown command, bad amount):
+    /// the caller's input is wrong. Exit code 4.
+    #[error("{0}")]
+    Invalid(String),
+    /// A business rule refused a well-formed command (insufficient funds,
+    /// account not open). Exit code 7.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// An event as the domain produces it: a type name and JSON data.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct EventData {
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub data: Value,
+}
+
+/// A domain aggregate: a category's consistency boundary.
+///
+/// `handle` decides, `apply` evolves; both are pure. The 2PC hooks let a stream
+/// take part in a cross-stream transaction: `prepare` validates a command
+/// against the state *including other holds* and returns the events that place
+/// a hold; `commit` and `abort` return the events that end it.
+pub trait Aggregate {
+    type State: Default + Clone + Serialize + DeserializeOwned;
+    type Command: DeserializeOwned;
+    type Event: Serialize + DeserializeOwned;
+
+    /// The stream category this aggregate owns (`account` for `account-42`).
+    const CATEGORY: &'static str;
+
+    fn handle(
+        state: &Self::State,
+        command: &Self::Command,
+    ) -> Result<Vec<Self::Event>, DomainError>;
+
+    fn apply(state: Self::State, event: &Self::Event) -> Self::State;
+
+    /// Events that place a hold for transaction `txid`. The default refuses:
+    /// an aggregate that does not override it takes no part in transactions.
+    fn prepare(
+        _state: &Self::State,
+        _txid: &str,
+        _command: &Self::Command,
+    ) -> Result<Vec<Self::Event>, DomainError> {
+        Err(DomainError::Invalid(format!(
+            "category '{}' does not take part in transactions",
+            Self::CATEGORY
+        )))
+    }
+
+    /// Whether a hold for `txid` is open.
+    fn has_hold(_state: &Self::State, _txid: &str) -> bool {
+        false
+    }
+
+    /// Events that apply the held command and release the hold.
+    fn commit(_state: &Self::State, _txid: &str) -> Vec<Self::Event> {
+        Vec::new()
+    }
+
+    /// Events that release the hold without effect.
+    fn abort(_state: &Self::State, _txid: &str, _reason: &str) -> Vec<Self::Event> {
+        Vec::new()
+    }
+}
+
+/// An aggregate behind JSON: what the writer calls, whatever the category.
+pub trait DynAggregate: Send + Sync {
+    fn category(&self) -> &'static str;
+    /// The state of a stream with no events.
+    fn initial(&self) -> Value;
+    fn handle(&self, state: &Value, command: &EventData) -> Result<Vec<EventData>, DomainError>;
+    /// Folds one event into the state. Unknown event types are an error: the
+    /// stream holds something this aggregate cannot read.
+    fn apply(&self, state: Value, event: &EventData) -> Result<Value, String>;
+    fn prepare(
+        &self,
+        state: &Value,
+        txid: &str,
+        command: &EventData,
+    ) -> Result<Vec<EventData>, DomainError>;
+    fn has_hold(&self, state: &Value, txid: &str) -> bool;
+    fn commit(&self, state: &Value, txid: &str) -> Vec<EventData>;
+    fn abort(&self, state: &Value, txid: &str, reason: &str) -> Vec<EventData>;
+}
+
+/// Adapts a typed [`Aggregate`] to [`DynAggregate`].
+pub struct Typed<A>(std::marker::PhantomData<fn() -> A>);
+
+impl<A> fmt::Debug for Typed<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Typed")
+    }
+}
+
+impl<A> Default for Typed<A> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+fn state_of<A: Aggregate>(v: &Value) -> A::State {
+    // The writer only stores states this aggregate produced; an unreadable one
+    // is a bug in an upcast or a schema change without migration.
+    serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("stored {} state is unreadable: {e}", A::CATEGORY))
+}
+
+fn command_of<A: Aggregate>(c: &EventData) -> Result<A::Command, DomainError> {
+    let tagged = serde_json::json!({"type": c.event_type, "data": c.data});
+    serde_json::from_value(tagged)
+        .map_err(|e| DomainError::Invalid(format!("{} command {}: {e}", A::CATEGORY, c.event_type)))
+}
+
+fn to_data<E: Serialize>(events: Vec<E>) -> Vec<EventData> {
+    events
+        .into_iter()
+        .map(|e| {
+            serde_json::from_value(serde_json::to_value(e).expect("events serialize"))
+                .expect("events are adjacently tagged")
+        })
+        .collect()
+}
+
+impl<A: Aggregate + 'static> DynAggregate for Typed<A> {
+    fn category(&self) -> &'static str {
+        A::CATEGORY
+    }
+
+    fn initial(&self) -> Value {
+        serde_json::to_value(A::State::default()).expect("states serialize")
+    }
+
+    fn handle(&self, state: &Value, command: &EventData) -> Result<Vec<EventData>, DomainError> {
+        let cmd = command_of::<A>(command)?;
+        A::handle(&state_of::<A>(state), &cmd).map(to_data)
+    }
+
+    fn apply(&self, state: Value, event: &EventData) -> Result<Value, String> {
+        let tagged = serde_json::json!({"type": event.event_type, "data": event.data});
+        let e: A::Event = serde_json::from_value(tagged)
+            .map_err(|e| format!("{} cannot apply {}: {e}", A::CATEGORY, event.event_type))?;
+        let next = A::apply(state_of::<A>(&state), &e);
+        Ok(serde_json::to_value(next).expect("states serialize"))
+    }
+
+    fn prepare(
+        &self,
+        state: &Value,
+        txid: &str,
+        command: &EventData,
+    ) -> Result<Vec<EventData>, DomainError> {
+        let cmd = command_of::<A>(command)?;
+        A::prepare(&state_of::<A>(state), txid, &cmd).map(to_data)
+    }
+
+    fn has_hold(&self, state: &Value, txid: &str) -> bool {
+        A::has_hold(&state_of::<A>(state), txid)
+    }
+
+    fn commit(&self, state: &Value, txid: &str) -> Vec<EventData> {
+        to_data(A::commit(&state_of::<A>(state), txid))
+    }
+
+    fn abort(&self, state: &Value, txid: &str, reason: &str) -> Vec<EventData> {
+        to_data(A::abort(&state_of::<A>(state), txid, reason))
+    }
+}
+
+/// The aggregates of an installation, by category.
+#[derive(Clone, Default)]
+pub struct Registry {
+    by_category: BTreeMap<&'static str, Arc<dyn DynAggregate>>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.by_category.keys()).finish()
+    }
+}
+
+impl Registry {
+    /// The aggregates esk ships: `account`.
+    pub fn builtin() -> Self {
+        let mut r = Self::default();
+        r.register::<crate::account::Account>();
+        r
+    }
+
+    pub fn register<A: Aggregate + 'static>(&mut self) {
+        self.by_category
+            .insert(A::CATEGORY, Arc::new(Typed::<A>::default()));
+    }
+
+    pub fn get(&self, category: &str) -> Option<&Arc<dyn DynAggregate>> {
+        self.by_category.get(category)
+    }
+
+    pub fn categories(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.by_category.keys().copied()
+    }
+}

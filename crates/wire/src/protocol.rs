@@ -1,0 +1,442 @@
+//! The messages esk's components exchange over Kafka, as JSON values.
+//!
+//! - [`Request`] on `<prefix>.commands`, key = stream: an append, a domain
+//!   command, or a head query. The writer answers each with a [`Reply`] on
+//!   `<prefix>.replies`, key = request id, in the partition the client named.
+//! - [`Prepare`] on `<prefix>.tx.prepare` and [`Decision`] on `<prefix>.tx.commit`,
+//!   key = participant stream; the participant answers with a [`TxVote`] or
+//!   [`TxAck`] (a [`ParticipantMessage`]) on `<prefix>.tx.votes`, key = txid.
+//! - [`StreamRecord`] on `<prefix>.state`, key = stream: the leader's record of a
+//!   stream, which replicas follow and a new owner restores from.
+//!
+//! Stream names travel as plain strings so that a bad one can be answered with a
+//! precise error instead of failing to decode.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+/// What version a stream must be at for an append to succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpectedVersion {
+    /// No check.
+    #[default]
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream must have at least one event.
+    Exists,
+    /// The stream's last event must have exactly this version.
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream at `current` (0 = no events) satisfies the expectation.
+    pub fn admits(self, current: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => current == 0,
+            ExpectedVersion::Exists => current > 0,
+            ExpectedVersion::Exact(n) => current == n,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no-stream"),
+            ExpectedVersion::Exists => f.write_str("exists"),
+            ExpectedVersion::Exact(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl FromStr for ExpectedVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "any" => Ok(Self::Any),
+            "no-stream" | "no_stream" => Ok(Self::NoStream),
+            "exists" => Ok(Self::Exists),
+            n => n.parse().map(Self::Exact).map_err(|_| {
+                format!("expected version '{s}' is not any, no-stream, exists or a whole number")
+            }),
+        }
+    }
+}
+
+impl Serialize for ExpectedVersion {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ExpectedVersion::Exact(n) => s.serialize_u64(*n),
+            ExpectedVersion::NoStream => s.serialize_str("no_stream"),
+            other => s.serialize_str(&other.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ExpectedVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Number(n) => n.as_u64().map(Self::Exact).ok_or_else(|| {
+                serde::de::Error::custom(format!("expected version {n} is not a whole number"))
+            }),
+            Value::String(s) => s.parse().map_err(serde::de::Error::custom),
+            other => Err(serde::de::Error::custom(format!(
+                "expected version {other} is not any, no_stream, exists or a number"
+            ))),
+        }
+    }
+}
+
+/// An event a client asks to append.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewEvent {
+    /// The event id (`ce_id`); the writer makes a UUIDv7 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub data: Value,
+}
+
+/// A domain command: a type and its JSON data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandData {
+    #[serde(rename = "type")]
+    pub command_type: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
+/// A request to the writer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Unique per request; a retry reuses it and gets the first answer.
+    pub request_id: String,
+    /// The partition of `<prefix>.replies` the client reads.
+    pub reply_partition: i32,
+    pub stream: String,
+    #[serde(flatten)]
+    pub body: RequestBody,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RequestBody {
+    /// Append raw events (checked by version and schema).
+    Append {
+        #[serde(default)]
+        expected_version: ExpectedVersion,
+        events: Vec<NewEvent>,
+    },
+    /// Send a command to the category's aggregate.
+    Command {
+        #[serde(default)]
+        expected_version: ExpectedVersion,
+        command: CommandData,
+    },
+    /// Ask for the stream's head: version and where its events are.
+    Head,
+}
+
+/// The writer's answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub request_id: String,
+    #[serde(flatten)]
+    pub outcome: ReplyOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ReplyOutcome {
+    Appended(Appended),
+    Head(StreamHead),
+    Error(ReplyError),
+}
+
+/// A successful append or command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    pub stream: String,
+    pub first_version: u64,
+    pub last_version: u64,
+    /// Opaque read-your-writes token (see [`Position`]).
+    pub position: String,
+}
+
+/// Where a stream stands and where its events are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamHead {
+    pub stream: String,
+    /// 0 when the stream has no events.
+    pub version: u64,
+    /// The partition of the category topic (and of every co-partitioned topic).
+    pub partition: i32,
+    /// Offsets in the events partition where runs of the stream's events start.
+    pub index: Vec<IndexEntry>,
+}
+
+/// Events of the stream from `version` on are found from `offset` on in its
+/// events partition (interleaved with other streams' events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub version: u64,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    WrongExpectedVersion,
+    InvalidInput,
+    DomainRefused,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// With `wrong_expected_version`: the stream's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual_version: Option<u64>,
+}
+
+/// A read-your-writes token: the partition and offset of the last event a write
+/// produced in its category topic. Clients treat it as an opaque string,
+/// `<category>:<partition>:<offset>`. A projector has applied it once its
+/// checkpoint for that partition is past the offset; a replica once it has
+/// applied a state record of that category and partition whose `last_offset`
+/// reaches it (the writer writes state records in event order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub category: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.category, self.partition, self.offset)
+    }
+}
+
+impl FromStr for Position {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("'{s}' is not a position token (it comes from an append or command reply)");
+        let mut parts = s.split(':');
+        let (Some(category), Some(p), Some(o), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        if !crate::stream::is_valid_category(category) {
+            return Err(bad());
+        }
+        let partition: i32 = p.parse().map_err(|_| bad())?;
+        let offset: i64 = o.parse().map_err(|_| bad())?;
+        if partition < 0 || offset < -1 {
+            return Err(bad());
+        }
+        Ok(Self {
+            category: category.to_owned(),
+            partition,
+            offset,
+        })
+    }
+}
+
+/// Phase one of a 2PC transaction, for one participant stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prepare {
+    pub txid: String,
+    pub stream: String,
+    pub command: CommandData,
+}
+
+/// Phase two: the coordinator's decision for one participant stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub txid: String,
+    pub stream: String,
+    pub decision: Verdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Commit,
+    Abort,
+}
+
+/// A participant's vote on a [`Prepare`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxVote {
+    pub txid: String,
+    pub stream: String,
+    pub yes: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A participant's acknowledgement of a [`Decision`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxAck {
+    pub txid: String,
+    pub stream: String,
+    pub decision: Verdict,
+}
+
+/// What participants send on `<prefix>.tx.votes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ParticipantMessage {
+    Vote(TxVote),
+    Ack(TxAck),
+}
+
+/// A request the writer already answered, kept to answer its retries alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answered {
+    pub request_id: String,
+    /// The id of the first event written, for retries that reuse event ids
+    /// under a new request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_event_id: Option<String>,
+    pub expected_version: ExpectedVersion,
+    pub result: Appended,
+}
+
+/// A 2PC transaction this stream saw decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decided {
+    pub txid: String,
+    pub decision: Verdict,
+}
+
+/// The leader's record of one stream on `<prefix>.state` (compacted, key = stream).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamRecord {
+    pub stream: String,
+    pub version: u64,
+    /// The aggregate state, for categories with an aggregate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<Value>,
+    /// Offset of the stream's last event in its events partition (-1: none).
+    pub last_offset: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub index: Vec<IndexEntry>,
+    /// The last requests answered, newest last (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answered: Vec<Answered>,
+    /// The last 2PC decisions applied, newest last (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decided: Vec<Decided>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn expected_versions_parse_and_serialize() {
+        for (text, v) in [
+            ("any", ExpectedVersion::Any),
+            ("no-stream", ExpectedVersion::NoStream),
+            ("exists", ExpectedVersion::Exists),
+            ("7", ExpectedVersion::Exact(7)),
+        ] {
+            assert_eq!(text.parse::<ExpectedVersion>().unwrap(), v);
+            let back: ExpectedVersion =
+                serde_json::from_value(serde_json::to_value(v).unwrap()).unwrap();
+            assert_eq!(back, v);
+        }
+        assert!("-1".parse::<ExpectedVersion>().is_err());
+        assert!(
+            "latest"
+                .parse::<ExpectedVersion>()
+                .unwrap_err()
+                .contains("'latest'")
+        );
+        assert!(ExpectedVersion::NoStream.admits(0) && !ExpectedVersion::NoStream.admits(1));
+        assert!(ExpectedVersion::Exists.admits(3) && !ExpectedVersion::Exists.admits(0));
+        assert!(ExpectedVersion::Exact(2).admits(2) && !ExpectedVersion::Exact(2).admits(3));
+    }
+
+    #[test]
+    fn requests_have_a_stable_json_shape() {
+        let r = Request {
+            request_id: "r1".into(),
+            reply_partition: 2,
+            stream: "account-1".into(),
+            body: RequestBody::Append {
+                expected_version: ExpectedVersion::NoStream,
+                events: vec![NewEvent {
+                    id: None,
+                    event_type: "AccountOpened".into(),
+                    data: json!({"owner": "ann"}),
+                }],
+            },
+            correlation_id: None,
+            causation_id: None,
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["kind"], "append");
+        assert_eq!(v["expected_version"], "no_stream");
+        assert_eq!(serde_json::from_value::<Request>(v).unwrap(), r);
+        let head: Request = serde_json::from_value(
+            json!({"request_id": "x", "reply_partition": 0, "stream": "a-1", "kind": "head"}),
+        )
+        .unwrap();
+        assert_eq!(head.body, RequestBody::Head);
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let r = Reply {
+            request_id: "r".into(),
+            outcome: ReplyOutcome::Error(ReplyError {
+                code: ErrorCode::WrongExpectedVersion,
+                message: "m".into(),
+                actual_version: Some(3),
+            }),
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["status"], "error");
+        assert_eq!(v["code"], "wrong_expected_version");
+        assert_eq!(serde_json::from_value::<Reply>(v).unwrap(), r);
+    }
+
+    #[test]
+    fn positions_are_checked() {
+        let p: Position = "account:3:1042".parse().unwrap();
+        assert_eq!((p.partition, p.offset), (3, 1042));
+        assert_eq!(p.to_string(), "account:3:1042");
+        for bad in [
+            "",
+            "account:3",
+            "Account:1:2",
+            "account:x:1",
+            "account:-1:1",
+            "a:1:2:3",
+            "account:1:1.5",
+        ] {
+            assert!(bad.parse::<Position>().is_err(), "{bad}");
+        }
+    }
+}

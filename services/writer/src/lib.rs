@@ -1,0 +1,2 @@
+//! The esk writer. (wip)
+pub mod batch;
