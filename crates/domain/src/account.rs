@@ -232,21 +232,20 @@ impl Aggregate for Account {
         let Some(hold) = state.holds.get(txid) else {
             return Vec::new();
         };
-        let txid = Some(txid.to_owned());
         let applied = match hold.command {
             HeldCommand::Deposit => Event::Deposited {
                 amount: hold.amount,
-                txid: txid.clone(),
+                txid: Some(txid.to_owned()),
             },
             HeldCommand::Withdraw => Event::Withdrawn {
                 amount: hold.amount,
-                txid: txid.clone(),
+                txid: Some(txid.to_owned()),
             },
         };
         vec![
             applied,
             Event::HoldReleased {
-                txid: txid.unwrap_or_default(),
+                txid: txid.to_owned(),
                 outcome: Outcome::Committed,
                 reason: None,
             },
@@ -284,47 +283,47 @@ mod tests {
 
     #[test]
     fn opening() {
-        given::<Account>(vec![])
-            .when(OpenAccount {
+        given::<Account>(&[])
+            .when(&OpenAccount {
                 owner: " ann ".into(),
             })
             .then_expect(vec![opened()]);
-        given::<Account>(vec![opened()])
-            .when(OpenAccount {
+        given::<Account>(&[opened()])
+            .when(&OpenAccount {
                 owner: "bob".into(),
             })
             .then_reject("already open");
-        given::<Account>(vec![])
-            .when(OpenAccount { owner: "  ".into() })
+        given::<Account>(&[])
+            .when(&OpenAccount { owner: "  ".into() })
             .then_invalid("owner");
     }
 
     #[test]
     fn deposits_and_withdrawals() {
-        given::<Account>(vec![opened()])
-            .when(Deposit { amount: 10 })
+        given::<Account>(&[opened()])
+            .when(&Deposit { amount: 10 })
             .then_expect(vec![dep(10)]);
-        given::<Account>(vec![opened(), dep(10)])
-            .when(Withdraw { amount: 10 })
+        given::<Account>(&[opened(), dep(10)])
+            .when(&Withdraw { amount: 10 })
             .then_expect(vec![Withdrawn {
                 amount: 10,
                 txid: None,
             }]);
-        given::<Account>(vec![])
-            .when(Deposit { amount: 10 })
+        given::<Account>(&[])
+            .when(&Deposit { amount: 10 })
             .then_reject("not open");
-        given::<Account>(vec![opened()])
-            .when(Deposit { amount: 0 })
+        given::<Account>(&[opened()])
+            .when(&Deposit { amount: 0 })
             .then_invalid("at least 1");
-        given::<Account>(vec![opened()])
-            .when(Withdraw { amount: -3 })
+        given::<Account>(&[opened()])
+            .when(&Withdraw { amount: -3 })
             .then_invalid("at least 1, got -3");
     }
 
     #[test]
     fn never_below_zero() {
-        given::<Account>(vec![opened(), dep(10)])
-            .when(Withdraw { amount: 11 })
+        given::<Account>(&[opened(), dep(10)])
+            .when(&Withdraw { amount: 11 })
             .then_reject("insufficient funds: available 10, requested 11");
     }
 
@@ -335,14 +334,14 @@ mod tests {
             command: HeldCommand::Withdraw,
             amount: 7,
         };
-        given::<Account>(vec![opened(), dep(10), held.clone()])
-            .when(Withdraw { amount: 4 })
+        given::<Account>(&[opened(), dep(10), held.clone()])
+            .when(&Withdraw { amount: 4 })
             .then_reject("available 3");
-        given::<Account>(vec![opened(), dep(10), held.clone()])
-            .when_prepared("t2", Withdraw { amount: 4 })
+        given::<Account>(&[opened(), dep(10), held.clone()])
+            .when_prepared("t2", &Withdraw { amount: 4 })
             .then_reject("available 3");
-        given::<Account>(vec![opened(), dep(10)])
-            .when_prepared("t1", Withdraw { amount: 7 })
+        given::<Account>(&[opened(), dep(10)])
+            .when_prepared("t1", &Withdraw { amount: 7 })
             .then_expect(vec![held.clone()]);
         // A held deposit does not raise what can be withdrawn.
         let held_in = HoldPlaced {
@@ -350,12 +349,12 @@ mod tests {
             command: HeldCommand::Deposit,
             amount: 100,
         };
-        given::<Account>(vec![opened(), held_in])
-            .when(Withdraw { amount: 1 })
+        given::<Account>(&[opened(), held_in])
+            .when(&Withdraw { amount: 1 })
             .then_reject("available 0");
         // Preparing the same txid twice places one hold.
-        given::<Account>(vec![opened(), dep(10), held])
-            .when_prepared("t1", Withdraw { amount: 7 })
+        given::<Account>(&[opened(), dep(10), held])
+            .when_prepared("t1", &Withdraw { amount: 7 })
             .then_expect(vec![]);
     }
 

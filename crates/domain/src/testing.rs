@@ -1,11 +1,11 @@
-//! given/when/then for aggregates: `given(events).when(command).then_expect(events)`.
+//! given/when/then for aggregates: `given(&events).when(&command).then_expect(events)`.
 
 use std::fmt::Debug;
 
 use crate::aggregate::{Aggregate, DomainError};
 
 /// Starts a scenario from the events already in the stream.
-pub fn given<A: Aggregate>(events: Vec<A::Event>) -> Given<A> {
+pub fn given<A: Aggregate>(events: &[A::Event]) -> Given<A> {
     let state = events.iter().fold(A::State::default(), A::apply);
     Given { state }
 }
@@ -16,13 +16,13 @@ pub struct Given<A: Aggregate> {
 }
 
 impl<A: Aggregate> Given<A> {
-    pub fn when(self, command: A::Command) -> When<A> {
-        let result = A::handle(&self.state, &command);
+    pub fn when(self, command: &A::Command) -> When<A> {
+        let result = A::handle(&self.state, command);
         When { result }
     }
 
-    pub fn when_prepared(self, txid: &str, command: A::Command) -> When<A> {
-        let result = A::prepare(&self.state, txid, &command);
+    pub fn when_prepared(self, txid: &str, command: &A::Command) -> When<A> {
+        let result = A::prepare(&self.state, txid, command);
         When { result }
     }
 }

@@ -5,7 +5,12 @@
 //!   as JSON when `ESK_LOG_FORMAT=json`.
 //! - [`shutdown_on_signals`]: a [`CancellationToken`] cancelled by SIGINT or SIGTERM,
 //!   which every service's `run(config, shutdown)` takes.
+//! - [`metrics`]: the process's Prometheus recorder, installed once, rendered at
+//!   `/metrics` by every service.
 
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -42,4 +47,28 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// The process-wide Prometheus recorder. Histograms named `*_seconds` get
+/// latency buckets from 0.5 ms to 10 s, `*_size` ones powers of two to 4096.
+pub fn metrics() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            let sizes: Vec<f64> = (0..13).map(|i| f64::from(1u32 << i)).collect();
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), &sizes))
+                .expect("bucket lists are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed (a test harness); then ours just renders nothing new.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
 }

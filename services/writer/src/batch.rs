@@ -119,6 +119,15 @@ enum PendingReply {
     },
 }
 
+/// An event that passed its checks, ready to be numbered.
+#[derive(Debug)]
+struct Checked {
+    id: Option<String>,
+    event_type: String,
+    data: Value,
+    schema: Option<String>,
+}
+
 #[derive(Debug)]
 struct Run {
     stream: String,
@@ -301,7 +310,7 @@ impl<'s> Batch<'s> {
                     .filter(|p| (0..ctx.reply_partitions).contains(p));
                 return match (id, part) {
                     (Some(id), Some(part)) => {
-                        self.reply(part, id, error(ErrorCode::InvalidInput, reason))
+                        self.reply(part, id, error(ErrorCode::InvalidInput, reason));
                     }
                     _ => self.dead_letter(msg, reason),
                 };
@@ -439,13 +448,14 @@ impl<'s> Batch<'s> {
                 .schemas
                 .validate(stream.category(), &e.event_type, &e.data)
                 .map_err(|err| at(err.to_string()))?;
-            validated.push((e, schema.map(str::to_owned)));
+            validated.push(Checked {
+                id: e.id.clone(),
+                event_type: e.event_type.clone(),
+                data: e.data.clone(),
+                schema: schema.map(str::to_owned),
+            });
         }
-        let data: Vec<_> = validated
-            .into_iter()
-            .map(|(e, schema)| (e.id.clone(), e.event_type.clone(), e.data.clone(), schema))
-            .collect();
-        let (first, last, last_event) = self.write(stream, current, data, request, now, ctx);
+        let (first, last, last_event) = self.write(ctx, stream, current, validated, request, now);
         self.remember(ctx, stream, request, first_id, expected, first, last);
         Ok(PendingReply::Appended {
             stream: stream.to_string(),
@@ -488,7 +498,7 @@ impl<'s> Batch<'s> {
         };
         let events = aggregate.handle(&state, &cmd).map_err(domain_error)?;
         let data = self.checked_domain_events(ctx, stream, &events)?;
-        let (first, last, last_event) = self.write(stream, current, data, request, now, ctx);
+        let (first, last, last_event) = self.write(ctx, stream, current, data, request, now);
         self.remember(ctx, stream, request, None, expected, first, last);
         Ok(PendingReply::Appended {
             stream: stream.to_string(),
@@ -504,7 +514,7 @@ impl<'s> Batch<'s> {
         ctx: &Context<'_>,
         stream: &StreamName,
         events: &[EventData],
-    ) -> Result<Vec<(Option<String>, String, Value, Option<String>)>, ReplyOutcome> {
+    ) -> Result<Vec<Checked>, ReplyOutcome> {
         events
             .iter()
             .map(|e| {
@@ -520,12 +530,12 @@ impl<'s> Batch<'s> {
                             ),
                         )
                     })?;
-                Ok((
-                    None,
-                    e.event_type.clone(),
-                    e.data.clone(),
-                    schema.map(str::to_owned),
-                ))
+                Ok(Checked {
+                    id: None,
+                    event_type: e.event_type.clone(),
+                    data: e.data.clone(),
+                    schema: schema.map(str::to_owned),
+                })
             })
             .collect()
     }
@@ -534,12 +544,12 @@ impl<'s> Batch<'s> {
     /// the aggregate state. Returns (first version, last version, last event index).
     fn write(
         &mut self,
+        ctx: &Context<'_>,
         stream: &StreamName,
         current: u64,
-        events: Vec<(Option<String>, String, Value, Option<String>)>,
+        events: Vec<Checked>,
         request: &Request,
         now: DateTime<Utc>,
-        ctx: &Context<'_>,
     ) -> (u64, u64, Option<usize>) {
         let correlation = request
             .correlation_id
@@ -558,7 +568,7 @@ impl<'s> Batch<'s> {
         ctx: &Context<'_>,
         stream: &StreamName,
         current: u64,
-        events: Vec<(Option<String>, String, Value, Option<String>)>,
+        events: Vec<Checked>,
         correlation: &str,
         causation: &str,
         now: DateTime<Utc>,
@@ -573,7 +583,13 @@ impl<'s> Batch<'s> {
             .record(stream.as_str())
             .and_then(|r| r.state.clone())
             .or_else(|| aggregate.as_ref().map(|a| a.initial()));
-        for (id, event_type, data, schema) in events {
+        for Checked {
+            id,
+            event_type,
+            data,
+            schema,
+        } in events
+        {
             version += 1;
             if let (Some(agg), Some(s)) = (&aggregate, state.take()) {
                 let folded = agg.apply(

@@ -1,2 +1,143 @@
-//! The esk writer. (wip)
+//! The esk writer: the single writer of each partition.
+//!
+//! Delivery guarantee: **exactly once**. A request is consumed, decided and
+//! answered in one Kafka transaction together with its events, the streams' new
+//! state records and the consumed offsets; a client sees a reply only after that
+//! transaction committed. A crash at any point either commits all of it or none.
+//!
+//! # Layout
+//! - [`config`]: the command-line and environment configuration.
+//! - [`group`]: the consumer group over `commands`, `tx.prepare` and `tx.commit`
+//!   (range assignor keeps partition p of all three together) and the rebalance
+//!   handling that starts and stops partition workers.
+//! - [`worker`]: one thread per owned partition: fences the previous owner
+//!   (`transactional.id = <prefix>-writer-p<N>`), restores the partition from
+//!   `state`, then runs batches, each one Kafka transaction.
+//! - [`batch`]: the decisions of a batch, pure and unit-tested.
+//! - [`restore`]: reading a partition of the compacted state topic.
+//! - [`http`]: `/health`, `/metrics`, `/status`.
+
 pub mod batch;
+pub mod config;
+pub mod group;
+pub mod http;
+pub mod restore;
+pub mod worker;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, Result, bail};
+use esk_domain::Registry;
+use esk_kafka::KafkaConfig;
+use esk_kafka::admin::Admin;
+use esk_wire::{SchemaRegistry, Topics};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// What every partition worker shares.
+pub struct Shared {
+    pub config: Config,
+    pub kafka: KafkaConfig,
+    pub topics: Topics,
+    pub schemas: SchemaRegistry,
+    pub aggregates: Registry,
+    /// Partitions of the co-partitioned topics.
+    pub partitions: i32,
+    pub reply_partitions: i32,
+    pub vote_partitions: i32,
+    pub admin: Admin,
+    /// Events topics known to exist.
+    pub known_topics: Mutex<HashSet<String>>,
+    pub runtime: tokio::runtime::Handle,
+    pub status: Mutex<http::Status>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("prefix", &self.topics.prefix())
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub fn batch_context(&self) -> batch::Context<'_> {
+        batch::Context {
+            schemas: &self.schemas,
+            aggregates: &self.aggregates,
+            partitions: self.partitions,
+            reply_partitions: self.reply_partitions,
+            vote_partitions: self.vote_partitions,
+        }
+    }
+}
+
+/// Runs the writer until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let kafka = KafkaConfig::new(&config.bootstrap_servers, config.kafka_timeout())?;
+    Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
+    let topics = Topics::new(&config.prefix);
+    let schemas = match &config.schemas_dir {
+        Some(dir) => SchemaRegistry::load_dir(dir)
+            .with_context(|| format!("loading schemas from {}", dir.display()))?,
+        None => SchemaRegistry::builtin(),
+    };
+    let admin = Admin::new(&kafka)?;
+    let count = |name: String| {
+        let admin = &admin;
+        async move {
+            let found = admin.describe(std::slice::from_ref(&name)).await?;
+            match found.first() {
+                Some(t) => Ok(t.partitions),
+                None => bail!("topic {name} does not exist: run `esk topics init` first"),
+            }
+        }
+    };
+    let partitions = count(topics.commands()).await?;
+    for t in [topics.tx_prepare(), topics.tx_commit(), topics.state()] {
+        let n = count(t.clone()).await?;
+        if n != partitions {
+            bail!(
+                "{t} has {n} partitions but {} has {partitions}: co-partitioned topics must agree",
+                topics.commands()
+            );
+        }
+    }
+    let reply_partitions = count(topics.replies()).await?;
+    let vote_partitions = count(topics.tx_votes()).await?;
+    count(topics.dlq("writer")).await?;
+    let http = http::bind(&config.http_addr).await?;
+    tracing::info!(
+        prefix = topics.prefix(),
+        partitions,
+        http = %http.local_addr()?,
+        "writer starting"
+    );
+    let shared = Arc::new(Shared {
+        config,
+        kafka,
+        topics,
+        schemas,
+        aggregates: Registry::builtin(),
+        partitions,
+        reply_partitions,
+        vote_partitions,
+        admin,
+        known_topics: Mutex::new(HashSet::new()),
+        runtime: tokio::runtime::Handle::current(),
+        status: Mutex::new(http::Status::default()),
+    });
+    let server = tokio::spawn(http::serve(http, shared.clone(), shutdown.clone()));
+    let group = {
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::task::spawn_blocking(move || group::run(&shared, &shutdown))
+    };
+    let result = group.await.context("the consumer thread panicked")?;
+    shutdown.cancel();
+    server.await.context("the HTTP server panicked")??;
+    result
+}

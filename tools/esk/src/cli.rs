@@ -41,12 +41,97 @@ pub struct Global {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::enum_variant_names,
+    reason = "the subcommand names are the CLI contract"
+)]
 pub enum Command {
     /// Create or inspect the platform topics.
     Topics {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// Append one event to a stream, checked by expected version and schema.
+    Append(AppendArgs),
+    /// Append many events from JSON lines: {"stream","type","data"[,"expected_version"][,"id"]}.
+    Produce(ProduceArgs),
+    /// Send a command to the aggregate of a stream's category (e.g. account: OpenAccount, Deposit, Withdraw).
+    Command(CommandArgs),
+    /// Print a stream's events in order.
+    Read(ReadArgs),
+    /// Follow the event log live.
+    Tail(TailArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AppendArgs {
+    /// The stream, <category>-<id>, e.g. order-17.
+    pub stream: String,
+    /// The event type, e.g. OrderPlaced.
+    #[arg(value_name = "TYPE")]
+    pub event_type: String,
+    /// The event data as JSON.
+    #[arg(value_name = "DATA_JSON")]
+    pub data: String,
+    /// any, no-stream, exists, or the version the stream must be at.
+    #[arg(long, default_value = "any")]
+    pub expected_version: String,
+    /// The event id (a UUID); a retry with the same id at the same expected version writes nothing twice.
+    #[arg(long)]
+    pub event_id: Option<String>,
+    /// The request id; a retry with the same id gets the first answer and writes nothing twice.
+    #[arg(long)]
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// JSON-lines file, or - for standard input.
+    #[arg(long, short)]
+    pub file: String,
+    /// Requests in flight at once. Lines of one stream are still appended in file order.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub in_flight: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CommandArgs {
+    /// The stream, e.g. account-42.
+    pub stream: String,
+    /// The command, e.g. Deposit.
+    #[arg(value_name = "COMMAND")]
+    pub command: String,
+    /// The command data as JSON, e.g. '{"amount": 100}'.
+    #[arg(value_name = "DATA_JSON")]
+    pub data: String,
+    /// any, no-stream, exists, or the version the stream must be at.
+    #[arg(long, default_value = "any")]
+    pub expected_version: String,
+    /// The request id; a retry with the same id gets the first answer.
+    #[arg(long)]
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// The stream, e.g. account-42.
+    pub stream: String,
+    /// The first version to print.
+    #[arg(long, default_value_t = 1)]
+    pub from_version: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Only this category's events.
+    #[arg(long)]
+    pub category: Option<String>,
+    /// Start at the oldest event instead of the newest.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub limit: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -62,6 +62,8 @@ pub struct Failure {
     pub message: String,
     /// Extra fields for the JSON error document (e.g. the actual version).
     pub details: serde_json::Map<String, serde_json::Value>,
+    /// The command already printed its JSON document (with the failures in it).
+    pub json_printed: bool,
 }
 
 impl Failure {
@@ -70,6 +72,7 @@ impl Failure {
             kind,
             message: message.to_string(),
             details: serde_json::Map::new(),
+            json_printed: false,
         }
     }
 
@@ -83,7 +86,7 @@ impl Failure {
 
     pub fn report(self, json: bool) -> ExitCode {
         eprintln!("esk: {}", self.message);
-        if json {
+        if json && !self.json_printed {
             let mut doc = self.details;
             doc.insert("error".into(), self.kind.code().into());
             doc.insert("message".into(), self.message.into());
@@ -99,6 +102,23 @@ impl From<esk_kafka::Error> for Failure {
             esk_kafka::Error::Invalid(m) => Failure::invalid(m),
             e if e.is_transient() => Failure::unavailable(e),
             e => Failure::new(Kind::Internal, e),
+        }
+    }
+}
+
+impl From<esk_client::ClientError> for Failure {
+    fn from(e: esk_client::ClientError) -> Self {
+        use esk_client::ClientError as E;
+        match e {
+            E::WrongExpectedVersion { message, actual } => {
+                let mut f = Failure::new(Kind::WrongExpectedVersion, message);
+                f.details.insert("actual_version".into(), actual.into());
+                f
+            }
+            E::Invalid(m) => Failure::invalid(m),
+            E::Refused(m) => Failure::new(Kind::Refused, m),
+            E::Unavailable(m) => Failure::unavailable(m),
+            E::Internal(m) => Failure::new(Kind::Internal, m),
         }
     }
 }

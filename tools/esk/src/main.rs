@@ -5,7 +5,9 @@
 //! exit codes are the contract of DESIGN section 8; see [`exit::Failure`].
 
 mod cli;
+mod events;
 mod exit;
+mod produce;
 mod topics;
 
 use std::process::ExitCode;
@@ -40,5 +42,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             TopicsCommand::Init(args) => topics::init(&g, args).await,
             TopicsCommand::Describe => topics::describe(&g).await,
         },
+        Command::Append(args) => events::append(&g, args).await,
+        Command::Produce(args) => produce::produce(&g, args).await,
+        Command::Command(args) => events::command(&g, args).await,
+        Command::Read(args) => events::read(&g, args).await,
+        Command::Tail(args) => events::tail(&g, args).await,
     }
 }

@@ -1,0 +1,412 @@
+//! A client for esk's writer: appends, domain commands and stream reads, over
+//! Kafka alone.
+//!
+//! Requests go to `<prefix>.commands`, keyed by stream, in the stream's
+//! partition (Kafka's Java partitioner). Each client reads one partition of
+//! `<prefix>.replies`, picked at random, so that many clients do not each read
+//! every reply; a request names that partition and its reply arrives there,
+//! after the writer's transaction committed (`read_committed`). Many requests
+//! may be in flight at once.
+//!
+//! Delivery guarantee: a request is sent with an idempotent, `acks=all`
+//! producer; a success reply means the events are durable. On a timeout the
+//! request may or may not have been applied: retry with the same request id (or
+//! the same event ids at the same expected version) and the writer answers with
+//! the first result without writing twice.
+
+mod read;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use esk_kafka::KafkaConfig;
+use esk_wire::partition::partition_for;
+use esk_wire::protocol::{
+    Appended, CommandData, ErrorCode, ExpectedVersion, NewEvent, Reply, ReplyOutcome, Request,
+    RequestBody, StreamHead,
+};
+use esk_wire::{StreamName, Topics};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+pub use read::{ReadEvent, decode, read_stream};
+
+/// Why a request did not succeed. Each variant maps to one CLI exit code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The stream is not at the expected version; nothing was written.
+    #[error("{message}")]
+    WrongExpectedVersion { message: String, actual: u64 },
+    /// The input is invalid (found by the client or the writer); nothing was written.
+    #[error("{0}")]
+    Invalid(String),
+    /// The domain refused the command; nothing was written.
+    #[error("{0}")]
+    Refused(String),
+    /// Kafka or the writer could not be reached, or did not answer in time.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The writer failed in a way that is not the caller's fault.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<esk_kafka::Error> for ClientError {
+    fn from(e: esk_kafka::Error) -> Self {
+        match e {
+            esk_kafka::Error::Invalid(m) => ClientError::Invalid(m),
+            e if e.is_transient() => ClientError::Unavailable(e.to_string()),
+            e => ClientError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<rdkafka::error::KafkaError> for ClientError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        esk_kafka::Error::from(e).into()
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
+
+/// A connection to an esk installation.
+pub struct Client {
+    config: KafkaConfig,
+    topics: Topics,
+    producer: FutureProducer,
+    partitions: i32,
+    reply_partition: i32,
+    pending: Pending,
+    stop: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("prefix", &self.topics.prefix())
+            .field("reply_partition", &self.reply_partition)
+            .finish()
+    }
+}
+
+fn partition_count(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+    bootstrap: &str,
+) -> Result<i32, ClientError> {
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| ClientError::Unavailable(format!("Kafka unavailable at {bootstrap}: {e}")))?;
+    let t = md
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .ok_or_else(|| {
+            ClientError::Unavailable(format!(
+                "topic {topic} does not exist: run `esk topics init`"
+            ))
+        })?;
+    Ok(t.partitions().len() as i32)
+}
+
+impl Client {
+    /// Connects for one request at a time; see [`Client::connect_pipelined`].
+    pub fn connect(config: KafkaConfig, topics: Topics) -> Result<Self, ClientError> {
+        Self::open(config, topics, false)
+    }
+
+    /// Connects for many requests in flight: requests for one stream reach the
+    /// writer in the order they were submitted, even across retries.
+    pub fn connect_pipelined(config: KafkaConfig, topics: Topics) -> Result<Self, ClientError> {
+        Self::open(config, topics, true)
+    }
+
+    /// Learns the partition counts and starts reading a replies partition.
+    fn open(config: KafkaConfig, topics: Topics, pipelined: bool) -> Result<Self, ClientError> {
+        let timeout = config.timeout;
+        let replies = topics.replies();
+        let consumer: BaseConsumer = config
+            .client()
+            .set("group.id", format!("{}-client", topics.prefix()))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let partitions =
+            partition_count(&consumer, &topics.commands(), timeout, &config.bootstrap)?;
+        let reply_partitions = partition_count(&consumer, &replies, timeout, &config.bootstrap)?;
+        let reply_partition = (uuid::Uuid::new_v4().as_u128() % reply_partitions as u128) as i32;
+        // Read from the current end: any reply to a request sent after this lands later.
+        let (_, high) = consumer
+            .fetch_watermarks(&replies, reply_partition, timeout)
+            .map_err(|e| ClientError::Unavailable(format!("reading {replies}: {e}")))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&replies, reply_partition, Offset::Offset(high))?;
+        consumer.assign(&tpl)?;
+        let producer: FutureProducer = config
+            .client()
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            // Idempotence keeps pipelined requests of one stream in order across
+            // retries, at the price of about half a second to get a producer id.
+            // A lone request needs no order: a duplicate of it is answered by the
+            // writer from its memory of request ids and writes nothing.
+            .set(
+                "enable.idempotence",
+                if pipelined { "true" } else { "false" },
+            )
+            .set(
+                "message.timeout.ms",
+                timeout.as_millis().max(1000).to_string(),
+            )
+            .create()?;
+        let pending: Pending = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (pending, stop) = (pending.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("esk-replies".into())
+                .spawn(move || read_replies(&consumer, &pending, &stop))
+                .expect("spawning the reply reader")
+        };
+        tracing::debug!(reply_partition, "connected");
+        Ok(Self {
+            config,
+            topics,
+            producer,
+            partitions,
+            reply_partition,
+            pending,
+            stop,
+            reader: Some(reader),
+        })
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    pub fn kafka(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// Partitions of the co-partitioned topics.
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn request(
+        &self,
+        stream: &str,
+        body: RequestBody,
+        request_id: Option<String>,
+    ) -> Result<Reply, ClientError> {
+        self.submit(stream, body, request_id)?.reply().await
+    }
+
+    /// Enqueues a request now (requests submitted one after another reach the
+    /// writer in that order) and returns a handle to await its reply.
+    pub fn submit(
+        &self,
+        stream: &str,
+        body: RequestBody,
+        request_id: Option<String>,
+    ) -> Result<Submitted<'_>, ClientError> {
+        let stream = StreamName::parse(stream).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let request = Request {
+            request_id: request_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            reply_partition: self.reply_partition,
+            stream: stream.to_string(),
+            body,
+            correlation_id: None,
+            causation_id: None,
+        };
+        let id = request.request_id.clone();
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .insert(id.clone(), tx);
+        let payload = serde_json::to_vec(&request).expect("requests serialize");
+        let topic = self.topics.commands();
+        let record = FutureRecord::to(&topic)
+            .partition(partition_for(stream.as_str().as_bytes(), self.partitions))
+            .key(stream.as_str())
+            .payload(&payload);
+        match self.producer.send_result(record) {
+            Ok(delivery) => Ok(Submitted {
+                client: self,
+                id,
+                delivery,
+                rx,
+            }),
+            Err((e, _)) => {
+                self.pending.lock().expect("pending lock").remove(&id);
+                Err(ClientError::Unavailable(format!("sending to {topic}: {e}")))
+            }
+        }
+    }
+
+    /// Appends events at an expected version.
+    pub async fn append(
+        &self,
+        stream: &str,
+        expected_version: ExpectedVersion,
+        events: Vec<NewEvent>,
+        request_id: Option<String>,
+    ) -> Result<Appended, ClientError> {
+        let body = RequestBody::Append {
+            expected_version,
+            events,
+        };
+        appended(self.request(stream, body, request_id).await?)
+    }
+
+    /// Sends a command to the stream's aggregate.
+    pub async fn command(
+        &self,
+        stream: &str,
+        expected_version: ExpectedVersion,
+        command: CommandData,
+        request_id: Option<String>,
+    ) -> Result<Appended, ClientError> {
+        let body = RequestBody::Command {
+            expected_version,
+            command,
+        };
+        appended(self.request(stream, body, request_id).await?)
+    }
+
+    /// The stream's version and where its events are.
+    pub async fn head(&self, stream: &str) -> Result<StreamHead, ClientError> {
+        match self.request(stream, RequestBody::Head, None).await?.outcome {
+            ReplyOutcome::Head(h) => Ok(h),
+            other => Err(outcome_error(other)),
+        }
+    }
+}
+
+/// A request on its way; [`Submitted::reply`] waits for the answer.
+pub struct Submitted<'c> {
+    client: &'c Client,
+    id: String,
+    delivery: rdkafka::producer::DeliveryFuture,
+    rx: oneshot::Receiver<Reply>,
+}
+
+impl std::fmt::Debug for Submitted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submitted")
+            .field("request_id", &self.id)
+            .finish()
+    }
+}
+
+impl Submitted<'_> {
+    pub fn request_id(&self) -> &str {
+        &self.id
+    }
+
+    /// Waits for the request to be stored and answered, up to the client's timeout.
+    pub async fn reply(self) -> Result<Reply, ClientError> {
+        let Submitted {
+            client,
+            id,
+            delivery,
+            rx,
+        } = self;
+        let timeout = client.config.timeout;
+        let outcome = async {
+            match tokio::time::timeout(timeout, delivery).await {
+                Ok(Ok(Ok(_))) => tracing::debug!(request = id, "request stored"),
+                Ok(Ok(Err((e, _)))) => {
+                    return Err(ClientError::Unavailable(format!(
+                        "sending request {id} to Kafka at {}: {e}",
+                        client.config.bootstrap
+                    )));
+                }
+                Ok(Err(_)) | Err(_) => {
+                    return Err(ClientError::Unavailable(format!(
+                        "Kafka at {} did not take request {id} within {timeout:?}",
+                        client.config.bootstrap
+                    )));
+                }
+            }
+            tokio::time::timeout(timeout, rx)
+                .await
+                .map_err(|_| {
+                    ClientError::Unavailable(format!(
+                        "no reply from the writer within {timeout:?} (is esk-writer running?); request {id} may \
+                         still be applied: retrying it with the same request id is safe"
+                    ))
+                })?
+                .map_err(|_| ClientError::Internal("the reply reader stopped".into()))
+        }
+        .await;
+        client.pending.lock().expect("pending lock").remove(&id);
+        tracing::debug!(request = id, "reply received");
+        outcome
+    }
+}
+
+fn appended(reply: Reply) -> Result<Appended, ClientError> {
+    match reply.outcome {
+        ReplyOutcome::Appended(a) => Ok(a),
+        other => Err(outcome_error(other)),
+    }
+}
+
+pub fn outcome_error(outcome: ReplyOutcome) -> ClientError {
+    match outcome {
+        ReplyOutcome::Error(e) => match e.code {
+            ErrorCode::WrongExpectedVersion => ClientError::WrongExpectedVersion {
+                message: e.message,
+                actual: e.actual_version.unwrap_or_default(),
+            },
+            ErrorCode::InvalidInput => ClientError::Invalid(e.message),
+            ErrorCode::DomainRefused => ClientError::Refused(e.message),
+            ErrorCode::Internal => ClientError::Internal(e.message),
+        },
+        other => ClientError::Internal(format!("unexpected reply: {other:?}")),
+    }
+}
+
+fn read_replies(consumer: &BaseConsumer, pending: &Pending, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(20)) {
+            Some(Ok(m)) => {
+                let Some(reply) = m
+                    .payload()
+                    .and_then(|p| serde_json::from_slice::<Reply>(p).ok())
+                else {
+                    continue;
+                };
+                if let Some(tx) = pending
+                    .lock()
+                    .expect("pending lock")
+                    .remove(&reply.request_id)
+                {
+                    let _ = tx.send(reply);
+                }
+            }
+            Some(Err(e)) => tracing::debug!("replies: {e}"),
+            None => {}
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}

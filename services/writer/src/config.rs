@@ -1,0 +1,62 @@
+//! The writer's configuration: flags with environment fallbacks. `esk-writer --help`
+//! is the reference.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "esk-writer",
+    version,
+    about = "esk's writer: the single writer of each partition"
+)]
+pub struct Config {
+    /// Kafka bootstrap servers, host:port[,host:port...].
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub bootstrap_servers: String,
+    /// Prefix of every platform topic.
+    #[arg(long, env = "ESK_TOPIC_PREFIX", default_value = "esk")]
+    pub prefix: String,
+    /// Address of the HTTP endpoint (/health, /metrics, /status).
+    #[arg(long, env = "ESK_WRITER_HTTP", default_value = "127.0.0.1:8701")]
+    pub http_addr: String,
+    /// Consumer-group session timeout in ms: how soon another instance takes over
+    /// the partitions of one that died.
+    #[arg(long, env = "ESK_WRITER_SESSION_TIMEOUT_MS", default_value_t = 6000,
+          value_parser = clap::value_parser!(u64).range(1000..=300_000))]
+    pub session_timeout_ms: u64,
+    /// Kafka transaction timeout in ms.
+    #[arg(long, env = "ESK_WRITER_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1000..=900_000))]
+    pub transaction_timeout_ms: u64,
+    /// Most records decided in one transaction. Batches form by themselves under
+    /// load; a lone request is never held back.
+    #[arg(long, env = "ESK_WRITER_MAX_BATCH", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_batch: u64,
+    /// Load JSON Schemas from this folder (`<category>/<Type>.v<N>.json`) instead
+    /// of the ones built in.
+    #[arg(long, env = "ESK_SCHEMAS_DIR")]
+    pub schemas_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Bound on any single Kafka call (metadata, commit, restore step).
+    pub fn kafka_timeout(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    pub fn transactional_id(&self, partition: i32) -> String {
+        format!("{}-writer-p{partition}", self.prefix)
+    }
+
+    pub fn group_id(&self) -> String {
+        format!("{}-writer", self.prefix)
+    }
+}

@@ -1,0 +1,68 @@
+//! `/health`, `/metrics` and `/status` of the writer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+
+/// What the writer reports about its partitions.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Status {
+    pub partitions: BTreeMap<i32, PartitionStatus>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct PartitionStatus {
+    /// starting, restoring, serving, fenced
+    pub phase: &'static str,
+    pub streams: usize,
+    pub batches: u64,
+    pub records: u64,
+}
+
+pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let handle = esk_runtime::metrics();
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .with_state(shared);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let status = shared.status.lock().expect("status lock").clone();
+    let serving = status
+        .partitions
+        .values()
+        .filter(|p| p.phase == "serving")
+        .count();
+    Json(
+        serde_json::json!({"status": "ok", "partitions_owned": status.partitions.len(), "partitions_serving": serving}),
+    )
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
+    Json(shared.status.lock().expect("status lock").clone())
+}
