@@ -20,7 +20,7 @@ build:
 
 ## test: every test, unit and integration, against a real broker (started here if needed)
 test: build
-	$(CARGO) test --locked --workspace
+	ESK_TEST_NO_BUILD=1 $(CARGO) test --locked --workspace
 
 ## bench: the benchmarks, with Kafka's own tools on the same broker for reference
 bench:

@@ -12,7 +12,8 @@
 # Environment: KAFKA_BOOTSTRAP_SERVERS (use this cluster, start no broker),
 # ESK_TOPIC_PREFIX (esk), ESK_PARTITIONS (12 for a new installation),
 # ESK_BIN_DIR (use these binaries instead of building target/release),
-# ESK_KAFKA_PORT (9092, for the local broker).
+# ESK_KAFKA_PORT (9092, for the local broker), ESK_<NAME>_HTTP (a service's
+# HTTP address, e.g. ESK_WRITER_HTTP=127.0.0.1:8701).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,7 +24,8 @@ prefix=${ESK_TOPIC_PREFIX:-esk}
 kafka=$repo/infra/kafka/kafka.sh
 
 # name:port of every service, in start order. Each binary is <bin_dir>/esk-<name>.
-SERVICES=()
+SERVICES=("writer:8701")
+
 
 say() { printf 'esk: %s\n' "$*"; }
 die() { printf 'esk: %s\n' "$*" >&2; exit 1; }
@@ -46,32 +48,40 @@ bootstrap() {
   fi
 }
 
-wait_healthy() { # name port pidfile
-  local name=$1 port=$2 pf=$3 i
+# The HTTP address of a service: ESK_<NAME>_HTTP if set, else its default port.
+http_addr() { # name port
+  local var="ESK_${1^^}_HTTP"
+  echo "${!var:-127.0.0.1:$2}"
+}
+
+wait_healthy() { # name addr pidfile
+  local name=$1 addr=$2 pf=$3 i
   for ((i = 0; i < 300; i++)); do
     alive "$pf" || die "$name exited during start; see $logs/$name.log"
-    if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
+    if curl -fsS "http://$addr/health" >/dev/null 2>&1; then
       return 0
     fi
     sleep 0.2
   done
-  die "$name did not become healthy on 127.0.0.1:$port in 60 s; see $logs/$name.log"
+  die "$name did not become healthy on $addr in 60 s; see $logs/$name.log"
 }
 
 start_service() { # name port bin_dir bootstrap
-  local name=$1 port=$2 bins=$3 bs=$4 pf=$run/$1.pid
+  local name=$1 bins=$3 bs=$4 pf=$run/$1.pid addr
+  addr=$(http_addr "$1" "$2")
   if alive "$pf"; then
-    wait_healthy "$name" "$port" "$pf"
-    say "$name already running (pid $(cat "$pf"), http://127.0.0.1:$port)"
+    wait_healthy "$name" "$addr" "$pf"
+    say "$name already running (pid $(cat "$pf"), http://$addr)"
     return
   fi
   setsid nohup env KAFKA_BOOTSTRAP_SERVERS="$bs" ESK_TOPIC_PREFIX="$prefix" \
-    ESK_DATA_DIR="$ESK_HOME/data" \
+    "ESK_${name^^}_HTTP=$addr" ESK_DATA_DIR="$ESK_HOME/data" \
     "$bins/esk-$name" >>"$logs/$name.log" 2>&1 </dev/null &
   echo $! >"$pf"
-  wait_healthy "$name" "$port" "$pf"
-  say "$name started (pid $(cat "$pf"), http://127.0.0.1:$port)"
+  wait_healthy "$name" "$addr" "$pf"
+  say "$name started (pid $(cat "$pf"), http://$addr)"
 }
+
 
 up() {
   mkdir -p "$run" "$logs" "$ESK_HOME/data"
@@ -136,7 +146,8 @@ status() {
   for entry in "${SERVICES[@]}"; do
     local name=${entry%%:*} port=${entry##*:}
     if alive "$run/$name.pid"; then
-      say "$name: running (pid $(cat "$run/$name.pid"), http://127.0.0.1:$port)"
+      say "$name: running (pid $(cat "$run/$name.pid"), http://$(http_addr "$name" "$port"))"
+
     else
       say "$name: stopped"
       rc=1

@@ -287,7 +287,9 @@ impl Default for TestEnv {
     }
 }
 
-/// A built binary of the workspace (built on first use if missing).
+/// A binary of the workspace. The first call runs `cargo build --bins` (a no-op
+/// when up to date), so `cargo test` alone never runs stale binaries;
+/// `ESK_TEST_NO_BUILD=1` skips that when the caller just built them.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     // Test binaries live in target/<profile>/deps; the workspace's binaries one up.
@@ -297,21 +299,21 @@ pub fn bin(name: &str) -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>")
         .to_owned();
-    let path = dir.join(name);
-    if !path.exists() {
-        BUILT.get_or_init(|| {
-            let release = dir.file_name().is_some_and(|n| n == "release");
-            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.args(["build", "--workspace", "--bins"])
-                .current_dir(repo_root());
-            if release {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("running cargo build");
-            assert!(status.success(), "cargo build --bins failed");
-        });
-    }
-    path
+    BUILT.get_or_init(|| {
+        if std::env::var_os("ESK_TEST_NO_BUILD").is_some() {
+            return;
+        }
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "--workspace", "--bins", "--quiet"])
+            .current_dir(repo_root());
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build --bins failed");
+    });
+    dir.join(name)
 }
 
 /// A command line for the `esk` binary.
@@ -335,6 +337,18 @@ impl Esk {
         self
     }
 
+    /// Starts the command without waiting.
+    pub fn spawn(mut self) -> Spawned {
+        let started = Instant::now();
+        let child = self
+            .cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running esk");
+        Spawned { child, started }
+    }
+
     pub fn run(mut self) -> Run {
         let started = Instant::now();
         let out: Output = self.cmd.output().expect("running esk");
@@ -343,6 +357,25 @@ impl Esk {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             elapsed: started.elapsed(),
+        }
+    }
+}
+
+/// An `esk` command running in the background.
+#[derive(Debug)]
+pub struct Spawned {
+    child: std::process::Child,
+    started: Instant,
+}
+
+impl Spawned {
+    pub fn wait(self) -> Run {
+        let out = self.child.wait_with_output().expect("waiting for esk");
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed: self.started.elapsed(),
         }
     }
 }
@@ -396,4 +429,257 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+impl TestEnv {
+    /// `esk topics init --partitions n` for this test's prefix.
+    pub fn init_topics(&self, partitions: u32) {
+        self.esk()
+            .args(["topics", "init", "--partitions", &partitions.to_string()])
+            .run()
+            .ok();
+    }
+
+    /// A connected client of this test's installation.
+    pub fn client(&self, timeout: Duration, pipelined: bool) -> esk_client::Client {
+        let config =
+            esk_kafka::KafkaConfig::new(&self.bootstrap, timeout).expect("valid bootstrap");
+        let open = if pipelined {
+            esk_client::Client::connect_pipelined
+        } else {
+            esk_client::Client::connect
+        };
+        open(config, self.topics()).expect("connecting a client")
+    }
+
+    /// Every event in `<prefix>.events.<category>` (read_committed), in partition
+    /// and offset order, decoded.
+    pub fn all_events(&self, category: &str) -> Vec<(i32, i64, esk_wire::Event)> {
+        self.read_topic(&self.topics().events(category), true)
+            .into_iter()
+            .map(|r| {
+                let headers: Vec<(&str, Option<&[u8]>)> = r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_deref()))
+                    .collect();
+                let e =
+                    esk_wire::Event::decode(headers, r.value.as_deref()).unwrap_or_else(|err| {
+                        panic!("undecodable event at {}@{}: {err}", r.partition, r.offset)
+                    });
+                (r.partition, r.offset, e)
+            })
+            .collect()
+    }
+
+    /// Every record of a topic up to its current end.
+    pub fn read_topic(&self, topic: &str, committed: bool) -> Vec<Record> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Headers;
+        use rdkafka::{Message, Offset, TopicPartitionList};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", self.id("reader"))
+            .set("enable.auto.commit", "false")
+            .set(
+                "isolation.level",
+                if committed {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                },
+            )
+            .create()
+            .expect("a consumer");
+        let timeout = Duration::from_secs(15);
+        let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) else {
+            return Vec::new();
+        };
+        let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
+            return Vec::new();
+        };
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = Vec::new();
+        for p in t.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), timeout)
+                .expect("watermarks");
+            ends.push((p.id(), high));
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let positions = consumer.position().unwrap();
+            let done = ends.iter().all(|(p, high)| {
+                positions
+                    .find_partition(topic, *p)
+                    .and_then(|e| e.offset().to_raw())
+                    .is_some_and(|o| o >= *high)
+                    || *high == 0
+            });
+            if done {
+                break;
+            }
+            assert!(Instant::now() < deadline, "reading {topic} did not finish");
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                let m = m.expect("a record");
+                out.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        out.sort_by_key(|r| (r.partition, r.offset));
+        out
+    }
+}
+
+/// A raw Kafka record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// A running esk service (`esk-<name>`), killed on drop.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    child: std::process::Child,
+    pub http: String,
+    pub log: PathBuf,
+}
+
+impl Service {
+    /// Starts `esk-<name>` for the test's installation, HTTP on a free port,
+    /// stderr to `target/test-logs/<prefix>-<name>-<port>.log`.
+    pub fn start(env: &TestEnv, name: &str, extra: &[(&str, &str)]) -> Self {
+        let port = free_port_pair().expect("a free port");
+        let http = format!("127.0.0.1:{port}");
+        let logs = repo_root().join("target/test-logs");
+        std::fs::create_dir_all(&logs).expect("a log dir");
+        let log = logs.join(format!("{}-{name}-{port}.log", env.prefix));
+        let file = std::fs::File::create(&log).expect("a log file");
+        let mut cmd = Command::new(bin(&format!("esk-{name}")));
+        cmd.env("KAFKA_BOOTSTRAP_SERVERS", &env.bootstrap)
+            .env("ESK_TOPIC_PREFIX", &env.prefix)
+            .env(format!("ESK_{}_HTTP", name.to_uppercase()), &http)
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting esk-{name}: {e}"));
+        Self {
+            name: name.to_owned(),
+            child,
+            http,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// GET a path of the service's HTTP endpoint: (status, body).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&self.http, path)
+    }
+
+    /// GET a JSON document (any status).
+    pub fn get_json(&self, path: &str) -> Option<serde_json::Value> {
+        self.get(path)
+            .and_then(|(_, b)| serde_json::from_str(&b).ok())
+    }
+
+    /// Sends a signal (KILL, STOP, CONT, TERM) to the process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {} failed", self.pid());
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The last lines of the service's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.0 GET over loopback: (status, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// Waits until the writers together serve `partitions` partitions.
+pub async fn wait_serving(writers: &[&Service], partitions: u64, timeout: Duration) {
+    let what = format!("{partitions} partitions served by the writers");
+    poll_until(timeout, &what, || async {
+        let total: u64 = writers
+            .iter()
+            .filter_map(|w| w.get_json("/health"))
+            .map(|h| h["partitions_serving"].as_u64().unwrap_or(0))
+            .sum();
+        (total == partitions).then_some(())
+    })
+    .await;
 }

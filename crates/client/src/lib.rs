@@ -71,6 +71,9 @@ impl From<rdkafka::error::KafkaError> for ClientError {
     }
 }
 
+/// Kafka's default `max.message.bytes` less room for headers and framing.
+pub const MAX_REQUEST_BYTES: usize = 1_000_000;
+
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
 
 /// A connection to an esk installation.
@@ -235,6 +238,12 @@ impl Client {
             .expect("pending lock")
             .insert(id.clone(), tx);
         let payload = serde_json::to_vec(&request).expect("requests serialize");
+        if payload.len() > MAX_REQUEST_BYTES {
+            return Err(ClientError::Invalid(format!(
+                "the request is {} bytes; a request (all its events) may be at most {MAX_REQUEST_BYTES}",
+                payload.len()
+            )));
+        }
         let topic = self.topics.commands();
         let record = FutureRecord::to(&topic)
             .partition(partition_for(stream.as_str().as_bytes(), self.partitions))

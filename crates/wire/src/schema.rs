@@ -117,11 +117,19 @@ impl SchemaRegistry {
 
     /// Loads every `<category>/<Type>.v<N>.json` below `dir`.
     pub fn load_dir(dir: &Path) -> Result<Self, SchemaError> {
+        let mut reg = Self::default();
+        reg.add_dir(dir)?;
+        Ok(reg)
+    }
+
+    /// Adds every `<category>/<Type>.v<N>.json` below `dir` to this registry (a
+    /// file for a type and version already known replaces it).
+    pub fn add_dir(&mut self, dir: &Path) -> Result<(), SchemaError> {
         let io = |path: &Path, e: std::io::Error| SchemaError::Io {
             path: path.to_owned(),
             reason: e.to_string(),
         };
-        let mut reg = Self::default();
+        let reg = self;
         let mut entries: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| io(dir, e))?
             .collect::<Result<_, _>>()
@@ -150,7 +158,7 @@ impl SchemaRegistry {
                 })?;
             }
         }
-        Ok(reg)
+        Ok(())
     }
 
     /// Adds one schema file given by its path relative to the schemas root.

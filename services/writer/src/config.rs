@@ -40,8 +40,8 @@ pub struct Config {
     #[arg(long, env = "ESK_WRITER_MAX_BATCH", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub max_batch: u64,
-    /// Load JSON Schemas from this folder (`<category>/<Type>.v<N>.json`) instead
-    /// of the ones built in.
+    /// Also load the JSON Schemas in this folder (`<category>/<Type>.v<N>.json`),
+    /// beside the built-in ones: each category found becomes strict.
     #[arg(long, env = "ESK_SCHEMAS_DIR")]
     pub schemas_dir: Option<PathBuf>,
 }

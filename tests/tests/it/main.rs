@@ -5,3 +5,4 @@ mod broker;
 mod cluster;
 mod platform;
 mod topics;
+mod writer;

@@ -70,7 +70,7 @@ pub struct AppendArgs {
     /// The event type, e.g. OrderPlaced.
     #[arg(value_name = "TYPE")]
     pub event_type: String,
-    /// The event data as JSON.
+    /// The event data as JSON, or @FILE to read it from a file.
     #[arg(value_name = "DATA_JSON")]
     pub data: String,
     /// any, no-stream, exists, or the version the stream must be at.
@@ -101,7 +101,7 @@ pub struct CommandArgs {
     /// The command, e.g. Deposit.
     #[arg(value_name = "COMMAND")]
     pub command: String,
-    /// The command data as JSON, e.g. '{"amount": 100}'.
+    /// The command data as JSON, e.g. '{"amount": 100}', or @FILE.
     #[arg(value_name = "DATA_JSON")]
     pub data: String,
     /// any, no-stream, exists, or the version the stream must be at.

@@ -37,9 +37,21 @@ pub async fn connect(g: &Global, pipelined: bool) -> Result<Client, Failure> {
         .map_err(|e| Failure::new(crate::exit::Kind::Internal, e))??)
 }
 
+/// Parses a JSON argument; `@path` reads it from a file (large data does not fit
+/// in one command-line argument).
 pub fn parse_json(what: &str, text: &str) -> Result<Value, Failure> {
-    serde_json::from_str(text)
-        .map_err(|e| Failure::invalid(format!("{what} is not valid JSON ({e}): {text}")))
+    let (source, content) = match text.strip_prefix('@') {
+        Some(path) => (
+            format!("{what} file {path}"),
+            std::fs::read_to_string(path)
+                .map_err(|e| Failure::invalid(format!("{what}: cannot read {path}: {e}")))?,
+        ),
+        None => (what.to_owned(), text.to_owned()),
+    };
+    serde_json::from_str(&content).map_err(|e| {
+        let shown: String = content.chars().take(200).collect();
+        Failure::invalid(format!("{source} is not valid JSON ({e}): {shown}"))
+    })
 }
 
 pub fn parse_stream(text: &str) -> Result<StreamName, Failure> {
