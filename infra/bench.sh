@@ -1,41 +1,70 @@
 #!/usr/bin/env bash
-# make bench: esk's benchmarks, and Kafka's own tools on the same broker so every
-# figure has its reference beside it.
+# make bench: esk's benchmarks, with Kafka's own tools on the same broker so
+# every figure has its reference beside it.
 #
-# Uses KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker of its own in a
-# temp dir (on a free port) and stops it at the end. Results go to stdout and to
-# target/bench/<date>.txt.
+# Builds the release binaries, uses KAFKA_BOOTSTRAP_SERVERS if set (else starts
+# a broker of its own in a temp dir on a free port, stopped at the end), creates
+# a fresh installation (prefix bench<time>), starts a writer, runs esk-bench,
+# then ProducerPerformance and ConsumerPerformance. The report also goes to
+# target/bench/<time>.txt.
 #
-#   BENCH_RECORDS   records for the reference tools (200000)
-#   BENCH_SIZE      record size in bytes (200)
+#   BENCH_PARTITIONS  partitions of the installation (12)
+#   BENCH_RECORDS     records for the reference tools (200000)
+#   BENCH_SIZE        record size in bytes, for esk and the tools (200)
+#   BENCH_ARGS        extra arguments for esk-bench (e.g. --read-events 0)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 kafka=$repo/infra/kafka/kafka.sh
+partitions=${BENCH_PARTITIONS:-12}
 records=${BENCH_RECORDS:-200000}
 size=${BENCH_SIZE:-200}
 out_dir=$repo/target/bench
 mkdir -p "$out_dir"
 report=$out_dir/$(date -u +%Y%m%dT%H%M%SZ).txt
 
+echo "building release binaries..." >&2
+(cd "$repo" && cargo build --release --locked --workspace --bins -q)
+bin=$repo/target/release
+
+pids=()
+home=$(mktemp -d /tmp/esk-bench-XXXXXX)
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then ESK_HOME=$home "$kafka" stop 2>/dev/null || true; fi
+  rm -rf "$home"
+}
+trap cleanup EXIT
+
 if [ -n "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
   bootstrap=$KAFKA_BOOTSTRAP_SERVERS
 else
-  home=$(mktemp -d /tmp/esk-bench-kafka-XXXXXX)
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  export ESK_HOME=$home ESK_KAFKA_PORT=$port ESK_KAFKA_EPHEMERAL=1
-  "$kafka" start --watch-pid $$
+  ESK_HOME=$home ESK_KAFKA_PORT=$port "$kafka" start --watch-pid $$
   bootstrap=127.0.0.1:$port
-  trap '"$kafka" stop; rm -rf "$home"' EXIT
 fi
 prefix=bench$(date +%s)
+export KAFKA_BOOTSTRAP_SERVERS=$bootstrap ESK_TOPIC_PREFIX=$prefix
+
+"$bin/esk" topics init --partitions "$partitions" >/dev/null
+writer_http=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+ESK_WRITER_HTTP=$writer_http RUST_LOG=warn "$bin/esk-writer" 2>"$home/writer.log" &
+pids+=($!)
+for _ in $(seq 1 300); do
+  serving=$(curl -fsS "http://$writer_http/health" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["partitions_serving"])' 2>/dev/null || echo 0)
+  [ "$serving" = "$partitions" ] && break
+  sleep 0.2
+done
 
 {
-  echo "# esk bench $(date -u +%FT%TZ) on $(nproc) cores, broker $bootstrap"
+  echo "# esk bench $(date -u +%FT%TZ): $(nproc) cores, broker $bootstrap, $partitions partitions, ${size} B records"
   echo
-  echo "## Kafka reference: ProducerPerformance ($records x ${size} B, acks=all, idempotent)"
+  # shellcheck disable=SC2086
+  "$bin/esk-bench" --record-size "$size" ${BENCH_ARGS:-}
+  echo
+  echo "## Kafka reference: ProducerPerformance ($records x $size B, acks=all, idempotent)"
   "$kafka" tool TopicCommand --bootstrap-server "$bootstrap" --create --topic "$prefix.raw" \
-    --partitions 12 --replication-factor 1 >/dev/null
+    --partitions "$partitions" --replication-factor 1 >/dev/null
   "$kafka" tool ProducerPerformance --topic "$prefix.raw" --num-records "$records" \
     --record-size "$size" --throughput -1 \
     --producer-props bootstrap.servers="$bootstrap" acks=all enable.idempotence=true 2>&1 | tail -n 1
@@ -43,5 +72,8 @@ prefix=bench$(date +%s)
   echo "## Kafka reference: ConsumerPerformance (same topic)"
   "$kafka" tool ConsumerPerformance --bootstrap-server "$bootstrap" --topic "$prefix.raw" \
     --num-records "$records" --timeout 60000 2>&1 | tail -n 2
+  echo
+  echo "## writer metrics"
+  curl -fsS "http://$writer_http/metrics" | grep -E "^esk_writer_(batches_total|records_total|events_total|aborts_total|batch_size_(sum|count)|transaction_seconds_(sum|count))"
 } 2>&1 | tee "$report"
-echo "report: $report"
+echo "report: $report" >&2

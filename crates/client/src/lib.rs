@@ -29,7 +29,7 @@ use esk_wire::protocol::{
 };
 use esk_wire::{StreamName, Topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
@@ -155,7 +155,7 @@ impl Client {
         let producer: FutureProducer = config
             .client()
             .set("acks", "all")
-            .set("linger.ms", "1")
+            .set("linger.ms", "0")
             // Idempotence keeps pipelined requests of one stream in order across
             // retries, at the price of about half a second to get a producer id.
             // A lone request needs no order: a duplicate of it is answered by the
@@ -169,7 +169,17 @@ impl Client {
                 timeout.as_millis().max(1000).to_string(),
             )
             .create()?;
+        if pipelined {
+            // Connect now so the producer gets its id at once (see the writer's worker).
+            producer
+                .client()
+                .fetch_metadata(Some(&topics.commands()), timeout)
+                .map_err(|e| {
+                    ClientError::Unavailable(format!("Kafka at {}: {e}", config.bootstrap))
+                })?;
+        }
         let pending: Pending = Arc::default();
+
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
             let (pending, stop) = (pending.clone(), stop.clone());

@@ -25,6 +25,7 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<PartitionState> {
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("fetch.max.bytes", "52428800")
+        .set("fetch.wait.max.ms", "20")
         .create()?;
     let timeout = shared.config.kafka_timeout();
     let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout)?;

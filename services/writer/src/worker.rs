@@ -8,7 +8,7 @@
 //! carries the consumer group's metadata (`send_offsets_to_transaction`), so a
 //! zombie whose group generation is stale cannot commit either.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -128,12 +128,17 @@ struct Run {
 struct Owned {
     producer: FutureProducer,
     state: PartitionState,
+    /// Next offset of each events topic's partition, when known.
+    next_offsets: HashMap<String, i64>,
 }
 
 /// Why a transaction did not commit.
 enum Failure {
     /// Abort, rewind to the committed offsets, go on.
     Abortable(anyhow::Error),
+    /// Failed before the transaction began: rewind and go on.
+    BeforeBegin(anyhow::Error),
+
     /// The producer is fenced or broken: acquire the partition anew.
     Fatal(anyhow::Error),
 }
@@ -226,11 +231,17 @@ impl Run {
                 "transaction.timeout.ms",
                 c.transaction_timeout_ms.to_string(),
             )
-            .set("linger.ms", "2")
+            .set("linger.ms", "0")
             .set("compression.type", "lz4")
             .set("message.timeout.ms", c.transaction_timeout_ms.to_string())
             .create()?;
         let started = Instant::now();
+        // Connect first: librdkafka asks for a producer id as soon as a broker is
+        // up, but retries only every 500 ms if none is up yet.
+        producer
+            .client()
+            .fetch_metadata(Some(&self.shared.topics.commands()), c.kafka_timeout())
+            .context("connecting the producer")?;
         producer
             .init_transactions(c.kafka_timeout())
             .context("init_transactions (fencing the previous owner)")?;
@@ -253,7 +264,11 @@ impl Run {
             ms = started.elapsed().as_millis() as u64,
             "partition taken over"
         );
-        Ok(Some(Owned { producer, state }))
+        Ok(Some(Owned {
+            producer,
+            state,
+            next_offsets: HashMap::new(),
+        }))
     }
 
     /// Seeks every input queue to its committed offset: what a new owner, or a
@@ -361,21 +376,27 @@ impl Run {
                     s.records += n as u64;
                     s.streams = owned.state.streams.len();
                 }
-                Err(Failure::Abortable(e)) => {
+                Err(failure @ (Failure::Abortable(_) | Failure::BeforeBegin(_))) => {
                     failures += 1;
-                    metrics::counter!("esk_writer_aborts_total").increment(1);
+                    let (Failure::Abortable(e) | Failure::BeforeBegin(e) | Failure::Fatal(e)) =
+                        &failure;
                     tracing::warn!(
                         partition = self.partition,
                         failures,
-                        "transaction aborted: {e:#}"
+                        "batch failed, retrying: {e:#}"
                     );
-                    if let Err(e) = owned
-                        .producer
-                        .abort_transaction(self.shared.config.kafka_timeout())
-                    {
-                        return Err(anyhow!("abort_transaction failed: {e}"));
+                    if let Failure::Abortable(_) = failure {
+                        metrics::counter!("esk_writer_aborts_total").increment(1);
+                        owned.next_offsets.clear();
+                        if let Err(e) = owned
+                            .producer
+                            .abort_transaction(self.shared.config.kafka_timeout())
+                        {
+                            return Err(anyhow!("abort_transaction failed: {e}"));
+                        }
                     }
                     self.rewind()?;
+
                     // The same records come again: back off so a persistent
                     // failure does not spin.
                     self.pause(Duration::from_millis(100 * u64::from(failures.min(50))));
@@ -386,7 +407,7 @@ impl Run {
         Ok(())
     }
 
-    fn ensure_events_topics(&self, categories: &BTreeSet<&str>) -> Result<()> {
+    fn ensure_events_topics(&self, categories: &BTreeSet<String>) -> Result<()> {
         let missing: Vec<String> = {
             let known = self.shared.known_topics.lock().expect("topics lock");
             categories
@@ -431,6 +452,46 @@ impl Run {
         Ok(())
     }
 
+    /// The offsets the batch's events will get: each events partition's next
+    /// offset, known from the previous transaction (its last record + 1, plus 1
+    /// for its commit or abort marker) or asked from the broker on first use.
+    /// `transact` checks them against the delivery reports before committing,
+    /// so a wrong guess costs an aborted transaction, never a wrong position.
+    fn predict_offsets(&self, owned: &mut Owned, batch: &Batch<'_>) -> Result<Vec<i64>, Failure> {
+        let mut next: HashMap<&str, i64> = HashMap::new();
+        let mut predicted = Vec::with_capacity(batch.events.len());
+        for e in &batch.events {
+            let offset = match next.get_mut(e.category.as_str()) {
+                Some(n) => n,
+                None => {
+                    let topic = self.shared.topics.events(&e.category);
+                    let start = match owned.next_offsets.get(&topic) {
+                        Some(n) => *n,
+                        None => {
+                            let (_, high) = owned
+                                .producer
+                                .client()
+                                .fetch_watermarks(
+                                    &topic,
+                                    self.partition,
+                                    self.shared.config.kafka_timeout(),
+                                )
+                                .map_err(|e| {
+                                    Failure::BeforeBegin(anyhow!("watermarks of {topic}: {e}"))
+                                })?;
+
+                            high
+                        }
+                    };
+                    next.entry(e.category.as_str()).or_insert(start)
+                }
+            };
+            predicted.push(*offset);
+            *offset += 1;
+        }
+        Ok(predicted)
+    }
+
     fn transact(
         &self,
         owned: &mut Owned,
@@ -441,71 +502,45 @@ impl Run {
         let timeout = shared.config.kafka_timeout();
         let ctx = shared.batch_context();
         let now = Utc::now();
-        let mut batch = Batch::new(&owned.state);
+        let state = std::mem::take(&mut owned.state);
+        let mut batch = Batch::new(&state);
         for r in records {
             batch.handle(&ctx, r, now);
         }
-        let categories: BTreeSet<&str> = batch.events.iter().map(|e| e.category.as_str()).collect();
-        self.ensure_events_topics(&categories)
-            .map_err(Failure::Abortable)?;
-        let producer = &owned.producer;
-        producer.begin_transaction().map_err(classify)?;
-
-        // Phase 1: the events, whose offsets the state records and replies carry.
-        let mut deliveries = Vec::with_capacity(batch.events.len());
-        for e in &batch.events {
-            let topic = shared.topics.events(&e.category);
-            let value = e.event.value();
-            let headers = e
-                .event
-                .headers()
-                .iter()
-                .fold(OwnedHeaders::new(), |h, (k, v)| {
-                    h.insert(Header {
-                        key: k,
-                        value: v.as_deref(),
-                    })
-                });
-            let record = FutureRecord::to(&topic)
-                .partition(p)
-                .key(e.event.stream.as_str())
-                .payload(&value)
-                .headers(headers)
-                .timestamp(e.event.time.timestamp_millis());
-            deliveries.push(
-                producer
-                    .send_result(record)
-                    .map_err(|(err, _)| classify(err))?,
-            );
-        }
-        let mut offsets = Vec::with_capacity(deliveries.len());
-        if !deliveries.is_empty() {
-            // Await the deliveries themselves: `flush` polls in 100 ms steps
-            // while the producer's own thread takes the delivery reports.
-            // `message.timeout.ms` bounds the wait.
-            for d in futures::executor::block_on(futures::future::join_all(deliveries)) {
-                match d {
-                    Ok(Ok(delivery)) => offsets.push(delivery.offset),
-                    Ok(Err((err, _))) => return Err(classify(err)),
-                    Err(_) => {
-                        return Err(Failure::Abortable(anyhow!("event delivery was cancelled")));
-                    }
-                }
+        let categories: BTreeSet<String> =
+            batch.events.iter().map(|e| e.category.clone()).collect();
+        let prepared = self
+            .ensure_events_topics(&categories)
+            .map_err(Failure::BeforeBegin)
+            .and_then(|()| self.predict_offsets(owned, &batch));
+        let predicted = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                drop(batch);
+                owned.state = state;
+                return Err(e);
             }
-        }
-        metrics::counter!("esk_writer_events_total").increment(offsets.len() as u64);
-
-        // Phase 2: state records, replies, votes, dead letters, consumed offsets.
+        };
+        let events: Vec<(String, esk_wire::Event)> = batch
+            .events
+            .iter()
+            .map(|e| (shared.topics.events(&e.category), e.event.clone()))
+            .collect();
         let votes = std::mem::take(&mut batch.votes);
         let dead = std::mem::take(&mut batch.dead_letters);
         let consumed = std::mem::take(&mut batch.consumed);
-        let finished = batch.finish(p, &offsets);
-        let mut pending = Vec::new();
-        let mut send = |topic: &str,
-                        partition: i32,
-                        key: &str,
-                        value: &[u8],
-                        headers: Option<OwnedHeaders>| {
+        let finished = batch.finish(p, &predicted);
+        owned.state = state;
+
+        let producer = &owned.producer;
+        let t_begin = Instant::now();
+        producer.begin_transaction().map_err(classify)?;
+        let send = |topic: &str,
+                    partition: i32,
+                    key: &[u8],
+                    value: &[u8],
+                    headers: Option<OwnedHeaders>,
+                    ts: Option<i64>| {
             let mut record = FutureRecord::to(topic)
                 .partition(partition)
                 .key(key)
@@ -513,37 +548,70 @@ impl Run {
             if let Some(h) = headers {
                 record = record.headers(h);
             }
-            pending.push(
-                producer
-                    .send_result(record)
-                    .map_err(|(err, _)| classify(err))?,
-            );
-            Ok::<(), Failure>(())
+            if let Some(ts) = ts {
+                record = record.timestamp(ts);
+            }
+            producer
+                .send_result(record)
+                .map_err(|(err, _)| classify(err))
         };
+        // The events, then what carries their positions: state records (in event
+        // order, which replicas rely on), replies, votes, dead letters. One
+        // transaction; nothing is visible to read_committed readers before commit.
+        let mut event_deliveries = Vec::with_capacity(events.len());
+        for (topic, e) in &events {
+            let headers = e.headers().iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: v.as_deref(),
+                })
+            });
+            let ts = e.time.timestamp_millis();
+            event_deliveries.push(send(
+                topic,
+                p,
+                e.stream.as_str().as_bytes(),
+                &e.value(),
+                Some(headers),
+                Some(ts),
+            )?);
+        }
+        let mut deliveries = Vec::new();
         let state_topic = shared.topics.state();
         for r in &finished.records {
             let value = serde_json::to_vec(r).expect("stream records serialize");
-            send(&state_topic, p, &r.stream, &value, None)?;
+            deliveries.push(send(
+                &state_topic,
+                p,
+                r.stream.as_bytes(),
+                &value,
+                None,
+                None,
+            )?);
         }
         let replies_topic = shared.topics.replies();
         for (part, id, reply) in &finished.replies {
-            send(
+            let value = serde_json::to_vec(reply).expect("replies serialize");
+            deliveries.push(send(
                 &replies_topic,
                 *part,
-                id,
-                &serde_json::to_vec(reply).expect("replies serialize"),
+                id.as_bytes(),
+                &value,
                 None,
-            )?;
+                None,
+            )?);
         }
         let votes_topic = shared.topics.tx_votes();
         for (part, txid, message) in &votes {
-            send(
+            let value = serde_json::to_vec(message).expect("votes serialize");
+            deliveries.push(send(
                 &votes_topic,
                 *part,
-                txid,
-                &serde_json::to_vec(message).expect("votes serialize"),
+                txid.as_bytes(),
+                &value,
                 None,
-            )?;
+                None,
+            )?);
         }
         let dlq_topic = shared.topics.dlq("writer");
         for d in &dead {
@@ -575,28 +643,42 @@ impl Run {
                     value: Some(v),
                 });
             }
-            let key = o
-                .key
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            send(
+            let key = o.key.as_deref().unwrap_or_default();
+            deliveries.push(send(
                 &dlq_topic,
                 p,
-                &key,
+                key,
                 o.payload.as_deref().unwrap_or_default(),
                 Some(h),
-            )?;
+                None,
+            )?);
             metrics::counter!("esk_writer_dead_letters_total").increment(1);
         }
         // Wait for every delivery here: rdkafka's commit_transaction flushes
         // first, and its flush polls in 100 ms steps while anything is in flight.
-        for d in futures::executor::block_on(futures::future::join_all(pending)) {
+        // `message.timeout.ms` bounds the wait.
+        let (event_results, other_results) = futures::executor::block_on(futures::future::join(
+            futures::future::join_all(event_deliveries),
+            futures::future::join_all(deliveries),
+        ));
+        let t_sent = Instant::now();
+        let mut delivered = Vec::with_capacity(event_results.len());
+        for d in event_results.into_iter().chain(other_results) {
             match d {
-                Ok(Ok(_)) => {}
+                Ok(Ok(delivery)) => delivered.push(delivery.offset),
                 Ok(Err((err, _))) => return Err(classify(err)),
                 Err(_) => return Err(Failure::Abortable(anyhow!("a delivery was cancelled"))),
             }
+        }
+        delivered.truncate(events.len());
+        if delivered != predicted {
+            owned.next_offsets.clear();
+            metrics::counter!("esk_writer_offset_mispredictions_total").increment(1);
+            return Err(Failure::Abortable(anyhow!(
+                "events landed at other offsets than their positions say (first {:?}, predicted {:?}): retrying",
+                delivered.first(),
+                predicted.first()
+            )));
         }
         let mut tpl = TopicPartitionList::new();
         for (topic, offset) in &consumed {
@@ -607,15 +689,22 @@ impl Run {
             .consumer
             .group_metadata()
             .ok_or_else(|| Failure::Abortable(anyhow!("no consumer group metadata")))?;
-        let t_sent = Instant::now();
         producer
             .send_offsets_to_transaction(&tpl, &group, timeout)
             .map_err(classify)?;
         let t_offsets = Instant::now();
         producer.commit_transaction(timeout).map_err(classify)?;
+        // Each partition written gets one commit marker after its last record.
+        for ((topic, _), offset) in events.iter().zip(&delivered) {
+            let next = owned.next_offsets.entry(topic.clone()).or_insert(0);
+            *next = (*next).max(offset + 2);
+        }
+        metrics::counter!("esk_writer_events_total").increment(events.len() as u64);
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
         tracing::debug!(
-            offsets_ms = (t_offsets - t_sent).as_secs_f64() * 1000.0,
-            commit_ms = t_offsets.elapsed().as_secs_f64() * 1000.0,
+            produce_ms = ms(t_begin, t_sent),
+            offsets_ms = ms(t_sent, t_offsets),
+            commit_ms = ms(t_offsets, Instant::now()),
             "committed"
         );
         Ok(finished.records)

@@ -1,0 +1,206 @@
+//! `esk-bench`: esk's benchmarks against a running writer. `make bench` runs it
+//! beside Kafka's own tools on the same broker (see `infra/bench.sh`).
+//!
+//! - append: throughput and p50/p99 latency with 1 request in flight (low load)
+//!   and with 64 in flight (high load), one event of `--record-size` bytes each;
+//! - read: `esk read` of one stream among `--read-events` events in its
+//!   category, which must not scan the category topic.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use esk_client::{Client, read_stream};
+use esk_kafka::KafkaConfig;
+use esk_wire::protocol::{ExpectedVersion, NewEvent};
+use esk_wire::{SchemaRegistry, Topics};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "esk-bench",
+    about = "esk's benchmarks (needs a running esk-writer)"
+)]
+struct Args {
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    bootstrap_servers: String,
+    #[arg(long, env = "ESK_TOPIC_PREFIX", default_value = "esk")]
+    prefix: String,
+    /// Bytes of event data per append.
+    #[arg(long, default_value_t = 200)]
+    record_size: usize,
+    /// Appends measured with one request in flight.
+    #[arg(long, default_value_t = 2000)]
+    sequential: usize,
+    /// Appends measured with many requests in flight.
+    #[arg(long, default_value_t = 100_000)]
+    pipelined: usize,
+    /// Requests in flight for the pipelined run.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// Events in the category before the read benchmark (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    read_events: usize,
+}
+
+fn event(size: usize, n: usize) -> NewEvent {
+    NewEvent {
+        id: None,
+        event_type: "Measured".into(),
+        data: json!({"n": n, "pad": "x".repeat(size.saturating_sub(20))}),
+    }
+}
+
+fn report(name: &str, h: &Histogram<u64>, count: usize, elapsed: Duration) {
+    println!(
+        "{name:<28} {count:>8} appends in {:>6.2}s = {:>8.0}/s   latency p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64(),
+        h.value_at_quantile(0.50) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.max() as f64 / 1000.0,
+    );
+}
+
+async fn appends(
+    client: &Client,
+    args: &Args,
+    category: &str,
+    count: usize,
+    in_flight: usize,
+) -> Result<(Histogram<u64>, Duration)> {
+    let mut h = Histogram::<u64>::new(3)?;
+    let started = Instant::now();
+    let mut results = futures::stream::iter((0..count).map(|i| {
+        let stream = format!("{category}-{}", i % 1000);
+        let e = event(args.record_size, i);
+        async move {
+            let t = Instant::now();
+            let r = client
+                .append(&stream, ExpectedVersion::Any, vec![e], None)
+                .await;
+            (r, t.elapsed())
+        }
+    }))
+    .buffer_unordered(in_flight);
+    while let Some((r, took)) = results.next().await {
+        r.context("an append failed")?;
+        h.record(took.as_micros() as u64)?;
+    }
+    Ok((h, started.elapsed()))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let config = KafkaConfig::new(&args.bootstrap_servers, Duration::from_secs(60))?;
+    let topics = Topics::new(&args.prefix);
+    let client = Client::connect_pipelined(config, topics)?;
+    println!(
+        "## esk append (writer at {}, prefix {})",
+        args.bootstrap_servers, args.prefix
+    );
+    // Warm up: create the category topic, fill the writer's caches.
+    appends(&client, &args, "warm", 500, 32).await?;
+    let (h, took) = appends(&client, &args, "seq", args.sequential, 1).await?;
+    report("1 in flight (low load)", &h, args.sequential, took);
+    let (h, took) = appends(&client, &args, "pipe", args.pipelined, args.in_flight).await?;
+    report(
+        &format!("{} in flight (high load)", args.in_flight),
+        &h,
+        args.pipelined,
+        took,
+    );
+    let more = args.in_flight * 4;
+    let (h, took) = appends(&client, &args, "more", args.pipelined, more).await?;
+    report(&format!("{more} in flight"), &h, args.pipelined, took);
+
+    if args.read_events > 0 {
+        read_bench(&client, &args).await?;
+    }
+    Ok(())
+}
+
+/// Fills a category with `read_events` events in 1000 streams, 100 a request,
+/// with the measured stream's 200 single-event appends spread among them; then
+/// times reading that stream.
+async fn read_bench(client: &Client, args: &Args) -> Result<()> {
+    println!(
+        "\n## esk read of one stream among {} events",
+        args.read_events
+    );
+    let per_request = 100;
+    let requests = args.read_events / per_request;
+    let target_every = (requests / 200).max(1);
+    let started = Instant::now();
+    let mut results = futures::stream::iter((0..requests).map(|i| async move {
+        let events = (0..per_request)
+            .map(|j| event(args.record_size, i * per_request + j))
+            .collect();
+        let r = client
+            .append(
+                &format!("bulk-{}", i % 1000),
+                ExpectedVersion::Any,
+                events,
+                None,
+            )
+            .await;
+        let t = if i % target_every == 0 {
+            Some(
+                client
+                    .append(
+                        "bulk-target",
+                        ExpectedVersion::Any,
+                        vec![event(args.record_size, i)],
+                        None,
+                    )
+                    .await,
+            )
+        } else {
+            None
+        };
+        (r, t)
+    }))
+    .buffer_unordered(args.in_flight);
+    let mut target = 0u64;
+    while let Some((r, t)) = results.next().await {
+        r.context("a bulk append failed")?;
+        if let Some(t) = t {
+            t.context("a target append failed")?;
+            target += 1;
+        }
+    }
+    let fill = started.elapsed();
+    println!(
+        "fill: {} events in {:.1}s = {:.0} events/s (requests of {per_request})",
+        requests * per_request + target as usize,
+        fill.as_secs_f64(),
+        (requests * per_request) as f64 / fill.as_secs_f64()
+    );
+    let schemas = Arc::new(SchemaRegistry::builtin());
+    for round in 0..3 {
+        let t = Instant::now();
+        let events = read_stream(client, "bulk-target", 1, schemas.clone()).await?;
+        if events.len() as u64 != target {
+            bail!(
+                "read {} events of bulk-target, expected {target}",
+                events.len()
+            );
+        }
+        println!(
+            "read bulk-target ({} events, {} runs indexed) #{}: {:.1} ms",
+            events.len(),
+            client.head("bulk-target").await?.index.len(),
+            round + 1,
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    Ok(())
+}
