@@ -24,10 +24,7 @@ use anyhow::{Context, Result, bail};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
 }
 
 /// How the run's broker was obtained.
@@ -49,19 +46,14 @@ static BROKER: OnceLock<Broker> = OnceLock::new();
 
 /// The broker of this test run, started on first use.
 pub fn broker() -> &'static Broker {
-    BROKER.get_or_init(|| {
-        start_broker().unwrap_or_else(|e| panic!("no Kafka broker for the tests: {e:#}"))
-    })
+    BROKER.get_or_init(|| start_broker().unwrap_or_else(|e| panic!("no Kafka broker for the tests: {e:#}")))
 }
 
 fn start_broker() -> Result<Broker> {
     if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
         && !bootstrap.trim().is_empty()
     {
-        return Ok(Broker {
-            bootstrap,
-            kind: BrokerKind::External,
-        });
+        return Ok(Broker { bootstrap, kind: BrokerKind::External });
     }
     let forced = std::env::var("ESK_TEST_BROKER").unwrap_or_default();
     if forced == "docker" || (forced != "local" && docker_answers()) {
@@ -105,10 +97,7 @@ fn start_container() -> Result<Broker> {
     // The container lives as long as the test process; testcontainers' reaper
     // removes it when the process ends.
     std::mem::forget(container);
-    Ok(Broker {
-        bootstrap: format!("127.0.0.1:{port}"),
-        kind: BrokerKind::Container,
-    })
+    Ok(Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Container })
 }
 
 fn kafka_sh() -> PathBuf {
@@ -118,10 +107,7 @@ fn kafka_sh() -> PathBuf {
 /// Runs `infra/kafka/kafka.sh` with a state dir of its own; the broker is tied
 /// to this process (`--watch-pid`) and its data removed when it dies.
 fn start_local() -> Result<Broker> {
-    let home = tempfile::Builder::new()
-        .prefix("esk-test-kafka-")
-        .tempdir()?
-        .keep();
+    let home = tempfile::Builder::new().prefix("esk-test-kafka-").tempdir()?.keep();
     let port = free_port_pair()?;
     let status = Command::new(kafka_sh())
         .args(["start", "--watch-pid", &std::process::id().to_string()])
@@ -132,15 +118,9 @@ fn start_local() -> Result<Broker> {
         .status()
         .context("running infra/kafka/kafka.sh")?;
     if !status.success() {
-        bail!(
-            "infra/kafka/kafka.sh start failed ({status}); see {}/log/kafka.log",
-            home.display()
-        );
+        bail!("infra/kafka/kafka.sh start failed ({status}); see {}/log/kafka.log", home.display());
     }
-    Ok(Broker {
-        bootstrap: format!("127.0.0.1:{port}"),
-        kind: BrokerKind::Local,
-    })
+    Ok(Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Local })
 }
 
 /// A port p with p and p + 1 free (a KRaft node's client and controller ports).
@@ -165,10 +145,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Result<Self> {
-        let home = tempfile::Builder::new()
-            .prefix("esk-test-cluster-")
-            .tempdir()?
-            .keep();
+        let home = tempfile::Builder::new().prefix("esk-test-cluster-").tempdir()?.keep();
         let mut ports = [0u16; 3];
         for i in 0..3 {
             // Step past the ports already picked and their controller neighbours.
@@ -181,12 +158,7 @@ impl Cluster {
             }
         }
         let cluster = Self { home, ports };
-        cluster.script(&[
-            "cluster",
-            "start",
-            "--watch-pid",
-            &std::process::id().to_string(),
-        ])?;
+        cluster.script(&["cluster", "start", "--watch-pid", &std::process::id().to_string()])?;
         Ok(cluster)
     }
 
@@ -200,10 +172,7 @@ impl Cluster {
             .stdout(Stdio::null())
             .status()?;
         if !status.success() {
-            bail!(
-                "kafka.sh {args:?} failed ({status}); logs in {}/log",
-                self.home.display()
-            );
+            bail!("kafka.sh {args:?} failed ({status}); logs in {}/log", self.home.display());
         }
         Ok(())
     }
@@ -251,10 +220,7 @@ impl TestEnv {
     /// A fresh prefix on the given cluster.
     pub fn on(bootstrap: &str) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        Self {
-            bootstrap: bootstrap.to_owned(),
-            prefix: format!("t{}", &id[..12]),
-        }
+        Self { bootstrap: bootstrap.to_owned(), prefix: format!("t{}", &id[..12]) }
     }
 
     pub fn topics(&self) -> esk_wire::Topics {
@@ -267,8 +233,7 @@ impl TestEnv {
     }
 
     pub fn kafka(&self) -> esk_kafka::KafkaConfig {
-        esk_kafka::KafkaConfig::new(&self.bootstrap, Duration::from_secs(15))
-            .expect("valid bootstrap")
+        esk_kafka::KafkaConfig::new(&self.bootstrap, Duration::from_secs(15)).expect("valid bootstrap")
     }
 
     /// The `esk` binary, set up for this test's broker and prefix.
@@ -294,19 +259,14 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     // Test binaries live in target/<profile>/deps; the workspace's binaries one up.
     let exe = std::env::current_exe().expect("the test binary has a path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_owned();
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_owned();
     BUILT.get_or_init(|| {
         if std::env::var_os("ESK_TEST_NO_BUILD").is_some() {
             return;
         }
         let release = dir.file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "--workspace", "--bins", "--quiet"])
-            .current_dir(repo_root());
+        cmd.args(["build", "--workspace", "--bins", "--quiet"]).current_dir(repo_root());
         if release {
             cmd.arg("--release");
         }
@@ -340,12 +300,7 @@ impl Esk {
     /// Starts the command without waiting.
     pub fn spawn(mut self) -> Spawned {
         let started = Instant::now();
-        let child = self
-            .cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running esk");
+        let child = self.cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("running esk");
         Spawned { child, started }
     }
 
@@ -407,8 +362,7 @@ impl Run {
     /// stdout as one JSON document.
     #[track_caller]
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
     }
 }
 
@@ -423,10 +377,7 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -434,21 +385,13 @@ where
 impl TestEnv {
     /// `esk topics init --partitions n` for this test's prefix.
     pub fn init_topics(&self, partitions: u32) {
-        self.esk()
-            .args(["topics", "init", "--partitions", &partitions.to_string()])
-            .run()
-            .ok();
+        self.esk().args(["topics", "init", "--partitions", &partitions.to_string()]).run().ok();
     }
 
     /// A connected client of this test's installation.
     pub fn client(&self, timeout: Duration, pipelined: bool) -> esk_client::Client {
-        let config =
-            esk_kafka::KafkaConfig::new(&self.bootstrap, timeout).expect("valid bootstrap");
-        let open = if pipelined {
-            esk_client::Client::connect_pipelined
-        } else {
-            esk_client::Client::connect
-        };
+        let config = esk_kafka::KafkaConfig::new(&self.bootstrap, timeout).expect("valid bootstrap");
+        let open = if pipelined { esk_client::Client::connect_pipelined } else { esk_client::Client::connect };
         open(config, self.topics()).expect("connecting a client")
     }
 
@@ -458,15 +401,10 @@ impl TestEnv {
         self.read_topic(&self.topics().events(category), true)
             .into_iter()
             .map(|r| {
-                let headers: Vec<(&str, Option<&[u8]>)> = r
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_deref()))
-                    .collect();
-                let e =
-                    esk_wire::Event::decode(headers, r.value.as_deref()).unwrap_or_else(|err| {
-                        panic!("undecodable event at {}@{}: {err}", r.partition, r.offset)
-                    });
+                let headers: Vec<(&str, Option<&[u8]>)> =
+                    r.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+                let e = esk_wire::Event::decode(headers, r.value.as_deref())
+                    .unwrap_or_else(|err| panic!("undecodable event at {}@{}: {err}", r.partition, r.offset));
                 (r.partition, r.offset, e)
             })
             .collect()
@@ -481,14 +419,7 @@ impl TestEnv {
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", self.id("reader"))
             .set("enable.auto.commit", "false")
-            .set(
-                "isolation.level",
-                if committed {
-                    "read_committed"
-                } else {
-                    "read_uncommitted"
-                },
-            )
+            .set("isolation.level", if committed { "read_committed" } else { "read_uncommitted" })
             .create()
             .expect("a consumer");
         let timeout = Duration::from_secs(15);
@@ -501,12 +432,9 @@ impl TestEnv {
         let mut tpl = TopicPartitionList::new();
         let mut ends = Vec::new();
         for p in t.partitions() {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p.id(), timeout)
-                .expect("watermarks");
+            let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout).expect("watermarks");
             ends.push((p.id(), high));
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-                .unwrap();
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
         }
         consumer.assign(&tpl).unwrap();
         let mut out = Vec::new();
@@ -514,10 +442,7 @@ impl TestEnv {
         loop {
             let positions = consumer.position().unwrap();
             let done = ends.iter().all(|(p, high)| {
-                positions
-                    .find_partition(topic, *p)
-                    .and_then(|e| e.offset().to_raw())
-                    .is_some_and(|o| o >= *high)
+                positions.find_partition(topic, *p).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *high)
                     || *high == 0
             });
             if done {
@@ -533,11 +458,7 @@ impl TestEnv {
                     value: m.payload().map(<[u8]>::to_vec),
                     headers: m
                         .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec)))
-                                .collect()
-                        })
+                        .map(|h| h.iter().map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec))).collect())
                         .unwrap_or_default(),
                 });
             }
@@ -596,15 +517,8 @@ impl Service {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting esk-{name}: {e}"));
-        Self {
-            name: name.to_owned(),
-            child,
-            http,
-            log,
-        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting esk-{name}: {e}"));
+        Self { name: name.to_owned(), child, http, log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -618,16 +532,13 @@ impl Service {
 
     /// GET a JSON document (any status).
     pub fn get_json(&self, path: &str) -> Option<serde_json::Value> {
-        self.get(path)
-            .and_then(|(_, b)| serde_json::from_str(&b).ok())
+        self.get(path).and_then(|(_, b)| serde_json::from_str(&b).ok())
     }
 
     /// Sends a signal (KILL, STOP, CONT, TERM) to the process.
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([format!("-{sig}"), self.pid().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok =
+            Command::new("kill").args([format!("-{sig}"), self.pid().to_string()]).status().is_ok_and(|s| s.success());
         assert!(ok, "kill -{sig} {} failed", self.pid());
     }
 

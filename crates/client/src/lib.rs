@@ -24,8 +24,7 @@ use std::time::Duration;
 use esk_kafka::KafkaConfig;
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{
-    Appended, CommandData, ErrorCode, ExpectedVersion, NewEvent, Reply, ReplyOutcome, Request,
-    RequestBody, StreamHead,
+    Appended, CommandData, ErrorCode, ExpectedVersion, NewEvent, Reply, ReplyOutcome, Request, RequestBody, StreamHead,
 };
 use esk_wire::{StreamName, Topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -110,11 +109,7 @@ fn partition_count(
         .topics()
         .first()
         .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-        .ok_or_else(|| {
-            ClientError::Unavailable(format!(
-                "topic {topic} does not exist: run `esk topics init`"
-            ))
-        })?;
+        .ok_or_else(|| ClientError::Unavailable(format!("topic {topic} does not exist: run `esk topics init`")))?;
     Ok(t.partitions().len() as i32)
 }
 
@@ -141,8 +136,7 @@ impl Client {
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", "10")
             .create()?;
-        let partitions =
-            partition_count(&consumer, &topics.commands(), timeout, &config.bootstrap)?;
+        let partitions = partition_count(&consumer, &topics.commands(), timeout, &config.bootstrap)?;
         let reply_partitions = partition_count(&consumer, &replies, timeout, &config.bootstrap)?;
         let reply_partition = (uuid::Uuid::new_v4().as_u128() % reply_partitions as u128) as i32;
         // Read from the current end: any reply to a request sent after this lands later.
@@ -160,23 +154,15 @@ impl Client {
             // retries, at the price of about half a second to get a producer id.
             // A lone request needs no order: a duplicate of it is answered by the
             // writer from its memory of request ids and writes nothing.
-            .set(
-                "enable.idempotence",
-                if pipelined { "true" } else { "false" },
-            )
-            .set(
-                "message.timeout.ms",
-                timeout.as_millis().max(1000).to_string(),
-            )
+            .set("enable.idempotence", if pipelined { "true" } else { "false" })
+            .set("message.timeout.ms", timeout.as_millis().max(1000).to_string())
             .create()?;
         if pipelined {
             // Connect now so the producer gets its id at once (see the writer's worker).
             producer
                 .client()
                 .fetch_metadata(Some(&topics.commands()), timeout)
-                .map_err(|e| {
-                    ClientError::Unavailable(format!("Kafka at {}: {e}", config.bootstrap))
-                })?;
+                .map_err(|e| ClientError::Unavailable(format!("Kafka at {}: {e}", config.bootstrap)))?;
         }
         let pending: Pending = Arc::default();
 
@@ -189,16 +175,7 @@ impl Client {
                 .expect("spawning the reply reader")
         };
         tracing::debug!(reply_partition, "connected");
-        Ok(Self {
-            config,
-            topics,
-            producer,
-            partitions,
-            reply_partition,
-            pending,
-            stop,
-            reader: Some(reader),
-        })
+        Ok(Self { config, topics, producer, partitions, reply_partition, pending, stop, reader: Some(reader) })
     }
 
     pub fn topics(&self) -> &Topics {
@@ -243,10 +220,7 @@ impl Client {
         };
         let id = request.request_id.clone();
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .expect("pending lock")
-            .insert(id.clone(), tx);
+        self.pending.lock().expect("pending lock").insert(id.clone(), tx);
         let payload = serde_json::to_vec(&request).expect("requests serialize");
         if payload.len() > MAX_REQUEST_BYTES {
             return Err(ClientError::Invalid(format!(
@@ -260,12 +234,7 @@ impl Client {
             .key(stream.as_str())
             .payload(&payload);
         match self.producer.send_result(record) {
-            Ok(delivery) => Ok(Submitted {
-                client: self,
-                id,
-                delivery,
-                rx,
-            }),
+            Ok(delivery) => Ok(Submitted { client: self, id, delivery, rx }),
             Err((e, _)) => {
                 self.pending.lock().expect("pending lock").remove(&id);
                 Err(ClientError::Unavailable(format!("sending to {topic}: {e}")))
@@ -281,10 +250,7 @@ impl Client {
         events: Vec<NewEvent>,
         request_id: Option<String>,
     ) -> Result<Appended, ClientError> {
-        let body = RequestBody::Append {
-            expected_version,
-            events,
-        };
+        let body = RequestBody::Append { expected_version, events };
         appended(self.request(stream, body, request_id).await?)
     }
 
@@ -296,10 +262,7 @@ impl Client {
         command: CommandData,
         request_id: Option<String>,
     ) -> Result<Appended, ClientError> {
-        let body = RequestBody::Command {
-            expected_version,
-            command,
-        };
+        let body = RequestBody::Command { expected_version, command };
         appended(self.request(stream, body, request_id).await?)
     }
 
@@ -322,9 +285,7 @@ pub struct Submitted<'c> {
 
 impl std::fmt::Debug for Submitted<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Submitted")
-            .field("request_id", &self.id)
-            .finish()
+        f.debug_struct("Submitted").field("request_id", &self.id).finish()
     }
 }
 
@@ -335,12 +296,7 @@ impl Submitted<'_> {
 
     /// Waits for the request to be stored and answered, up to the client's timeout.
     pub async fn reply(self) -> Result<Reply, ClientError> {
-        let Submitted {
-            client,
-            id,
-            delivery,
-            rx,
-        } = self;
+        let Submitted { client, id, delivery, rx } = self;
         let timeout = client.config.timeout;
         let outcome = async {
             match tokio::time::timeout(timeout, delivery).await {
@@ -385,10 +341,9 @@ fn appended(reply: Reply) -> Result<Appended, ClientError> {
 pub fn outcome_error(outcome: ReplyOutcome) -> ClientError {
     match outcome {
         ReplyOutcome::Error(e) => match e.code {
-            ErrorCode::WrongExpectedVersion => ClientError::WrongExpectedVersion {
-                message: e.message,
-                actual: e.actual_version.unwrap_or_default(),
-            },
+            ErrorCode::WrongExpectedVersion => {
+                ClientError::WrongExpectedVersion { message: e.message, actual: e.actual_version.unwrap_or_default() }
+            }
             ErrorCode::InvalidInput => ClientError::Invalid(e.message),
             ErrorCode::DomainRefused => ClientError::Refused(e.message),
             ErrorCode::Internal => ClientError::Internal(e.message),
@@ -401,17 +356,10 @@ fn read_replies(consumer: &BaseConsumer, pending: &Pending, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(20)) {
             Some(Ok(m)) => {
-                let Some(reply) = m
-                    .payload()
-                    .and_then(|p| serde_json::from_slice::<Reply>(p).ok())
-                else {
+                let Some(reply) = m.payload().and_then(|p| serde_json::from_slice::<Reply>(p).ok()) else {
                     continue;
                 };
-                if let Some(tx) = pending
-                    .lock()
-                    .expect("pending lock")
-                    .remove(&reply.request_id)
-                {
+                if let Some(tx) = pending.lock().expect("pending lock").remove(&reply.request_id) {
                     let _ = tx.send(reply);
                 }
             }

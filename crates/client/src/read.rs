@@ -25,23 +25,14 @@ pub struct ReadEvent {
 
 /// Decodes a consumed record into an event (upcast to the current schema).
 pub fn decode(m: &impl Message, schemas: &SchemaRegistry) -> Result<ReadEvent, String> {
-    let headers: Vec<(&str, Option<&[u8]>)> = m
-        .headers()
-        .map(|h| h.iter().map(|x| (x.key, x.value)).collect())
-        .unwrap_or_default();
+    let headers: Vec<(&str, Option<&[u8]>)> =
+        m.headers().map(|h| h.iter().map(|x| (x.key, x.value)).collect()).unwrap_or_default();
     let mut event = Event::decode(headers, m.payload()).map_err(|e| e.to_string())?;
     let (data, schema) = schemas.upcast(event.data_schema.as_deref(), event.data.clone())?;
     event.data = data;
     event.data_schema = schema;
     let category = event.stream.category().to_owned();
-    Ok(ReadEvent {
-        event,
-        position: Position {
-            category,
-            partition: m.partition(),
-            offset: m.offset(),
-        },
-    })
+    Ok(ReadEvent { event, position: Position { category, partition: m.partition(), offset: m.offset() } })
 }
 
 /// The events of `stream` from version `from` on, in order.
@@ -56,9 +47,7 @@ pub async fn read_stream(
     if head.version < from {
         return Ok(Vec::new());
     }
-    let topic = client
-        .topics()
-        .events(stream.split_once('-').map_or("", |(c, _)| c));
+    let topic = client.topics().events(stream.split_once('-').map_or("", |(c, _)| c));
     let config = client.kafka().clone();
     let stream = stream.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -123,10 +112,7 @@ fn fetch_runs(
                 continue;
             }
             let e = decode(&m, schemas).map_err(|e| {
-                ClientError::Internal(format!(
-                    "{topic}/{partition}@{}: undecodable event of {stream}: {e}",
-                    m.offset()
-                ))
+                ClientError::Internal(format!("{topic}/{partition}@{}: undecodable event of {stream}: {e}", m.offset()))
             })?;
             if e.event.version < want {
                 continue;

@@ -82,12 +82,7 @@ pub struct State {
 impl State {
     /// The balance minus open withdrawal holds.
     pub fn available(&self) -> i64 {
-        let held: i64 = self
-            .holds
-            .values()
-            .filter(|h| h.command == HeldCommand::Withdraw)
-            .map(|h| h.amount)
-            .sum();
+        let held: i64 = self.holds.values().filter(|h| h.command == HeldCommand::Withdraw).map(|h| h.amount).sum();
         self.balance - held
     }
 }
@@ -97,43 +92,29 @@ pub struct Account;
 
 fn check_amount(amount: i64) -> Result<i64, DomainError> {
     if amount < 1 {
-        return Err(DomainError::Invalid(format!(
-            "amount must be at least 1, got {amount}"
-        )));
+        return Err(DomainError::Invalid(format!("amount must be at least 1, got {amount}")));
     }
     if amount > MAX_AMOUNT {
-        return Err(DomainError::Invalid(format!(
-            "amount must be at most {MAX_AMOUNT}, got {amount}"
-        )));
+        return Err(DomainError::Invalid(format!("amount must be at most {MAX_AMOUNT}, got {amount}")));
     }
     Ok(amount)
 }
 
 fn require_open(state: &State) -> Result<(), DomainError> {
-    if state.open {
-        Ok(())
-    } else {
-        Err(DomainError::Rejected("account is not open".into()))
-    }
+    if state.open { Ok(()) } else { Err(DomainError::Rejected("account is not open".into())) }
 }
 
 /// Checks a deposit or withdrawal against the state and returns its amount.
 fn check_move(state: &State, command: &Command) -> Result<(HeldCommand, i64), DomainError> {
     match command {
-        Command::OpenAccount { .. } => Err(DomainError::Invalid(
-            "OpenAccount cannot be part of a transaction; open the account first".into(),
-        )),
+        Command::OpenAccount { .. } => {
+            Err(DomainError::Invalid("OpenAccount cannot be part of a transaction; open the account first".into()))
+        }
         Command::Deposit { amount } => {
             let amount = check_amount(*amount)?;
             require_open(state)?;
-            if state
-                .balance
-                .checked_add(amount)
-                .is_none_or(|b| b > i64::MAX / 2)
-            {
-                return Err(DomainError::Rejected(
-                    "deposit would overflow the balance".into(),
-                ));
+            if state.balance.checked_add(amount).is_none_or(|b| b > i64::MAX / 2) {
+                return Err(DomainError::Rejected("deposit would overflow the balance".into()));
             }
             Ok((HeldCommand::Deposit, amount))
         }
@@ -165,14 +146,9 @@ impl Aggregate for Account {
                     return Err(DomainError::Invalid("owner must not be empty".into()));
                 }
                 if state.open {
-                    return Err(DomainError::Rejected(format!(
-                        "account is already open (owner {})",
-                        state.owner
-                    )));
+                    return Err(DomainError::Rejected(format!("account is already open (owner {})", state.owner)));
                 }
-                Ok(vec![Event::AccountOpened {
-                    owner: owner.to_owned(),
-                }])
+                Ok(vec![Event::AccountOpened { owner: owner.to_owned() }])
             }
             Command::Deposit { .. } | Command::Withdraw { .. } => {
                 let (kind, amount) = check_move(state, command)?;
@@ -192,18 +168,8 @@ impl Aggregate for Account {
             }
             Event::Deposited { amount, .. } => state.balance += amount,
             Event::Withdrawn { amount, .. } => state.balance -= amount,
-            Event::HoldPlaced {
-                txid,
-                command,
-                amount,
-            } => {
-                state.holds.insert(
-                    txid.clone(),
-                    Hold {
-                        command: *command,
-                        amount: *amount,
-                    },
-                );
+            Event::HoldPlaced { txid, command, amount } => {
+                state.holds.insert(txid.clone(), Hold { command: *command, amount: *amount });
             }
             Event::HoldReleased { txid, .. } => {
                 state.holds.remove(txid);
@@ -217,11 +183,7 @@ impl Aggregate for Account {
             return Ok(Vec::new());
         }
         let (kind, amount) = check_move(state, command)?;
-        Ok(vec![Event::HoldPlaced {
-            txid: txid.to_owned(),
-            command: kind,
-            amount,
-        }])
+        Ok(vec![Event::HoldPlaced { txid: txid.to_owned(), command: kind, amount }])
     }
 
     fn has_hold(state: &State, txid: &str) -> bool {
@@ -233,34 +195,17 @@ impl Aggregate for Account {
             return Vec::new();
         };
         let applied = match hold.command {
-            HeldCommand::Deposit => Event::Deposited {
-                amount: hold.amount,
-                txid: Some(txid.to_owned()),
-            },
-            HeldCommand::Withdraw => Event::Withdrawn {
-                amount: hold.amount,
-                txid: Some(txid.to_owned()),
-            },
+            HeldCommand::Deposit => Event::Deposited { amount: hold.amount, txid: Some(txid.to_owned()) },
+            HeldCommand::Withdraw => Event::Withdrawn { amount: hold.amount, txid: Some(txid.to_owned()) },
         };
-        vec![
-            applied,
-            Event::HoldReleased {
-                txid: txid.to_owned(),
-                outcome: Outcome::Committed,
-                reason: None,
-            },
-        ]
+        vec![applied, Event::HoldReleased { txid: txid.to_owned(), outcome: Outcome::Committed, reason: None }]
     }
 
     fn abort(state: &State, txid: &str, reason: &str) -> Vec<Event> {
         if !state.holds.contains_key(txid) {
             return Vec::new();
         }
-        vec![Event::HoldReleased {
-            txid: txid.to_owned(),
-            outcome: Outcome::Aborted,
-            reason: Some(reason.to_owned()),
-        }]
+        vec![Event::HoldReleased { txid: txid.to_owned(), outcome: Outcome::Aborted, reason: Some(reason.to_owned()) }]
     }
 }
 
@@ -272,9 +217,7 @@ mod tests {
     use Event::*;
 
     fn opened() -> Event {
-        AccountOpened {
-            owner: "ann".into(),
-        }
+        AccountOpened { owner: "ann".into() }
     }
 
     fn dep(amount: i64) -> Event {
@@ -283,41 +226,20 @@ mod tests {
 
     #[test]
     fn opening() {
-        given::<Account>(&[])
-            .when(&OpenAccount {
-                owner: " ann ".into(),
-            })
-            .then_expect(vec![opened()]);
-        given::<Account>(&[opened()])
-            .when(&OpenAccount {
-                owner: "bob".into(),
-            })
-            .then_reject("already open");
-        given::<Account>(&[])
-            .when(&OpenAccount { owner: "  ".into() })
-            .then_invalid("owner");
+        given::<Account>(&[]).when(&OpenAccount { owner: " ann ".into() }).then_expect(vec![opened()]);
+        given::<Account>(&[opened()]).when(&OpenAccount { owner: "bob".into() }).then_reject("already open");
+        given::<Account>(&[]).when(&OpenAccount { owner: "  ".into() }).then_invalid("owner");
     }
 
     #[test]
     fn deposits_and_withdrawals() {
-        given::<Account>(&[opened()])
-            .when(&Deposit { amount: 10 })
-            .then_expect(vec![dep(10)]);
+        given::<Account>(&[opened()]).when(&Deposit { amount: 10 }).then_expect(vec![dep(10)]);
         given::<Account>(&[opened(), dep(10)])
             .when(&Withdraw { amount: 10 })
-            .then_expect(vec![Withdrawn {
-                amount: 10,
-                txid: None,
-            }]);
-        given::<Account>(&[])
-            .when(&Deposit { amount: 10 })
-            .then_reject("not open");
-        given::<Account>(&[opened()])
-            .when(&Deposit { amount: 0 })
-            .then_invalid("at least 1");
-        given::<Account>(&[opened()])
-            .when(&Withdraw { amount: -3 })
-            .then_invalid("at least 1, got -3");
+            .then_expect(vec![Withdrawn { amount: 10, txid: None }]);
+        given::<Account>(&[]).when(&Deposit { amount: 10 }).then_reject("not open");
+        given::<Account>(&[opened()]).when(&Deposit { amount: 0 }).then_invalid("at least 1");
+        given::<Account>(&[opened()]).when(&Withdraw { amount: -3 }).then_invalid("at least 1, got -3");
     }
 
     #[test]
@@ -329,14 +251,8 @@ mod tests {
 
     #[test]
     fn holds_count_against_available() {
-        let held = HoldPlaced {
-            txid: "t1".into(),
-            command: HeldCommand::Withdraw,
-            amount: 7,
-        };
-        given::<Account>(&[opened(), dep(10), held.clone()])
-            .when(&Withdraw { amount: 4 })
-            .then_reject("available 3");
+        let held = HoldPlaced { txid: "t1".into(), command: HeldCommand::Withdraw, amount: 7 };
+        given::<Account>(&[opened(), dep(10), held.clone()]).when(&Withdraw { amount: 4 }).then_reject("available 3");
         given::<Account>(&[opened(), dep(10), held.clone()])
             .when_prepared("t2", &Withdraw { amount: 4 })
             .then_reject("available 3");
@@ -344,53 +260,25 @@ mod tests {
             .when_prepared("t1", &Withdraw { amount: 7 })
             .then_expect(vec![held.clone()]);
         // A held deposit does not raise what can be withdrawn.
-        let held_in = HoldPlaced {
-            txid: "t3".into(),
-            command: HeldCommand::Deposit,
-            amount: 100,
-        };
-        given::<Account>(&[opened(), held_in])
-            .when(&Withdraw { amount: 1 })
-            .then_reject("available 0");
+        let held_in = HoldPlaced { txid: "t3".into(), command: HeldCommand::Deposit, amount: 100 };
+        given::<Account>(&[opened(), held_in]).when(&Withdraw { amount: 1 }).then_reject("available 0");
         // Preparing the same txid twice places one hold.
-        given::<Account>(&[opened(), dep(10), held])
-            .when_prepared("t1", &Withdraw { amount: 7 })
-            .then_expect(vec![]);
+        given::<Account>(&[opened(), dep(10), held]).when_prepared("t1", &Withdraw { amount: 7 }).then_expect(vec![]);
     }
 
     #[test]
     fn commit_and_abort_release_the_hold() {
-        let state = [
-            opened(),
-            dep(10),
-            HoldPlaced {
-                txid: "t1".into(),
-                command: HeldCommand::Withdraw,
-                amount: 7,
-            },
-        ]
-        .iter()
-        .fold(State::default(), Account::apply);
+        let state = [opened(), dep(10), HoldPlaced { txid: "t1".into(), command: HeldCommand::Withdraw, amount: 7 }]
+            .iter()
+            .fold(State::default(), Account::apply);
         assert_eq!(state.available(), 3);
         let committed = Account::commit(&state, "t1");
-        assert_eq!(
-            committed[0],
-            Withdrawn {
-                amount: 7,
-                txid: Some("t1".into())
-            }
-        );
+        assert_eq!(committed[0], Withdrawn { amount: 7, txid: Some("t1".into()) });
         let after = committed.iter().fold(state.clone(), Account::apply);
-        assert_eq!(
-            (after.balance, after.available(), after.holds.len()),
-            (3, 3, 0)
-        );
+        assert_eq!((after.balance, after.available(), after.holds.len()), (3, 3, 0));
         let aborted = Account::abort(&state, "t1", "no");
         let after = aborted.iter().fold(state.clone(), Account::apply);
-        assert_eq!(
-            (after.balance, after.available(), after.holds.len()),
-            (10, 10, 0)
-        );
+        assert_eq!((after.balance, after.available(), after.holds.len()), (10, 10, 0));
         // Unknown txids: nothing to do.
         assert!(Account::commit(&state, "zz").is_empty());
         assert!(Account::abort(&state, "zz", "x").is_empty());
@@ -398,15 +286,8 @@ mod tests {
 
     #[test]
     fn events_serialize_as_the_schemas_expect() {
-        let e = serde_json::to_value(Deposited {
-            amount: 5,
-            txid: None,
-        })
-        .unwrap();
-        assert_eq!(
-            e,
-            serde_json::json!({"type": "Deposited", "data": {"amount": 5}})
-        );
+        let e = serde_json::to_value(Deposited { amount: 5, txid: None }).unwrap();
+        assert_eq!(e, serde_json::json!({"type": "Deposited", "data": {"amount": 5}}));
         let e = serde_json::to_value(HoldReleased {
             txid: "t".into(),
             outcome: Outcome::Aborted,
@@ -414,12 +295,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!(e["data"]["outcome"], "aborted");
-        let e = serde_json::to_value(HoldPlaced {
-            txid: "t".into(),
-            command: HeldCommand::Withdraw,
-            amount: 1,
-        })
-        .unwrap();
+        let e =
+            serde_json::to_value(HoldPlaced { txid: "t".into(), command: HeldCommand::Withdraw, amount: 1 }).unwrap();
         assert_eq!(e["data"]["command"], "Withdraw");
     }
 }

@@ -43,24 +43,14 @@ pub trait Aggregate {
     /// The stream category this aggregate owns (`account` for `account-42`).
     const CATEGORY: &'static str;
 
-    fn handle(
-        state: &Self::State,
-        command: &Self::Command,
-    ) -> Result<Vec<Self::Event>, DomainError>;
+    fn handle(state: &Self::State, command: &Self::Command) -> Result<Vec<Self::Event>, DomainError>;
 
     fn apply(state: Self::State, event: &Self::Event) -> Self::State;
 
     /// Events that place a hold for transaction `txid`. The default refuses:
     /// an aggregate that does not override it takes no part in transactions.
-    fn prepare(
-        _state: &Self::State,
-        _txid: &str,
-        _command: &Self::Command,
-    ) -> Result<Vec<Self::Event>, DomainError> {
-        Err(DomainError::Invalid(format!(
-            "category '{}' does not take part in transactions",
-            Self::CATEGORY
-        )))
+    fn prepare(_state: &Self::State, _txid: &str, _command: &Self::Command) -> Result<Vec<Self::Event>, DomainError> {
+        Err(DomainError::Invalid(format!("category '{}' does not take part in transactions", Self::CATEGORY)))
     }
 
     /// Whether a hold for `txid` is open.
@@ -88,12 +78,7 @@ pub trait DynAggregate: Send + Sync {
     /// Folds one event into the state. Unknown event types are an error: the
     /// stream holds something this aggregate cannot read.
     fn apply(&self, state: Value, event: &EventData) -> Result<Value, String>;
-    fn prepare(
-        &self,
-        state: &Value,
-        txid: &str,
-        command: &EventData,
-    ) -> Result<Vec<EventData>, DomainError>;
+    fn prepare(&self, state: &Value, txid: &str, command: &EventData) -> Result<Vec<EventData>, DomainError>;
     fn has_hold(&self, state: &Value, txid: &str) -> bool;
     fn commit(&self, state: &Value, txid: &str) -> Vec<EventData>;
     fn abort(&self, state: &Value, txid: &str, reason: &str) -> Vec<EventData>;
@@ -117,8 +102,7 @@ impl<A> Default for Typed<A> {
 fn state_of<A: Aggregate>(v: &Value) -> A::State {
     // The writer only stores states this aggregate produced; an unreadable one
     // is a bug in an upcast or a schema change without migration.
-    serde_json::from_value(v.clone())
-        .unwrap_or_else(|e| panic!("stored {} state is unreadable: {e}", A::CATEGORY))
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("stored {} state is unreadable: {e}", A::CATEGORY))
 }
 
 fn command_of<A: Aggregate>(c: &EventData) -> Result<A::Command, DomainError> {
@@ -159,12 +143,7 @@ impl<A: Aggregate + 'static> DynAggregate for Typed<A> {
         Ok(serde_json::to_value(next).expect("states serialize"))
     }
 
-    fn prepare(
-        &self,
-        state: &Value,
-        txid: &str,
-        command: &EventData,
-    ) -> Result<Vec<EventData>, DomainError> {
+    fn prepare(&self, state: &Value, txid: &str, command: &EventData) -> Result<Vec<EventData>, DomainError> {
         let cmd = command_of::<A>(command)?;
         A::prepare(&state_of::<A>(state), txid, &cmd).map(to_data)
     }
@@ -203,8 +182,7 @@ impl Registry {
     }
 
     pub fn register<A: Aggregate + 'static>(&mut self) {
-        self.by_category
-            .insert(A::CATEGORY, Arc::new(Typed::<A>::default()));
+        self.by_category.insert(A::CATEGORY, Arc::new(Typed::<A>::default()));
     }
 
     pub fn get(&self, category: &str) -> Option<&Arc<dyn DynAggregate>> {

@@ -44,10 +44,7 @@ where
     #[track_caller]
     pub fn then_reject(self, contains: &str) {
         match self.result {
-            Err(DomainError::Rejected(m)) => assert!(
-                m.contains(contains),
-                "rejected with '{m}', wanted '{contains}'"
-            ),
+            Err(DomainError::Rejected(m)) => assert!(m.contains(contains), "rejected with '{m}', wanted '{contains}'"),
             other => panic!("wanted a rejection containing '{contains}', got {other:?}"),
         }
     }
@@ -55,10 +52,7 @@ where
     #[track_caller]
     pub fn then_invalid(self, contains: &str) {
         match self.result {
-            Err(DomainError::Invalid(m)) => assert!(
-                m.contains(contains),
-                "invalid with '{m}', wanted '{contains}'"
-            ),
+            Err(DomainError::Invalid(m)) => assert!(m.contains(contains), "invalid with '{m}', wanted '{contains}'"),
             other => {
                 panic!("wanted an invalid-command error containing '{contains}', got {other:?}")
             }

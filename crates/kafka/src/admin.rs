@@ -63,10 +63,7 @@ impl Durability {
     /// min.insync.replicas: 2 from replication 3 up (one broker may die with
     /// acks=all still succeeding), else 1.
     pub fn new(replication_factor: i32) -> Self {
-        Self {
-            replication_factor,
-            min_insync_replicas: if replication_factor >= 3 { 2 } else { 1 },
-        }
+        Self { replication_factor, min_insync_replicas: if replication_factor >= 3 { 2 } else { 1 } }
     }
 
     /// Replication 3 where the cluster has three brokers, else as many as there are.
@@ -86,20 +83,12 @@ impl TopicKind {
         let mut configs = BTreeMap::from([
             ("cleanup.policy".to_owned(), cleanup.to_owned()),
             ("retention.ms".to_owned(), retention.to_owned()),
-            (
-                "min.insync.replicas".to_owned(),
-                d.min_insync_replicas.to_string(),
-            ),
+            ("min.insync.replicas".to_owned(), d.min_insync_replicas.to_string()),
         ]);
         if self == TopicKind::Events || self == TopicKind::DeadLetters {
             configs.insert("retention.bytes".into(), "-1".into());
         }
-        TopicSpec {
-            name,
-            partitions,
-            replication_factor: d.replication_factor,
-            configs,
-        }
+        TopicSpec { name, partitions, replication_factor: d.replication_factor, configs }
     }
 }
 
@@ -155,36 +144,25 @@ pub struct Admin {
 
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Admin")
-            .field("bootstrap", &self.config.bootstrap)
-            .finish()
+        f.debug_struct("Admin").field("bootstrap", &self.config.bootstrap).finish()
     }
 }
 
 impl Admin {
     pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
         let client = config.client().create()?;
-        Ok(Self {
-            client,
-            config: config.clone(),
-        })
+        Ok(Self { client, config: config.clone() })
     }
 
     fn options(&self) -> AdminOptions {
-        AdminOptions::new()
-            .request_timeout(Some(self.config.timeout))
-            .operation_timeout(Some(self.config.timeout))
+        AdminOptions::new().request_timeout(Some(self.config.timeout)).operation_timeout(Some(self.config.timeout))
     }
 
     /// Cluster metadata, or `Unavailable` after the configured timeout.
     pub async fn metadata(&self) -> Result<Metadata, Error> {
         let timeout = self.config.timeout;
-        let result =
-            tokio::task::block_in_place(|| self.client.inner().fetch_metadata(None, timeout));
-        result.map_err(|e| {
-            self.config
-                .unavailable(format!("no metadata within {timeout:?} ({e})"))
-        })
+        let result = tokio::task::block_in_place(|| self.client.inner().fetch_metadata(None, timeout));
+        result.map_err(|e| self.config.unavailable(format!("no metadata within {timeout:?} ({e})")))
     }
 
     /// The number of brokers the cluster reports.
@@ -210,18 +188,11 @@ impl Admin {
         if found.is_empty() {
             return Ok(found);
         }
-        let specifiers: Vec<_> = found
-            .iter()
-            .map(|t| ResourceSpecifier::Topic(&t.name))
-            .collect();
-        let results = self
-            .client
-            .describe_configs(&specifiers, &self.options())
-            .await?;
+        let specifiers: Vec<_> = found.iter().map(|t| ResourceSpecifier::Topic(&t.name)).collect();
+        let results = self.client.describe_configs(&specifiers, &self.options()).await?;
         for (info, result) in found.iter_mut().zip(results) {
-            let resource = result.map_err(|code| {
-                Error::Invalid(format!("describing the configs of {}: {code}", info.name))
-            })?;
+            let resource =
+                result.map_err(|code| Error::Invalid(format!("describing the configs of {}: {code}", info.name)))?;
             for entry in resource.entries {
                 let always = matches!(
                     entry.name.as_str(),
@@ -239,12 +210,8 @@ impl Admin {
     /// The names of all topics starting with `prefix`.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, Error> {
         let metadata = self.metadata().await?;
-        let mut names: Vec<String> = metadata
-            .topics()
-            .iter()
-            .map(|t| t.name().to_owned())
-            .filter(|n| n.starts_with(prefix))
-            .collect();
+        let mut names: Vec<String> =
+            metadata.topics().iter().map(|t| t.name().to_owned()).filter(|n| n.starts_with(prefix)).collect();
         names.sort();
         Ok(names)
     }
@@ -255,21 +222,14 @@ impl Admin {
         let new_topics: Vec<NewTopic> = specs
             .iter()
             .map(|s| {
-                let mut t = NewTopic::new(
-                    &s.name,
-                    s.partitions,
-                    TopicReplication::Fixed(s.replication_factor),
-                );
+                let mut t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(s.replication_factor));
                 for (k, v) in &s.configs {
                     t = t.set(k, v);
                 }
                 t
             })
             .collect();
-        let results = self
-            .client
-            .create_topics(&new_topics, &self.options())
-            .await?;
+        let results = self.client.create_topics(&new_topics, &self.options()).await?;
         let mut outcomes = Vec::with_capacity(specs.len());
         for (spec, result) in specs.iter().zip(results) {
             match result {
@@ -287,11 +247,8 @@ impl Admin {
         }
         // A created topic's metadata reaches every broker a little later; wait so
         // that the caller can produce to it at once.
-        let created: Vec<&str> = outcomes
-            .iter()
-            .filter(|(_, o)| *o == Outcome::Created)
-            .map(|(s, _)| s.name.as_str())
-            .collect();
+        let created: Vec<&str> =
+            outcomes.iter().filter(|(_, o)| *o == Outcome::Created).map(|(s, _)| s.name.as_str()).collect();
         self.wait_visible(&created).await?;
         Ok(outcomes)
     }
@@ -315,9 +272,7 @@ impl Admin {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(self
-                    .config
-                    .unavailable(format!("topics {names:?} have no leaders yet")));
+                return Err(self.config.unavailable(format!("topics {names:?} have no leaders yet")));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -327,12 +282,7 @@ impl Admin {
 /// The partition count of an installation: what its existing co-partitioned
 /// topics have, or `None` when there are none yet. Disagreeing topics are an error.
 pub fn installed_partitions(existing: &[TopicInfo], topics: &Topics) -> Result<Option<i32>, Error> {
-    let co_partitioned = [
-        topics.commands(),
-        topics.state(),
-        topics.tx_prepare(),
-        topics.tx_commit(),
-    ];
+    let co_partitioned = [topics.commands(), topics.state(), topics.tx_prepare(), topics.tx_commit()];
     let mut found: Option<(&str, i32)> = None;
     for t in existing.iter().filter(|t| co_partitioned.contains(&t.name)) {
         match found {
@@ -362,16 +312,8 @@ mod tests {
         assert_eq!(get("x.events.account").configs["retention.ms"], "-1");
         assert_eq!(get("x.events.account").configs["retention.bytes"], "-1");
         assert_eq!(get("x.commands").configs["cleanup.policy"], "delete");
-        assert!(
-            specs
-                .iter()
-                .all(|s| s.partitions == 6 && s.replication_factor == 3)
-        );
-        assert!(
-            specs
-                .iter()
-                .all(|s| s.configs["min.insync.replicas"] == "2")
-        );
+        assert!(specs.iter().all(|s| s.partitions == 6 && s.replication_factor == 3));
+        assert!(specs.iter().all(|s| s.configs["min.insync.replicas"] == "2"));
         assert_eq!(Durability::for_brokers(1), Durability::new(1));
         assert_eq!(Durability::new(1).min_insync_replicas, 1);
         assert_eq!(Durability::for_brokers(5).replication_factor, 3);
@@ -380,19 +322,11 @@ mod tests {
     #[test]
     fn disagreeing_partition_counts_are_refused() {
         let t = Topics::new("x");
-        let info = |name: String, partitions| TopicInfo {
-            name,
-            partitions,
-            replication_factor: 1,
-            configs: BTreeMap::new(),
-        };
+        let info =
+            |name: String, partitions| TopicInfo { name, partitions, replication_factor: 1, configs: BTreeMap::new() };
         assert_eq!(installed_partitions(&[], &t).unwrap(), None);
-        assert_eq!(
-            installed_partitions(&[info(t.commands(), 4)], &t).unwrap(),
-            Some(4)
-        );
-        let err =
-            installed_partitions(&[info(t.commands(), 4), info(t.state(), 6)], &t).unwrap_err();
+        assert_eq!(installed_partitions(&[info(t.commands(), 4)], &t).unwrap(), Some(4));
+        let err = installed_partitions(&[info(t.commands(), 4), info(t.state(), 6)], &t).unwrap_err();
         assert!(err.to_string().contains("co-partitioned"), "{err}");
     }
 }

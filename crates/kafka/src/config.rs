@@ -19,14 +19,9 @@ impl KafkaConfig {
     /// Checks the bootstrap list before any connection is tried, so a typo gets a
     /// message that names it rather than a timeout.
     pub fn new(bootstrap: &str, timeout: Duration) -> Result<Self, Error> {
-        validate_bootstrap(bootstrap).map_err(|reason| Error::Unavailable {
-            bootstrap: bootstrap.to_owned(),
-            reason,
-        })?;
-        Ok(Self {
-            bootstrap: bootstrap.to_owned(),
-            timeout,
-        })
+        validate_bootstrap(bootstrap)
+            .map_err(|reason| Error::Unavailable { bootstrap: bootstrap.to_owned(), reason })?;
+        Ok(Self { bootstrap: bootstrap.to_owned(), timeout })
     }
 
     /// The base client config: bootstrap, Java-compatible partitioning, bounded
@@ -44,26 +39,19 @@ impl KafkaConfig {
     }
 
     pub fn unavailable(&self, reason: impl std::fmt::Display) -> Error {
-        Error::Unavailable {
-            bootstrap: self.bootstrap.clone(),
-            reason: reason.to_string(),
-        }
+        Error::Unavailable { bootstrap: self.bootstrap.clone(), reason: reason.to_string() }
     }
 }
 
 /// `host:port[,host:port...]` with a port from 1 to 65535.
 pub fn validate_bootstrap(bootstrap: &str) -> Result<(), String> {
     if bootstrap.trim().is_empty() {
-        return Err(
-            "the bootstrap server list is empty; give host:port, e.g. 127.0.0.1:9092".into(),
-        );
+        return Err("the bootstrap server list is empty; give host:port, e.g. 127.0.0.1:9092".into());
     }
     for server in bootstrap.split(',') {
         let server = server.trim();
         let Some((host, port)) = server.rsplit_once(':') else {
-            return Err(format!(
-                "bootstrap server '{server}' has no port; give host:port, e.g. 127.0.0.1:9092"
-            ));
+            return Err(format!("bootstrap server '{server}' has no port; give host:port, e.g. 127.0.0.1:9092"));
         };
         if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
             return Err(format!("bootstrap server '{server}' has no valid host"));
@@ -71,9 +59,7 @@ pub fn validate_bootstrap(bootstrap: &str) -> Result<(), String> {
         match port.parse::<u16>() {
             Ok(p) if p > 0 => {}
             _ => {
-                return Err(format!(
-                    "bootstrap server '{server}' has port '{port}'; a port is 1 to 65535"
-                ));
+                return Err(format!("bootstrap server '{server}' has port '{port}'; a port is 1 to 65535"));
             }
         }
     }
@@ -89,16 +75,8 @@ mod tests {
         assert!(validate_bootstrap("127.0.0.1:9092").is_ok());
         assert!(validate_bootstrap("a:1,b:2, c:3").is_ok());
         assert!(validate_bootstrap("").unwrap_err().contains("empty"));
-        assert!(
-            validate_bootstrap("localhost")
-                .unwrap_err()
-                .contains("no port")
-        );
-        assert!(
-            validate_bootstrap("localhost:abc")
-                .unwrap_err()
-                .contains("'abc'")
-        );
+        assert!(validate_bootstrap("localhost").unwrap_err().contains("no port"));
+        assert!(validate_bootstrap("localhost:abc").unwrap_err().contains("'abc'"));
         assert!(validate_bootstrap("localhost:0").is_err());
         assert!(validate_bootstrap(":9092").unwrap_err().contains("host"));
     }

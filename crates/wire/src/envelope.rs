@@ -84,14 +84,8 @@ impl Event {
             (H_SOURCE.into(), Some(self.source.clone().into_bytes())),
             (H_TYPE.into(), Some(self.event_type.clone().into_bytes())),
             (H_TIME.into(), Some(format_time(&self.time).into_bytes())),
-            (
-                H_SUBJECT.into(),
-                Some(self.stream.as_str().as_bytes().to_vec()),
-            ),
-            (
-                H_STREAMVERSION.into(),
-                Some(self.version.to_string().into_bytes()),
-            ),
+            (H_SUBJECT.into(), Some(self.stream.as_str().as_bytes().to_vec())),
+            (H_STREAMVERSION.into(), Some(self.version.to_string().into_bytes())),
             (H_CONTENT_TYPE.into(), Some(CONTENT_TYPE.into())),
         ];
         let optional = [
@@ -159,9 +153,7 @@ struct Attributes {
 
 impl Attributes {
     fn into_event(self, value: Option<&[u8]>) -> Result<Event, DecodeError> {
-        let spec = self
-            .specversion
-            .ok_or(DecodeError::MissingHeader(H_SPECVERSION))?;
+        let spec = self.specversion.ok_or(DecodeError::MissingHeader(H_SPECVERSION))?;
         if spec != SPEC_VERSION {
             return Err(DecodeError::SpecVersion(spec));
         }
@@ -173,16 +165,11 @@ impl Attributes {
         }
         let time_text = self.time.ok_or(DecodeError::MissingHeader(H_TIME))?;
         let time = DateTime::parse_from_rfc3339(&time_text)
-            .map_err(|e| DecodeError::Time {
-                value: time_text.clone(),
-                reason: e.to_string(),
-            })?
+            .map_err(|e| DecodeError::Time { value: time_text.clone(), reason: e.to_string() })?
             .with_timezone(&Utc);
         let subject = self.subject.ok_or(DecodeError::MissingHeader(H_SUBJECT))?;
         let stream = StreamName::parse(&subject).map_err(DecodeError::Subject)?;
-        let version_text = self
-            .streamversion
-            .ok_or(DecodeError::MissingHeader(H_STREAMVERSION))?;
+        let version_text = self.streamversion.ok_or(DecodeError::MissingHeader(H_STREAMVERSION))?;
         let version = match version_text.parse::<u64>() {
             Ok(v) if v >= 1 => v,
             _ => return Err(DecodeError::StreamVersion(version_text)),
@@ -220,9 +207,7 @@ mod tests {
             id: "0190b3b2-7c3e-7000-8000-000000000001".into(),
             source: "esk/writer".into(),
             event_type: "Deposited".into(),
-            time: DateTime::parse_from_rfc3339("2026-11-26T10:00:00.123456Z")
-                .unwrap()
-                .with_timezone(&Utc),
+            time: DateTime::parse_from_rfc3339("2026-11-26T10:00:00.123456Z").unwrap().with_timezone(&Utc),
             stream: StreamName::parse("account-42").unwrap(),
             version: 7,
             correlation_id: Some("c-1".into()),
@@ -233,10 +218,7 @@ mod tests {
     }
 
     fn decode_owned(headers: &[Header], value: Option<&[u8]>) -> Result<Event, DecodeError> {
-        Event::decode(
-            headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
-            value,
-        )
+        Event::decode(headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())), value)
     }
 
     #[test]
@@ -244,18 +226,12 @@ mod tests {
         let e = sample();
         let h = e.headers();
         let get = |n: &str| {
-            h.iter()
-                .find(|(k, _)| k == n)
-                .and_then(|(_, v)| v.clone())
-                .map(|v| String::from_utf8(v).unwrap())
+            h.iter().find(|(k, _)| k == n).and_then(|(_, v)| v.clone()).map(|v| String::from_utf8(v).unwrap())
         };
         assert_eq!(get("ce_specversion").as_deref(), Some("1.0"));
         assert_eq!(get("ce_subject").as_deref(), Some("account-42"));
         assert_eq!(get("ce_streamversion").as_deref(), Some("7"));
-        assert_eq!(
-            get("ce_time").as_deref(),
-            Some("2026-11-26T10:00:00.123456Z")
-        );
+        assert_eq!(get("ce_time").as_deref(), Some("2026-11-26T10:00:00.123456Z"));
         assert_eq!(get("content-type").as_deref(), Some("application/json"));
         assert_eq!(get("ce_causationid"), None);
         assert_eq!(e.value(), br#"{"amount":10}"#);
@@ -264,30 +240,16 @@ mod tests {
     #[test]
     fn missing_and_bad_attributes_are_named() {
         let e = sample();
-        let without = |name: &str| -> Vec<Header> {
-            e.headers().into_iter().filter(|(k, _)| k != name).collect()
-        };
+        let without = |name: &str| -> Vec<Header> { e.headers().into_iter().filter(|(k, _)| k != name).collect() };
         let v = e.value();
-        assert_eq!(
-            decode_owned(&without(H_SUBJECT), Some(&v)),
-            Err(DecodeError::MissingHeader(H_SUBJECT))
-        );
+        assert_eq!(decode_owned(&without(H_SUBJECT), Some(&v)), Err(DecodeError::MissingHeader(H_SUBJECT)));
         assert_eq!(decode_owned(&e.headers(), None), Err(DecodeError::NoValue));
-        assert!(matches!(
-            decode_owned(&e.headers(), Some(b"{")),
-            Err(DecodeError::Json(_))
-        ));
+        assert!(matches!(decode_owned(&e.headers(), Some(b"{")), Err(DecodeError::Json(_))));
         let mut h = without(H_STREAMVERSION);
         h.push((H_STREAMVERSION.into(), Some(b"0".to_vec())));
-        assert_eq!(
-            decode_owned(&h, Some(&v)),
-            Err(DecodeError::StreamVersion("0".into()))
-        );
+        assert_eq!(decode_owned(&h, Some(&v)), Err(DecodeError::StreamVersion("0".into())));
         let mut h = without(H_CONTENT_TYPE);
-        h.push((
-            H_CONTENT_TYPE.into(),
-            Some(b"application/json; charset=utf-8".to_vec()),
-        ));
+        h.push((H_CONTENT_TYPE.into(), Some(b"application/json; charset=utf-8".to_vec())));
         assert_eq!(decode_owned(&h, Some(&v)).unwrap(), e);
     }
 
@@ -317,20 +279,18 @@ mod tests {
             proptest::option::of("[a-z:]{1,40}"),
             data,
         )
-            .prop_map(
-                |(id, source, ty, micros, (cat, sid), version, corr, caus, schema, data)| Event {
-                    id,
-                    source,
-                    event_type: ty,
-                    time: DateTime::from_timestamp_micros(micros).unwrap(),
-                    stream: StreamName::new(&cat, &sid).unwrap(),
-                    version,
-                    correlation_id: corr,
-                    causation_id: caus,
-                    data_schema: schema,
-                    data,
-                },
-            )
+            .prop_map(|(id, source, ty, micros, (cat, sid), version, corr, caus, schema, data)| Event {
+                id,
+                source,
+                event_type: ty,
+                time: DateTime::from_timestamp_micros(micros).unwrap(),
+                stream: StreamName::new(&cat, &sid).unwrap(),
+                version,
+                correlation_id: corr,
+                causation_id: caus,
+                data_schema: schema,
+                data,
+            })
     }
 
     proptest! {

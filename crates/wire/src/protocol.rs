@@ -62,9 +62,10 @@ impl FromStr for ExpectedVersion {
             "any" => Ok(Self::Any),
             "no-stream" | "no_stream" => Ok(Self::NoStream),
             "exists" => Ok(Self::Exists),
-            n => n.parse().map(Self::Exact).map_err(|_| {
-                format!("expected version '{s}' is not any, no-stream, exists or a whole number")
-            }),
+            n => n
+                .parse()
+                .map(Self::Exact)
+                .map_err(|_| format!("expected version '{s}' is not any, no-stream, exists or a whole number")),
         }
     }
 }
@@ -82,9 +83,10 @@ impl Serialize for ExpectedVersion {
 impl<'de> Deserialize<'de> for ExpectedVersion {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match Value::deserialize(d)? {
-            Value::Number(n) => n.as_u64().map(Self::Exact).ok_or_else(|| {
-                serde::de::Error::custom(format!("expected version {n} is not a whole number"))
-            }),
+            Value::Number(n) => n
+                .as_u64()
+                .map(Self::Exact)
+                .ok_or_else(|| serde::de::Error::custom(format!("expected version {n} is not a whole number"))),
             Value::String(s) => s.parse().map_err(serde::de::Error::custom),
             other => Err(serde::de::Error::custom(format!(
                 "expected version {other} is not any, no_stream, exists or a number"
@@ -234,12 +236,9 @@ impl fmt::Display for Position {
 impl FromStr for Position {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("'{s}' is not a position token (it comes from an append or command reply)");
+        let bad = || format!("'{s}' is not a position token (it comes from an append or command reply)");
         let mut parts = s.split(':');
-        let (Some(category), Some(p), Some(o), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(category), Some(p), Some(o), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(bad());
         };
         if !crate::stream::is_valid_category(category) {
@@ -250,11 +249,7 @@ impl FromStr for Position {
         if partition < 0 || offset < -1 {
             return Err(bad());
         }
-        Ok(Self {
-            category: category.to_owned(),
-            partition,
-            offset,
-        })
+        Ok(Self { category: category.to_owned(), partition, offset })
     }
 }
 
@@ -362,17 +357,11 @@ mod tests {
             ("7", ExpectedVersion::Exact(7)),
         ] {
             assert_eq!(text.parse::<ExpectedVersion>().unwrap(), v);
-            let back: ExpectedVersion =
-                serde_json::from_value(serde_json::to_value(v).unwrap()).unwrap();
+            let back: ExpectedVersion = serde_json::from_value(serde_json::to_value(v).unwrap()).unwrap();
             assert_eq!(back, v);
         }
         assert!("-1".parse::<ExpectedVersion>().is_err());
-        assert!(
-            "latest"
-                .parse::<ExpectedVersion>()
-                .unwrap_err()
-                .contains("'latest'")
-        );
+        assert!("latest".parse::<ExpectedVersion>().unwrap_err().contains("'latest'"));
         assert!(ExpectedVersion::NoStream.admits(0) && !ExpectedVersion::NoStream.admits(1));
         assert!(ExpectedVersion::Exists.admits(3) && !ExpectedVersion::Exists.admits(0));
         assert!(ExpectedVersion::Exact(2).admits(2) && !ExpectedVersion::Exact(2).admits(3));
@@ -386,11 +375,7 @@ mod tests {
             stream: "account-1".into(),
             body: RequestBody::Append {
                 expected_version: ExpectedVersion::NoStream,
-                events: vec![NewEvent {
-                    id: None,
-                    event_type: "AccountOpened".into(),
-                    data: json!({"owner": "ann"}),
-                }],
+                events: vec![NewEvent { id: None, event_type: "AccountOpened".into(), data: json!({"owner": "ann"}) }],
             },
             correlation_id: None,
             causation_id: None,
@@ -399,10 +384,9 @@ mod tests {
         assert_eq!(v["kind"], "append");
         assert_eq!(v["expected_version"], "no_stream");
         assert_eq!(serde_json::from_value::<Request>(v).unwrap(), r);
-        let head: Request = serde_json::from_value(
-            json!({"request_id": "x", "reply_partition": 0, "stream": "a-1", "kind": "head"}),
-        )
-        .unwrap();
+        let head: Request =
+            serde_json::from_value(json!({"request_id": "x", "reply_partition": 0, "stream": "a-1", "kind": "head"}))
+                .unwrap();
         assert_eq!(head.body, RequestBody::Head);
     }
 
@@ -427,15 +411,7 @@ mod tests {
         let p: Position = "account:3:1042".parse().unwrap();
         assert_eq!((p.partition, p.offset), (3, 1042));
         assert_eq!(p.to_string(), "account:3:1042");
-        for bad in [
-            "",
-            "account:3",
-            "Account:1:2",
-            "account:x:1",
-            "account:-1:1",
-            "a:1:2:3",
-            "account:1:1.5",
-        ] {
+        for bad in ["", "account:3", "Account:1:2", "account:x:1", "account:-1:1", "a:1:2:3", "account:1:1.5"] {
             assert!(bad.parse::<Position>().is_err(), "{bad}");
         }
     }

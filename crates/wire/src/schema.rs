@@ -16,26 +16,11 @@ use crate::stream::is_valid_category;
 /// The schemas shipped with esk, compiled in so that a binary works without the
 /// repository at hand. `builtin_matches_schemas_dir` keeps this list honest.
 const BUILTIN: &[(&str, &str)] = &[
-    (
-        "account/AccountOpened.v1.json",
-        include_str!("../../../schemas/account/AccountOpened.v1.json"),
-    ),
-    (
-        "account/Deposited.v1.json",
-        include_str!("../../../schemas/account/Deposited.v1.json"),
-    ),
-    (
-        "account/Withdrawn.v1.json",
-        include_str!("../../../schemas/account/Withdrawn.v1.json"),
-    ),
-    (
-        "account/HoldPlaced.v1.json",
-        include_str!("../../../schemas/account/HoldPlaced.v1.json"),
-    ),
-    (
-        "account/HoldReleased.v1.json",
-        include_str!("../../../schemas/account/HoldReleased.v1.json"),
-    ),
+    ("account/AccountOpened.v1.json", include_str!("../../../schemas/account/AccountOpened.v1.json")),
+    ("account/Deposited.v1.json", include_str!("../../../schemas/account/Deposited.v1.json")),
+    ("account/Withdrawn.v1.json", include_str!("../../../schemas/account/Withdrawn.v1.json")),
+    ("account/HoldPlaced.v1.json", include_str!("../../../schemas/account/HoldPlaced.v1.json")),
+    ("account/HoldReleased.v1.json", include_str!("../../../schemas/account/HoldReleased.v1.json")),
 ];
 
 /// Turns data of version `from` into data of version `from + 1`.
@@ -69,9 +54,7 @@ impl fmt::Debug for SchemaRegistry {
 pub enum SchemaError {
     #[error("cannot read {path}: {reason}")]
     Io { path: PathBuf, reason: String },
-    #[error(
-        "{path}: schema files are named <category>/<Type>.v<N>.json, e.g. account/Deposited.v1.json"
-    )]
+    #[error("{path}: schema files are named <category>/<Type>.v<N>.json, e.g. account/Deposited.v1.json")]
     FileName { path: PathBuf },
     #[error("{path}: not JSON: {reason}")]
     Json { path: PathBuf, reason: String },
@@ -86,17 +69,9 @@ pub enum ValidationError {
         "unknown event type '{event_type}' in strict category '{category}' (known: {})",
         known.join(", ")
     )]
-    UnknownType {
-        category: String,
-        event_type: String,
-        known: Vec<String>,
-    },
+    UnknownType { category: String, event_type: String, known: Vec<String> },
     #[error("{event_type} data does not match {schema}: {}", errors.join("; "))]
-    Violation {
-        event_type: String,
-        schema: String,
-        errors: Vec<String>,
-    },
+    Violation { event_type: String, schema: String, errors: Vec<String> },
 }
 
 impl SchemaRegistry {
@@ -109,8 +84,7 @@ impl SchemaRegistry {
     pub fn builtin() -> Self {
         let mut reg = Self::default();
         for (path, text) in BUILTIN {
-            reg.add_file(Path::new(path), text)
-                .unwrap_or_else(|e| panic!("shipped schema {path} is broken: {e}"));
+            reg.add_file(Path::new(path), text).unwrap_or_else(|e| panic!("shipped schema {path} is broken: {e}"));
         }
         reg
     }
@@ -125,15 +99,10 @@ impl SchemaRegistry {
     /// Adds every `<category>/<Type>.v<N>.json` below `dir` to this registry (a
     /// file for a type and version already known replaces it).
     pub fn add_dir(&mut self, dir: &Path) -> Result<(), SchemaError> {
-        let io = |path: &Path, e: std::io::Error| SchemaError::Io {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        };
+        let io = |path: &Path, e: std::io::Error| SchemaError::Io { path: path.to_owned(), reason: e.to_string() };
         let reg = self;
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| io(dir, e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| io(dir, e))?;
+        let mut entries: Vec<_> =
+            std::fs::read_dir(dir).map_err(|e| io(dir, e))?.collect::<Result<_, _>>().map_err(|e| io(dir, e))?;
         entries.sort_by_key(|e| e.path());
         for cat in entries {
             let cat_path = cat.path();
@@ -163,13 +132,9 @@ impl SchemaRegistry {
 
     /// Adds one schema file given by its path relative to the schemas root.
     fn add_file(&mut self, rel: &Path, text: &str) -> Result<(), SchemaError> {
-        let bad_name = || SchemaError::FileName {
-            path: rel.to_owned(),
-        };
+        let bad_name = || SchemaError::FileName { path: rel.to_owned() };
         let mut parts = rel.iter().map(|p| p.to_str());
-        let (Some(Some(category)), Some(Some(file)), None) =
-            (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(Some(category)), Some(Some(file)), None) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad_name());
         };
         let stem = file.strip_suffix(".json").ok_or_else(bad_name)?;
@@ -178,34 +143,20 @@ impl SchemaRegistry {
         if !is_valid_category(category) || !is_type_name(event_type) || version == 0 {
             return Err(bad_name());
         }
-        let schema: Value = serde_json::from_str(text).map_err(|e| SchemaError::Json {
-            path: rel.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let schema: Value = serde_json::from_str(text)
+            .map_err(|e| SchemaError::Json { path: rel.to_owned(), reason: e.to_string() })?;
         self.add(category, event_type, version, &schema)
-            .map_err(|reason| SchemaError::Invalid {
-                path: rel.to_owned(),
-                reason,
-            })
+            .map_err(|reason| SchemaError::Invalid { path: rel.to_owned(), reason })
     }
 
     /// Registers a schema; its URI is its `$id`, else `urn:esk:schema:<category>:<Type>:v<N>`.
-    pub fn add(
-        &mut self,
-        category: &str,
-        event_type: &str,
-        version: u32,
-        schema: &Value,
-    ) -> Result<(), String> {
+    pub fn add(&mut self, category: &str, event_type: &str, version: u32, schema: &Value) -> Result<(), String> {
         let validator = jsonschema::draft202012::new(schema).map_err(|e| e.to_string())?;
-        let uri = schema.get("$id").and_then(Value::as_str).map_or_else(
-            || format!("urn:esk:schema:{category}:{event_type}:v{version}"),
-            str::to_owned,
-        );
-        self.by_uri.insert(
-            uri.clone(),
-            (category.to_owned(), event_type.to_owned(), version),
-        );
+        let uri = schema
+            .get("$id")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("urn:esk:schema:{category}:{event_type}:v{version}"), str::to_owned);
+        self.by_uri.insert(uri.clone(), (category.to_owned(), event_type.to_owned(), version));
         self.categories
             .entry(category.to_owned())
             .or_default()
@@ -227,12 +178,7 @@ impl SchemaRegistry {
 
     /// Validates event data for a write. Returns the URI of the schema that
     /// validated it (for `ce_dataschema`), or `None` for an open category.
-    pub fn validate(
-        &self,
-        category: &str,
-        event_type: &str,
-        data: &Value,
-    ) -> Result<Option<&str>, ValidationError> {
+    pub fn validate(&self, category: &str, event_type: &str, data: &Value) -> Result<Option<&str>, ValidationError> {
         let Some(types) = self.categories.get(category) else {
             return Ok(None);
         };
@@ -249,21 +195,13 @@ impl SchemaRegistry {
             .take(5)
             .map(|e| {
                 let at = e.instance_path().to_string();
-                if at.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{at}: {e}")
-                }
+                if at.is_empty() { e.to_string() } else { format!("{at}: {e}") }
             })
             .collect();
         if errors.is_empty() {
             Ok(Some(&schema.uri))
         } else {
-            Err(ValidationError::Violation {
-                event_type: event_type.to_owned(),
-                schema: schema.uri.clone(),
-                errors,
-            })
+            Err(ValidationError::Violation { event_type: event_type.to_owned(), schema: schema.uri.clone(), errors })
         }
     }
 
@@ -276,38 +214,24 @@ impl SchemaRegistry {
         from: u32,
         f: impl Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
     ) {
-        self.upcasters.insert(
-            (category.to_owned(), event_type.to_owned(), from),
-            Box::new(f),
-        );
+        self.upcasters.insert((category.to_owned(), event_type.to_owned(), from), Box::new(f));
     }
 
     /// Brings data written under `data_schema` up to the current version of its
     /// type. Data without a known schema is returned as it is.
-    pub fn upcast(
-        &self,
-        data_schema: Option<&str>,
-        data: Value,
-    ) -> Result<(Value, Option<String>), String> {
-        let Some((category, event_type, mut version)) =
-            data_schema.and_then(|u| self.by_uri.get(u)).cloned()
-        else {
+    pub fn upcast(&self, data_schema: Option<&str>, data: Value) -> Result<(Value, Option<String>), String> {
+        let Some((category, event_type, mut version)) = data_schema.and_then(|u| self.by_uri.get(u)).cloned() else {
             return Ok((data, data_schema.map(str::to_owned)));
         };
         let versions = &self.categories[&category][&event_type];
-        let current = *versions
-            .keys()
-            .next_back()
-            .expect("a registered type has a version");
+        let current = *versions.keys().next_back().expect("a registered type has a version");
         let mut data = data;
         while version < current {
             let key = (category.clone(), event_type.clone(), version);
-            let f = self.upcasters.get(&key).ok_or_else(|| {
-                format!(
-                    "no upcaster from {category}/{event_type} v{version} to v{}",
-                    version + 1
-                )
-            })?;
+            let f = self
+                .upcasters
+                .get(&key)
+                .ok_or_else(|| format!("no upcaster from {category}/{event_type} v{version} to v{}", version + 1))?;
             data = f(data)?;
             version += 1;
         }
@@ -317,8 +241,7 @@ impl SchemaRegistry {
 
 fn is_type_name(s: &str) -> bool {
     let mut chars = s.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic()) && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]
@@ -331,16 +254,8 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
         let from_disk = SchemaRegistry::load_dir(&dir).unwrap();
         let builtin = SchemaRegistry::builtin();
-        assert_eq!(
-            format!("{from_disk:?}"),
-            format!("{builtin:?}"),
-            "update BUILTIN in schema.rs"
-        );
-        assert_eq!(
-            from_disk.by_uri.len(),
-            BUILTIN.len(),
-            "update BUILTIN in schema.rs"
-        );
+        assert_eq!(format!("{from_disk:?}"), format!("{builtin:?}"), "update BUILTIN in schema.rs");
+        assert_eq!(from_disk.by_uri.len(), BUILTIN.len(), "update BUILTIN in schema.rs");
     }
 
     #[test]
@@ -348,35 +263,18 @@ mod tests {
         let reg = SchemaRegistry::builtin();
         assert!(reg.is_strict("account"));
         assert_eq!(
-            reg.validate("account", "Deposited", &json!({"amount": 5}))
-                .unwrap(),
+            reg.validate("account", "Deposited", &json!({"amount": 5})).unwrap(),
             Some("urn:esk:schema:account:Deposited:v1")
         );
-        assert!(
-            reg.validate("account", "AccountOpened", &json!({"owner": "ann"}))
-                .is_ok()
-        );
-        for bad in [
-            json!({"amount": 0}),
-            json!({"amount": "5"}),
-            json!({}),
-            json!({"amount": 1, "x": 1}),
-        ] {
+        assert!(reg.validate("account", "AccountOpened", &json!({"owner": "ann"})).is_ok());
+        for bad in [json!({"amount": 0}), json!({"amount": "5"}), json!({}), json!({"amount": 1, "x": 1})] {
             let err = reg.validate("account", "Deposited", &bad).unwrap_err();
-            assert!(
-                matches!(err, ValidationError::Violation { .. }),
-                "{bad}: {err}"
-            );
+            assert!(matches!(err, ValidationError::Violation { .. }), "{bad}: {err}");
         }
-        let err = reg
-            .validate("account", "AccountOpened", &json!({"owner": ""}))
-            .unwrap_err();
+        let err = reg.validate("account", "AccountOpened", &json!({"owner": ""})).unwrap_err();
         assert!(err.to_string().contains("/owner"), "{err}");
         let err = reg.validate("account", "Stolen", &json!({})).unwrap_err();
-        assert!(
-            err.to_string().contains("unknown event type 'Stolen'"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("unknown event type 'Stolen'"), "{err}");
         // An open category takes anything.
         assert_eq!(reg.validate("note", "Anything", &json!(1)).unwrap(), None);
     }
@@ -384,32 +282,15 @@ mod tests {
     #[test]
     fn upcasters_bring_old_data_to_the_current_version() {
         let mut reg = SchemaRegistry::empty();
-        reg.add(
-            "user",
-            "Named",
-            1,
-            &json!({"type": "object", "required": ["name"]}),
-        )
-        .unwrap();
-        reg.add(
-            "user",
-            "Named",
-            2,
-            &json!({"type": "object", "required": ["first", "last"]}),
-        )
-        .unwrap();
+        reg.add("user", "Named", 1, &json!({"type": "object", "required": ["name"]})).unwrap();
+        reg.add("user", "Named", 2, &json!({"type": "object", "required": ["first", "last"]})).unwrap();
         reg.register_upcaster("user", "Named", 1, |mut v| {
             let name = v["name"].as_str().ok_or("name is not a string")?.to_owned();
             let (first, last) = name.split_once(' ').unwrap_or((&name, ""));
             v = json!({"first": first, "last": last});
             Ok(v)
         });
-        let (data, schema) = reg
-            .upcast(
-                Some("urn:esk:schema:user:Named:v1"),
-                json!({"name": "Ada Lovelace"}),
-            )
-            .unwrap();
+        let (data, schema) = reg.upcast(Some("urn:esk:schema:user:Named:v1"), json!({"name": "Ada Lovelace"})).unwrap();
         assert_eq!(data, json!({"first": "Ada", "last": "Lovelace"}));
         assert_eq!(schema.as_deref(), Some("urn:esk:schema:user:Named:v2"));
         assert!(reg.validate("user", "Named", &data).is_ok());

@@ -21,9 +21,7 @@ pub struct StreamName {
 pub enum StreamNameError {
     #[error("stream name is empty: streams are named <category>-<id>, e.g. account-42")]
     Empty,
-    #[error(
-        "stream name '{0}' has no category: streams are named <category>-<id>, e.g. account-42"
-    )]
+    #[error("stream name '{0}' has no category: streams are named <category>-<id>, e.g. account-42")]
     NoCategory(String),
     #[error("stream name '{0}' has an empty category before the '-'")]
     EmptyCategory(String),
@@ -34,9 +32,7 @@ pub enum StreamNameError {
          use only a-z, 0-9 and '_', and be at most {MAX_CATEGORY_LEN} characters"
     )]
     BadCategory { stream: String, category: String },
-    #[error(
-        "stream id of '{stream}' contains {found:?}: ids use letters, digits and - _ . : @ only"
-    )]
+    #[error("stream id of '{stream}' contains {found:?}: ids use letters, digits and - _ . : @ only")]
     BadIdChar { stream: String, found: char },
     #[error("stream name is {len} bytes long; the limit is {MAX_STREAM_LEN}")]
     TooLong { len: usize },
@@ -62,21 +58,12 @@ impl StreamName {
             return Err(StreamNameError::EmptyId(name.to_owned()));
         }
         if !is_valid_category(category) {
-            return Err(StreamNameError::BadCategory {
-                stream: name.to_owned(),
-                category: category.to_owned(),
-            });
+            return Err(StreamNameError::BadCategory { stream: name.to_owned(), category: category.to_owned() });
         }
         if let Some(found) = id.chars().find(|c| !is_id_char(*c)) {
-            return Err(StreamNameError::BadIdChar {
-                stream: name.to_owned(),
-                found,
-            });
+            return Err(StreamNameError::BadIdChar { stream: name.to_owned(), found });
         }
-        Ok(Self {
-            name: name.to_owned(),
-            dash,
-        })
+        Ok(Self { name: name.to_owned(), dash })
     }
 
     /// Builds `<category>-<id>` and validates it.
@@ -160,36 +147,15 @@ mod tests {
     fn rejects_bad_names_with_a_reason() {
         use StreamNameError::*;
         assert_eq!(StreamName::parse(""), Err(Empty));
-        assert_eq!(
-            StreamName::parse("account"),
-            Err(NoCategory("account".into()))
-        );
+        assert_eq!(StreamName::parse("account"), Err(NoCategory("account".into())));
         assert_eq!(StreamName::parse("-1"), Err(EmptyCategory("-1".into())));
-        assert_eq!(
-            StreamName::parse("account-"),
-            Err(EmptyId("account-".into()))
-        );
-        assert!(matches!(
-            StreamName::parse("Account-1"),
-            Err(BadCategory { .. })
-        ));
-        assert!(matches!(
-            StreamName::parse("acc.ount-1"),
-            Err(BadCategory { .. })
-        ));
-        assert!(matches!(
-            StreamName::parse("account-a b"),
-            Err(BadIdChar { found: ' ', .. })
-        ));
-        assert!(matches!(
-            StreamName::parse(&format!("a-{}", "x".repeat(300))),
-            Err(TooLong { .. })
-        ));
+        assert_eq!(StreamName::parse("account-"), Err(EmptyId("account-".into())));
+        assert!(matches!(StreamName::parse("Account-1"), Err(BadCategory { .. })));
+        assert!(matches!(StreamName::parse("acc.ount-1"), Err(BadCategory { .. })));
+        assert!(matches!(StreamName::parse("account-a b"), Err(BadIdChar { found: ' ', .. })));
+        assert!(matches!(StreamName::parse(&format!("a-{}", "x".repeat(300))), Err(TooLong { .. })));
         let msg = StreamName::parse("account").unwrap_err().to_string();
-        assert!(
-            msg.contains("'account'") && msg.contains("<category>-<id>"),
-            "{msg}"
-        );
+        assert!(msg.contains("'account'") && msg.contains("<category>-<id>"), "{msg}");
     }
 
     proptest! {

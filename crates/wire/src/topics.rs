@@ -15,9 +15,7 @@ impl Default for Topics {
 
 impl Topics {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-        }
+        Self { prefix: prefix.into() }
     }
 
     /// Checks that a prefix gives legal Kafka topic names.
@@ -26,15 +24,9 @@ impl Topics {
             return Err("topic prefix is empty".into());
         }
         if prefix.len() > 100 {
-            return Err(format!(
-                "topic prefix is {} characters; at most 100",
-                prefix.len()
-            ));
+            return Err(format!("topic prefix is {} characters; at most 100", prefix.len()));
         }
-        if let Some(c) = prefix
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
+        if let Some(c) = prefix.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
             return Err(format!(
                 "topic prefix '{prefix}' contains {c:?}: Kafka topic names use a-z, A-Z, 0-9, '.', '_' and '-'"
             ));

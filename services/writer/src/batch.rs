@@ -14,9 +14,9 @@ use chrono::{DateTime, Utc};
 use esk_domain::{DomainError, EventData, Registry};
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{
-    Answered, Appended, CommandData, Decided, Decision, ErrorCode, ExpectedVersion, IndexEntry,
-    NewEvent, ParticipantMessage, Position, Prepare, Reply, ReplyError, ReplyOutcome, Request,
-    RequestBody, StreamHead, StreamRecord, TxAck, TxVote, Verdict,
+    Answered, Appended, CommandData, Decided, Decision, ErrorCode, ExpectedVersion, IndexEntry, NewEvent,
+    ParticipantMessage, Position, Prepare, Reply, ReplyError, ReplyOutcome, Request, RequestBody, StreamHead,
+    StreamRecord, TxAck, TxVote, Verdict,
 };
 use esk_wire::{Event, SchemaRegistry, StreamName};
 use serde_json::Value;
@@ -76,10 +76,7 @@ pub struct PartitionState {
 
 impl PartitionState {
     pub fn new(partition: i32) -> Self {
-        Self {
-            partition,
-            streams: HashMap::new(),
-        }
+        Self { partition, streams: HashMap::new() }
     }
 
     /// Makes a finished batch's changes the committed state.
@@ -160,11 +157,7 @@ pub struct Finished {
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ReplyOutcome {
-    ReplyOutcome::Error(ReplyError {
-        code,
-        message: message.into(),
-        actual_version: None,
-    })
+    ReplyOutcome::Error(ReplyError { code, message: message.into(), actual_version: None })
 }
 
 fn domain_error(e: DomainError) -> ReplyOutcome {
@@ -195,10 +188,7 @@ pub fn compact_index(index: &mut Vec<IndexEntry>) {
 }
 
 fn is_event_type(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 100
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    !s.is_empty() && s.len() <= 100 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 impl<'s> Batch<'s> {
@@ -226,28 +216,21 @@ impl<'s> Batch<'s> {
     }
 
     fn record(&self, stream: &str) -> Option<&StreamRecord> {
-        self.scratch
-            .get(stream)
-            .or_else(|| self.base.streams.get(stream))
+        self.scratch.get(stream).or_else(|| self.base.streams.get(stream))
     }
 
     fn record_mut(&mut self, stream: &StreamName, ctx: &Context<'_>) -> &mut StreamRecord {
         let name = stream.as_str();
         if !self.scratch.contains_key(name) {
-            let rec = self
-                .base
-                .streams
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| StreamRecord {
-                    stream: name.to_owned(),
-                    version: 0,
-                    state: ctx.aggregates.get(stream.category()).map(|a| a.initial()),
-                    last_offset: -1,
-                    index: Vec::new(),
-                    answered: Vec::new(),
-                    decided: Vec::new(),
-                });
+            let rec = self.base.streams.get(name).cloned().unwrap_or_else(|| StreamRecord {
+                stream: name.to_owned(),
+                version: 0,
+                state: ctx.aggregates.get(stream.category()).map(|a| a.initial()),
+                last_offset: -1,
+                index: Vec::new(),
+                answered: Vec::new(),
+                decided: Vec::new(),
+            });
             self.scratch.insert(name.to_owned(), rec);
         }
         if !self.touched.iter().any(|t| t == name) {
@@ -268,10 +251,7 @@ impl<'s> Batch<'s> {
     }
 
     fn dead_letter(&mut self, msg: Incoming, reason: impl Into<String>) {
-        self.dead_letters.push(DeadLetter {
-            original: msg,
-            reason: reason.into(),
-        });
+        self.dead_letters.push(DeadLetter { original: msg, reason: reason.into() });
     }
 
     /// Checks that a stream name is valid and belongs to the record's partition.
@@ -300,9 +280,7 @@ impl<'s> Batch<'s> {
                 // Answer if the client can be found, else park the record.
                 let reason = format!("request is not valid: {e}");
                 let loose: Option<Value> = serde_json::from_slice(payload).ok();
-                let id = loose
-                    .as_ref()
-                    .and_then(|v| v.get("request_id")?.as_str().map(str::to_owned));
+                let id = loose.as_ref().and_then(|v| v.get("request_id")?.as_str().map(str::to_owned));
                 let part = loose
                     .as_ref()
                     .and_then(|v| v.get("reply_partition")?.as_i64())
@@ -330,23 +308,15 @@ impl<'s> Batch<'s> {
         };
         let outcome = match &request.body {
             RequestBody::Head => {
-                self.replies.push((
-                    part,
-                    id,
-                    PendingReply::Head {
-                        stream: stream.to_string(),
-                    },
-                ));
+                self.replies.push((part, id, PendingReply::Head { stream: stream.to_string() }));
                 return;
             }
-            RequestBody::Append {
-                expected_version,
-                events,
-            } => self.append(ctx, &request, &stream, *expected_version, events, now),
-            RequestBody::Command {
-                expected_version,
-                command,
-            } => self.command(ctx, &request, &stream, *expected_version, command, now),
+            RequestBody::Append { expected_version, events } => {
+                self.append(ctx, &request, &stream, *expected_version, events, now)
+            }
+            RequestBody::Command { expected_version, command } => {
+                self.command(ctx, &request, &stream, *expected_version, command, now)
+            }
         };
         match outcome {
             Ok(pending) => self.replies.push((part, id, pending)),
@@ -355,8 +325,7 @@ impl<'s> Batch<'s> {
     }
 
     fn reply(&mut self, partition: i32, request_id: String, outcome: ReplyOutcome) {
-        self.replies
-            .push((partition, request_id, PendingReply::Ready(outcome)));
+        self.replies.push((partition, request_id, PendingReply::Ready(outcome)));
     }
 
     /// The first answer to a retried request, if this stream remembers it.
@@ -418,8 +387,7 @@ impl<'s> Batch<'s> {
             )));
         }
         let first_id = events[0].id.as_deref();
-        if let Some(done) = self.answered(stream.as_str(), &request.request_id, first_id, expected)
-        {
+        if let Some(done) = self.answered(stream.as_str(), &request.request_id, first_id, expected) {
             return Ok(PendingReply::Ready(ReplyOutcome::Appended(done)));
         }
         let current = self.check_version(stream.as_str(), expected)?;
@@ -440,14 +408,10 @@ impl<'s> Batch<'s> {
             }
             let size = serde_json::to_vec(&e.data).map_or(usize::MAX, |v| v.len());
             if size > MAX_EVENT_BYTES {
-                return Err(at(format!(
-                    "data is {size} bytes; the limit is {MAX_EVENT_BYTES}"
-                )));
+                return Err(at(format!("data is {size} bytes; the limit is {MAX_EVENT_BYTES}")));
             }
-            let schema = ctx
-                .schemas
-                .validate(stream.category(), &e.event_type, &e.data)
-                .map_err(|err| at(err.to_string()))?;
+            let schema =
+                ctx.schemas.validate(stream.category(), &e.event_type, &e.data).map_err(|err| at(err.to_string()))?;
             validated.push(Checked {
                 id: e.id.clone(),
                 event_type: e.event_type.clone(),
@@ -457,12 +421,7 @@ impl<'s> Batch<'s> {
         }
         let (first, last, last_event) = self.write(ctx, stream, current, validated, request, now);
         self.remember(ctx, stream, request, first_id, expected, first, last);
-        Ok(PendingReply::Appended {
-            stream: stream.to_string(),
-            first_version: first,
-            last_version: last,
-            last_event,
-        })
+        Ok(PendingReply::Appended { stream: stream.to_string(), first_version: first, last_version: last, last_event })
     }
 
     fn command(
@@ -488,24 +447,13 @@ impl<'s> Batch<'s> {
             return Ok(PendingReply::Ready(ReplyOutcome::Appended(done)));
         }
         let current = self.check_version(stream.as_str(), expected)?;
-        let state = self
-            .record(stream.as_str())
-            .and_then(|r| r.state.clone())
-            .unwrap_or_else(|| aggregate.initial());
-        let cmd = EventData {
-            event_type: command.command_type.clone(),
-            data: command.data.clone(),
-        };
+        let state = self.record(stream.as_str()).and_then(|r| r.state.clone()).unwrap_or_else(|| aggregate.initial());
+        let cmd = EventData { event_type: command.command_type.clone(), data: command.data.clone() };
         let events = aggregate.handle(&state, &cmd).map_err(domain_error)?;
         let data = self.checked_domain_events(ctx, stream, &events)?;
         let (first, last, last_event) = self.write(ctx, stream, current, data, request, now);
         self.remember(ctx, stream, request, None, expected, first, last);
-        Ok(PendingReply::Appended {
-            stream: stream.to_string(),
-            first_version: first,
-            last_version: last,
-            last_event,
-        })
+        Ok(PendingReply::Appended { stream: stream.to_string(), first_version: first, last_version: last, last_event })
     }
 
     /// Validates events an aggregate produced; a failure is a bug in the domain.
@@ -518,18 +466,12 @@ impl<'s> Batch<'s> {
         events
             .iter()
             .map(|e| {
-                let schema = ctx
-                    .schemas
-                    .validate(stream.category(), &e.event_type, &e.data)
-                    .map_err(|err| {
-                        error(
-                            ErrorCode::Internal,
-                            format!(
-                                "the {} aggregate made an invalid event: {err}",
-                                stream.category()
-                            ),
-                        )
-                    })?;
+                let schema = ctx.schemas.validate(stream.category(), &e.event_type, &e.data).map_err(|err| {
+                    error(
+                        ErrorCode::Internal,
+                        format!("the {} aggregate made an invalid event: {err}", stream.category()),
+                    )
+                })?;
                 Ok(Checked {
                     id: None,
                     event_type: e.event_type.clone(),
@@ -551,14 +493,8 @@ impl<'s> Batch<'s> {
         request: &Request,
         now: DateTime<Utc>,
     ) -> (u64, u64, Option<usize>) {
-        let correlation = request
-            .correlation_id
-            .clone()
-            .unwrap_or_else(|| request.request_id.clone());
-        let causation = request
-            .causation_id
-            .clone()
-            .unwrap_or_else(|| request.request_id.clone());
+        let correlation = request.correlation_id.clone().unwrap_or_else(|| request.request_id.clone());
+        let causation = request.causation_id.clone().unwrap_or_else(|| request.request_id.clone());
         self.write_events(ctx, stream, current, events, &correlation, &causation, now)
     }
 
@@ -583,24 +519,11 @@ impl<'s> Batch<'s> {
             .record(stream.as_str())
             .and_then(|r| r.state.clone())
             .or_else(|| aggregate.as_ref().map(|a| a.initial()));
-        for Checked {
-            id,
-            event_type,
-            data,
-            schema,
-        } in events
-        {
+        for Checked { id, event_type, data, schema } in events {
             version += 1;
             if let (Some(agg), Some(s)) = (&aggregate, state.take()) {
-                let folded = agg.apply(
-                    s,
-                    &EventData {
-                        event_type: event_type.clone(),
-                        data: data.clone(),
-                    },
-                );
-                state =
-                    Some(folded.expect("events were validated against the aggregate's schemas"));
+                let folded = agg.apply(s, &EventData { event_type: event_type.clone(), data: data.clone() });
+                state = Some(folded.expect("events were validated against the aggregate's schemas"));
             }
             self.events.push(OutEvent {
                 category: stream.category().to_owned(),
@@ -618,11 +541,7 @@ impl<'s> Batch<'s> {
                 },
             });
         }
-        self.runs.push(Run {
-            stream: stream.to_string(),
-            first_version: current + 1,
-            first_event,
-        });
+        self.runs.push(Run { stream: stream.to_string(), first_version: current + 1, first_event });
         let rec = self.record_mut(stream, ctx);
         rec.version = version;
         if state.is_some() {
@@ -664,11 +583,7 @@ impl<'s> Batch<'s> {
     }
 
     fn handle_prepare(&mut self, ctx: &Context<'_>, msg: Incoming, now: DateTime<Utc>) {
-        let prepare: Prepare = match msg
-            .payload
-            .as_deref()
-            .map(serde_json::from_slice::<Prepare>)
-        {
+        let prepare: Prepare = match msg.payload.as_deref().map(serde_json::from_slice::<Prepare>) {
             Some(Ok(p)) => p,
             Some(Err(e)) => return self.dead_letter(msg, format!("prepare is not valid: {e}")),
             None => return self.dead_letter(msg, "prepare has no value"),
@@ -680,12 +595,7 @@ impl<'s> Batch<'s> {
             reason: Some(reason),
         };
         let vote = match self.prepare(ctx, &msg, &prepare, now) {
-            Ok(()) => TxVote {
-                txid: prepare.txid.clone(),
-                stream: prepare.stream.clone(),
-                yes: true,
-                reason: None,
-            },
+            Ok(()) => TxVote { txid: prepare.txid.clone(), stream: prepare.stream.clone(), yes: true, reason: None },
             Err(reason) => no(reason),
         };
         self.vote(ctx, &prepare.txid, ParticipantMessage::Vote(vote));
@@ -699,65 +609,34 @@ impl<'s> Batch<'s> {
         now: DateTime<Utc>,
     ) -> Result<(), String> {
         let stream = Self::owned_stream(ctx, msg, &prepare.stream)?;
-        if let Some(d) = self
-            .record(stream.as_str())
-            .and_then(|r| r.decided.iter().find(|d| d.txid == prepare.txid))
-        {
+        if let Some(d) = self.record(stream.as_str()).and_then(|r| r.decided.iter().find(|d| d.txid == prepare.txid)) {
             // A late duplicate: the decision stands and no new hold is placed.
             return match d.decision {
                 Verdict::Commit => Ok(()),
                 Verdict::Abort => Err(format!("transaction {} was already aborted", prepare.txid)),
             };
         }
-        let aggregate = ctx
-            .aggregates
-            .get(stream.category())
-            .cloned()
-            .ok_or_else(|| {
-                format!(
-                    "category '{}' has no aggregate to take part in transactions",
-                    stream.category()
-                )
+        let aggregate =
+            ctx.aggregates.get(stream.category()).cloned().ok_or_else(|| {
+                format!("category '{}' has no aggregate to take part in transactions", stream.category())
             })?;
-        let state = self
-            .record(stream.as_str())
-            .and_then(|r| r.state.clone())
-            .unwrap_or_else(|| aggregate.initial());
+        let state = self.record(stream.as_str()).and_then(|r| r.state.clone()).unwrap_or_else(|| aggregate.initial());
         if aggregate.has_hold(&state, &prepare.txid) {
             return Ok(());
         }
-        let cmd = EventData {
-            event_type: prepare.command.command_type.clone(),
-            data: prepare.command.data.clone(),
-        };
-        let events = aggregate
-            .prepare(&state, &prepare.txid, &cmd)
-            .map_err(|e| e.to_string())?;
-        let data = self
-            .checked_domain_events(ctx, &stream, &events)
-            .map_err(|o| match o {
-                ReplyOutcome::Error(e) => e.message,
-                _ => "invalid hold".into(),
-            })?;
+        let cmd = EventData { event_type: prepare.command.command_type.clone(), data: prepare.command.data.clone() };
+        let events = aggregate.prepare(&state, &prepare.txid, &cmd).map_err(|e| e.to_string())?;
+        let data = self.checked_domain_events(ctx, &stream, &events).map_err(|o| match o {
+            ReplyOutcome::Error(e) => e.message,
+            _ => "invalid hold".into(),
+        })?;
         let current = self.record(stream.as_str()).map_or(0, |r| r.version);
-        self.write_events(
-            ctx,
-            &stream,
-            current,
-            data,
-            &prepare.txid,
-            &prepare.txid,
-            now,
-        );
+        self.write_events(ctx, &stream, current, data, &prepare.txid, &prepare.txid, now);
         Ok(())
     }
 
     fn handle_decision(&mut self, ctx: &Context<'_>, msg: Incoming, now: DateTime<Utc>) {
-        let decision: Decision = match msg
-            .payload
-            .as_deref()
-            .map(serde_json::from_slice::<Decision>)
-        {
+        let decision: Decision = match msg.payload.as_deref().map(serde_json::from_slice::<Decision>) {
             Some(Ok(d)) => d,
             Some(Err(e)) => return self.dead_letter(msg, format!("decision is not valid: {e}")),
             None => return self.dead_letter(msg, "decision has no value"),
@@ -766,56 +645,34 @@ impl<'s> Batch<'s> {
             Ok(s) => s,
             Err(reason) => return self.dead_letter(msg, reason),
         };
-        let already = self
-            .record(stream.as_str())
-            .is_some_and(|r| r.decided.iter().any(|d| d.txid == decision.txid));
+        let already = self.record(stream.as_str()).is_some_and(|r| r.decided.iter().any(|d| d.txid == decision.txid));
         if !already {
             let aggregate = ctx.aggregates.get(stream.category()).cloned();
             let state = self.record(stream.as_str()).and_then(|r| r.state.clone());
             let events = match (&aggregate, &state) {
                 (Some(a), Some(s)) => match decision.decision {
                     Verdict::Commit => a.commit(s, &decision.txid),
-                    Verdict::Abort => a.abort(
-                        s,
-                        &decision.txid,
-                        decision.reason.as_deref().unwrap_or("aborted"),
-                    ),
+                    Verdict::Abort => a.abort(s, &decision.txid, decision.reason.as_deref().unwrap_or("aborted")),
                 },
                 _ => Vec::new(),
             };
             match self.checked_domain_events(ctx, &stream, &events) {
                 Ok(data) => {
                     let current = self.record(stream.as_str()).map_or(0, |r| r.version);
-                    self.write_events(
-                        ctx,
-                        &stream,
-                        current,
-                        data,
-                        &decision.txid,
-                        &decision.txid,
-                        now,
-                    );
+                    self.write_events(ctx, &stream, current, data, &decision.txid, &decision.txid, now);
                 }
                 Err(_) => {
-                    return self
-                        .dead_letter(msg, "the aggregate made invalid events for this decision");
+                    return self.dead_letter(msg, "the aggregate made invalid events for this decision");
                 }
             }
             let rec = self.record_mut(&stream, ctx);
             push_bounded(
                 &mut rec.decided,
-                Decided {
-                    txid: decision.txid.clone(),
-                    decision: decision.decision,
-                },
+                Decided { txid: decision.txid.clone(), decision: decision.decision },
                 MAX_DECIDED,
             );
         }
-        let ack = TxAck {
-            txid: decision.txid.clone(),
-            stream: decision.stream.clone(),
-            decision: decision.decision,
-        };
+        let ack = TxAck { txid: decision.txid.clone(), stream: decision.stream.clone(), decision: decision.decision };
         self.vote(ctx, &decision.txid, ParticipantMessage::Ack(ack));
     }
 
@@ -825,41 +682,21 @@ impl<'s> Batch<'s> {
     pub fn finish(mut self, partition: i32, offsets: &[i64]) -> Finished {
         assert_eq!(offsets.len(), self.events.len(), "one offset per event");
         for run in std::mem::take(&mut self.runs) {
-            let rec = self
-                .scratch
-                .get_mut(&run.stream)
-                .expect("a run's stream is touched");
-            rec.index.push(IndexEntry {
-                version: run.first_version,
-                offset: offsets[run.first_event],
-            });
+            let rec = self.scratch.get_mut(&run.stream).expect("a run's stream is touched");
+            rec.index.push(IndexEntry { version: run.first_version, offset: offsets[run.first_event] });
             compact_index(&mut rec.index);
         }
         for (i, e) in self.events.iter().enumerate() {
-            let rec = self
-                .scratch
-                .get_mut(e.event.stream.as_str())
-                .expect("an event's stream is touched");
+            let rec = self.scratch.get_mut(e.event.stream.as_str()).expect("an event's stream is touched");
             rec.last_offset = rec.last_offset.max(offsets[i]);
         }
-        let position = |category: &str, offset: i64| {
-            Position {
-                category: category.to_owned(),
-                partition,
-                offset,
-            }
-            .to_string()
-        };
+        let position =
+            |category: &str, offset: i64| Position { category: category.to_owned(), partition, offset }.to_string();
         let mut replies = Vec::with_capacity(self.replies.len());
         for (part, request_id, pending) in std::mem::take(&mut self.replies) {
             let outcome = match pending {
                 PendingReply::Ready(o) => o,
-                PendingReply::Appended {
-                    stream,
-                    first_version,
-                    last_version,
-                    last_event,
-                } => {
+                PendingReply::Appended { stream, first_version, last_version, last_event } => {
                     let category = stream.split_once('-').map_or("", |(c, _)| c);
                     let offset = match last_event {
                         Some(i) => offsets[i],
@@ -872,8 +709,7 @@ impl<'s> Batch<'s> {
                         position: position(category, offset),
                     };
                     if let Some(rec) = self.scratch.get_mut(&stream)
-                        && let Some(a) =
-                            rec.answered.iter_mut().find(|a| a.request_id == request_id)
+                        && let Some(a) = rec.answered.iter_mut().find(|a| a.request_id == request_id)
                     {
                         a.result = result.clone();
                     }
@@ -889,24 +725,10 @@ impl<'s> Batch<'s> {
                     })
                 }
             };
-            replies.push((
-                part,
-                request_id.clone(),
-                Reply {
-                    request_id,
-                    outcome,
-                },
-            ));
+            replies.push((part, request_id.clone(), Reply { request_id, outcome }));
         }
-        let mut records: Vec<StreamRecord> = self
-            .touched
-            .iter()
-            .map(|s| {
-                self.scratch
-                    .remove(s)
-                    .expect("touched streams are in scratch")
-            })
-            .collect();
+        let mut records: Vec<StreamRecord> =
+            self.touched.iter().map(|s| self.scratch.remove(s).expect("touched streams are in scratch")).collect();
         // Replicas read positions from state records: keep them in event order.
         records.sort_by_key(|r| r.last_offset);
         Finished { records, replies }

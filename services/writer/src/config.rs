@@ -7,18 +7,10 @@ use std::time::Duration;
 use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "esk-writer",
-    version,
-    about = "esk's writer: the single writer of each partition"
-)]
+#[command(name = "esk-writer", version, about = "esk's writer: the single writer of each partition")]
 pub struct Config {
     /// Kafka bootstrap servers, host:port[,host:port...].
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
     pub bootstrap_servers: String,
     /// Prefix of every platform topic.
     #[arg(long, env = "ESK_TOPIC_PREFIX", default_value = "esk")]

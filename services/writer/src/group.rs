@@ -31,14 +31,8 @@ pub struct GroupContext {
 
 impl std::fmt::Debug for GroupContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let owned: Vec<i32> = self
-            .workers
-            .lock()
-            .map(|w| w.keys().copied().collect())
-            .unwrap_or_default();
-        f.debug_struct("GroupContext")
-            .field("partitions", &owned)
-            .finish()
+        let owned: Vec<i32> = self.workers.lock().map(|w| w.keys().copied().collect()).unwrap_or_default();
+        f.debug_struct("GroupContext").field("partitions", &owned).finish()
     }
 }
 
@@ -65,31 +59,21 @@ impl ConsumerContext for GroupContext {
             return;
         };
         let t = &self.shared.topics;
-        let partitions: Vec<i32> = tpl
-            .elements()
-            .iter()
-            .filter(|e| e.topic() == t.commands())
-            .map(|e| e.partition())
-            .collect();
+        let partitions: Vec<i32> =
+            tpl.elements().iter().filter(|e| e.topic() == t.commands()).map(|e| e.partition()).collect();
         tracing::info!(?partitions, "partitions assigned");
         let mut workers = self.workers.lock().expect("workers lock");
         for p in partitions {
             // Split the queues here: `assign` deactivates earlier splits.
-            let queues = [
-                (Source::Commands, t.commands()),
-                (Source::Prepare, t.tx_prepare()),
-                (Source::Commit, t.tx_commit()),
-            ]
-            .into_iter()
-            .filter_map(|(source, topic)| {
-                let q = consumer.split_partition_queue(&topic, p)?;
-                Some((source, topic, q))
-            })
-            .collect();
-            workers.insert(
-                p,
-                Worker::spawn(self.shared.clone(), consumer.clone(), p, queues),
-            );
+            let queues =
+                [(Source::Commands, t.commands()), (Source::Prepare, t.tx_prepare()), (Source::Commit, t.tx_commit())]
+                    .into_iter()
+                    .filter_map(|(source, topic)| {
+                        let q = consumer.split_partition_queue(&topic, p)?;
+                        Some((source, topic, q))
+                    })
+                    .collect();
+            workers.insert(p, Worker::spawn(self.shared.clone(), consumer.clone(), p, queues));
         }
     }
 }
@@ -104,12 +88,7 @@ impl GroupContext {
         for (_, w) in workers {
             w.join();
         }
-        self.shared
-            .status
-            .lock()
-            .expect("status lock")
-            .partitions
-            .clear();
+        self.shared.status.lock().expect("status lock").partitions.clear();
         metrics::gauge!("esk_writer_partitions").set(0.0);
     }
 }
@@ -118,11 +97,8 @@ impl GroupContext {
 pub fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<()> {
     let t = &shared.topics;
     let topics = [t.commands(), t.tx_prepare(), t.tx_commit()];
-    let context = GroupContext {
-        shared: shared.clone(),
-        consumer: OnceLock::new(),
-        workers: Mutex::new(BTreeMap::new()),
-    };
+    let context =
+        GroupContext { shared: shared.clone(), consumer: OnceLock::new(), workers: Mutex::new(BTreeMap::new()) };
     let session = shared.config.session_timeout_ms;
     let consumer: Arc<GroupConsumer> = Arc::new(
         shared
@@ -147,10 +123,7 @@ pub fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<()> {
             Some(Ok(m)) => {
                 // Split queues take every owned partition's records; one here was
                 // fetched before the split and is fetched again after the worker's seek.
-                tracing::debug!(
-                    topic = rdkafka::Message::topic(&m),
-                    "record on the main queue ignored"
-                );
+                tracing::debug!(topic = rdkafka::Message::topic(&m), "record on the main queue ignored");
             }
             Some(Err(e)) => tracing::warn!("consumer: {e}"),
             None => {}

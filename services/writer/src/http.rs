@@ -29,35 +29,23 @@ pub struct PartitionStatus {
 }
 
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handle = esk_runtime::metrics();
     let app = Router::new()
         .route("/health", get(health))
         .route("/status", get(status))
         .route("/metrics", get(move || std::future::ready(handle.render())))
         .with_state(shared);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
     Ok(())
 }
 
 async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let status = shared.status.lock().expect("status lock").clone();
-    let serving = status
-        .partitions
-        .values()
-        .filter(|p| p.phase == "serving")
-        .count();
+    let serving = status.partitions.values().filter(|p| p.phase == "serving").count();
     Json(
         serde_json::json!({"status": "ok", "partitions_owned": status.partitions.len(), "partitions_serving": serving}),
     )

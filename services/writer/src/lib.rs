@@ -81,8 +81,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);
     let schemas = match &config.schemas_dir {
-        Some(dir) => SchemaRegistry::load_dir(dir)
-            .with_context(|| format!("loading schemas from {}", dir.display()))?,
+        Some(dir) => {
+            SchemaRegistry::load_dir(dir).with_context(|| format!("loading schemas from {}", dir.display()))?
+        }
         None => SchemaRegistry::builtin(),
     };
     let admin = Admin::new(&kafka)?;

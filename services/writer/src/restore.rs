@@ -50,28 +50,19 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<PartitionState> {
             Some(Err(e)) => tracing::warn!(partition, "restore: {e}"),
             None => {}
         }
-        let position = consumer
-            .position()?
-            .find_partition(&topic, partition)
-            .and_then(|p| p.offset().to_raw())
-            .unwrap_or(0);
+        let position =
+            consumer.position()?.find_partition(&topic, partition).and_then(|p| p.offset().to_raw()).unwrap_or(0);
         // Offsets are not contiguous (transaction markers take some): caught up
         // means position >= high watermark.
         if position >= high {
             break;
         }
         if Instant::now() > deadline {
-            bail!(
-                "restoring {topic}/{partition} did not reach offset {high} in 10 minutes (at {position})"
-            );
+            bail!("restoring {topic}/{partition} did not reach offset {high} in 10 minutes (at {position})");
         }
     }
     if skipped > 0 {
-        tracing::warn!(
-            partition,
-            skipped,
-            "restore skipped records that are not stream records"
-        );
+        tracing::warn!(partition, skipped, "restore skipped records that are not stream records");
     }
     metrics::histogram!("esk_writer_restore_seconds").record(started.elapsed().as_secs_f64());
     tracing::info!(

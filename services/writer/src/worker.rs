@@ -54,44 +54,25 @@ impl Wake {
 
     fn wait(&self, timeout: Duration) {
         let guard = self.flag.lock().expect("wake lock");
-        let (mut guard, _) = self
-            .cv
-            .wait_timeout_while(guard, timeout, |woken| !*woken)
-            .expect("wake lock");
+        let (mut guard, _) = self.cv.wait_timeout_while(guard, timeout, |woken| !*woken).expect("wake lock");
         *guard = false;
     }
 }
 
 impl Worker {
-    pub fn spawn(
-        shared: Arc<Shared>,
-        consumer: Arc<GroupConsumer>,
-        partition: i32,
-        mut queues: Vec<Queue>,
-    ) -> Self {
+    pub fn spawn(shared: Arc<Shared>, consumer: Arc<GroupConsumer>, partition: i32, mut queues: Vec<Queue>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(Wake::default());
         for (_, _, q) in &mut queues {
             let w = wake.clone();
             q.set_nonempty_callback(move || w.notify());
         }
-        let run = Run {
-            shared,
-            consumer,
-            partition,
-            queues,
-            stop: stop.clone(),
-            wake: wake.clone(),
-        };
+        let run = Run { shared, consumer, partition, queues, stop: stop.clone(), wake: wake.clone() };
         let thread = std::thread::Builder::new()
             .name(format!("writer-p{partition}"))
             .spawn(move || run.main())
             .expect("spawning a partition worker");
-        Self {
-            stop,
-            wake,
-            thread: Some(thread),
-        }
+        Self { stop, wake, thread: Some(thread) }
     }
 
     pub fn signal_stop(&self) {
@@ -157,11 +138,7 @@ fn classify(e: KafkaError) -> Failure {
         KafkaError::Transaction(rde) => rde.is_fatal(),
         _ => false,
     };
-    if fenced || fatal {
-        Failure::Fatal(anyhow!(e))
-    } else {
-        Failure::Abortable(anyhow!(e))
-    }
+    if fenced || fatal { Failure::Fatal(anyhow!(e)) } else { Failure::Abortable(anyhow!(e)) }
 }
 
 impl Run {
@@ -227,10 +204,7 @@ impl Run {
             .set("transactional.id", c.transactional_id(self.partition))
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set(
-                "transaction.timeout.ms",
-                c.transaction_timeout_ms.to_string(),
-            )
+            .set("transaction.timeout.ms", c.transaction_timeout_ms.to_string())
             .set("linger.ms", "0")
             .set("compression.type", "lz4")
             .set("message.timeout.ms", c.transaction_timeout_ms.to_string())
@@ -242,33 +216,17 @@ impl Run {
             .client()
             .fetch_metadata(Some(&self.shared.topics.commands()), c.kafka_timeout())
             .context("connecting the producer")?;
-        producer
-            .init_transactions(c.kafka_timeout())
-            .context("init_transactions (fencing the previous owner)")?;
+        producer.init_transactions(c.kafka_timeout()).context("init_transactions (fencing the previous owner)")?;
         if self.stopped() {
             return Ok(None);
         }
         self.set_phase("restoring");
         let state = crate::restore::restore(&self.shared, self.partition)?;
-        self.shared
-            .status
-            .lock()
-            .expect("status lock")
-            .partitions
-            .entry(self.partition)
-            .or_default()
-            .streams = state.streams.len();
+        self.shared.status.lock().expect("status lock").partitions.entry(self.partition).or_default().streams =
+            state.streams.len();
         self.rewind()?;
-        tracing::info!(
-            partition = self.partition,
-            ms = started.elapsed().as_millis() as u64,
-            "partition taken over"
-        );
-        Ok(Some(Owned {
-            producer,
-            state,
-            next_offsets: HashMap::new(),
-        }))
+        tracing::info!(partition = self.partition, ms = started.elapsed().as_millis() as u64, "partition taken over");
+        Ok(Some(Owned { producer, state, next_offsets: HashMap::new() }))
     }
 
     /// Seeks every input queue to its committed offset: what a new owner, or a
@@ -287,10 +245,7 @@ impl Run {
             };
             let mut tries = 0;
             loop {
-                match self
-                    .consumer
-                    .seek(e.topic(), self.partition, offset, Duration::from_secs(5))
-                {
+                match self.consumer.seek(e.topic(), self.partition, offset, Duration::from_secs(5)) {
                     Ok(()) => break,
                     // Right after an assignment the fetcher may not be ready for a seek.
                     Err(err) if tries < 50 => {
@@ -299,11 +254,7 @@ impl Run {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                     Err(err) => {
-                        return Err(anyhow!(
-                            "seeking {}/{} to {offset:?}: {err}",
-                            e.topic(),
-                            self.partition
-                        ));
+                        return Err(anyhow!("seeking {}/{} to {offset:?}: {err}", e.topic(), self.partition));
                     }
                 }
             }
@@ -328,11 +279,7 @@ impl Run {
                             payload: m.payload().map(<[u8]>::to_vec),
                             headers: m
                                 .headers()
-                                .map(|h| {
-                                    h.iter()
-                                        .map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec)))
-                                        .collect()
-                                })
+                                .map(|h| h.iter().map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec))).collect())
                                 .unwrap_or_default(),
                         }),
                         Some(Err(e)) => {
@@ -368,8 +315,7 @@ impl Run {
                     metrics::counter!("esk_writer_batches_total").increment(1);
                     metrics::counter!("esk_writer_records_total").increment(n as u64);
                     metrics::histogram!("esk_writer_batch_size").record(n as f64);
-                    metrics::histogram!("esk_writer_transaction_seconds")
-                        .record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("esk_writer_transaction_seconds").record(started.elapsed().as_secs_f64());
                     let mut status = self.shared.status.lock().expect("status lock");
                     let s = status.partitions.entry(self.partition).or_default();
                     s.batches += 1;
@@ -378,20 +324,12 @@ impl Run {
                 }
                 Err(failure @ (Failure::Abortable(_) | Failure::BeforeBegin(_))) => {
                     failures += 1;
-                    let (Failure::Abortable(e) | Failure::BeforeBegin(e) | Failure::Fatal(e)) =
-                        &failure;
-                    tracing::warn!(
-                        partition = self.partition,
-                        failures,
-                        "batch failed, retrying: {e:#}"
-                    );
+                    let (Failure::Abortable(e) | Failure::BeforeBegin(e) | Failure::Fatal(e)) = &failure;
+                    tracing::warn!(partition = self.partition, failures, "batch failed, retrying: {e:#}");
                     if let Failure::Abortable(_) = failure {
                         metrics::counter!("esk_writer_aborts_total").increment(1);
                         owned.next_offsets.clear();
-                        if let Err(e) = owned
-                            .producer
-                            .abort_transaction(self.shared.config.kafka_timeout())
-                        {
+                        if let Err(e) = owned.producer.abort_transaction(self.shared.config.kafka_timeout()) {
                             return Err(anyhow!("abort_transaction failed: {e}"));
                         }
                     }
@@ -410,11 +348,7 @@ impl Run {
     fn ensure_events_topics(&self, categories: &BTreeSet<String>) -> Result<()> {
         let missing: Vec<String> = {
             let known = self.shared.known_topics.lock().expect("topics lock");
-            categories
-                .iter()
-                .map(|c| self.shared.topics.events(c))
-                .filter(|t| !known.contains(t))
-                .collect()
+            categories.iter().map(|c| self.shared.topics.events(c)).filter(|t| !known.contains(t)).collect()
         };
         if missing.is_empty() {
             return Ok(());
@@ -444,11 +378,7 @@ impl Run {
             self.shared.runtime.block_on(admin.ensure(&create))?;
             tracing::info!(topics = ?create.iter().map(|s| &s.name).collect::<Vec<_>>(), "created events topics");
         }
-        self.shared
-            .known_topics
-            .lock()
-            .expect("topics lock")
-            .extend(missing);
+        self.shared.known_topics.lock().expect("topics lock").extend(missing);
         Ok(())
     }
 
@@ -471,14 +401,8 @@ impl Run {
                             let (_, high) = owned
                                 .producer
                                 .client()
-                                .fetch_watermarks(
-                                    &topic,
-                                    self.partition,
-                                    self.shared.config.kafka_timeout(),
-                                )
-                                .map_err(|e| {
-                                    Failure::BeforeBegin(anyhow!("watermarks of {topic}: {e}"))
-                                })?;
+                                .fetch_watermarks(&topic, self.partition, self.shared.config.kafka_timeout())
+                                .map_err(|e| Failure::BeforeBegin(anyhow!("watermarks of {topic}: {e}")))?;
 
                             high
                         }
@@ -492,11 +416,7 @@ impl Run {
         Ok(predicted)
     }
 
-    fn transact(
-        &self,
-        owned: &mut Owned,
-        records: Vec<Incoming>,
-    ) -> Result<Vec<StreamRecord>, Failure> {
+    fn transact(&self, owned: &mut Owned, records: Vec<Incoming>) -> Result<Vec<StreamRecord>, Failure> {
         let shared = &self.shared;
         let p = self.partition;
         let timeout = shared.config.kafka_timeout();
@@ -507,8 +427,7 @@ impl Run {
         for r in records {
             batch.handle(&ctx, r, now);
         }
-        let categories: BTreeSet<String> =
-            batch.events.iter().map(|e| e.category.clone()).collect();
+        let categories: BTreeSet<String> = batch.events.iter().map(|e| e.category.clone()).collect();
         let prepared = self
             .ensure_events_topics(&categories)
             .map_err(Failure::BeforeBegin)
@@ -521,11 +440,8 @@ impl Run {
                 return Err(e);
             }
         };
-        let events: Vec<(String, esk_wire::Event)> = batch
-            .events
-            .iter()
-            .map(|e| (shared.topics.events(&e.category), e.event.clone()))
-            .collect();
+        let events: Vec<(String, esk_wire::Event)> =
+            batch.events.iter().map(|e| (shared.topics.events(&e.category), e.event.clone())).collect();
         let votes = std::mem::take(&mut batch.votes);
         let dead = std::mem::take(&mut batch.dead_letters);
         let consumed = std::mem::take(&mut batch.consumed);
@@ -535,83 +451,44 @@ impl Run {
         let producer = &owned.producer;
         let t_begin = Instant::now();
         producer.begin_transaction().map_err(classify)?;
-        let send = |topic: &str,
-                    partition: i32,
-                    key: &[u8],
-                    value: &[u8],
-                    headers: Option<OwnedHeaders>,
-                    ts: Option<i64>| {
-            let mut record = FutureRecord::to(topic)
-                .partition(partition)
-                .key(key)
-                .payload(value);
-            if let Some(h) = headers {
-                record = record.headers(h);
-            }
-            if let Some(ts) = ts {
-                record = record.timestamp(ts);
-            }
-            producer
-                .send_result(record)
-                .map_err(|(err, _)| classify(err))
-        };
+        let send =
+            |topic: &str, partition: i32, key: &[u8], value: &[u8], headers: Option<OwnedHeaders>, ts: Option<i64>| {
+                let mut record = FutureRecord::to(topic).partition(partition).key(key).payload(value);
+                if let Some(h) = headers {
+                    record = record.headers(h);
+                }
+                if let Some(ts) = ts {
+                    record = record.timestamp(ts);
+                }
+                producer.send_result(record).map_err(|(err, _)| classify(err))
+            };
         // The events, then what carries their positions: state records (in event
         // order, which replicas rely on), replies, votes, dead letters. One
         // transaction; nothing is visible to read_committed readers before commit.
         let mut event_deliveries = Vec::with_capacity(events.len());
         for (topic, e) in &events {
-            let headers = e.headers().iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-                h.insert(Header {
-                    key: k,
-                    value: v.as_deref(),
-                })
-            });
+            let headers = e
+                .headers()
+                .iter()
+                .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: v.as_deref() }));
             let ts = e.time.timestamp_millis();
-            event_deliveries.push(send(
-                topic,
-                p,
-                e.stream.as_str().as_bytes(),
-                &e.value(),
-                Some(headers),
-                Some(ts),
-            )?);
+            event_deliveries.push(send(topic, p, e.stream.as_str().as_bytes(), &e.value(), Some(headers), Some(ts))?);
         }
         let mut deliveries = Vec::new();
         let state_topic = shared.topics.state();
         for r in &finished.records {
             let value = serde_json::to_vec(r).expect("stream records serialize");
-            deliveries.push(send(
-                &state_topic,
-                p,
-                r.stream.as_bytes(),
-                &value,
-                None,
-                None,
-            )?);
+            deliveries.push(send(&state_topic, p, r.stream.as_bytes(), &value, None, None)?);
         }
         let replies_topic = shared.topics.replies();
         for (part, id, reply) in &finished.replies {
             let value = serde_json::to_vec(reply).expect("replies serialize");
-            deliveries.push(send(
-                &replies_topic,
-                *part,
-                id.as_bytes(),
-                &value,
-                None,
-                None,
-            )?);
+            deliveries.push(send(&replies_topic, *part, id.as_bytes(), &value, None, None)?);
         }
         let votes_topic = shared.topics.tx_votes();
         for (part, txid, message) in &votes {
             let value = serde_json::to_vec(message).expect("votes serialize");
-            deliveries.push(send(
-                &votes_topic,
-                *part,
-                txid.as_bytes(),
-                &value,
-                None,
-                None,
-            )?);
+            deliveries.push(send(&votes_topic, *part, txid.as_bytes(), &value, None, None)?);
         }
         let dlq_topic = shared.topics.dlq("writer");
         for d in &dead {
@@ -625,10 +502,7 @@ impl Run {
             );
             let mut h = OwnedHeaders::new();
             for (k, v) in &o.headers {
-                h = h.insert(Header {
-                    key: k,
-                    value: v.as_deref(),
-                });
+                h = h.insert(Header { key: k, value: v.as_deref() });
             }
             let (offset, partition) = (o.offset.to_string(), o.partition.to_string());
             for (k, v) in [
@@ -638,20 +512,10 @@ impl Run {
                 ("esk_dlq_offset", offset.as_str()),
                 ("esk_dlq_consumer", "writer"),
             ] {
-                h = h.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
+                h = h.insert(Header { key: k, value: Some(v) });
             }
             let key = o.key.as_deref().unwrap_or_default();
-            deliveries.push(send(
-                &dlq_topic,
-                p,
-                key,
-                o.payload.as_deref().unwrap_or_default(),
-                Some(h),
-                None,
-            )?);
+            deliveries.push(send(&dlq_topic, p, key, o.payload.as_deref().unwrap_or_default(), Some(h), None)?);
             metrics::counter!("esk_writer_dead_letters_total").increment(1);
         }
         // Wait for every delivery here: rdkafka's commit_transaction flushes
@@ -685,13 +549,9 @@ impl Run {
             tpl.add_partition_offset(topic, p, Offset::Offset(offset + 1))
                 .map_err(|e| Failure::Abortable(anyhow!(e)))?;
         }
-        let group = self
-            .consumer
-            .group_metadata()
-            .ok_or_else(|| Failure::Abortable(anyhow!("no consumer group metadata")))?;
-        producer
-            .send_offsets_to_transaction(&tpl, &group, timeout)
-            .map_err(classify)?;
+        let group =
+            self.consumer.group_metadata().ok_or_else(|| Failure::Abortable(anyhow!("no consumer group metadata")))?;
+        producer.send_offsets_to_transaction(&tpl, &group, timeout).map_err(classify)?;
         let t_offsets = Instant::now();
         producer.commit_transaction(timeout).map_err(classify)?;
         // Each partition written gets one commit marker after its last record.

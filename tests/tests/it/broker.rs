@@ -15,10 +15,7 @@ async fn transactional_produce_and_read_committed_consume() {
     let env = TestEnv::new();
     let topic = format!("{}.txcheck", env.prefix);
     let admin = Admin::new(&env.kafka()).unwrap();
-    admin
-        .ensure(&[TopicKind::Events.spec(topic.clone(), 1, Durability::new(1))])
-        .await
-        .unwrap();
+    admin.ensure(&[TopicKind::Events.spec(topic.clone(), 1, Durability::new(1))]).await.unwrap();
 
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &env.bootstrap)
@@ -28,15 +25,10 @@ async fn transactional_produce_and_read_committed_consume() {
         .unwrap();
     let timeout = Duration::from_secs(30);
     tokio::task::block_in_place(|| {
-        producer
-            .init_transactions(timeout)
-            .expect("init_transactions: is the transaction log at replication 1?");
+        producer.init_transactions(timeout).expect("init_transactions: is the transaction log at replication 1?");
         for (value, commit) in [("one", true), ("aborted", false), ("two", true)] {
             producer.begin_transaction().unwrap();
-            producer
-                .send(BaseRecord::to(&topic).key("k").payload(value))
-                .map_err(|(e, _)| e)
-                .unwrap();
+            producer.send(BaseRecord::to(&topic).key("k").payload(value)).map_err(|(e, _)| e).unwrap();
             if commit {
                 producer.commit_transaction(timeout).unwrap();
             } else {
@@ -55,8 +47,7 @@ async fn transactional_produce_and_read_committed_consume() {
             .create()
             .unwrap();
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
-            .unwrap();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning).unwrap();
         consumer.assign(&tpl).unwrap();
         let (_, high) = consumer.fetch_watermarks(&topic, 0, timeout).unwrap();
         let mut seen = Vec::new();
@@ -69,17 +60,11 @@ async fn transactional_produce_and_read_committed_consume() {
                 seen.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
             }
             let pos = consumer.position().unwrap();
-            let at = pos
-                .find_partition(&topic, 0)
-                .and_then(|p| p.offset().to_raw())
-                .unwrap_or(0);
+            let at = pos.find_partition(&topic, 0).and_then(|p| p.offset().to_raw()).unwrap_or(0);
             if at >= high {
                 break;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never caught up to {high}"
-            );
+            assert!(std::time::Instant::now() < deadline, "never caught up to {high}");
         }
         seen
     };

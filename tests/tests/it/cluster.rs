@@ -18,10 +18,7 @@ async fn produce(producer: &FutureProducer, topic: &str, range: std::ops::Range<
             let value = i.to_string();
             async move {
                 producer
-                    .send(
-                        FutureRecord::to(topic).key(&key).payload(&value),
-                        Duration::from_secs(60),
-                    )
+                    .send(FutureRecord::to(topic).key(&key).payload(&value), Duration::from_secs(60))
                     .await
                     .map_err(|(e, _)| e)
             }
@@ -33,43 +30,20 @@ async fn produce(producer: &FutureProducer, topic: &str, range: std::ops::Range<
 }
 
 fn isr_sizes(bootstrap: &str, topic: &str) -> Option<Vec<usize>> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .ok()?;
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().ok()?;
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
-    Some(
-        md.topics()
-            .first()?
-            .partitions()
-            .iter()
-            .map(|p| p.isr().len())
-            .collect(),
-    )
+    Some(md.topics().first()?.partitions().iter().map(|p| p.isr().len()).collect())
 }
 
 fn leader_of_partition_0(bootstrap: &str, topic: &str) -> i32 {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    md.topics()[0]
-        .partitions()
-        .iter()
-        .find(|p| p.id() == 0)
-        .unwrap()
-        .leader()
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    md.topics()[0].partitions().iter().find(|p| p.id() == 0).unwrap().leader()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replicated_topic_survives_a_killed_node_and_the_node_rejoins() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .unwrap()
-        .unwrap();
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap().unwrap();
     let env = TestEnv::on(&cluster.bootstrap());
     let topic = format!("{}.replicated", env.prefix);
     Admin::new(&env.kafka())
@@ -93,24 +67,16 @@ async fn replicated_topic_survives_a_killed_node_and_the_node_rejoins() {
     let c2 = cluster.node(victim % 3 + 1);
     tokio::task::block_in_place(|| cluster.kill(victim)).unwrap();
     produce(&producer, &topic, 100..300).await;
-    let isr = poll_until(
-        Duration::from_secs(30),
-        "the ISR to shrink to 2",
-        || async { isr_sizes(&c2, &topic).filter(|s| s.iter().all(|n| *n == 2)) },
-    )
+    let isr = poll_until(Duration::from_secs(30), "the ISR to shrink to 2", || async {
+        isr_sizes(&c2, &topic).filter(|s| s.iter().all(|n| *n == 2))
+    })
     .await;
     assert_eq!(isr.len(), PARTITIONS as usize);
 
     tokio::task::block_in_place(|| cluster.restart(victim)).unwrap();
-    poll_until(
-        Duration::from_secs(60),
-        "the restarted node to rejoin every ISR",
-        || async {
-            isr_sizes(&c2, &topic)
-                .filter(|s| s.iter().all(|n| *n == 3))
-                .map(|_| ())
-        },
-    )
+    poll_until(Duration::from_secs(60), "the restarted node to rejoin every ISR", || async {
+        isr_sizes(&c2, &topic).filter(|s| s.iter().all(|n| *n == 3)).map(|_| ())
+    })
     .await;
     produce(&producer, &topic, 300..350).await;
 
@@ -129,10 +95,7 @@ async fn replicated_topic_survives_a_killed_node_and_the_node_rejoins() {
     tokio::task::block_in_place(|| {
         while total < 350 && std::time::Instant::now() < deadline {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                let i: usize = std::str::from_utf8(m.payload().unwrap())
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let i: usize = std::str::from_utf8(m.payload().unwrap()).unwrap().parse().unwrap();
                 seen[i] += 1;
                 total += 1;
             }

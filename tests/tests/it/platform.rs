@@ -11,6 +11,7 @@ use esk_tests::{bin, free_port_pair, repo_root};
 struct Ports {
     kafka: u16,
     writer: u16,
+    projector: u16,
 }
 
 fn make(target: &str, home: &Path, ports: Ports) -> (bool, String) {
@@ -24,15 +25,12 @@ fn make(target: &str, home: &Path, ports: Ports) -> (bool, String) {
         .env("ESK_BIN_DIR", bin_dir)
         .env("ESK_PARTITIONS", "2")
         .env("ESK_WRITER_HTTP", format!("127.0.0.1:{}", ports.writer))
+        .env("ESK_PROJECTOR_HTTP", format!("127.0.0.1:{}", ports.projector))
         .env_remove("KAFKA_BOOTSTRAP_SERVERS")
         .env_remove("ESK_TOPIC_PREFIX")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
 
@@ -54,7 +52,9 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
     let ports = Ports {
         kafka: free_port_pair().unwrap(),
         writer: free_port_pair().unwrap(),
+        projector: free_port_pair().unwrap(),
     };
+
     let port = ports.kafka;
     let (ok, out) = make("up", home.path(), ports);
     let guard = Down(home.path().to_owned(), ports);
@@ -67,26 +67,26 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
     let (ok, again) = make("up", home.path(), ports);
     assert!(ok, "second make up failed:\n{again}");
     assert!(again.contains("already running"), "{again}");
-    assert!(
-        again.contains("0 created"),
-        "second make up changed topics:\n{again}"
-    );
+    assert!(again.contains("0 created"), "second make up changed topics:\n{again}");
     let same = std::fs::read_to_string(home.path().join("run/kafka.pid")).unwrap();
     assert_eq!(pid, same, "second make up restarted the broker");
 
     let (ok, status) = make("status", home.path(), ports);
     assert!(ok && status.contains("running"), "{status}");
     assert!(status.contains("writer: running"), "{status}");
+    assert!(status.contains("projector: running"), "{status}");
+    let projector_pid = std::fs::read_to_string(home.path().join("run/projector.pid")).unwrap();
+    assert!(home.path().join("data").is_dir(), "the projector's store lives under ESK_HOME/data");
+
     let writer_pid = std::fs::read_to_string(home.path().join("run/writer.pid")).unwrap();
     assert!(home.path().join("log/writer.log").exists());
 
     drop(guard);
     assert!(!port_open(port), "port {port} still open after make down");
     assert!(!pid_alive(&pid), "broker pid {pid} alive after make down");
-    assert!(
-        !pid_alive(&writer_pid),
-        "writer pid {writer_pid} alive after make down"
-    );
+    assert!(!pid_alive(&writer_pid), "writer pid {writer_pid} alive after make down");
+    assert!(!pid_alive(&projector_pid), "projector pid {projector_pid} alive after make down");
+
 
     assert!(!home.path().join("run/kafka.pid").exists());
 }

@@ -10,21 +10,13 @@ use rdkafka::client::DefaultClientContext;
 
 /// Every topic under the prefix with (partitions, configs), read without esk's code.
 async fn read_back(env: &TestEnv) -> BTreeMap<String, (usize, BTreeMap<String, String>)> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &env.bootstrap)
-        .create()
-        .unwrap();
-    let md = admin
-        .inner()
-        .fetch_metadata(None, Duration::from_secs(10))
-        .unwrap();
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &env.bootstrap).create().unwrap();
+    let md = admin.inner().fetch_metadata(None, Duration::from_secs(10)).unwrap();
     let prefix = format!("{}.", env.prefix);
     let mut out = BTreeMap::new();
     for t in md.topics().iter().filter(|t| t.name().starts_with(&prefix)) {
-        let res = admin
-            .describe_configs(&[ResourceSpecifier::Topic(t.name())], &AdminOptions::new())
-            .await
-            .unwrap();
+        let res = admin.describe_configs(&[ResourceSpecifier::Topic(t.name())], &AdminOptions::new()).await.unwrap();
         let configs = res
             .into_iter()
             .next()
@@ -42,12 +34,7 @@ async fn read_back(env: &TestEnv) -> BTreeMap<String, (usize, BTreeMap<String, S
 #[tokio::test(flavor = "multi_thread")]
 async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     let env = TestEnv::new();
-    let first = env
-        .esk()
-        .args(["topics", "init", "--partitions", "3", "--json"])
-        .run()
-        .ok()
-        .json();
+    let first = env.esk().args(["topics", "init", "--partitions", "3", "--json"]).run().ok().json();
     let p = &env.prefix;
     let expected: Vec<String> = [
         "commands",
@@ -84,47 +71,23 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     assert_eq!(topics[&format!("{p}.replies")].1["retention.ms"], "3600000");
 
     // Idempotent: nothing new, nothing changed, same partition count kept by default.
-    let second = env
-        .esk()
-        .args(["topics", "init", "--json"])
-        .run()
-        .ok()
-        .json();
+    let second = env.esk().args(["topics", "init", "--json"]).run().ok().json();
     assert_eq!(second["created"], serde_json::json!([]));
     assert_eq!(second["existing"].as_array().unwrap().len(), expected.len());
     assert_eq!(second["partitions"], 3);
     assert_eq!(read_back(&env).await, topics);
 
     // A different partition count would break co-partitioning: refused, nothing changed.
-    let run = env
-        .esk()
-        .args(["topics", "init", "--partitions", "5"])
-        .run()
-        .code(4);
-    assert!(
-        run.stderr.contains("already has 3 partitions"),
-        "{}",
-        run.stderr
-    );
+    let run = env.esk().args(["topics", "init", "--partitions", "5"]).run().code(4);
+    assert!(run.stderr.contains("already has 3 partitions"), "{}", run.stderr);
     assert_eq!(read_back(&env).await, topics);
 
     // describe shows them all, none missing.
-    let described = env
-        .esk()
-        .args(["topics", "describe", "--json"])
-        .run()
-        .ok()
-        .json();
+    let described = env.esk().args(["topics", "describe", "--json"]).run().ok().json();
     assert_eq!(described["missing"], serde_json::json!([]));
-    assert_eq!(
-        described["topics"].as_array().unwrap().len(),
-        expected.len()
-    );
+    assert_eq!(described["topics"].as_array().unwrap().len(), expected.len());
     let human = env.esk().args(["topics", "describe"]).run().ok();
-    assert!(
-        human.stdout.contains(&format!("{p}.state"))
-            && human.stdout.contains("cleanup.policy=compact")
-    );
+    assert!(human.stdout.contains(&format!("{p}.state")) && human.stdout.contains("cleanup.policy=compact"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -143,46 +106,20 @@ async fn unreachable_or_malformed_brokers_exit_5_in_bounded_time() {
     let env = TestEnv::new();
     // A closed port on this host, and a name that does not resolve.
     let closed = esk_tests::free_port_pair().unwrap();
-    for bootstrap in [
-        format!("127.0.0.1:{closed}"),
-        "no-such-host.invalid:9092".to_owned(),
-    ] {
+    for bootstrap in [format!("127.0.0.1:{closed}"), "no-such-host.invalid:9092".to_owned()] {
         let run = env
             .esk()
-            .args([
-                "topics",
-                "init",
-                "--timeout",
-                "3s",
-                "--bootstrap-servers",
-                &bootstrap,
-                "--json",
-            ])
+            .args(["topics", "init", "--timeout", "3s", "--bootstrap-servers", &bootstrap, "--json"])
             .run()
             .code(5);
-        assert!(
-            run.elapsed < Duration::from_secs(10),
-            "took {:?}",
-            run.elapsed
-        );
-        assert!(
-            run.stderr.contains("unavailable") && run.stderr.contains(&bootstrap),
-            "{}",
-            run.stderr
-        );
+        assert!(run.elapsed < Duration::from_secs(10), "took {:?}", run.elapsed);
+        assert!(run.stderr.contains("unavailable") && run.stderr.contains(&bootstrap), "{}", run.stderr);
         assert_eq!(run.json()["error"], "unavailable");
     }
     for bad in ["localhost:abc", "localhost", ""] {
         let started = Instant::now();
-        let run = env
-            .esk()
-            .args(["topics", "init", "--bootstrap-servers", bad])
-            .run()
-            .code(5);
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "a malformed address needs no network"
-        );
+        let run = env.esk().args(["topics", "init", "--bootstrap-servers", bad]).run().code(5);
+        assert!(started.elapsed() < Duration::from_secs(2), "a malformed address needs no network");
         assert!(run.stderr.contains("bootstrap"), "{}", run.stderr);
     }
     // Also through the environment variable.
@@ -198,22 +135,9 @@ async fn unreachable_or_malformed_brokers_exit_5_in_bounded_time() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_init_arguments_are_refused_and_write_nothing() {
     let env = TestEnv::new();
-    let run = env
-        .esk()
-        .args(["topics", "init", "--replication-factor", "7"])
-        .run()
-        .code(4);
-    assert!(
-        run.stderr
-            .contains("--replication-factor 7 needs 7 brokers"),
-        "{}",
-        run.stderr
-    );
-    let run = env
-        .esk()
-        .args(["topics", "init", "--prefix", "bad/prefix"])
-        .run()
-        .code(4);
+    let run = env.esk().args(["topics", "init", "--replication-factor", "7"]).run().code(4);
+    assert!(run.stderr.contains("--replication-factor 7 needs 7 brokers"), "{}", run.stderr);
+    let run = env.esk().args(["topics", "init", "--prefix", "bad/prefix"]).run().code(4);
     assert!(run.stderr.contains("'bad/prefix'"), "{}", run.stderr);
     for args in [
         vec!["topics", "init", "--partitions", "0"],
@@ -223,8 +147,5 @@ async fn bad_init_arguments_are_refused_and_write_nothing() {
     ] {
         env.esk().args(&args).run().code(2);
     }
-    assert!(
-        read_back(&env).await.is_empty(),
-        "a refused init wrote topics"
-    );
+    assert!(read_back(&env).await.is_empty(), "a refused init wrote topics");
 }

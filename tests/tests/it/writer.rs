@@ -18,10 +18,7 @@ fn writer(env: &TestEnv) -> Service {
     Service::start(
         env,
         "writer",
-        &[
-            ("ESK_WRITER_SESSION_TIMEOUT_MS", SESSION_MS),
-            ("ESK_SCHEMAS_DIR", schemas.to_str().unwrap()),
-        ],
+        &[("ESK_WRITER_SESSION_TIMEOUT_MS", SESSION_MS), ("ESK_SCHEMAS_DIR", schemas.to_str().unwrap())],
     )
 }
 
@@ -54,17 +51,7 @@ async fn fifty_clients_race_each_version_is_won_exactly_once() {
         let children: Vec<_> = (0..50)
             .map(|c| {
                 let data = json!({"round": round, "client": c}).to_string();
-                env.esk()
-                    .args([
-                        "append",
-                        "race-1",
-                        "Tick",
-                        &data,
-                        "--expected-version",
-                        &expected,
-                        "--json",
-                    ])
-                    .spawn()
+                env.esk().args(["append", "race-1", "Tick", &data, "--expected-version", &expected, "--json"]).spawn()
             })
             .collect();
         let runs: Vec<_> = children.into_iter().map(esk_tests::Spawned::wait).collect();
@@ -76,11 +63,7 @@ async fn fifty_clients_race_each_version_is_won_exactly_once() {
             let doc = r.json();
             assert_eq!(doc["error"], "wrong_expected_version");
             assert_eq!(doc["actual_version"], round, "{doc}");
-            assert!(
-                r.stderr.contains(&format!("at version {round}")),
-                "{}",
-                r.stderr
-            );
+            assert!(r.stderr.contains(&format!("at version {round}")), "{}", r.stderr);
         }
     }
     let log = checked_log(&env, "race");
@@ -94,13 +77,7 @@ async fn a_retried_request_writes_nothing_twice() {
     let w = writer(&env);
     wait_serving(&[&w], 2, Duration::from_secs(60)).await;
     let append = |extra: &[&str]| {
-        let mut args = vec![
-            "append",
-            "note-1",
-            "Written",
-            r#"{"text":"once"}"#,
-            "--json",
-        ];
+        let mut args = vec!["append", "note-1", "Written", r#"{"text":"once"}"#, "--json"];
         args.extend_from_slice(extra);
         env.esk().args(args).run().ok().json()
     };
@@ -132,117 +109,32 @@ async fn bad_input_gets_its_exit_code_and_writes_nothing() {
     };
     let (big, huge) = (write("big.json", 300_000), write("huge.json", 1_100_000));
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
-        (
-            vec!["append", "order-1", "OrderPlaced", "{bad"],
-            4,
-            "not valid JSON",
-        ),
-        (
-            vec!["append", "order1", "OrderPlaced", "{}"],
-            4,
-            "no category",
-        ),
-        (
-            vec!["append", "Order-1", "OrderPlaced", "{}"],
-            4,
-            "category 'Order'",
-        ),
-        (
-            vec!["append", "order-1", "OrderShipped", "{}"],
-            4,
-            "unknown event type 'OrderShipped'",
-        ),
-        (
-            vec![
-                "append",
-                "order-1",
-                "OrderPlaced",
-                r#"{"sku":"a","quantity":0}"#,
-            ],
-            4,
-            "/quantity",
-        ),
+        (vec!["append", "order-1", "OrderPlaced", "{bad"], 4, "not valid JSON"),
+        (vec!["append", "order1", "OrderPlaced", "{}"], 4, "no category"),
+        (vec!["append", "Order-1", "OrderPlaced", "{}"], 4, "category 'Order'"),
+        (vec!["append", "order-1", "OrderShipped", "{}"], 4, "unknown event type 'OrderShipped'"),
+        (vec!["append", "order-1", "OrderPlaced", r#"{"sku":"a","quantity":0}"#], 4, "/quantity"),
         (vec!["append", "blob-1", "Big", &big], 4, "limit is 262144"),
+        (vec!["append", "blob-1", "Huge", &huge], 4, "at most 1000000"),
         (
-            vec!["append", "blob-1", "Huge", &huge],
-            4,
-            "at most 1000000",
-        ),
-        (
-            vec![
-                "append",
-                "order-1",
-                "OrderPlaced",
-                r#"{"sku":"a","quantity":1}"#,
-                "--expected-version",
-                "5",
-            ],
+            vec!["append", "order-1", "OrderPlaced", r#"{"sku":"a","quantity":1}"#, "--expected-version", "5"],
             3,
             "at version 0, expected 5",
         ),
         (
-            vec![
-                "append",
-                "order-1",
-                "OrderPlaced",
-                r#"{"sku":"a","quantity":1}"#,
-                "--expected-version",
-                "exists",
-            ],
+            vec!["append", "order-1", "OrderPlaced", r#"{"sku":"a","quantity":1}"#, "--expected-version", "exists"],
             3,
             "expected exists",
         ),
-        (
-            vec![
-                "append",
-                "order-1",
-                "OrderPlaced",
-                "{}",
-                "--expected-version",
-                "banana",
-            ],
-            4,
-            "'banana'",
-        ),
-        (
-            vec![
-                "append",
-                "order-1",
-                "OrderPlaced",
-                "{}",
-                "--event-id",
-                "nope",
-            ],
-            4,
-            "not a UUID",
-        ),
-        (
-            vec!["append", "account-9", "Deposited", r#"{"amount":5}"#],
-            4,
-            "owned by its aggregate",
-        ),
-        (
-            vec!["command", "account-9", "Deposit", r#"{"amount":5}"#],
-            7,
-            "not open",
-        ),
-        (
-            vec!["command", "account-9", "Deposit", r#"{"amount":-5}"#],
-            4,
-            "at least 1",
-        ),
+        (vec!["append", "order-1", "OrderPlaced", "{}", "--expected-version", "banana"], 4, "'banana'"),
+        (vec!["append", "order-1", "OrderPlaced", "{}", "--event-id", "nope"], 4, "not a UUID"),
+        (vec!["append", "account-9", "Deposited", r#"{"amount":5}"#], 4, "owned by its aggregate"),
+        (vec!["command", "account-9", "Deposit", r#"{"amount":5}"#], 7, "not open"),
+        (vec!["command", "account-9", "Deposit", r#"{"amount":-5}"#], 4, "at least 1"),
         (vec!["command", "account-9", "Steal", "{}"], 4, "Steal"),
         (vec!["command", "order-1", "Place", "{}"], 4, "no aggregate"),
-        (
-            vec!["command", "account-9", "Deposit", "nope"],
-            4,
-            "not valid JSON",
-        ),
-        (
-            vec!["command", "account-9", "Deposit", "@/no/such/file"],
-            4,
-            "cannot read /no/such/file",
-        ),
+        (vec!["command", "account-9", "Deposit", "nope"], 4, "not valid JSON"),
+        (vec!["command", "account-9", "Deposit", "@/no/such/file"], 4, "cannot read /no/such/file"),
         (vec!["read", "nocategory"], 4, "no category"),
         (vec!["tail", "--category", "Bad!"], 4, "not a category"),
         (vec!["append"], 2, "required"),
@@ -252,41 +144,19 @@ async fn bad_input_gets_its_exit_code_and_writes_nothing() {
         with_json.push("--json");
         let run = env.esk().args(&with_json).run();
         assert_eq!(run.code, Some(code), "{args:?}: {run:#?}");
-        assert!(
-            run.stderr.contains(wanted),
-            "{args:?}: wanted '{wanted}' in stderr: {}",
-            run.stderr
-        );
+        assert!(run.stderr.contains(wanted), "{args:?}: wanted '{wanted}' in stderr: {}", run.stderr);
         if code != 2 {
             let doc = run.json();
-            assert!(
-                doc["error"].is_string() && doc["message"].is_string(),
-                "{doc}"
-            );
+            assert!(doc["error"].is_string() && doc["message"].is_string(), "{doc}");
         }
     }
     for category in ["order", "blob", "account"] {
-        assert!(
-            env.all_events(category).is_empty(),
-            "something was written to {category}"
-        );
+        assert!(env.all_events(category).is_empty(), "something was written to {category}");
     }
     let state = env.read_topic(&env.topics().state(), true);
-    assert!(
-        state.is_empty(),
-        "state records were written: {}",
-        state.len()
-    );
+    assert!(state.is_empty(), "state records were written: {}", state.len());
     // The writer is still fine.
-    env.esk()
-        .args([
-            "append",
-            "order-1",
-            "OrderPlaced",
-            r#"{"sku":"a","quantity":1}"#,
-        ])
-        .run()
-        .ok();
+    env.esk().args(["append", "order-1", "OrderPlaced", r#"{"sku":"a","quantity":1}"#]).run().ok();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -304,51 +174,23 @@ async fn malformed_records_from_foreign_producers_are_parked_and_the_writer_goes
     let commands = env.topics().commands();
     let foreign = [
         ("note-1", b"\x00\xffgarbage".to_vec()),
-        (
-            "note-1",
-            br#"{"request_id":"x","reply_partition":99,"stream":"note-1","kind":"head"}"#.to_vec(),
-        ),
+        ("note-1", br#"{"request_id":"x","reply_partition":99,"stream":"note-1","kind":"head"}"#.to_vec()),
     ];
     for (key, value) in &foreign {
-        producer
-            .send(
-                FutureRecord::to(&commands).key(*key).payload(value),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+        producer.send(FutureRecord::to(&commands).key(*key).payload(value), Duration::from_secs(10)).await.unwrap();
     }
     // The writer goes on: an append after them succeeds (and, being behind them
     // in the same partition, proves they were consumed).
-    env.esk()
-        .args(["append", "note-1", "Written", r#"{"text":"after"}"#])
-        .run()
-        .ok();
+    env.esk().args(["append", "note-1", "Written", r#"{"text":"after"}"#]).run().ok();
     let parked = env.read_topic(&env.topics().dlq("writer"), true);
     assert_eq!(parked.len(), 2, "{parked:#?}");
-    assert!(
-        parked[0]
-            .header("esk_dlq_reason")
-            .unwrap()
-            .contains("not valid")
-    );
-    assert_eq!(
-        parked[0].header("esk_dlq_topic").as_deref(),
-        Some(commands.as_str())
-    );
+    assert!(parked[0].header("esk_dlq_reason").unwrap().contains("not valid"));
+    assert_eq!(parked[0].header("esk_dlq_topic").as_deref(), Some(commands.as_str()));
     assert!(parked[0].header("esk_dlq_offset").is_some());
     assert_eq!(parked[0].value.as_deref(), Some(&b"\x00\xffgarbage"[..]));
-    assert!(
-        parked[1]
-            .header("esk_dlq_reason")
-            .unwrap()
-            .contains("reply_partition 99")
-    );
+    assert!(parked[1].header("esk_dlq_reason").unwrap().contains("reply_partition 99"));
     let metrics = w.get("/metrics").unwrap().1;
-    assert!(
-        metrics.contains("esk_writer_dead_letters_total 2"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("esk_writer_dead_letters_total 2"), "{metrics}");
     assert_eq!(checked_log(&env, "note")["note-1"].len(), 1);
 }
 
@@ -362,12 +204,7 @@ struct Sent {
 
 /// Appends two-event requests to `streams` streams until `stop`, each stream
 /// one request at a time, all streams at once.
-async fn load(
-    client: Arc<Client>,
-    category: &str,
-    streams: usize,
-    stop: Arc<AtomicBool>,
-) -> Vec<Sent> {
+async fn load(client: Arc<Client>, category: &str, streams: usize, stop: Arc<AtomicBool>) -> Vec<Sent> {
     let tasks: Vec<_> = (0..streams)
         .map(|i| {
             let client = client.clone();
@@ -376,10 +213,7 @@ async fn load(
             tokio::spawn(async move {
                 let mut sent = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
-                    let ids = [
-                        uuid::Uuid::new_v4().to_string(),
-                        uuid::Uuid::new_v4().to_string(),
-                    ];
+                    let ids = [uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string()];
                     let events = ids
                         .iter()
                         .map(|id| NewEvent {
@@ -395,11 +229,7 @@ async fn load(
                     if result.is_err() {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    sent.push(Sent {
-                        stream: stream.clone(),
-                        ids,
-                        result,
-                    });
+                    sent.push(Sent { stream: stream.clone(), ids, result });
                 }
                 sent
             })
@@ -426,11 +256,7 @@ async fn verify_load(env: &TestEnv, category: &str, sent: &[Sent]) {
     let log = checked_log(env, category);
     let mut at: HashMap<String, (String, u64)> = HashMap::new();
     for (stream, events) in &log {
-        assert_eq!(
-            heads[stream],
-            events.len() as u64,
-            "{stream}: head and log disagree"
-        );
+        assert_eq!(heads[stream], events.len() as u64, "{stream}: head and log disagree");
         for e in events {
             at.insert(e.id.clone(), (stream.clone(), e.version));
         }
@@ -440,20 +266,12 @@ async fn verify_load(env: &TestEnv, category: &str, sent: &[Sent]) {
         let found: Vec<_> = s.ids.iter().map(|id| at.get(id)).collect();
         match (&s.result, found[0], found[1]) {
             (Ok((first, last)), Some(a), Some(b)) => {
-                assert_eq!(
-                    (a, b),
-                    (&(s.stream.clone(), *first), &(s.stream.clone(), *last)),
-                    "{s:?}"
-                );
+                assert_eq!((a, b), (&(s.stream.clone(), *first), &(s.stream.clone(), *last)), "{s:?}");
                 acked += 1;
             }
             (Ok(_), _, _) => panic!("an acknowledged append is missing from the log: {s:?}"),
             (Err(_), Some(a), Some(b)) => {
-                assert_eq!(
-                    a.1 + 1,
-                    b.1,
-                    "a request's events must be consecutive: {s:?}"
-                );
+                assert_eq!(a.1 + 1, b.1, "a request's events must be consecutive: {s:?}");
                 applied_unacked += 1;
             }
             (Err(_), None, None) => absent += 1,
@@ -481,10 +299,7 @@ async fn sigkill_mid_load_loses_nothing_acknowledged_and_splits_nothing() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     stop.store(true, Ordering::SeqCst);
     let sent = load.await.unwrap();
-    assert!(
-        sent.iter().any(|s| s.result.is_err()),
-        "the kill interrupted nothing"
-    );
+    assert!(sent.iter().any(|s| s.result.is_err()), "the kill interrupted nothing");
     verify_load(&env, "crash", &sent).await;
     drop(w2);
 }
@@ -499,8 +314,7 @@ fn metric(service: &Service, name: &str) -> f64 {
 }
 
 fn serving(w: &Service) -> u64 {
-    w.get_json("/health")
-        .map_or(0, |h| h["partitions_serving"].as_u64().unwrap_or(0))
+    w.get_json("/health").map_or(0, |h| h["partitions_serving"].as_u64().unwrap_or(0))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -522,34 +336,25 @@ async fn a_second_writer_takes_over_and_a_frozen_zombie_writes_nothing() {
     // Kill one: the other serves every partition within the session timeout.
     let killed_at = Instant::now();
     a.kill();
-    poll_until(
-        Duration::from_secs(30),
-        "the survivor to serve all partitions",
-        || async { (serving(&b) == 4).then_some(()) },
-    )
+    poll_until(Duration::from_secs(30), "the survivor to serve all partitions", || async {
+        (serving(&b) == 4).then_some(())
+    })
     .await;
     let takeover = killed_at.elapsed();
     println!("takeover after SIGKILL: {takeover:?} (session timeout {SESSION_MS} ms)");
-    assert!(
-        takeover < Duration::from_millis(6000 + 3000),
-        "takeover took {takeover:?}"
-    );
+    assert!(takeover < Duration::from_millis(6000 + 3000), "takeover took {takeover:?}");
 
     // A zombie: a writer frozen while it owns partitions, woken after the takeover.
     let zombie = writer(&env);
-    poll_until(
-        Duration::from_secs(60),
-        "the new writer to get partitions",
-        || async { (serving(&zombie) > 0 && serving(&zombie) + serving(&b) == 4).then_some(()) },
-    )
+    poll_until(Duration::from_secs(60), "the new writer to get partitions", || async {
+        (serving(&zombie) > 0 && serving(&zombie) + serving(&b) == 4).then_some(())
+    })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     zombie.signal("STOP");
-    poll_until(
-        Duration::from_secs(30),
-        "the takeover from the frozen writer",
-        || async { (serving(&b) == 4).then_some(()) },
-    )
+    poll_until(Duration::from_secs(30), "the takeover from the frozen writer", || async {
+        (serving(&b) == 4).then_some(())
+    })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     zombie.signal("CONT");
@@ -563,11 +368,7 @@ async fn a_second_writer_takes_over_and_a_frozen_zombie_writes_nothing() {
     );
     verify_load(&env, "takeover", &sent).await;
     let ok = sent.iter().filter(|s| s.result.is_ok()).count();
-    assert!(
-        ok * 10 > sent.len() * 8,
-        "too few appends succeeded: {ok} of {}",
-        sent.len()
-    );
+    assert!(ok * 10 > sent.len() * 8, "too few appends succeeded: {ok} of {}", sent.len());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -579,20 +380,11 @@ async fn read_returns_a_stream_in_order_from_its_index() {
     // 40 streams interleaved in one file, then 50 separate appends to one stream
     // (more runs than the index keeps, so runs get merged).
     let lines: String = (0..2000)
-        .map(|i| {
-            json!({"stream": format!("mix-{}", i % 40), "type": "Mixed", "data": {"i": i}})
-                .to_string()
-                + "\n"
-        })
+        .map(|i| json!({"stream": format!("mix-{}", i % 40), "type": "Mixed", "data": {"i": i}}).to_string() + "\n")
         .collect();
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), lines).unwrap();
-    let summary = env
-        .esk()
-        .args(["produce", "--file", file.path().to_str().unwrap(), "--json"])
-        .run()
-        .ok()
-        .json();
+    let summary = env.esk().args(["produce", "--file", file.path().to_str().unwrap(), "--json"]).run().ok().json();
     assert_eq!(summary["appended"], 2000);
     let client = env.client(Duration::from_secs(30), false);
     for n in 0..50 {
@@ -600,11 +392,7 @@ async fn read_returns_a_stream_in_order_from_its_index() {
             .append(
                 "mix-7",
                 ExpectedVersion::Exact(50 + n),
-                vec![NewEvent {
-                    id: None,
-                    event_type: "Single".into(),
-                    data: json!({"n": n}),
-                }],
+                vec![NewEvent { id: None, event_type: "Single".into(), data: json!({"n": n}) }],
                 None,
             )
             .await
@@ -612,24 +400,9 @@ async fn read_returns_a_stream_in_order_from_its_index() {
     }
     let log = checked_log(&env, "mix");
     for (stream, from) in [("mix-7", 1), ("mix-7", 77), ("mix-3", 1), ("mix-3", 50)] {
-        let run = env
-            .esk()
-            .args([
-                "read",
-                stream,
-                "--from-version",
-                &from.to_string(),
-                "--json",
-            ])
-            .run()
-            .ok();
-        let got: Vec<Value> = run
-            .stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let want: Vec<&esk_wire::Event> =
-            log[stream].iter().filter(|e| e.version >= from).collect();
+        let run = env.esk().args(["read", stream, "--from-version", &from.to_string(), "--json"]).run().ok();
+        let got: Vec<Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let want: Vec<&esk_wire::Event> = log[stream].iter().filter(|e| e.version >= from).collect();
         assert_eq!(got.len(), want.len(), "{stream} from {from}");
         for (g, w) in got.iter().zip(want) {
             assert_eq!(g["version"], w.version);
@@ -643,16 +416,8 @@ async fn read_returns_a_stream_in_order_from_its_index() {
     let head = client.head("mix-7").await.unwrap();
     assert_eq!(head.version, 100);
     assert!(head.index.len() <= 32, "{}", head.index.len());
-    let human = env
-        .esk()
-        .args(["read", "mix-7", "--from-version", "100"])
-        .run()
-        .ok();
-    assert!(
-        human.stdout.contains("Single") && human.stdout.contains(r#"{"n":49}"#),
-        "{}",
-        human.stdout
-    );
+    let human = env.esk().args(["read", "mix-7", "--from-version", "100"]).run().ok();
+    assert!(human.stdout.contains("Single") && human.stdout.contains(r#"{"n":49}"#), "{}", human.stdout);
     let empty = env.esk().args(["read", "mix-404"]).run().ok();
     assert!(empty.stdout.is_empty() && empty.stderr.contains("no events"));
 }
@@ -664,45 +429,19 @@ async fn tail_follows_new_events() {
     let w = writer(&env);
     wait_serving(&[&w], 2, Duration::from_secs(60)).await;
     env.esk().args(["append", "feed-0", "Old", "{}"]).run().ok();
-    let tail = env
-        .esk()
-        .args(["tail", "--category", "feed", "--json", "--limit", "3"])
-        .spawn();
+    let tail = env.esk().args(["tail", "--category", "feed", "--json", "--limit", "3"]).spawn();
     // The tail starts at the end: give it a moment to assign before appending.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for i in 1..=3 {
-        env.esk()
-            .args([
-                "append",
-                &format!("feed-{i}"),
-                "New",
-                &json!({"i": i}).to_string(),
-            ])
-            .run()
-            .ok();
+        env.esk().args(["append", &format!("feed-{i}"), "New", &json!({"i": i}).to_string()]).run().ok();
     }
     let run = tail.wait();
     assert_eq!(run.code, Some(0), "{run:#?}");
-    let got: Vec<Value> = run
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let got: Vec<Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(got.len(), 3);
     assert!(got.iter().all(|e| e["type"] == "New"), "{got:?}");
-    let from_start = env
-        .esk()
-        .args([
-            "tail",
-            "--category",
-            "feed",
-            "--from-beginning",
-            "--json",
-            "--limit",
-            "4",
-        ])
-        .run()
-        .ok();
+    let from_start =
+        env.esk().args(["tail", "--category", "feed", "--from-beginning", "--json", "--limit", "4"]).run().ok();
     assert_eq!(from_start.stdout.lines().count(), 4);
     assert!(from_start.stdout.contains("\"Old\""));
 }

@@ -20,16 +20,9 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "esk-bench",
-    about = "esk's benchmarks (needs a running esk-writer)"
-)]
+#[command(name = "esk-bench", about = "esk's benchmarks (needs a running esk-writer)")]
 struct Args {
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
     bootstrap_servers: String,
     #[arg(long, env = "ESK_TOPIC_PREFIX", default_value = "esk")]
     prefix: String,
@@ -83,9 +76,7 @@ async fn appends(
         let e = event(args.record_size, i);
         async move {
             let t = Instant::now();
-            let r = client
-                .append(&stream, ExpectedVersion::Any, vec![e], None)
-                .await;
+            let r = client.append(&stream, ExpectedVersion::Any, vec![e], None).await;
             (r, t.elapsed())
         }
     }))
@@ -103,21 +94,13 @@ async fn main() -> Result<()> {
     let config = KafkaConfig::new(&args.bootstrap_servers, Duration::from_secs(60))?;
     let topics = Topics::new(&args.prefix);
     let client = Client::connect_pipelined(config, topics)?;
-    println!(
-        "## esk append (writer at {}, prefix {})",
-        args.bootstrap_servers, args.prefix
-    );
+    println!("## esk append (writer at {}, prefix {})", args.bootstrap_servers, args.prefix);
     // Warm up: create the category topic, fill the writer's caches.
     appends(&client, &args, "warm", 500, 32).await?;
     let (h, took) = appends(&client, &args, "seq", args.sequential, 1).await?;
     report("1 in flight (low load)", &h, args.sequential, took);
     let (h, took) = appends(&client, &args, "pipe", args.pipelined, args.in_flight).await?;
-    report(
-        &format!("{} in flight (high load)", args.in_flight),
-        &h,
-        args.pipelined,
-        took,
-    );
+    report(&format!("{} in flight (high load)", args.in_flight), &h, args.pipelined, took);
     let more = args.in_flight * 4;
     let (h, took) = appends(&client, &args, "more", args.pipelined, more).await?;
     report(&format!("{more} in flight"), &h, args.pipelined, took);
@@ -132,37 +115,16 @@ async fn main() -> Result<()> {
 /// with the measured stream's 200 single-event appends spread among them; then
 /// times reading that stream.
 async fn read_bench(client: &Client, args: &Args) -> Result<()> {
-    println!(
-        "\n## esk read of one stream among {} events",
-        args.read_events
-    );
+    println!("\n## esk read of one stream among {} events", args.read_events);
     let per_request = 100;
     let requests = args.read_events / per_request;
     let target_every = (requests / 200).max(1);
     let started = Instant::now();
     let mut results = futures::stream::iter((0..requests).map(|i| async move {
-        let events = (0..per_request)
-            .map(|j| event(args.record_size, i * per_request + j))
-            .collect();
-        let r = client
-            .append(
-                &format!("bulk-{}", i % 1000),
-                ExpectedVersion::Any,
-                events,
-                None,
-            )
-            .await;
+        let events = (0..per_request).map(|j| event(args.record_size, i * per_request + j)).collect();
+        let r = client.append(&format!("bulk-{}", i % 1000), ExpectedVersion::Any, events, None).await;
         let t = if i % target_every == 0 {
-            Some(
-                client
-                    .append(
-                        "bulk-target",
-                        ExpectedVersion::Any,
-                        vec![event(args.record_size, i)],
-                        None,
-                    )
-                    .await,
-            )
+            Some(client.append("bulk-target", ExpectedVersion::Any, vec![event(args.record_size, i)], None).await)
         } else {
             None
         };
@@ -189,10 +151,7 @@ async fn read_bench(client: &Client, args: &Args) -> Result<()> {
         let t = Instant::now();
         let events = read_stream(client, "bulk-target", 1, schemas.clone()).await?;
         if events.len() as u64 != target {
-            bail!(
-                "read {} events of bulk-target, expected {target}",
-                events.len()
-            );
+            bail!("read {} events of bulk-target, expected {target}", events.len());
         }
         println!(
             "read bulk-target ({} events, {} runs indexed) #{}: {:.1} ms",

@@ -5,12 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "esk",
-    version,
-    about = "Event sourcing on Apache Kafka",
-    propagate_version = true
-)]
+#[command(name = "esk", version, about = "Event sourcing on Apache Kafka", propagate_version = true)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -22,12 +17,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Global {
     /// Kafka bootstrap servers, host:port[,host:port...].
-    #[arg(
-        long,
-        global = true,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
+    #[arg(long, global = true, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
     pub bootstrap_servers: String,
     /// Prefix of every platform topic, so that installations can share a cluster.
     #[arg(long, global = true, env = "ESK_TOPIC_PREFIX", default_value = "esk")]
@@ -38,13 +28,13 @@ pub struct Global {
     /// How long to wait for Kafka or a service before giving up (exit 5), e.g. 10s, 500ms.
     #[arg(long, global = true, env = "ESK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The projector's HTTP address, for `esk projection` and `esk dlq replay`.
+    #[arg(long, global = true, env = "ESK_PROJECTOR_URL", default_value = "http://127.0.0.1:8702")]
+    pub projector_url: String,
 }
 
 #[derive(Debug, Subcommand)]
-#[allow(
-    clippy::enum_variant_names,
-    reason = "the subcommand names are the CLI contract"
-)]
+#[allow(clippy::enum_variant_names, reason = "the subcommand names are the CLI contract")]
 pub enum Command {
     /// Create or inspect the platform topics.
     Topics {
@@ -61,6 +51,45 @@ pub enum Command {
     Read(ReadArgs),
     /// Follow the event log live.
     Tail(TailArgs),
+    /// Read models: status and rebuilds (through the projector's HTTP API).
+    Projection {
+        #[command(subcommand)]
+        command: ProjectionCommand,
+    },
+    /// Parked records of a consumer (writer, or a projection such as accounts).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionCommand {
+    /// Every projection's version, progress, lag per partition and events/s.
+    Status,
+    /// Build a fresh copy of a projection from offset 0 beside the live one, then switch.
+    Rebuild {
+        /// The projection, e.g. accounts.
+        name: String,
+        /// Start it and return at once instead of waiting for the switch.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// The parked records, with their origin and the reason.
+    List {
+        /// writer, or a projection's name.
+        consumer: String,
+    },
+    /// Apply parked events again, each at most once (projections), or send
+    /// parked requests to the writer again (writer).
+    Replay {
+        /// writer, or a projection's name.
+        consumer: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -159,9 +188,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration; use e.g. 10s, 500ms, 2m"))?;
+    let n: f64 = number.parse().map_err(|_| format!("'{s}' is not a duration; use e.g. 10s, 500ms, 2m"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -169,9 +196,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("'{s}' has unknown unit '{unit}'; use ms, s or m")),
     };
     if !(secs > 0.0 && secs < 86_400.0) {
-        return Err(format!(
-            "'{s}' is out of range; give more than 0 and less than a day"
-        ));
+        return Err(format!("'{s}' is out of range; give more than 0 and less than a day"));
     }
     Ok(Duration::from_secs_f64(secs))
 }

@@ -19,19 +19,12 @@ use crate::exit::Failure;
 
 pub fn kafka(g: &Global) -> Result<(KafkaConfig, Topics), Failure> {
     Topics::validate_prefix(&g.prefix).map_err(Failure::invalid)?;
-    Ok((
-        KafkaConfig::new(&g.bootstrap_servers, g.timeout)?,
-        Topics::new(&g.prefix),
-    ))
+    Ok((KafkaConfig::new(&g.bootstrap_servers, g.timeout)?, Topics::new(&g.prefix)))
 }
 
 pub async fn connect(g: &Global, pipelined: bool) -> Result<Client, Failure> {
     let (config, topics) = kafka(g)?;
-    let open = if pipelined {
-        Client::connect_pipelined
-    } else {
-        Client::connect
-    };
+    let open = if pipelined { Client::connect_pipelined } else { Client::connect };
     Ok(tokio::task::spawn_blocking(move || open(config, topics))
         .await
         .map_err(|e| Failure::new(crate::exit::Kind::Internal, e))??)
@@ -43,8 +36,7 @@ pub fn parse_json(what: &str, text: &str) -> Result<Value, Failure> {
     let (source, content) = match text.strip_prefix('@') {
         Some(path) => (
             format!("{what} file {path}"),
-            std::fs::read_to_string(path)
-                .map_err(|e| Failure::invalid(format!("{what}: cannot read {path}: {e}")))?,
+            std::fs::read_to_string(path).map_err(|e| Failure::invalid(format!("{what}: cannot read {path}: {e}")))?,
         ),
         None => (what.to_owned(), text.to_owned()),
     };
@@ -59,8 +51,7 @@ pub fn parse_stream(text: &str) -> Result<StreamName, Failure> {
 }
 
 pub fn parse_expected(text: &str) -> Result<ExpectedVersion, Failure> {
-    text.parse()
-        .map_err(|e: String| Failure::invalid(format!("--expected-version: {e}")))
+    text.parse().map_err(|e: String| Failure::invalid(format!("--expected-version: {e}")))
 }
 
 fn print_appended(g: &Global, a: &Appended) {
@@ -70,20 +61,11 @@ fn print_appended(g: &Global, a: &Appended) {
             json!({"stream": a.stream, "first_version": a.first_version, "last_version": a.last_version, "position": a.position})
         );
     } else if a.first_version > a.last_version {
-        println!(
-            "{} unchanged at version {} (position {})",
-            a.stream, a.last_version, a.position
-        );
+        println!("{} unchanged at version {} (position {})", a.stream, a.last_version, a.position);
     } else if a.first_version == a.last_version {
-        println!(
-            "{} version {} (position {})",
-            a.stream, a.last_version, a.position
-        );
+        println!("{} version {} (position {})", a.stream, a.last_version, a.position);
     } else {
-        println!(
-            "{} versions {}..{} (position {})",
-            a.stream, a.first_version, a.last_version, a.position
-        );
+        println!("{} versions {}..{} (position {})", a.stream, a.first_version, a.last_version, a.position);
     }
 }
 
@@ -92,18 +74,11 @@ pub async fn append(g: &Global, args: AppendArgs) -> Result<(), Failure> {
     let data = parse_json("DATA_JSON", &args.data)?;
     let expected = parse_expected(&args.expected_version)?;
     if let Some(id) = &args.event_id {
-        uuid::Uuid::parse_str(id)
-            .map_err(|e| Failure::invalid(format!("--event-id '{id}' is not a UUID: {e}")))?;
+        uuid::Uuid::parse_str(id).map_err(|e| Failure::invalid(format!("--event-id '{id}' is not a UUID: {e}")))?;
     }
     let client = connect(g, false).await?;
-    let event = NewEvent {
-        id: args.event_id,
-        event_type: args.event_type,
-        data,
-    };
-    let a = client
-        .append(stream.as_str(), expected, vec![event], args.request_id)
-        .await?;
+    let event = NewEvent { id: args.event_id, event_type: args.event_type, data };
+    let a = client.append(stream.as_str(), expected, vec![event], args.request_id).await?;
     print_appended(g, &a);
     Ok(())
 }
@@ -113,13 +88,8 @@ pub async fn command(g: &Global, args: CommandArgs) -> Result<(), Failure> {
     let data = parse_json("DATA_JSON", &args.data)?;
     let expected = parse_expected(&args.expected_version)?;
     let client = connect(g, false).await?;
-    let command = CommandData {
-        command_type: args.command,
-        data,
-    };
-    let a = client
-        .command(stream.as_str(), expected, command, args.request_id)
-        .await?;
+    let command = CommandData { command_type: args.command, data };
+    let a = client.command(stream.as_str(), expected, command, args.request_id).await?;
     print_appended(g, &a);
     Ok(())
 }
@@ -141,36 +111,20 @@ fn print_event(g: &Global, e: &ReadEvent, with_stream: bool) {
         println!("{}", event_json(e));
     } else {
         let time = esk_wire::envelope::format_time(&e.event.time);
-        let stream = if with_stream {
-            format!("{} ", e.event.stream)
-        } else {
-            String::new()
-        };
-        println!(
-            "{stream}{:>5}  {:<16} {}  {time}",
-            e.event.version, e.event.event_type, e.event.data
-        );
+        let stream = if with_stream { format!("{} ", e.event.stream) } else { String::new() };
+        println!("{stream}{:>5}  {:<16} {}  {time}", e.event.version, e.event.event_type, e.event.data);
     }
 }
 
 pub async fn read(g: &Global, args: ReadArgs) -> Result<(), Failure> {
     let stream = parse_stream(&args.stream)?;
     let client = connect(g, false).await?;
-    let events = read_stream(
-        &client,
-        stream.as_str(),
-        args.from_version,
-        Arc::new(SchemaRegistry::builtin()),
-    )
-    .await?;
+    let events = read_stream(&client, stream.as_str(), args.from_version, Arc::new(SchemaRegistry::builtin())).await?;
     for e in &events {
         print_event(g, e, false);
     }
     if events.is_empty() && !g.json {
-        eprintln!(
-            "esk: {stream} has no events from version {}",
-            args.from_version
-        );
+        eprintln!("esk: {stream} has no events from version {}", args.from_version);
     }
     Ok(())
 }
@@ -229,23 +183,15 @@ pub async fn tail(g: &Global, args: TailArgs) -> Result<(), Failure> {
                     warned = true;
                     eprintln!("esk: waiting for events under {prefix}* to appear");
                 }
-                let new: Vec<String> = targets
-                    .into_iter()
-                    .filter(|t| !assigned.contains(t))
-                    .collect();
+                let new: Vec<String> = targets.into_iter().filter(|t| !assigned.contains(t)).collect();
                 if !new.is_empty() {
                     let infos = handle.block_on(admin.describe(&new))?;
                     for t in &infos {
                         // Topics found after the start are read from their beginning.
                         let from_start = args.from_beginning || !assigned.is_empty() || warned;
                         for p in 0..t.partitions {
-                            let offset = if from_start {
-                                Offset::Beginning
-                            } else {
-                                Offset::End
-                            };
-                            tpl.add_partition_offset(&t.name, p, offset)
-                                .map_err(esk_kafka::Error::from)?;
+                            let offset = if from_start { Offset::Beginning } else { Offset::End };
+                            tpl.add_partition_offset(&t.name, p, offset).map_err(esk_kafka::Error::from)?;
                         }
                     }
                     // Keep the positions of what is already assigned.
@@ -253,12 +199,8 @@ pub async fn tail(g: &Global, args: TailArgs) -> Result<(), Failure> {
                         let positions = consumer.position().map_err(esk_kafka::Error::from)?;
                         for e in positions.elements() {
                             if let Offset::Offset(n) = e.offset() {
-                                tpl.set_partition_offset(
-                                    e.topic(),
-                                    e.partition(),
-                                    Offset::Offset(n),
-                                )
-                                .map_err(esk_kafka::Error::from)?;
+                                tpl.set_partition_offset(e.topic(), e.partition(), Offset::Offset(n))
+                                    .map_err(esk_kafka::Error::from)?;
                             }
                         }
                     }

@@ -7,10 +7,7 @@ use serde_json::json;
 
 /// Why a command failed; each kind has its documented exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(
-    dead_code,
-    reason = "the write-path and transaction commands raise the rest"
-)]
+#[allow(dead_code, reason = "the write-path and transaction commands raise the rest")]
 pub enum Kind {
     /// 1: a bug or an unexpected state; the message says what.
     Internal,
@@ -68,12 +65,7 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(kind: Kind, message: impl Display) -> Self {
-        Self {
-            kind,
-            message: message.to_string(),
-            details: serde_json::Map::new(),
-            json_printed: false,
-        }
+        Self { kind, message: message.to_string(), details: serde_json::Map::new(), json_printed: false }
     }
 
     pub fn invalid(message: impl Display) -> Self {

@@ -5,16 +5,20 @@
 //! exit codes are the contract of DESIGN section 8; see [`exit::Failure`].
 
 mod cli;
+mod dlq;
 mod events;
 mod exit;
+mod http;
 mod produce;
+mod projection;
 mod topics;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, TopicsCommand};
+use crate::cli::{Cli, Command, DlqCommand, ProjectionCommand, TopicsCommand};
+
 use crate::exit::Failure;
 
 fn main() -> ExitCode {
@@ -24,10 +28,7 @@ fn main() -> ExitCode {
         Err(e) => return exit::usage(&e, json_requested),
     };
     esk_runtime::init_tracing("warn");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("building the tokio runtime");
     let json = cli.global.json;
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,5 +48,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Command(args) => events::command(&g, args).await,
         Command::Read(args) => events::read(&g, args).await,
         Command::Tail(args) => events::tail(&g, args).await,
+        Command::Projection { command } => match command {
+            ProjectionCommand::Status => projection::status(&g).await,
+            ProjectionCommand::Rebuild { name, no_wait } => projection::rebuild(&g, &name, no_wait).await,
+        },
+        Command::Dlq { command } => match command {
+            DlqCommand::List { consumer } => dlq::list(&g, &consumer).await,
+            DlqCommand::Replay { consumer } => dlq::replay(&g, &consumer).await,
+        },
     }
 }

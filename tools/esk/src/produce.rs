@@ -45,8 +45,7 @@ fn read_input(file: &str) -> Result<Vec<(usize, String)>, Failure> {
     let reader: Box<dyn BufRead> = if file == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        let f = std::fs::File::open(file)
-            .map_err(|e| Failure::invalid(format!("cannot read {file}: {e}")))?;
+        let f = std::fs::File::open(file).map_err(|e| Failure::invalid(format!("cannot read {file}: {e}")))?;
         Box::new(std::io::BufReader::new(f))
     };
     let mut lines = Vec::new();
@@ -70,17 +69,11 @@ fn check(lines: Vec<(usize, String)>) -> Result<Vec<Checked>, Failure> {
             .and_then(|l| {
                 let stream = esk_wire::StreamName::parse(&l.stream).map_err(|e| e.to_string())?;
                 if aggregates.get(stream.category()).is_some() {
-                    return Err(format!(
-                        "category '{}' is owned by its aggregate: use esk command",
-                        stream.category()
-                    ));
+                    return Err(format!("category '{}' is owned by its aggregate: use esk command", stream.category()));
                 }
-                schemas
-                    .validate(stream.category(), &l.event_type, &l.data)
-                    .map_err(|e| e.to_string())?;
+                schemas.validate(stream.category(), &l.event_type, &l.data).map_err(|e| e.to_string())?;
                 if let Some(id) = &l.id {
-                    uuid::Uuid::parse_str(id)
-                        .map_err(|e| format!("id '{id}' is not a UUID: {e}"))?;
+                    uuid::Uuid::parse_str(id).map_err(|e| format!("id '{id}' is not a UUID: {e}"))?;
                 }
                 Ok(l)
             });
@@ -90,11 +83,7 @@ fn check(lines: Vec<(usize, String)>) -> Result<Vec<Checked>, Failure> {
                 stream: l.stream,
                 body: RequestBody::Append {
                     expected_version: l.expected_version,
-                    events: vec![NewEvent {
-                        id: l.id,
-                        event_type: l.event_type,
-                        data: l.data,
-                    }],
+                    events: vec![NewEvent { id: l.id, event_type: l.event_type, data: l.data }],
                 },
             }),
             Err(e) => bad.push(format!("line {n}: {e}")),
@@ -104,16 +93,8 @@ fn check(lines: Vec<(usize, String)>) -> Result<Vec<Checked>, Failure> {
         return Ok(ok);
     }
     let shown: Vec<&str> = bad.iter().take(20).map(String::as_str).collect();
-    let more = if bad.len() > 20 {
-        format!("\n... and {} more", bad.len() - 20)
-    } else {
-        String::new()
-    };
-    Err(Failure::invalid(format!(
-        "{} invalid line(s), nothing was sent:\n{}{more}",
-        bad.len(),
-        shown.join("\n")
-    )))
+    let more = if bad.len() > 20 { format!("\n... and {} more", bad.len() - 20) } else { String::new() };
+    Err(Failure::invalid(format!("{} invalid line(s), nothing was sent:\n{}{more}", bad.len(), shown.join("\n"))))
 }
 
 fn kind_of(e: &ClientError) -> Kind {
@@ -133,8 +114,7 @@ pub async fn produce(g: &Global, args: ProduceArgs) -> Result<(), Failure> {
     let bar = if std::io::stderr().is_terminal() && !g.json {
         let b = ProgressBar::new(total as u64);
         b.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
-                .expect("a valid template"),
+            ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}").expect("a valid template"),
         );
         b
     } else {
@@ -182,11 +162,8 @@ pub async fn produce(g: &Global, args: ProduceArgs) -> Result<(), Failure> {
         *by_code.entry(k.code()).or_default() += 1;
     }
     if g.json {
-        let shown: Vec<Value> = failures
-            .iter()
-            .take(100)
-            .map(|(l, k, m)| json!({"line": l, "error": k.code(), "message": m}))
-            .collect();
+        let shown: Vec<Value> =
+            failures.iter().take(100).map(|(l, k, m)| json!({"line": l, "error": k.code(), "message": m})).collect();
         println!(
             "{}",
             json!({"lines": total, "appended": appended, "failed": failures.len(), "errors": by_code,
@@ -209,10 +186,7 @@ pub async fn produce(g: &Global, args: ProduceArgs) -> Result<(), Failure> {
         Some((line, kind, message)) => {
             let mut f = Failure::new(
                 *kind,
-                format!(
-                    "{} of {total} lines failed; first, line {line}: {message}",
-                    failures.len()
-                ),
+                format!("{} of {total} lines failed; first, line {line}: {message}", failures.len()),
             );
             f.json_printed = g.json;
             Err(f)

@@ -17,9 +17,7 @@ pub fn connect(g: &Global) -> Result<(Admin, Topics), Failure> {
 pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
     let (admin, topics) = connect(g)?;
     let brokers = admin.broker_count().await?;
-    let existing = admin
-        .describe(&admin.list(&format!("{}.", topics.prefix())).await?)
-        .await?;
+    let existing = admin.describe(&admin.list(&format!("{}.", topics.prefix())).await?).await?;
     let installed = admin::installed_partitions(&existing, &topics)?;
     let partitions = match (args.partitions, installed) {
         (Some(asked), Some(have)) if asked != have => {
@@ -47,11 +45,7 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
 
     if g.json {
         let list = |o: Outcome| -> Vec<&str> {
-            outcomes
-                .iter()
-                .filter(|(_, x)| *x == o)
-                .map(|(s, _)| s.name.as_str())
-                .collect()
+            outcomes.iter().filter(|(_, x)| *x == o).map(|(s, _)| s.name.as_str()).collect()
         };
         let doc = json!({
             "prefix": topics.prefix(),
@@ -73,10 +67,7 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
             };
             println!("{word} {}", spec.name);
         }
-        let created = outcomes
-            .iter()
-            .filter(|(_, o)| *o == Outcome::Created)
-            .count();
+        let created = outcomes.iter().filter(|(_, o)| *o == Outcome::Created).count();
         println!(
             "{created} created, {} already there; {partitions} partitions, replication {}",
             outcomes.len() - created,
@@ -90,42 +81,22 @@ pub async fn describe(g: &Global) -> Result<(), Failure> {
     let (admin, topics) = connect(g)?;
     let names = admin.list(&format!("{}.", topics.prefix())).await?;
     let found: Vec<TopicInfo> = admin.describe(&names).await?;
-    let expected = admin::platform_topics(
-        &topics,
-        SchemaRegistry::builtin().categories(),
-        1,
-        Durability::new(1),
-    );
-    let missing: Vec<&str> = expected
-        .iter()
-        .map(|s| s.name.as_str())
-        .filter(|n| !found.iter().any(|t| t.name == *n))
-        .collect();
+    let expected = admin::platform_topics(&topics, SchemaRegistry::builtin().categories(), 1, Durability::new(1));
+    let missing: Vec<&str> =
+        expected.iter().map(|s| s.name.as_str()).filter(|n| !found.iter().any(|t| t.name == *n)).collect();
     if g.json {
-        println!(
-            "{}",
-            json!({"prefix": topics.prefix(), "topics": found, "missing": missing})
-        );
+        println!("{}", json!({"prefix": topics.prefix(), "topics": found, "missing": missing}));
         return Ok(());
     }
     if found.is_empty() {
-        println!(
-            "no topics under prefix '{}': run `esk topics init`",
-            topics.prefix()
-        );
+        println!("no topics under prefix '{}': run `esk topics init`", topics.prefix());
         return Ok(());
     }
     let width = found.iter().map(|t| t.name.len()).max().unwrap_or(0);
     println!("{:width$}  partitions  replicas  configs", "topic");
     for t in &found {
         let configs: Vec<String> = t.configs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!(
-            "{:width$}  {:>10}  {:>8}  {}",
-            t.name,
-            t.partitions,
-            t.replication_factor,
-            configs.join(" ")
-        );
+        println!("{:width$}  {:>10}  {:>8}  {}", t.name, t.partitions, t.replication_factor, configs.join(" "));
     }
     for m in &missing {
         println!("{m:width$}  missing: run `esk topics init`");

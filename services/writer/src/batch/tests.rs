@@ -13,19 +13,8 @@ struct World {
 impl World {
     fn new() -> Self {
         let mut schemas = SchemaRegistry::builtin();
-        schemas
-            .add(
-                "note",
-                "Written",
-                1,
-                &json!({"type": "object", "required": ["text"]}),
-            )
-            .unwrap();
-        Self {
-            schemas,
-            aggregates: Registry::builtin(),
-            state: HashMap::new(),
-        }
+        schemas.add("note", "Written", 1, &json!({"type": "object", "required": ["text"]})).unwrap();
+        Self { schemas, aggregates: Registry::builtin(), state: HashMap::new() }
     }
 
     fn ctx(&self) -> Context<'_> {
@@ -39,20 +28,9 @@ impl World {
     }
 
     /// Runs one batch on the stream's partition, commits it, and returns what was written.
-    fn run(
-        &mut self,
-        inputs: Vec<Incoming>,
-    ) -> (
-        Vec<OutEvent>,
-        Finished,
-        Vec<DeadLetter>,
-        Vec<ParticipantMessage>,
-    ) {
+    fn run(&mut self, inputs: Vec<Incoming>) -> (Vec<OutEvent>, Finished, Vec<DeadLetter>, Vec<ParticipantMessage>) {
         let partition = inputs[0].partition;
-        let base = self
-            .state
-            .remove(&partition)
-            .unwrap_or_else(|| PartitionState::new(partition));
+        let base = self.state.remove(&partition).unwrap_or_else(|| PartitionState::new(partition));
         let (events, finished, dead, votes) = {
             let ctx = self.ctx();
             let mut batch = Batch::new(&base);
@@ -74,10 +52,7 @@ impl World {
 
     fn version(&self, stream: &str) -> u64 {
         let p = partition_for(stream.as_bytes(), P);
-        self.state
-            .get(&p)
-            .and_then(|s| s.streams.get(stream))
-            .map_or(0, |r| r.version)
+        self.state.get(&p).and_then(|s| s.streams.get(stream)).map_or(0, |r| r.version)
     }
 }
 
@@ -142,36 +117,18 @@ fn appends_number_events_and_answer_with_a_position() {
         json!("no_stream"),
         json!([{"type": "Written", "data": {"text": "a"}}, {"type": "Written", "data": {"text": "b"}}]),
     )]);
-    assert_eq!(
-        events.iter().map(|e| e.event.version).collect::<Vec<_>>(),
-        [1, 2]
-    );
-    assert_eq!(
-        events[0].event.data_schema.as_deref(),
-        Some("urn:esk:schema:note:Written:v1")
-    );
+    assert_eq!(events.iter().map(|e| e.event.version).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(events[0].event.data_schema.as_deref(), Some("urn:esk:schema:note:Written:v1"));
     assert_eq!(events[0].event.causation_id.as_deref(), Some("r1"));
     let a = appended(&f, 0);
     assert_eq!((a.first_version, a.last_version), (1, 2));
     let p = partition_for(b"note-1", P);
     assert_eq!(a.position, format!("note:{p}:101"));
-    assert_eq!(
-        f.replies[0].0, 1,
-        "answered on the partition the client named"
-    );
+    assert_eq!(f.replies[0].0, 1, "answered on the partition the client named");
     let rec = &f.records[0];
     assert_eq!((rec.version, rec.last_offset), (2, 101));
-    assert_eq!(
-        rec.index,
-        [IndexEntry {
-            version: 1,
-            offset: 100
-        }]
-    );
-    assert_eq!(
-        rec.answered[0].result, a,
-        "the remembered answer carries the position"
-    );
+    assert_eq!(rec.index, [IndexEntry { version: 1, offset: 100 }]);
+    assert_eq!(rec.answered[0].result, a, "the remembered answer carries the position");
 }
 
 #[test]
@@ -182,10 +139,7 @@ fn a_wrong_expected_version_writes_nothing_and_names_the_actual_version() {
         let (events, f, _, _) = w.run(vec![append("r2", "note-1", expected, note("b"))]);
         assert!(events.is_empty());
         let e = failed(&f, 0);
-        assert_eq!(
-            (e.code, e.actual_version),
-            (ErrorCode::WrongExpectedVersion, Some(1))
-        );
+        assert_eq!((e.code, e.actual_version), (ErrorCode::WrongExpectedVersion, Some(1)));
         assert!(f.records.is_empty());
     }
     let (_, f, _, _) = w.run(vec![append("r3", "note-2", json!("exists"), note("x"))]);
@@ -211,20 +165,10 @@ fn requests_in_one_batch_see_each_other() {
 fn retries_get_the_first_answer_and_write_nothing() {
     let mut w = World::new();
     let first = json!([{"id": "e-1", "type": "Written", "data": {"text": "a"}}]);
-    let (_, f1, _, _) = w.run(vec![append(
-        "r1",
-        "note-1",
-        json!("no_stream"),
-        first.clone(),
-    )]);
+    let (_, f1, _, _) = w.run(vec![append("r1", "note-1", json!("no_stream"), first.clone())]);
     let original = appended(&f1, 0);
     // Same request id.
-    let (events, f2, _, _) = w.run(vec![append(
-        "r1",
-        "note-1",
-        json!("no_stream"),
-        first.clone(),
-    )]);
+    let (events, f2, _, _) = w.run(vec![append("r1", "note-1", json!("no_stream"), first.clone())]);
     assert!(events.is_empty() && f2.records.is_empty());
     assert_eq!(appended(&f2, 0), original);
     // Same event ids at the same expected version, new request id.
@@ -233,10 +177,8 @@ fn retries_get_the_first_answer_and_write_nothing() {
     assert_eq!(appended(&f3, 0), original);
     // Same request id in the same batch as the original.
     let mut w = World::new();
-    let (events, f, _, _) = w.run(vec![
-        append("r1", "note-2", json!("any"), note("a")),
-        append("r1", "note-2", json!("any"), note("a")),
-    ]);
+    let (events, f, _, _) =
+        w.run(vec![append("r1", "note-2", json!("any"), note("a")), append("r1", "note-2", json!("any"), note("a"))]);
     assert_eq!(events.len(), 1);
     assert_eq!(appended(&f, 1).first_version, 1);
     assert_eq!(w.version("note-2"), 1);
@@ -246,37 +188,13 @@ fn retries_get_the_first_answer_and_write_nothing() {
 fn bad_appends_are_refused_with_a_reason() {
     let mut w = World::new();
     let cases: Vec<(Incoming, &str)> = vec![
+        (append("a", "note-1", json!("any"), json!([])), "at least one event"),
         (
-            append("a", "note-1", json!("any"), json!([])),
-            "at least one event",
-        ),
-        (
-            append(
-                "b",
-                "note-1",
-                json!("any"),
-                json!([{"type": "Scribbled", "data": {}}]),
-            ),
+            append("b", "note-1", json!("any"), json!([{"type": "Scribbled", "data": {}}])),
             "unknown event type 'Scribbled'",
         ),
-        (
-            append(
-                "c",
-                "note-1",
-                json!("any"),
-                json!([{"type": "Written", "data": {}}]),
-            ),
-            "event 1 (Written)",
-        ),
-        (
-            append(
-                "d",
-                "note-1",
-                json!("any"),
-                json!([{"type": "has space", "data": {}}]),
-            ),
-            "not a name",
-        ),
+        (append("c", "note-1", json!("any"), json!([{"type": "Written", "data": {}}])), "event 1 (Written)"),
+        (append("d", "note-1", json!("any"), json!([{"type": "has space", "data": {}}])), "not a name"),
         (
             append(
                 "e",
@@ -287,34 +205,19 @@ fn bad_appends_are_refused_with_a_reason() {
             "limit is 262144",
         ),
         (
-            append(
-                "f",
-                "account-1",
-                json!("any"),
-                json!([{"type": "Deposited", "data": {"amount": 5}}]),
-            ),
+            append("f", "account-1", json!("any"), json!([{"type": "Deposited", "data": {"amount": 5}}])),
             "owned by its aggregate",
         ),
-        (
-            command("g", "note-1", "Write", json!({})),
-            "has no aggregate",
-        ),
+        (command("g", "note-1", "Write", json!({})), "has no aggregate"),
         (command("h", "account-1", "Steal", json!({})), "Steal"),
-        (
-            command("i", "account-1", "Deposit", json!({"amount": 0})),
-            "at least 1",
-        ),
+        (command("i", "account-1", "Deposit", json!({"amount": 0})), "at least 1"),
     ];
     for (input, wanted) in cases {
         let (events, f, dead, _) = w.run(vec![input]);
         assert!(events.is_empty() && dead.is_empty(), "{wanted}");
         let e = failed(&f, 0);
         assert_eq!(e.code, ErrorCode::InvalidInput, "{wanted}: {e:?}");
-        assert!(
-            e.message.contains(wanted),
-            "wanted '{wanted}' in '{}'",
-            e.message
-        );
+        assert!(e.message.contains(wanted), "wanted '{wanted}' in '{}'", e.message);
     }
 }
 
@@ -343,11 +246,7 @@ fn undecodable_records_are_parked_or_answered() {
     assert!(f.replies.is_empty());
     assert!(dead[0].reason.contains("not valid"), "{}", dead[0].reason);
     // Enough to answer: the client gets the reason instead.
-    let half = incoming(
-        Source::Commands,
-        "note-1",
-        json!({"request_id": "r", "reply_partition": 1, "kind": "append"}),
-    );
+    let half = incoming(Source::Commands, "note-1", json!({"request_id": "r", "reply_partition": 1, "kind": "append"}));
     let (_, f, dead, _) = w.run(vec![half]);
     assert!(dead.is_empty());
     assert!(failed(&f, 0).message.contains("stream"));
@@ -389,11 +288,7 @@ fn prepare(txid: &str, stream: &str, ty: &str, amount: i64) -> Incoming {
 }
 
 fn decide(txid: &str, stream: &str, verdict: &str) -> Incoming {
-    incoming(
-        Source::Commit,
-        stream,
-        json!({"txid": txid, "stream": stream, "decision": verdict}),
-    )
+    incoming(Source::Commit, stream, json!({"txid": txid, "stream": stream, "decision": verdict}))
 }
 
 fn vote(m: &ParticipantMessage) -> (bool, Option<String>) {
@@ -417,12 +312,7 @@ fn two_phase_participant_holds_then_commits_once() {
     let (events, _, _, votes) = w.run(vec![prepare("t2", "account-1", "Withdraw", 5)]);
     assert!(events.is_empty());
     assert!(vote(&votes[0]).1.unwrap().contains("available 2"));
-    let (_, f, _, _) = w.run(vec![command(
-        "3",
-        "account-1",
-        "Withdraw",
-        json!({"amount": 3}),
-    )]);
+    let (_, f, _, _) = w.run(vec![command("3", "account-1", "Withdraw", json!({"amount": 3}))]);
     assert_eq!(failed(&f, 0).code, ErrorCode::DomainRefused);
     // A duplicate prepare votes yes again and places no second hold.
     let (events, _, _, votes) = w.run(vec![prepare("t1", "account-1", "Withdraw", 8)]);
@@ -489,21 +379,12 @@ fn head_reports_version_and_index() {
 
 #[test]
 fn index_compaction_keeps_the_first_entry_and_the_tightest_spans() {
-    let mut index: Vec<IndexEntry> = (0..40)
-        .map(|i| IndexEntry {
-            version: i + 1,
-            offset: (i * i) as i64,
-        })
-        .collect();
+    let mut index: Vec<IndexEntry> = (0..40).map(|i| IndexEntry { version: i + 1, offset: (i * i) as i64 }).collect();
     compact_index(&mut index);
     assert_eq!(index.len(), MAX_INDEX);
     assert_eq!(index[0].version, 1);
     assert_eq!(index.last().unwrap().version, 40);
-    assert!(
-        index
-            .windows(2)
-            .all(|w| w[0].version < w[1].version && w[0].offset < w[1].offset)
-    );
+    assert!(index.windows(2).all(|w| w[0].version < w[1].version && w[0].offset < w[1].offset));
 }
 
 #[test]

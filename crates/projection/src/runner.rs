@@ -1,0 +1,1005 @@
+//! The consume loop of a projection, its rebuilds and its dead letters.
+//!
+//! One thread per projection runs the live loop: poll a batch (`read_committed`),
+//! apply it in one store transaction with the new checkpoints, park what cannot
+//! be applied, commit, publish the new positions (for read-your-writes) and
+//! commit the group's offsets (for lag tools only: on every assignment the
+//! runner seeks to its store's checkpoints).
+//!
+//! A rebuild builds the next store version from offset 0 on a thread of its
+//! own while the live loop goes on. Near the end it asks the live loop to pause
+//! at a batch boundary, catches up to (or past) the live positions, and hands
+//! the new store over; the live loop switches to it and resumes from its
+//! checkpoints. Queries see the old model until the switch and the new one
+//! after, never a half-built one; positions never go backwards.
+
+use std::collections::BTreeSet;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use esk_kafka::KafkaConfig;
+use esk_kafka::admin::{Admin, Durability, TopicKind};
+use esk_wire::{Event, SchemaRegistry, Topics};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::{ApplyError, Parked, Positions, Projection, Store, StoreError};
+
+/// How a runner reaches Kafka.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub kafka: KafkaConfig,
+    pub topics: Topics,
+    /// The consumer group, committed for lag tools only. Every projector
+    /// instance keeps a full copy, so each has a group of its own.
+    pub group_id: String,
+    pub max_batch: usize,
+}
+
+/// A consumed record, owned.
+#[derive(Debug, Clone)]
+struct Rec {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Rec {
+    fn of(m: &impl Message) -> Self {
+        Rec {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: m
+                .headers()
+                .map(|h| h.iter().map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec))).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn parked(&self, reason: String) -> Parked {
+        Parked {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            reason,
+            key: self.key.clone(),
+            value: self.value.clone(),
+            headers: self.headers.clone(),
+        }
+    }
+}
+
+/// Decodes, upcasts and validates a record; `Err` is the reason to park it.
+fn decode(rec: &Rec, schemas: &SchemaRegistry) -> Result<Event, String> {
+    let headers: Vec<(&str, Option<&[u8]>)> = rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+    let mut event = Event::decode(headers, rec.value.as_deref()).map_err(|e| format!("undecodable: {e}"))?;
+    let (data, schema) = schemas.upcast(event.data_schema.as_deref(), event.data.clone())?;
+    event.data = data;
+    event.data_schema = schema;
+    schemas
+        .validate(event.stream.category(), &event.event_type, &event.data)
+        .map_err(|e| format!("fails its schema: {e}"))?;
+    Ok(event)
+}
+
+/// What the runner reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunnerStatus {
+    pub projection: String,
+    pub version: u64,
+    pub applied: u64,
+    pub parked: u64,
+    /// Events applied per second, over the last few seconds.
+    pub events_per_second: f64,
+    pub rebuild: Option<RebuildStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RebuildStatus {
+    pub version: u64,
+    /// building, catching-up, switched, failed
+    pub phase: String,
+    pub applied: u64,
+    pub started_ms_ago: u64,
+    pub positions: Vec<PartitionPosition>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+fn listed(p: &Positions) -> Vec<PartitionPosition> {
+    p.iter().map(|((t, part), o)| PartitionPosition { topic: t.clone(), partition: *part, next_offset: *o }).collect()
+}
+
+/// The outcome of a replay of parked events.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplayReport {
+    pub replayed: u64,
+    pub already_replayed: u64,
+    pub still_failing: Vec<String>,
+}
+
+enum Control {
+    Rebuild(Sender<Result<u64, String>>),
+    Replay(Sender<Result<ReplayReport, String>>),
+    Stop,
+}
+
+enum FromRebuild<S> {
+    /// Pause at a batch boundary and answer with the live positions.
+    Pause(Sender<Positions>),
+    /// The new store has caught up: switch to it.
+    Switch(S),
+    Failed(String),
+}
+
+struct Published {
+    positions: watch::Sender<Positions>,
+    status: Mutex<RunnerStatus>,
+    /// The consumer's positions when it last found nothing new: past the
+    /// transaction markers that follow the last applied event.
+    fetched: Mutex<Positions>,
+}
+
+/// A running projection: positions to wait on, status, control.
+pub struct RunnerHandle {
+    positions: watch::Receiver<Positions>,
+    published: Arc<Published>,
+    control: Sender<Control>,
+    thread: Option<JoinHandle<()>>,
+    watermarks: Mutex<BaseConsumer>,
+    topics: Vec<String>,
+}
+
+impl std::fmt::Debug for RunnerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerHandle").field("topics", &self.topics).finish()
+    }
+}
+
+/// Per partition: where the projection is, where the log ends.
+#[derive(Debug, Clone, Serialize)]
+pub struct Lag {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+    pub high_watermark: i64,
+    /// Records (including transaction markers) not yet applied.
+    pub lag: i64,
+}
+
+impl RunnerHandle {
+    /// The committed positions now.
+    pub fn positions(&self) -> Positions {
+        self.positions.borrow().clone()
+    }
+
+    /// Waits until `(topic, partition)` has been applied past `offset`, or the
+    /// timeout passes (then `Err` with the positions reached).
+    pub async fn wait_past(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        timeout: Duration,
+    ) -> Result<(), Positions> {
+        let mut rx = self.positions.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let done = rx.borrow_and_update().get(&(topic.to_owned(), partition)).is_some_and(|next| *next > offset);
+            if done {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(rx.borrow().clone()),
+            }
+        }
+    }
+
+    /// Waits for the next published change of positions (or the timeout).
+    pub async fn changed(&self, timeout: Duration) {
+        let mut rx = self.positions.clone();
+        rx.borrow_and_update();
+        let _ = tokio::time::timeout(timeout, rx.changed()).await;
+    }
+
+    pub fn status(&self) -> RunnerStatus {
+        self.published.status.lock().expect("status lock").clone()
+    }
+
+    /// Checkpoints against high watermarks, per partition of the projection's topics.
+    pub fn lag(&self, timeout: Duration) -> Vec<Lag> {
+        let mut positions = self.positions();
+        // Transaction markers take offsets: where the consumer stands when idle
+        // counts as caught up (position >= high watermark).
+        for (k, v) in self.published.fetched.lock().expect("fetched lock").iter() {
+            let p = positions.entry(k.clone()).or_insert(0);
+            *p = (*p).max(*v);
+        }
+        let consumer = self.watermarks.lock().expect("watermarks lock");
+        let mut out = Vec::new();
+        for topic in &self.topics {
+            let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) else {
+                continue;
+            };
+            let Some(t) = md.topics().first() else {
+                continue;
+            };
+            for p in t.partitions() {
+                let Ok((_, high)) = consumer.fetch_watermarks(topic, p.id(), timeout) else {
+                    continue;
+                };
+                let next = positions.get(&(topic.clone(), p.id())).copied().unwrap_or(0);
+                out.push(Lag {
+                    topic: topic.clone(),
+                    partition: p.id(),
+                    next_offset: next,
+                    high_watermark: high,
+                    lag: (high - next).max(0),
+                });
+            }
+        }
+        out
+    }
+
+    /// Starts a rebuild; returns the version being built.
+    pub fn rebuild(&self) -> Result<u64, String> {
+        self.ask(Control::Rebuild)
+    }
+
+    /// Applies the parked events that apply now, each once.
+    pub fn replay(&self) -> Result<ReplayReport, String> {
+        self.ask(Control::Replay)
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(Sender<Result<T, String>>) -> Control) -> Result<T, String> {
+        let (tx, rx) = mpsc::channel();
+        self.control.send(make(tx)).map_err(|_| "the projection has stopped".to_owned())?;
+        rx.recv_timeout(Duration::from_secs(120)).map_err(|_| "the projection did not answer".to_owned())?
+    }
+
+    /// Stops after the current batch and waits.
+    pub fn stop(mut self) {
+        let _ = self.control.send(Control::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Rebalances: every assignment starts at the store's checkpoints.
+struct SeekToCheckpoints {
+    positions: Arc<Mutex<Positions>>,
+}
+
+impl ClientContext for SeekToCheckpoints {}
+
+impl ConsumerContext for SeekToCheckpoints {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            let positions = self.positions.lock().expect("positions lock").clone();
+            let parts: Vec<(String, i32)> =
+                tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+            for (topic, p) in parts {
+                let offset = positions.get(&(topic.clone(), p)).map_or(Offset::Beginning, |n| Offset::Offset(*n));
+                let _ = tpl.set_partition_offset(&topic, p, offset);
+            }
+            tracing::info!(partitions = tpl.count(), "assigned; seeking to the store's checkpoints");
+            if let Err(e) = consumer.assign(tpl) {
+                tracing::error!("assign: {e}");
+            }
+        } else {
+            if let Err(e) = consumer.unassign() {
+                tracing::warn!("unassign: {e}");
+            }
+        }
+    }
+}
+
+/// The regex that subscribes to a projection's category topics.
+fn subscription(topics: &Topics, categories: &[String]) -> String {
+    let prefix = topics.events_prefix().replace('.', "\\.");
+    format!("^{prefix}({})$", categories.join("|"))
+}
+
+/// Starts a projection's live loop on a thread of its own. `on_switch` runs
+/// after a rebuild's store became current (to point queries at it).
+pub fn spawn<S, P>(
+    config: RunnerConfig,
+    projection: Arc<P>,
+    schemas: Arc<SchemaRegistry>,
+    mut store: S,
+    on_switch: Box<dyn Fn(&S) + Send>,
+) -> Result<RunnerHandle, StoreError>
+where
+    S: Store,
+    P: Projection<S>,
+{
+    projection.migrate(&mut store)?;
+    let initial = store.checkpoints()?;
+    let (tx, rx) = watch::channel(initial.clone());
+    let published = Arc::new(Published {
+        positions: tx,
+        status: Mutex::new(RunnerStatus {
+            projection: projection.name().to_owned(),
+            version: store.version(),
+            ..RunnerStatus::default()
+        }),
+        fetched: Mutex::new(Positions::new()),
+    });
+    let topics: Vec<String> = projection.categories().iter().map(|c| config.topics.events(c)).collect();
+    let watermarks: BaseConsumer = config
+        .kafka
+        .client()
+        .set("group.id", format!("{}-watermarks", config.group_id))
+        .create()
+        .map_err(|e| StoreError::Other(e.to_string()))?;
+    let (control_tx, control_rx) = mpsc::channel();
+    let live = Live {
+        config,
+        projection,
+        schemas,
+        store,
+        on_switch,
+        published: published.clone(),
+        committed: Arc::new(Mutex::new(initial)),
+        control: control_rx,
+        rebuild: None,
+        rates: Vec::new(),
+    };
+    let name = live.projection.name().to_owned();
+    let thread = std::thread::Builder::new()
+        .name(format!("projection-{name}"))
+        .spawn(move || live.run())
+        .map_err(StoreError::Io)?;
+    Ok(RunnerHandle {
+        positions: rx,
+        published,
+        control: control_tx,
+        thread: Some(thread),
+        watermarks: Mutex::new(watermarks),
+        topics,
+    })
+}
+
+struct Live<S: Store, P> {
+    config: RunnerConfig,
+    projection: Arc<P>,
+    schemas: Arc<SchemaRegistry>,
+    store: S,
+    on_switch: Box<dyn Fn(&S) + Send>,
+    published: Arc<Published>,
+    /// The store's committed checkpoints, shared with the rebalance callback.
+    committed: Arc<Mutex<Positions>>,
+    control: Receiver<Control>,
+    rebuild: Option<Receiver<FromRebuild<S>>>,
+    rates: Vec<(Instant, u64)>,
+}
+
+/// Applies a batch in one transaction: the events, the parked ones, the new
+/// checkpoints. `before_commit` sees the parked events first (the live loop
+/// sends them to the dead-letter topic). Returns (applied, parked).
+fn apply_batch<S: Store, P: Projection<S>>(
+    projection: &P,
+    schemas: &SchemaRegistry,
+    store: &mut S,
+    batch: &[Rec],
+    positions: &mut Positions,
+    before_commit: &mut dyn FnMut(&[Parked]) -> Result<(), StoreError>,
+) -> Result<(u64, Vec<Parked>), StoreError> {
+    let mut tx = store.begin()?;
+    let mut parked = Vec::new();
+    let mut applied = 0;
+    let mut next = positions.clone();
+    for rec in batch {
+        next.insert((rec.topic.clone(), rec.partition), rec.offset + 1);
+        let event = match decode(rec, schemas) {
+            Ok(e) => e,
+            Err(reason) => {
+                parked.push(rec.parked(reason));
+                continue;
+            }
+        };
+        S::event_begin(&mut tx)?;
+        match projection.apply(&mut tx, &event) {
+            Ok(()) => {
+                S::event_release(&mut tx)?;
+                applied += 1;
+            }
+            Err(ApplyError::Permanent(reason)) => {
+                S::event_rollback(&mut tx)?;
+                parked.push(rec.parked(format!("the projection refused it: {reason}")));
+            }
+            Err(ApplyError::Transient(reason)) => return Err(StoreError::Other(reason)),
+        }
+    }
+    for p in &parked {
+        S::record_parked(&mut tx, p)?;
+    }
+    S::save_checkpoints(&mut tx, &next)?;
+    before_commit(&parked)?;
+    S::commit(tx)?;
+    *positions = next;
+    Ok((applied, parked))
+}
+
+fn poll_batch(consumer: &BaseConsumer<impl ConsumerContext>, max: usize, wait: Duration) -> Vec<Rec> {
+    let mut batch = Vec::new();
+    let mut timeout = wait;
+    while batch.len() < max {
+        match consumer.poll(timeout) {
+            Some(Ok(m)) => batch.push(Rec::of(&m)),
+            Some(Err(e)) => {
+                tracing::warn!("consume: {e}");
+                break;
+            }
+            None => break,
+        }
+        timeout = Duration::ZERO;
+    }
+    batch
+}
+
+impl<S: Store, P: Projection<S>> Live<S, P> {
+    fn consumer(&self) -> Result<BaseConsumer<SeekToCheckpoints>, rdkafka::error::KafkaError> {
+        let consumer: BaseConsumer<SeekToCheckpoints> = self
+            .config
+            .kafka
+            .client()
+            .set("group.id", &self.config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .set("fetch.wait.max.ms", "50")
+            .create_with_context(SeekToCheckpoints { positions: self.committed.clone() })?;
+        let pattern = subscription(&self.config.topics, &self.projection.categories());
+        consumer.subscribe(&[&pattern])?;
+        Ok(consumer)
+    }
+
+    fn dlq_producer(&self) -> Result<(FutureProducer, String), String> {
+        let topic = self.config.topics.dlq(self.projection.name());
+        let producer: FutureProducer = self
+            .config
+            .kafka
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .map_err(|e| e.to_string())?;
+        Ok((producer, topic))
+    }
+
+    fn run(mut self) {
+        let name = self.projection.name().to_owned();
+        let consumer = loop {
+            match self.consumer() {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::error!(projection = name, "cannot create the consumer: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        };
+        let (dlq, dlq_topic) = match self.dlq_producer() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(projection = name, "cannot create the dead-letter producer: {e}");
+                return;
+            }
+        };
+        let mut dlq_ready = false;
+        let mut positions = self.committed.lock().expect("positions lock").clone();
+        tracing::info!(projection = name, version = self.store.version(), "projection running");
+        loop {
+            match self.control.try_recv() {
+                Ok(Control::Stop) | Err(TryRecvError::Disconnected) => break,
+                Ok(Control::Rebuild(reply)) => {
+                    let _ = reply.send(self.start_rebuild());
+                }
+                Ok(Control::Replay(reply)) => {
+                    let _ = reply.send(self.replay(&mut positions));
+                }
+                Err(TryRecvError::Empty) => {}
+            }
+            if let Some(msg) = self.rebuild.as_ref().map(Receiver::try_recv) {
+                match msg {
+                    Ok(FromRebuild::Pause(ack)) => {
+                        self.paused(&consumer, &ack, &mut positions);
+                        continue;
+                    }
+                    Ok(FromRebuild::Switch(_)) => unreachable!("a switch comes only while paused"),
+                    Ok(FromRebuild::Failed(e)) => {
+                        tracing::error!(projection = name, "rebuild failed: {e}");
+                        self.rebuild = None;
+                    }
+                    Err(TryRecvError::Disconnected) => self.rebuild = None,
+                    Err(TryRecvError::Empty) => {}
+                }
+            }
+            let batch = poll_batch(&consumer, self.config.max_batch, Duration::from_millis(100));
+            if batch.is_empty() {
+                if let Ok(tpl) = consumer.position() {
+                    let mut fetched = self.published.fetched.lock().expect("fetched lock");
+                    for e in tpl.elements() {
+                        if let Some(o) = e.offset().to_raw() {
+                            fetched.insert((e.topic().to_owned(), e.partition()), o);
+                        }
+                    }
+                }
+                continue;
+            }
+            let started = Instant::now();
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let mut send_dead_letters = |parked: &[Parked]| -> Result<(), StoreError> {
+                    if parked.is_empty() {
+                        return Ok(());
+                    }
+                    if !dlq_ready {
+                        ensure_dlq(&self.config, &dlq_topic)?;
+                        dlq_ready = true;
+                    }
+                    send_parked(&dlq, &dlq_topic, &name, parked)
+                };
+                match apply_batch(
+                    &*self.projection,
+                    &self.schemas,
+                    &mut self.store,
+                    &batch,
+                    &mut positions,
+                    &mut send_dead_letters,
+                ) {
+                    Ok((applied, parked)) => {
+                        self.committed_now(&consumer, &positions, applied, parked.len() as u64, started);
+                        break;
+                    }
+                    Err(e) => {
+                        metrics::counter!("esk_projection_retries_total", "projection" => name.clone()).increment(1);
+                        tracing::warn!(projection = name, "batch failed, retrying: {e}");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        tracing::info!(projection = name, "projection stopped");
+    }
+
+    fn committed_now(
+        &mut self,
+        consumer: &BaseConsumer<SeekToCheckpoints>,
+        positions: &Positions,
+        applied: u64,
+        parked: u64,
+        started: Instant,
+    ) {
+        let name = self.projection.name().to_owned();
+        *self.committed.lock().expect("positions lock") = positions.clone();
+        self.published.positions.send_replace(positions.clone());
+        metrics::counter!("esk_projection_applied_total", "projection" => name.clone()).increment(applied);
+        metrics::counter!("esk_projection_parked_total", "projection" => name.clone()).increment(parked);
+        metrics::histogram!("esk_projection_batch_seconds", "projection" => name)
+            .record(started.elapsed().as_secs_f64());
+        let now = Instant::now();
+        self.rates.push((now, applied + parked));
+        self.rates.retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(5));
+        let window = self.rates.first().map_or(0.0, |(t, _)| now.duration_since(*t).as_secs_f64()).max(1.0);
+        let recent: u64 = self.rates.iter().map(|(_, n)| n).sum();
+        {
+            let mut s = self.published.status.lock().expect("status lock");
+            s.applied += applied;
+            s.parked += parked;
+            s.events_per_second = recent as f64 / window;
+            s.version = self.store.version();
+        }
+        // For lag tools only: the checkpoints in the store are what counts.
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in positions {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!("group offset commit: {e}");
+        }
+    }
+
+    fn start_rebuild(&mut self) -> Result<u64, String> {
+        if self.rebuild.is_some() {
+            return Err("a rebuild is already running".into());
+        }
+        let mut next = self.store.create_next().map_err(|e| e.to_string())?;
+        self.projection.migrate(&mut next).map_err(|e| e.to_string())?;
+        let version = next.version();
+        let (tx, rx) = mpsc::channel();
+        self.rebuild = Some(rx);
+        let rebuild = Rebuild {
+            config: self.config.clone(),
+            projection: self.projection.clone(),
+            schemas: self.schemas.clone(),
+            store: Some(next),
+            published: self.published.clone(),
+            to_live: tx,
+        };
+        self.published.status.lock().expect("status lock").rebuild =
+            Some(RebuildStatus { version, phase: "building".into(), ..RebuildStatus::default() });
+        std::thread::Builder::new()
+            .name(format!("rebuild-{}", self.projection.name()))
+            .spawn(move || rebuild.run())
+            .map_err(|e| e.to_string())?;
+        tracing::info!(projection = self.projection.name(), version, "rebuild started");
+        Ok(version)
+    }
+
+    /// Paused for a rebuild's last catch-up: serve the group, wait for the new store.
+    fn paused(
+        &mut self,
+        consumer: &BaseConsumer<SeekToCheckpoints>,
+        ack: &Sender<Positions>,
+        positions: &mut Positions,
+    ) {
+        let assignment = consumer.assignment().unwrap_or_default();
+        let _ = consumer.pause(&assignment);
+        let _ = ack.send(positions.clone());
+        let outcome = loop {
+            // Keep serving the group protocol; paused partitions return nothing.
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                tracing::debug!(offset = m.offset(), "record while paused is fetched again after the switch");
+            }
+            match self.rebuild.as_ref().map(|r| r.recv_timeout(Duration::from_millis(10))) {
+                Some(Ok(FromRebuild::Switch(store))) => break Some(store),
+                Some(Ok(FromRebuild::Failed(e))) => {
+                    tracing::error!(projection = self.projection.name(), "rebuild failed: {e}");
+                    break None;
+                }
+                Some(Ok(FromRebuild::Pause(_))) | Some(Err(mpsc::RecvTimeoutError::Timeout)) => {}
+                None | Some(Err(mpsc::RecvTimeoutError::Disconnected)) => break None,
+            }
+        };
+        self.rebuild = None;
+        if let Some(mut store) = outcome {
+            match store.checkpoints().and_then(|c| store.make_current().map(|()| c)) {
+                Ok(checkpoints) => {
+                    (self.on_switch)(&store);
+                    self.store = store;
+                    *positions = checkpoints;
+                    *self.committed.lock().expect("positions lock") = positions.clone();
+                    self.published.positions.send_replace(positions.clone());
+                    let mut s = self.published.status.lock().expect("status lock");
+                    s.version = self.store.version();
+                    if let Some(r) = s.rebuild.as_mut() {
+                        r.phase = "switched".into();
+                    }
+                    tracing::info!(
+                        projection = self.projection.name(),
+                        version = self.store.version(),
+                        "switched to the rebuilt model"
+                    );
+                }
+                Err(e) => tracing::error!("cannot switch to the rebuilt model: {e}"),
+            }
+        }
+        // Resume where the (possibly new) store stands.
+        let current = assignment.elements();
+        for e in &current {
+            let offset =
+                positions.get(&(e.topic().to_owned(), e.partition())).map_or(Offset::Beginning, |n| Offset::Offset(*n));
+            if let Err(err) = consumer.seek(e.topic(), e.partition(), offset, Duration::from_secs(10)) {
+                tracing::warn!("seek after switch: {err}");
+            }
+        }
+        let _ = consumer.resume(&assignment);
+    }
+
+    /// Applies parked events that apply now (after a fix), each at most once.
+    fn replay(&mut self, positions: &mut Positions) -> Result<ReplayReport, String> {
+        let topic = self.config.topics.dlq(self.projection.name());
+        let records = read_all(&self.config, &topic)?;
+        let mut report = ReplayReport::default();
+        let mut tx = self.store.begin().map_err(|e| e.to_string())?;
+        let _ = positions;
+        for rec in records {
+            let origin = |name: &str| {
+                rec.headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .and_then(|(_, v)| v.as_deref())
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            let (Some(t), Some(p), Some(o)) =
+                (origin("esk_dlq_topic"), origin("esk_dlq_partition"), origin("esk_dlq_offset"))
+            else {
+                report.still_failing.push(format!("dlq offset {}: no origin headers", rec.offset));
+                continue;
+            };
+            let (Ok(p), Ok(o)) = (p.parse::<i32>(), o.parse::<i64>()) else {
+                report.still_failing.push(format!("dlq offset {}: bad origin headers", rec.offset));
+                continue;
+            };
+            if S::replayed(&mut tx, &t, p, o).map_err(|e| e.to_string())? {
+                report.already_replayed += 1;
+                continue;
+            }
+            let original = Rec {
+                topic: t.clone(),
+                partition: p,
+                offset: o,
+                key: rec.key.clone(),
+                value: rec.value.clone(),
+                headers: rec.headers.iter().filter(|(k, _)| !k.starts_with("esk_dlq_")).cloned().collect(),
+            };
+            let event = match decode(&original, &self.schemas) {
+                Ok(e) => e,
+                Err(reason) => {
+                    report.still_failing.push(format!("{t}/{p}@{o}: {reason}"));
+                    continue;
+                }
+            };
+            S::event_begin(&mut tx).map_err(|e| e.to_string())?;
+            match self.projection.apply(&mut tx, &event) {
+                Ok(()) => {
+                    S::event_release(&mut tx).map_err(|e| e.to_string())?;
+                    S::mark_replayed(&mut tx, &t, p, o).map_err(|e| e.to_string())?;
+                    report.replayed += 1;
+                }
+                Err(e) => {
+                    S::event_rollback(&mut tx).map_err(|e| e.to_string())?;
+                    report.still_failing.push(format!("{t}/{p}@{o}: {e}"));
+                }
+            }
+        }
+        S::commit(tx).map_err(|e| e.to_string())?;
+        // Queries waiting on positions re-read the model.
+        self.published.positions.send_modify(|_| {});
+        tracing::info!(projection = self.projection.name(), ?report, "replayed parked events");
+        Ok(report)
+    }
+}
+
+fn ensure_dlq(config: &RunnerConfig, topic: &str) -> Result<(), StoreError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StoreError::Io)?;
+    rt.block_on(async {
+        let admin = Admin::new(&config.kafka).map_err(|e| StoreError::Other(e.to_string()))?;
+        let brokers = admin.broker_count().await.map_err(|e| StoreError::Other(e.to_string()))?;
+        let partitions = admin
+            .describe(&[config.topics.commands()])
+            .await
+            .ok()
+            .and_then(|t| t.first().map(|t| t.partitions))
+            .unwrap_or(1);
+        admin
+            .ensure(&[TopicKind::DeadLetters.spec(topic.to_owned(), partitions, Durability::for_brokers(brokers))])
+            .await
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        Ok(())
+    })
+}
+
+fn send_parked(producer: &FutureProducer, topic: &str, consumer: &str, parked: &[Parked]) -> Result<(), StoreError> {
+    let mut deliveries = Vec::new();
+    for p in parked {
+        tracing::warn!(
+            topic = p.topic,
+            partition = p.partition,
+            offset = p.offset,
+            reason = p.reason,
+            "parked an event"
+        );
+        let mut h = OwnedHeaders::new();
+        for (k, v) in &p.headers {
+            h = h.insert(Header { key: k, value: v.as_deref() });
+        }
+        let (partition, offset) = (p.partition.to_string(), p.offset.to_string());
+        for (k, v) in [
+            ("esk_dlq_reason", p.reason.as_str()),
+            ("esk_dlq_topic", p.topic.as_str()),
+            ("esk_dlq_partition", partition.as_str()),
+            ("esk_dlq_offset", offset.as_str()),
+            ("esk_dlq_consumer", consumer),
+        ] {
+            h = h.insert(Header { key: k, value: Some(v) });
+        }
+        let mut record = FutureRecord::to(topic).headers(h);
+        if let Some(k) = &p.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &p.value {
+            record = record.payload(v.as_slice());
+        }
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| StoreError::Other(e.to_string()))?);
+    }
+    // The parked records must be durable before the checkpoint moves past them.
+    for d in futures::executor::block_on(futures::future::join_all(deliveries)) {
+        match d {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(StoreError::Other(format!("parking: {e}"))),
+            Err(_) => return Err(StoreError::Other("parking: cancelled".into())),
+        }
+    }
+    Ok(())
+}
+
+/// Every record of a topic up to its end.
+fn read_all(config: &RunnerConfig, topic: &str) -> Result<Vec<Rec>, String> {
+    let consumer: BaseConsumer = config
+        .kafka
+        .client()
+        .set("group.id", format!("{}-replay", config.group_id))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let timeout = config.kafka.timeout;
+    let md = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string())?;
+    let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
+        return Ok(Vec::new());
+    };
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for p in t.partitions() {
+        let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout).map_err(|e| e.to_string())?;
+        if high > 0 {
+            ends.push((p.id(), high));
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).map_err(|e| e.to_string())?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(Vec::new());
+    }
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pos = consumer.position().map_err(|e| e.to_string())?;
+        let done = ends.iter().all(|(p, high)| {
+            pos.find_partition(topic, *p).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *high)
+        });
+        if done {
+            return Ok(out);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("reading {topic} did not reach its end"));
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            out.push(Rec::of(&m));
+        }
+    }
+}
+
+/// Builds the next version of a model from offset 0, then hands it to the live loop.
+struct Rebuild<S: Store, P> {
+    config: RunnerConfig,
+    projection: Arc<P>,
+    schemas: Arc<SchemaRegistry>,
+    store: Option<S>,
+    published: Arc<Published>,
+    to_live: Sender<FromRebuild<S>>,
+}
+
+impl<S: Store, P: Projection<S>> Rebuild<S, P> {
+    fn set(&self, f: impl FnOnce(&mut RebuildStatus)) {
+        if let Some(r) = self.published.status.lock().expect("status lock").rebuild.as_mut() {
+            f(r);
+        }
+    }
+
+    fn run(mut self) {
+        if let Err(e) = self.build() {
+            self.set(|r| {
+                r.phase = "failed".into();
+                r.error = Some(e.clone());
+            });
+            let _ = self.to_live.send(FromRebuild::Failed(e));
+        }
+    }
+
+    fn build(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        let consumer: BaseConsumer = self
+            .config
+            .kafka
+            .client()
+            .set("group.id", format!("{}-rebuild", self.config.group_id))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "50")
+            .create()
+            .map_err(|e| e.to_string())?;
+        let mut assigned: BTreeSet<(String, i32)> = BTreeSet::new();
+        let mut positions = Positions::new();
+        let mut applied = 0u64;
+        let mut paused_at: Option<Positions> = None;
+        loop {
+            // Follow every partition the live loop knows (new ones may appear).
+            let live = self.published.positions.borrow().clone();
+            let target = paused_at.as_ref().unwrap_or(&live);
+            let missing: Vec<(String, i32)> = target.keys().filter(|k| !assigned.contains(*k)).cloned().collect();
+            if !missing.is_empty() {
+                assigned.extend(missing);
+                let mut tpl = TopicPartitionList::new();
+                for (t, p) in &assigned {
+                    let offset = positions.get(&(t.clone(), *p)).map_or(Offset::Beginning, |n| Offset::Offset(*n));
+                    tpl.add_partition_offset(t, *p, offset).map_err(|e| e.to_string())?;
+                }
+                consumer.assign(&tpl).map_err(|e| e.to_string())?;
+            }
+            let behind = |target: &Positions| {
+                target.iter().filter(|(k, want)| positions.get(*k).copied().unwrap_or(0) < **want).count()
+            };
+            match &paused_at {
+                Some(target) if behind(target) == 0 => {
+                    let store = self.store.take().ok_or("the rebuilt store was handed over already")?;
+                    self.set(|r| r.phase = "switching".into());
+                    self.to_live.send(FromRebuild::Switch(store)).map_err(|_| "the live loop stopped")?;
+                    tracing::info!(
+                        projection = self.projection.name(),
+                        applied,
+                        ms = started.elapsed().as_millis() as u64,
+                        "rebuild caught up"
+                    );
+                    return Ok(());
+                }
+                None if behind(&live) == 0 || near(&positions, &live) => {
+                    let (tx, rx) = mpsc::channel();
+                    self.to_live.send(FromRebuild::Pause(tx)).map_err(|_| "the live loop stopped")?;
+                    let at = rx.recv_timeout(Duration::from_secs(60)).map_err(|_| "the live loop did not pause")?;
+                    self.set(|r| r.phase = "catching-up".into());
+                    paused_at = Some(at);
+                    continue;
+                }
+                _ => {}
+            }
+            let batch = poll_batch(&consumer, self.config.max_batch.max(1000), Duration::from_millis(100));
+            if batch.is_empty() {
+                continue;
+            }
+            let mut retries = 0;
+            let store = self.store.as_mut().ok_or("the rebuilt store was handed over already")?;
+            loop {
+                match apply_batch(&*self.projection, &self.schemas, store, &batch, &mut positions, &mut |_| Ok(())) {
+                    Ok((n, parked)) => {
+                        applied += n + parked.len() as u64;
+                        break;
+                    }
+                    Err(e) if retries < 20 => {
+                        retries += 1;
+                        tracing::warn!("rebuild batch failed, retrying: {e}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            let listed_positions = listed(&positions);
+            self.set(|r| {
+                r.applied = applied;
+                r.positions = listed_positions;
+                r.started_ms_ago = started.elapsed().as_millis() as u64;
+            });
+        }
+    }
+}
+
+/// Within a few hundred records of the live loop on every partition: time to pause it.
+fn near(positions: &Positions, live: &Positions) -> bool {
+    live.iter().all(|(k, want)| positions.get(k).copied().unwrap_or(0) + 500 >= *want)
+}

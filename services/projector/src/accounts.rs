@@ -1,0 +1,198 @@
+//! The `accounts` projection: balance, available and version per account.
+//!
+//! `available` is the balance minus open withdrawal holds of 2PC transactions,
+//! as the account aggregate counts it. The shipped example of a projection.
+
+use esk_domain::account::{Event as AccountEvent, HeldCommand};
+use esk_projection::sqlite::SqliteStore;
+use esk_projection::{ApplyError, Projection, StoreError};
+use esk_wire::Event;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Accounts;
+
+/// An account as queries see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Account {
+    pub id: String,
+    pub owner: String,
+    pub balance: i64,
+    pub available: i64,
+    pub version: u64,
+}
+
+impl Projection<SqliteStore> for Accounts {
+    fn name(&self) -> &str {
+        "accounts"
+    }
+
+    fn categories(&self) -> Vec<String> {
+        vec!["account".into()]
+    }
+
+    fn migrate(&self, store: &mut SqliteStore) -> Result<(), StoreError> {
+        store.execute_batch(
+            "CREATE TABLE IF NOT EXISTS accounts (
+                 id TEXT PRIMARY KEY, owner TEXT NOT NULL,
+                 balance INTEGER NOT NULL, available INTEGER NOT NULL, version INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS account_holds (
+                 id TEXT NOT NULL, txid TEXT NOT NULL, command TEXT NOT NULL, amount INTEGER NOT NULL,
+                 PRIMARY KEY (id, txid));",
+        )
+    }
+
+    fn apply(&self, tx: &mut Transaction<'_>, event: &Event) -> Result<(), ApplyError> {
+        let tagged = serde_json::json!({"type": event.event_type, "data": event.data});
+        let e: AccountEvent = serde_json::from_value(tagged)
+            .map_err(|err| ApplyError::Permanent(format!("not an account event: {err}")))?;
+        let id = event.stream.id();
+        let version = event.version as i64;
+        let changed = match &e {
+            AccountEvent::AccountOpened { owner } => {
+                let exists: Option<i64> =
+                    tx.query_row("SELECT version FROM accounts WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+                if exists.is_some() {
+                    return Err(ApplyError::Permanent(format!("account {id} is already open")));
+                }
+                tx.execute(
+                    "INSERT INTO accounts (id, owner, balance, available, version) VALUES (?1, ?2, 0, 0, ?3)",
+                    params![id, owner, version],
+                )?
+            }
+            AccountEvent::Deposited { amount, .. } => move_money(tx, id, *amount, *amount, version)?,
+            AccountEvent::Withdrawn { amount, .. } => move_money(tx, id, -amount, -amount, version)?,
+            AccountEvent::HoldPlaced { txid, command, amount } => {
+                let held = if *command == HeldCommand::Withdraw { -amount } else { 0 };
+                let n = move_money(tx, id, 0, held, version)?;
+                if n == 1 {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO account_holds (id, txid, command, amount) VALUES (?1, ?2, ?3, ?4)",
+                        params![id, txid, format!("{command:?}"), amount],
+                    )?;
+                }
+                n
+            }
+            AccountEvent::HoldReleased { txid, .. } => {
+                let hold: Option<(String, i64)> = tx
+                    .query_row(
+                        "DELETE FROM account_holds WHERE id = ?1 AND txid = ?2 RETURNING command, amount",
+                        params![id, txid],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let back = match hold {
+                    Some((command, amount)) if command == "Withdraw" => amount,
+                    _ => 0,
+                };
+                move_money(tx, id, 0, back, version)?
+            }
+        };
+        if changed == 0 {
+            return Err(ApplyError::Permanent(format!("account {id} is not open")));
+        }
+        Ok(())
+    }
+}
+
+fn move_money(tx: &Transaction<'_>, id: &str, balance: i64, available: i64, version: i64) -> Result<usize, ApplyError> {
+    Ok(tx.execute(
+        "UPDATE accounts SET balance = balance + ?2, available = available + ?3, version = max(version, ?4)
+         WHERE id = ?1",
+        params![id, balance, available, version],
+    )?)
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
+    Ok(Account {
+        id: r.get(0)?,
+        owner: r.get(1)?,
+        balance: r.get(2)?,
+        available: r.get(3)?,
+        version: r.get::<_, i64>(4)? as u64,
+    })
+}
+
+pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<Account>> {
+    conn.query_row("SELECT id, owner, balance, available, version FROM accounts WHERE id = ?1", [id], row).optional()
+}
+
+/// Accounts ordered by id, after `cursor`, at most `limit`.
+pub fn list(conn: &Connection, cursor: Option<&str>, limit: u32) -> rusqlite::Result<Vec<Account>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, owner, balance, available, version FROM accounts WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    stmt.query_map(params![cursor.unwrap_or(""), limit], row)?.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use esk_projection::Store;
+    use esk_wire::StreamName;
+    use serde_json::json;
+
+    fn event(stream: &str, version: u64, ty: &str, data: serde_json::Value) -> Event {
+        Event {
+            id: format!("{stream}-{version}"),
+            source: "test".into(),
+            event_type: ty.into(),
+            time: chrono::Utc::now(),
+            stream: StreamName::parse(stream).unwrap(),
+            version,
+            correlation_id: None,
+            causation_id: None,
+            data_schema: None,
+            data,
+        }
+    }
+
+    #[test]
+    fn folds_account_events_with_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        Accounts.migrate(&mut store).unwrap();
+        let events = [
+            event("account-1", 1, "AccountOpened", json!({"owner": "ann"})),
+            event("account-1", 2, "Deposited", json!({"amount": 100})),
+            event("account-1", 3, "HoldPlaced", json!({"txid": "t", "command": "Withdraw", "amount": 30})),
+            event("account-1", 4, "HoldPlaced", json!({"txid": "u", "command": "Deposit", "amount": 5})),
+        ];
+        let mut tx = store.begin().unwrap();
+        for e in &events {
+            Accounts.apply(&mut tx, e).unwrap();
+        }
+        SqliteStore::commit(tx).unwrap();
+        let a = get(store.connection(), "1").unwrap().unwrap();
+        assert_eq!((a.balance, a.available, a.version), (100, 70, 4));
+        let mut tx = store.begin().unwrap();
+        Accounts.apply(&mut tx, &event("account-1", 5, "Withdrawn", json!({"amount": 30, "txid": "t"}))).unwrap();
+        Accounts
+            .apply(&mut tx, &event("account-1", 6, "HoldReleased", json!({"txid": "t", "outcome": "committed"})))
+            .unwrap();
+        Accounts
+            .apply(&mut tx, &event("account-1", 7, "HoldReleased", json!({"txid": "u", "outcome": "aborted"})))
+            .unwrap();
+        SqliteStore::commit(tx).unwrap();
+        let a = get(store.connection(), "1").unwrap().unwrap();
+        assert_eq!((a.balance, a.available, a.version), (70, 70, 7));
+    }
+
+    #[test]
+    fn events_it_cannot_apply_are_permanent_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        Accounts.migrate(&mut store).unwrap();
+        let mut tx = store.begin().unwrap();
+        for (e, wanted) in [
+            (event("account-9", 1, "Deposited", json!({"amount": 1})), "not open"),
+            (event("account-9", 1, "Bonus", json!({})), "not an account event"),
+        ] {
+            match Accounts.apply(&mut tx, &e) {
+                Err(ApplyError::Permanent(m)) => assert!(m.contains(wanted), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}

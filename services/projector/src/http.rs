@@ -1,0 +1,271 @@
+//! The projector's HTTP API.
+//!
+//! - `GET /accounts/{id}` -> `{"id","owner","balance","available","version"}`
+//! - `GET /accounts?limit=&cursor=` -> `{"accounts": [...], "next": cursor|null}`
+//! - both take `after=<position token>` (from an append or command reply) and
+//!   `/accounts/{id}` also `min_version=<n>`: the answer waits until the model has
+//!   applied that much (`timeout_ms`, default 5000), else 504 with what it reached.
+//! - `GET /status`: per projection, checkpoints, high watermarks, lag, events/s, rebuild.
+//! - `POST /projections/{name}/rebuild`, `POST /projections/{name}/replay`.
+//! - `/health`, `/metrics`.
+//!
+//! Errors are JSON: `{"error": "<code>", "message": "..."}` with a 4xx or 5xx status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use esk_wire::protocol::Position;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::accounts::{self, Account};
+use crate::{App, Model};
+
+/// An HTTP error with a JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self { status, body: json!({"error": code, "message": message.into()}) }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn with(mut self, key: &str, value: Value) -> Self {
+        self.body[key] = value;
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+type Params = Query<HashMap<String, String>>;
+
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let router = Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/projections", get(status))
+        .route("/accounts", get(list))
+        .route("/accounts/{id}", get(account))
+        .route("/projections/{name}/rebuild", post(rebuild))
+        .route("/projections/{name}/replay", post(replay))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .with_state(app);
+    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    Ok(())
+}
+
+/// How long a query may wait: `timeout_ms`, default 5 s, at most the configured maximum.
+fn wait_limit(app: &App, params: &HashMap<String, String>) -> Result<Duration, ApiError> {
+    let ms = match params.get("timeout_ms") {
+        None => 5000,
+        Some(t) => t
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad(format!("timeout_ms '{t}' is not a whole number of milliseconds")))?,
+    };
+    Ok(Duration::from_millis(ms.min(app.config.max_wait_ms)))
+}
+
+/// Waits until the model has applied the `after` token, if one was given.
+async fn after_token(
+    app: &App,
+    model: &Model,
+    params: &HashMap<String, String>,
+    limit: Duration,
+) -> Result<(), ApiError> {
+    let Some(token) = params.get("after") else {
+        return Ok(());
+    };
+    let pos: Position = token.parse().map_err(ApiError::bad)?;
+    if !model.categories.contains(&pos.category) {
+        return Err(ApiError::bad(format!(
+            "token '{token}' is for category '{}'; the {} model reads {}",
+            pos.category,
+            model.name,
+            model.categories.join(", ")
+        )));
+    }
+    let topic = app.topics.events(&pos.category);
+    model.runner.wait_past(&topic, pos.partition, pos.offset, limit).await.map_err(|reached| {
+        let at = reached.get(&(topic.clone(), pos.partition)).copied().unwrap_or(0);
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "the {} model has not applied {token} within {} ms: it is at offset {at} of {topic}/{}",
+                model.name,
+                limit.as_millis(),
+                pos.partition
+            ),
+        )
+        .with("wanted", json!(token))
+        .with("reached", json!(at))
+    })
+}
+
+fn account_id(raw: &str) -> Result<String, ApiError> {
+    let id = raw.strip_prefix("account-").unwrap_or(raw);
+    esk_wire::StreamName::new("account", id)
+        .map(|s| s.id().to_owned())
+        .map_err(|e| ApiError::bad(format!("'{raw}' is not an account id: {e}")))
+}
+
+async fn read<R: Send + 'static>(
+    model: &Model,
+    f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<R> + Send + 'static,
+) -> Result<R, ApiError> {
+    let readers = model.readers.clone();
+    tokio::task::spawn_blocking(move || readers.with(f))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()))
+}
+
+async fn account(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+    Query(params): Params,
+) -> Result<Json<Account>, ApiError> {
+    let id = account_id(&raw)?;
+    let min_version = match params.get("min_version") {
+        None => None,
+        Some(v) => {
+            Some(v.parse::<u64>().map_err(|_| ApiError::bad(format!("min_version '{v}' is not a whole number")))?)
+        }
+    };
+    let limit = wait_limit(&app, &params)?;
+    let model = &app.accounts;
+    let deadline = tokio::time::Instant::now() + limit;
+    after_token(&app, model, &params, limit).await?;
+    loop {
+        let key = id.clone();
+        let found = read(model, move |c| accounts::get(c, &key)).await?;
+        let reached = found.as_ref().map_or(0, |a| a.version);
+        match (found, min_version) {
+            (Some(a), None) => return Ok(Json(a)),
+            (Some(a), Some(v)) if a.version >= v => return Ok(Json(a)),
+            (None, None) => {
+                return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("account {id} does not exist")));
+            }
+            (_, Some(v)) => {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        format!(
+                            "account {id} did not reach version {v} within {} ms (it is at {reached})",
+                            limit.as_millis()
+                        ),
+                    )
+                    .with("wanted", json!(v))
+                    .with("reached", json!(reached)));
+                }
+                model.runner.changed(deadline - now).await;
+            }
+        }
+    }
+}
+
+async fn list(State(app): State<Arc<App>>, Query(params): Params) -> Result<Json<Value>, ApiError> {
+    let limit = match params.get("limit") {
+        None => 100,
+        Some(l) => match l.parse::<u32>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad(format!("limit '{l}' is not a number from 1 to 1000")));
+            }
+        },
+    };
+    let cursor = params.get("cursor").cloned();
+    let wait = wait_limit(&app, &params)?;
+    let model = &app.accounts;
+    after_token(&app, model, &params, wait).await?;
+    let page = read(model, move |c| accounts::list(c, cursor.as_deref(), limit)).await?;
+    let next = (page.len() as u32 == limit).then(|| page.last().map(|a| a.id.clone())).flatten();
+    Ok(Json(json!({"accounts": page, "next": next})))
+}
+
+async fn model_status(model: &Model) -> Value {
+    let status = model.runner.status();
+    let lag = {
+        let runner = &model.runner;
+        tokio::task::block_in_place(|| runner.lag(Duration::from_secs(5)))
+    };
+    for l in &lag {
+        metrics::gauge!("esk_projection_lag", "projection" => model.name.clone(), "partition" => l.partition.to_string())
+            .set(l.lag as f64);
+    }
+    json!({
+        "name": model.name,
+        "version": status.version,
+        "applied": status.applied,
+        "parked": status.parked,
+        "events_per_second": status.events_per_second,
+        "lag": lag.iter().map(|l| l.lag).sum::<i64>(),
+        "partitions": lag,
+        "rebuild": status.rebuild,
+    })
+}
+
+async fn status(State(app): State<Arc<App>>) -> Json<Value> {
+    let mut all = Vec::new();
+    for m in app.models() {
+        all.push(model_status(m).await);
+    }
+    Json(json!({"instance": app.config.instance, "projections": all}))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> String {
+    for m in app.models() {
+        model_status(m).await;
+    }
+    esk_runtime::metrics().render()
+}
+
+fn named<'a>(app: &'a App, name: &str) -> Result<&'a Model, ApiError> {
+    app.model(name).ok_or_else(|| {
+        let known: Vec<&str> = app.models().map(|m| m.name.as_str()).collect();
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no projection '{name}' (known: {})", known.join(", ")),
+        )
+    })
+}
+
+async fn rebuild(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let model = named(&app, &name)?;
+    let runner = &model.runner;
+    let version = tokio::task::block_in_place(|| runner.rebuild())
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "conflict", e))?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"projection": name, "version": version}))))
+}
+
+async fn replay(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let model = named(&app, &name)?;
+    let runner = &model.runner;
+    let report = tokio::task::block_in_place(|| runner.replay())
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
+    Ok(Json(json!({"projection": name, "replayed": report.replayed,
+        "already_replayed": report.already_replayed, "still_failing": report.still_failing})))
+}

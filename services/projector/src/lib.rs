@@ -1,0 +1,104 @@
+//! The esk projector: read models built from the event log, queried over HTTP.
+//!
+//! Delivery guarantee: **exactly-once effects** (see `esk_projection`): each
+//! model and its checkpoints change in one SQLite transaction.
+//!
+//! Scaling: every projector instance keeps a full copy of its models (its own
+//! store and consumer group, `--instance`), so any instance answers any query,
+//! read-your-writes tokens included. See docs/adr/0005-projectors.md.
+//!
+//! # Layout
+//! - [`config`]: flags and environment.
+//! - [`accounts`]: the `accounts` projection and its queries.
+//! - [`http`]: `/accounts`, `/status`, rebuilds, dead-letter replays, `/health`, `/metrics`.
+
+pub mod accounts;
+pub mod config;
+pub mod http;
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use esk_kafka::KafkaConfig;
+use esk_projection::runner::{self, RunnerConfig, RunnerHandle};
+use esk_projection::sqlite::{Readers, SqliteStore};
+use esk_wire::{SchemaRegistry, Topics};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// A running projection: its runner and its query connections.
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    pub categories: Vec<String>,
+    pub runner: RunnerHandle,
+    pub readers: Readers,
+}
+
+/// What the HTTP handlers share.
+#[derive(Debug)]
+pub struct App {
+    pub config: Config,
+    pub topics: Topics,
+    pub accounts: Model,
+}
+
+impl App {
+    pub fn model(&self, name: &str) -> Option<&Model> {
+        (name == self.accounts.name).then_some(&self.accounts)
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &Model> {
+        std::iter::once(&self.accounts)
+    }
+}
+
+/// Runs the projector until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let kafka = KafkaConfig::new(&config.bootstrap_servers, std::time::Duration::from_secs(30))?;
+    Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
+    let topics = Topics::new(&config.prefix);
+    let mut schemas = SchemaRegistry::builtin();
+    if let Some(dir) = &config.schemas_dir {
+        schemas.add_dir(dir).with_context(|| format!("loading schemas from {}", dir.display()))?;
+    }
+    let schemas = Arc::new(schemas);
+    let listener = tokio::net::TcpListener::bind(&config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+
+    let projection = Arc::new(accounts::Accounts);
+    let name = "accounts";
+    let dir = config.store_dir(name);
+    let store = SqliteStore::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))?;
+    let readers = Readers::new(&store);
+    let switch = readers.clone();
+    let runner = runner::spawn(
+        RunnerConfig {
+            kafka,
+            topics: topics.clone(),
+            group_id: config.group_id(name),
+            max_batch: config.max_batch as usize,
+        },
+        projection,
+        schemas,
+        store,
+        Box::new(move |s: &SqliteStore| switch.switch_to(s)),
+    )?;
+    tracing::info!(
+        http = %listener.local_addr()?,
+        store = %dir.display(),
+        group = config.group_id(name),
+        "projector running"
+    );
+    let app = Arc::new(App {
+        config,
+        topics,
+        accounts: Model { name: name.into(), categories: vec!["account".into()], runner, readers },
+    });
+    http::serve(listener, app.clone(), shutdown).await?;
+    let app = Arc::into_inner(app).context("HTTP handlers still hold the app")?;
+    tokio::task::spawn_blocking(move || app.accounts.runner.stop()).await?;
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! `esk dlq list CONSUMER` and `esk dlq replay CONSUMER`.
+
+use std::time::Duration;
+
+use esk_wire::Topics;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::json;
+
+use crate::cli::Global;
+use crate::events::kafka;
+use crate::exit::{Failure, Kind};
+use crate::http::{call, message};
+
+struct Parked {
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Parked {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+fn check_consumer(name: &str) -> Result<(), Failure> {
+    if esk_wire::stream::is_valid_category(name) {
+        Ok(())
+    } else {
+        Err(Failure::invalid(format!("'{name}' is not a consumer name (writer, or a projection such as accounts)")))
+    }
+}
+
+/// Every record of `<prefix>.dlq.<consumer>`, read to its end.
+fn read_parked(g: &Global, consumer: &str) -> Result<(String, Vec<Parked>), Failure> {
+    let (config, topics): (_, Topics) = kafka(g)?;
+    let topic = topics.dlq(consumer);
+    let c: BaseConsumer = config
+        .client()
+        .set("group.id", "esk-dlq")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(esk_kafka::Error::from)?;
+    let md = c
+        .fetch_metadata(Some(&topic), g.timeout)
+        .map_err(|e| Failure::unavailable(format!("Kafka at {}: {e}", config.bootstrap)))?;
+    let Some(t) = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
+        return Ok((topic, Vec::new()));
+    };
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for p in t.partitions() {
+        let (_, high) =
+            c.fetch_watermarks(&topic, p.id(), g.timeout).map_err(|e| Failure::unavailable(e.to_string()))?;
+        if high > 0 {
+            ends.push((p.id(), high));
+            tpl.add_partition_offset(&topic, p.id(), Offset::Beginning).map_err(esk_kafka::Error::from)?;
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return Ok((topic, out));
+    }
+    c.assign(&tpl).map_err(esk_kafka::Error::from)?;
+    let deadline = std::time::Instant::now() + g.timeout * 6;
+    loop {
+        let pos = c.position().map_err(esk_kafka::Error::from)?;
+        let done = ends.iter().all(|(p, high)| {
+            pos.find_partition(&topic, *p).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *high)
+        });
+        if done {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Failure::unavailable(format!("reading {topic} did not reach its end")));
+        }
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push(Parked {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|h| h.iter().map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec))).collect())
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    out.sort_by_key(|p| (p.partition, p.offset));
+    Ok((topic, out))
+}
+
+pub async fn list(g: &Global, consumer: &str) -> Result<(), Failure> {
+    check_consumer(consumer)?;
+    let g2 = g.clone();
+    let name = consumer.to_owned();
+    let (topic, parked) = tokio::task::spawn_blocking(move || read_parked(&g2, &name))
+        .await
+        .map_err(|e| Failure::new(Kind::Internal, e))??;
+    for p in &parked {
+        let text = |b: &Option<Vec<u8>>| b.as_deref().map(|v| String::from_utf8_lossy(v).into_owned());
+        let doc = json!({
+            "dlq_partition": p.partition, "dlq_offset": p.offset,
+            "reason": p.header("esk_dlq_reason"),
+            "topic": p.header("esk_dlq_topic"),
+            "partition": p.header("esk_dlq_partition").and_then(|v| v.parse::<i32>().ok()),
+            "offset": p.header("esk_dlq_offset").and_then(|v| v.parse::<i64>().ok()),
+            "key": text(&p.key),
+            "value": text(&p.value),
+        });
+        if g.json {
+            println!("{doc}");
+        } else {
+            let value: String = text(&p.value).unwrap_or_default().chars().take(120).collect();
+            println!(
+                "{}/{}@{}  {}\n    {value}",
+                doc["topic"].as_str().unwrap_or("?"),
+                doc["partition"],
+                doc["offset"],
+                doc["reason"].as_str().unwrap_or("(no reason)")
+            );
+        }
+    }
+    if !g.json {
+        eprintln!("esk: {} parked in {topic}", parked.len());
+    }
+    Ok(())
+}
+
+pub async fn replay(g: &Global, consumer: &str) -> Result<(), Failure> {
+    check_consumer(consumer)?;
+    if consumer == "writer" {
+        return replay_writer(g).await;
+    }
+    let (code, body) =
+        call(&g.projector_url, "POST", &format!("/projections/{consumer}/replay"), g.timeout * 6).await?;
+    match code {
+        200 => {}
+        404 => return Err(Failure::invalid(message(&body))),
+        _ => {
+            return Err(Failure::unavailable(format!("replay {consumer}: {code} {}", message(&body))));
+        }
+    }
+    if g.json {
+        println!("{body}");
+    } else {
+        println!(
+            "{consumer}: {} replayed, {} replayed before, {} still failing",
+            body["replayed"],
+            body["already_replayed"],
+            body["still_failing"].as_array().map_or(0, Vec::len)
+        );
+        for f in body["still_failing"].as_array().into_iter().flatten() {
+            eprintln!("  still failing: {}", f.as_str().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+/// The writer's parked records are requests: send them to their topic again.
+/// The writer answers a request it already answered from memory, so this is
+/// safe to repeat.
+async fn replay_writer(g: &Global) -> Result<(), Failure> {
+    let g2 = g.clone();
+    let (_, parked) = tokio::task::spawn_blocking(move || read_parked(&g2, "writer"))
+        .await
+        .map_err(|e| Failure::new(Kind::Internal, e))??;
+    let (config, _) = kafka(g)?;
+    let producer: FutureProducer =
+        config.client().set("enable.idempotence", "true").create().map_err(esk_kafka::Error::from)?;
+    let mut sent = 0;
+    for p in &parked {
+        let Some(topic) = p.header("esk_dlq_topic") else {
+            continue;
+        };
+        let mut h = OwnedHeaders::new();
+        for (k, v) in p.headers.iter().filter(|(k, _)| !k.starts_with("esk_dlq_")) {
+            h = h.insert(Header { key: k, value: v.as_deref() });
+        }
+        let mut record = FutureRecord::to(&topic).headers(h);
+        if let Some(partition) = p.header("esk_dlq_partition").and_then(|v| v.parse().ok()) {
+            record = record.partition(partition);
+        }
+        if let Some(k) = &p.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &p.value {
+            record = record.payload(v.as_slice());
+        }
+        producer
+            .send(record, g.timeout)
+            .await
+            .map_err(|(e, _)| Failure::unavailable(format!("sending to {topic}: {e}")))?;
+        sent += 1;
+    }
+    if g.json {
+        println!("{}", json!({"consumer": "writer", "resent": sent}));
+    } else {
+        println!("writer: {sent} parked request(s) sent again");
+    }
+    Ok(())
+}
