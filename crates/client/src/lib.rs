@@ -219,8 +219,6 @@ impl Client {
             causation_id: None,
         };
         let id = request.request_id.clone();
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending lock").insert(id.clone(), tx);
         let payload = serde_json::to_vec(&request).expect("requests serialize");
         if payload.len() > MAX_REQUEST_BYTES {
             return Err(ClientError::Invalid(format!(
@@ -228,6 +226,9 @@ impl Client {
                 payload.len()
             )));
         }
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending lock").insert(id.clone(), tx);
+
         let topic = self.topics.commands();
         let record = FutureRecord::to(&topic)
             .partition(partition_for(stream.as_str().as_bytes(), self.partitions))

@@ -6,6 +6,7 @@
 //! break co-partitioning.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use esk_wire::Topics;
@@ -138,7 +139,7 @@ pub enum Outcome {
 
 /// An admin connection with bounded waits.
 pub struct Admin {
-    client: AdminClient<DefaultClientContext>,
+    client: Arc<AdminClient<DefaultClientContext>>,
     config: KafkaConfig,
 }
 
@@ -150,7 +151,7 @@ impl std::fmt::Debug for Admin {
 
 impl Admin {
     pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
-        let client = config.client().create()?;
+        let client = Arc::new(config.client().create()?);
         Ok(Self { client, config: config.clone() })
     }
 
@@ -161,7 +162,11 @@ impl Admin {
     /// Cluster metadata, or `Unavailable` after the configured timeout.
     pub async fn metadata(&self) -> Result<Metadata, Error> {
         let timeout = self.config.timeout;
-        let result = tokio::task::block_in_place(|| self.client.inner().fetch_metadata(None, timeout));
+        // A blocking call: off the async threads, and fine on any runtime flavour.
+        let client = self.client.clone();
+        let result = tokio::task::spawn_blocking(move || client.inner().fetch_metadata(None, timeout))
+            .await
+            .map_err(|e| self.config.unavailable(format!("metadata task failed: {e}")))?;
         result.map_err(|e| self.config.unavailable(format!("no metadata within {timeout:?} ({e})")))
     }
 

@@ -66,3 +66,16 @@ pub fn metrics() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// Makes a panic on any thread end the process (exit code 70) after it is
+/// logged. Services are crash-only: a worker thread that died quietly would
+/// leave its partitions or models unserved while `/health` still answered;
+/// a dead process is taken over by another instance or restarted.
+pub fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        tracing::error!("panic: {info}; exiting");
+        std::process::exit(70);
+    }));
+}

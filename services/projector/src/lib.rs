@@ -56,6 +56,9 @@ impl App {
 
 /// Runs the projector until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    // Install the recorder before anything counts.
+    esk_runtime::metrics();
+
     let kafka = KafkaConfig::new(&config.bootstrap_servers, std::time::Duration::from_secs(30))?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);

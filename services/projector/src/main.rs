@@ -5,6 +5,8 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     esk_runtime::init_tracing("info");
+    esk_runtime::exit_on_panic();
+
     let config = esk_projector::Config::parse();
     let shutdown = esk_runtime::shutdown_on_signals();
     match esk_projector::run(config, shutdown).await {

@@ -65,6 +65,18 @@ pub struct Context<'a> {
     pub reply_partitions: i32,
     /// Partitions of the votes topic.
     pub vote_partitions: i32,
+    /// Categories whose events topic cannot be written (and why).
+    pub unusable: HashMap<String, String>,
+}
+
+impl Context<'_> {
+    /// Whether the events of this stream's category can be written.
+    fn writable(&self, stream: &StreamName) -> Result<(), String> {
+        match self.unusable.get(stream.category()) {
+            Some(reason) => Err(format!("category '{}' cannot be written: {reason}", stream.category())),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The committed state of one partition: every stream that hashes to it.
@@ -145,6 +157,8 @@ pub struct Batch<'s> {
     pub dead_letters: Vec<DeadLetter>,
     /// Highest offset consumed per input topic.
     pub consumed: HashMap<String, i64>,
+    /// Requests answered in this batch, with their last event.
+    in_batch: Vec<(Answered, Option<usize>)>,
 }
 
 /// A batch with every position known: what to write after the events.
@@ -203,6 +217,7 @@ impl<'s> Batch<'s> {
             votes: Vec::new(),
             dead_letters: Vec::new(),
             consumed: HashMap::new(),
+            in_batch: Vec::new(),
         }
     }
 
@@ -328,24 +343,31 @@ impl<'s> Batch<'s> {
         self.replies.push((partition, request_id, PendingReply::Ready(outcome)));
     }
 
-    /// The first answer to a retried request, if this stream remembers it.
+    /// The first answer to a retried request, if this stream remembers it: from
+    /// this batch (its position is filled in with the original's), or committed.
     fn answered(
         &self,
         stream: &str,
         request_id: &str,
         first_event_id: Option<&str>,
         expected: ExpectedVersion,
-    ) -> Option<Appended> {
-        let rec = self.record(stream)?;
-        rec.answered
-            .iter()
-            .find(|a| {
-                a.request_id == request_id
-                    || (first_event_id.is_some()
-                        && a.first_event_id.as_deref() == first_event_id
-                        && a.expected_version == expected)
-            })
-            .map(|a| a.result.clone())
+    ) -> Option<PendingReply> {
+        let same = |a: &Answered| {
+            a.request_id == request_id
+                || (first_event_id.is_some()
+                    && a.first_event_id.as_deref() == first_event_id
+                    && a.expected_version == expected)
+        };
+        if let Some((a, last_event)) = self.in_batch.iter().find(|(a, _)| a.result.stream == stream && same(a)) {
+            return Some(PendingReply::Appended {
+                stream: stream.to_owned(),
+                first_version: a.result.first_version,
+                last_version: a.result.last_version,
+                last_event: *last_event,
+            });
+        }
+        let rec = self.base.streams.get(stream)?;
+        rec.answered.iter().find(|a| same(a)).map(|a| PendingReply::Ready(ReplyOutcome::Appended(a.result.clone())))
     }
 
     fn check_version(&self, stream: &str, expected: ExpectedVersion) -> Result<u64, ReplyOutcome> {
@@ -388,8 +410,9 @@ impl<'s> Batch<'s> {
         }
         let first_id = events[0].id.as_deref();
         if let Some(done) = self.answered(stream.as_str(), &request.request_id, first_id, expected) {
-            return Ok(PendingReply::Ready(ReplyOutcome::Appended(done)));
+            return Ok(done);
         }
+        ctx.writable(stream).map_err(|m| error(ErrorCode::Internal, m))?;
         let current = self.check_version(stream.as_str(), expected)?;
         let mut validated = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
@@ -420,7 +443,7 @@ impl<'s> Batch<'s> {
             });
         }
         let (first, last, last_event) = self.write(ctx, stream, current, validated, request, now);
-        self.remember(ctx, stream, request, first_id, expected, first, last);
+        self.remember(ctx, stream, request, first_id, expected, first, last, last_event);
         Ok(PendingReply::Appended { stream: stream.to_string(), first_version: first, last_version: last, last_event })
     }
 
@@ -444,15 +467,16 @@ impl<'s> Batch<'s> {
             ));
         };
         if let Some(done) = self.answered(stream.as_str(), &request.request_id, None, expected) {
-            return Ok(PendingReply::Ready(ReplyOutcome::Appended(done)));
+            return Ok(done);
         }
+        ctx.writable(stream).map_err(|m| error(ErrorCode::Internal, m))?;
         let current = self.check_version(stream.as_str(), expected)?;
         let state = self.record(stream.as_str()).and_then(|r| r.state.clone()).unwrap_or_else(|| aggregate.initial());
         let cmd = EventData { event_type: command.command_type.clone(), data: command.data.clone() };
         let events = aggregate.handle(&state, &cmd).map_err(domain_error)?;
         let data = self.checked_domain_events(ctx, stream, &events)?;
         let (first, last, last_event) = self.write(ctx, stream, current, data, request, now);
-        self.remember(ctx, stream, request, None, expected, first, last);
+        self.remember(ctx, stream, request, None, expected, first, last, last_event);
         Ok(PendingReply::Appended { stream: stream.to_string(), first_version: first, last_version: last, last_event })
     }
 
@@ -560,6 +584,7 @@ impl<'s> Batch<'s> {
         expected: ExpectedVersion,
         first: u64,
         last: u64,
+        last_event: Option<usize>,
     ) {
         let entry = Answered {
             request_id: request.request_id.clone(),
@@ -573,6 +598,7 @@ impl<'s> Batch<'s> {
                 position: String::new(),
             },
         };
+        self.in_batch.push((entry.clone(), last_event));
         let rec = self.record_mut(stream, ctx);
         push_bounded(&mut rec.answered, entry, MAX_ANSWERED);
     }
@@ -616,6 +642,7 @@ impl<'s> Batch<'s> {
                 Verdict::Abort => Err(format!("transaction {} was already aborted", prepare.txid)),
             };
         }
+        ctx.writable(&stream)?;
         let aggregate =
             ctx.aggregates.get(stream.category()).cloned().ok_or_else(|| {
                 format!("category '{}' has no aggregate to take part in transactions", stream.category())
@@ -645,6 +672,9 @@ impl<'s> Batch<'s> {
             Ok(s) => s,
             Err(reason) => return self.dead_letter(msg, reason),
         };
+        if let Err(reason) = ctx.writable(&stream) {
+            return self.dead_letter(msg, reason);
+        }
         let already = self.record(stream.as_str()).is_some_and(|r| r.decided.iter().any(|d| d.txid == decision.txid));
         if !already {
             let aggregate = ctx.aggregates.get(stream.category()).cloned();

@@ -8,6 +8,7 @@
 //! given up; on an assign a worker starts per partition.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ pub struct GroupContext {
     shared: Arc<Shared>,
     consumer: OnceLock<Weak<GroupConsumer>>,
     workers: Mutex<BTreeMap<i32, Worker>>,
+    /// Set on shutdown: an assignment still queued must start no worker.
+    shutting_down: AtomicBool,
 }
 
 impl std::fmt::Debug for GroupContext {
@@ -55,6 +58,9 @@ impl ConsumerContext for GroupContext {
         let Rebalance::Assign(tpl) = rebalance else {
             return;
         };
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return;
         };
@@ -73,7 +79,9 @@ impl ConsumerContext for GroupContext {
                         Some((source, topic, q))
                     })
                     .collect();
-            workers.insert(p, Worker::spawn(self.shared.clone(), consumer.clone(), p, queues));
+            if let Some(old) = workers.insert(p, Worker::spawn(self.shared.clone(), consumer.clone(), p, queues)) {
+                old.join();
+            }
         }
     }
 }
@@ -97,8 +105,12 @@ impl GroupContext {
 pub fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<()> {
     let t = &shared.topics;
     let topics = [t.commands(), t.tx_prepare(), t.tx_commit()];
-    let context =
-        GroupContext { shared: shared.clone(), consumer: OnceLock::new(), workers: Mutex::new(BTreeMap::new()) };
+    let context = GroupContext {
+        shared: shared.clone(),
+        consumer: OnceLock::new(),
+        workers: Mutex::new(BTreeMap::new()),
+        shutting_down: AtomicBool::new(false),
+    };
     let session = shared.config.session_timeout_ms;
     let consumer: Arc<GroupConsumer> = Arc::new(
         shared
@@ -130,6 +142,7 @@ pub fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<()> {
         }
     }
     tracing::info!("stopping: finishing open transactions and leaving the group");
+    consumer.context().shutting_down.store(true, Ordering::SeqCst);
     consumer.context().stop_all();
     consumer.unsubscribe();
     // Leave the group now, so that another instance takes over at once.

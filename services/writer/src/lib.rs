@@ -24,7 +24,7 @@ pub mod http;
 pub mod restore;
 pub mod worker;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result, bail};
@@ -50,6 +50,9 @@ pub struct Shared {
     pub admin: Admin,
     /// Events topics known to exist.
     pub known_topics: Mutex<HashSet<String>>,
+    /// Categories whose events topic cannot be used (wrong partition count):
+    /// their requests are refused instead of blocking the partition.
+    pub unusable: Mutex<HashMap<String, String>>,
     pub runtime: tokio::runtime::Handle,
     pub status: Mutex<http::Status>,
 }
@@ -71,12 +74,16 @@ impl Shared {
             partitions: self.partitions,
             reply_partitions: self.reply_partitions,
             vote_partitions: self.vote_partitions,
+            unusable: self.unusable.lock().expect("unusable lock").clone(),
         }
     }
 }
 
 /// Runs the writer until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    // Install the recorder before anything counts.
+    esk_runtime::metrics();
+
     let kafka = KafkaConfig::new(&config.bootstrap_servers, config.kafka_timeout())?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);
@@ -128,6 +135,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         vote_partitions,
         admin,
         known_topics: Mutex::new(HashSet::new()),
+        unusable: Mutex::new(HashMap::new()),
         runtime: tokio::runtime::Handle::current(),
         status: Mutex::new(http::Status::default()),
     });

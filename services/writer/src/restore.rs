@@ -5,6 +5,7 @@
 //! transaction is open on the partition and the last stable offset is the high
 //! watermark. Cost grows with the number of streams, not events.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -15,7 +16,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use crate::Shared;
 use crate::batch::PartitionState;
 
-pub fn restore(shared: &Shared, partition: i32) -> Result<PartitionState> {
+/// `None` when `stop` was set meanwhile.
+pub fn restore(shared: &Shared, partition: i32, stop: &AtomicBool) -> Result<Option<PartitionState>> {
     let started = Instant::now();
     let topic = shared.topics.state();
     let consumer: BaseConsumer = shared
@@ -31,7 +33,7 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<PartitionState> {
     let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout)?;
     let mut state = PartitionState::new(partition);
     if high <= low {
-        return Ok(state);
+        return Ok(Some(state));
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&topic, partition, Offset::Beginning)?;
@@ -39,6 +41,9 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<PartitionState> {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut skipped = 0u64;
     loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => match m.payload().map(serde_json::from_slice::<StreamRecord>) {
                 Some(Ok(rec)) => {
@@ -72,5 +77,5 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<PartitionState> {
         ms = started.elapsed().as_millis() as u64,
         "partition restored"
     );
-    Ok(state)
+    Ok(Some(state))
 }

@@ -119,6 +119,9 @@ enum Failure {
     Abortable(anyhow::Error),
     /// Failed before the transaction began: rewind and go on.
     BeforeBegin(anyhow::Error),
+    /// The events' offsets were not the predicted ones: abort, and go on with
+    /// these next offsets (past the abort marker).
+    Mispredicted(anyhow::Error, HashMap<String, i64>),
 
     /// The producer is fenced or broken: acquire the partition anew.
     Fatal(anyhow::Error),
@@ -139,6 +142,26 @@ fn classify(e: KafkaError) -> Failure {
         _ => false,
     };
     if fenced || fatal { Failure::Fatal(anyhow!(e)) } else { Failure::Abortable(anyhow!(e)) }
+}
+
+/// Runs a transactional call, again while it fails with a retriable error.
+/// An error that requires an abort means the transaction did not commit; an
+/// outcome still unknown after the retries is fatal, so that the partition is
+/// acquired afresh and its state restored from what did commit. Never abort
+/// after a commit whose outcome is unknown: the rewind could skip a batch that
+/// was committed.
+fn retrying(what: &str, mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), Failure> {
+    for attempt in 1..=3 {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(e)) if e.is_fatal() => return Err(Failure::Fatal(anyhow!("{what}: {e}"))),
+            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
+                return Err(Failure::Abortable(anyhow!("{what}: {e}")));
+            }
+            Err(e) => tracing::warn!(attempt, "{what} failed, retrying: {e}"),
+        }
+    }
+    Err(Failure::Fatal(anyhow!("{what}: outcome unknown after 3 attempts")))
 }
 
 impl Run {
@@ -169,6 +192,13 @@ impl Run {
                             self.set_phase("fenced");
                             metrics::counter!("esk_writer_fenced_total").increment(1);
                             tracing::warn!(partition = p, "giving up the producer: {e:#}");
+                            drop(owned);
+                            // Fenced (or the commit's outcome is unknown): if this
+                            // writer was frozen, its group session has expired and
+                            // a revoke is on its way; wait a session timeout for it
+                            // rather than fence the new owner back.
+                            self.pause(Duration::from_millis(self.shared.config.session_timeout_ms));
+                            continue;
                         }
                     }
                 }
@@ -221,7 +251,9 @@ impl Run {
             return Ok(None);
         }
         self.set_phase("restoring");
-        let state = crate::restore::restore(&self.shared, self.partition)?;
+        let Some(state) = crate::restore::restore(&self.shared, self.partition, &self.stop)? else {
+            return Ok(None);
+        };
         self.shared.status.lock().expect("status lock").partitions.entry(self.partition).or_default().streams =
             state.streams.len();
         self.rewind()?;
@@ -247,6 +279,7 @@ impl Run {
             loop {
                 match self.consumer.seek(e.topic(), self.partition, offset, Duration::from_secs(5)) {
                     Ok(()) => break,
+                    Err(_) if self.stopped() => return Ok(()),
                     // Right after an assignment the fetcher may not be ready for a seek.
                     Err(err) if tries < 50 => {
                         tries += 1;
@@ -267,8 +300,14 @@ impl Run {
         let max = self.shared.config.max_batch as usize;
         let mut out = Vec::new();
         for _ in 0..2 {
-            for (source, topic, q) in &self.queues {
-                while out.len() < max {
+            // Round-robin over commands, prepares and decisions, one record each
+            // a turn, so that a flood of commands cannot starve 2PC traffic.
+            let mut open = vec![true; self.queues.len()];
+            while out.len() < max && open.iter().any(|o| *o) {
+                for (i, (source, topic, q)) in self.queues.iter().enumerate() {
+                    if !open[i] || out.len() >= max {
+                        continue;
+                    }
                     match q.poll(Duration::ZERO) {
                         Some(Ok(m)) => out.push(Incoming {
                             source: *source,
@@ -284,9 +323,9 @@ impl Run {
                         }),
                         Some(Err(e)) => {
                             tracing::warn!(partition = self.partition, "fetch: {e}");
-                            break;
+                            open[i] = false;
                         }
-                        None => break,
+                        None => open[i] = false,
                     }
                 }
             }
@@ -322,24 +361,30 @@ impl Run {
                     s.records += n as u64;
                     s.streams = owned.state.streams.len();
                 }
-                Err(failure @ (Failure::Abortable(_) | Failure::BeforeBegin(_))) => {
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(failure) => {
                     failures += 1;
-                    let (Failure::Abortable(e) | Failure::BeforeBegin(e) | Failure::Fatal(e)) = &failure;
+                    let (Failure::Abortable(e)
+                    | Failure::BeforeBegin(e)
+                    | Failure::Mispredicted(e, _)
+                    | Failure::Fatal(e)) = &failure;
                     tracing::warn!(partition = self.partition, failures, "batch failed, retrying: {e:#}");
-                    if let Failure::Abortable(_) = failure {
+                    if let Failure::Abortable(_) | Failure::Mispredicted(..) = failure {
                         metrics::counter!("esk_writer_aborts_total").increment(1);
-                        owned.next_offsets.clear();
                         if let Err(e) = owned.producer.abort_transaction(self.shared.config.kafka_timeout()) {
                             return Err(anyhow!("abort_transaction failed: {e}"));
                         }
                     }
+                    owned.next_offsets = match failure {
+                        Failure::Mispredicted(_, next) => next,
+                        _ => HashMap::new(),
+                    };
                     self.rewind()?;
 
                     // The same records come again: back off so a persistent
                     // failure does not spin.
                     self.pause(Duration::from_millis(100 * u64::from(failures.min(50))));
                 }
-                Err(Failure::Fatal(e)) => return Err(e),
             }
         }
         Ok(())
@@ -360,11 +405,15 @@ impl Run {
         for name in &missing {
             match existing.iter().find(|t| &t.name == name) {
                 Some(t) if t.partitions != self.shared.partitions => {
-                    return Err(anyhow!(
+                    let reason = format!(
                         "{name} has {} partitions; esk needs {} (the platform's count) to keep one writer per partition",
-                        t.partitions,
-                        self.shared.partitions
-                    ));
+                        t.partitions, self.shared.partitions
+                    );
+                    tracing::error!("{reason}");
+                    let category = name.strip_prefix(&self.shared.topics.events_prefix()).unwrap_or(name);
+                    self.shared.unusable.lock().expect("unusable lock").insert(category.to_owned(), reason.clone());
+                    // The retry decides the batch anew and refuses this category's requests.
+                    return Err(anyhow!(reason));
                 }
                 Some(_) => {}
                 None => create.push(TopicKind::Events.spec(
@@ -536,13 +585,22 @@ impl Run {
         }
         delivered.truncate(events.len());
         if delivered != predicted {
-            owned.next_offsets.clear();
             metrics::counter!("esk_writer_offset_mispredictions_total").increment(1);
-            return Err(Failure::Abortable(anyhow!(
-                "events landed at other offsets than their positions say (first {:?}, predicted {:?}): retrying",
-                delivered.first(),
-                predicted.first()
-            )));
+            // Every event was delivered: after the abort marker, each partition
+            // goes on right after it.
+            let mut after_abort = HashMap::new();
+            for ((topic, _), offset) in events.iter().zip(&delivered) {
+                let next = after_abort.entry(topic.clone()).or_insert(0);
+                *next = (*next).max(offset + 2);
+            }
+            return Err(Failure::Mispredicted(
+                anyhow!(
+                    "events landed at other offsets than their positions say (first {:?}, predicted {:?}): retrying",
+                    delivered.first(),
+                    predicted.first()
+                ),
+                after_abort,
+            ));
         }
         let mut tpl = TopicPartitionList::new();
         for (topic, offset) in &consumed {
@@ -551,9 +609,9 @@ impl Run {
         }
         let group =
             self.consumer.group_metadata().ok_or_else(|| Failure::Abortable(anyhow!("no consumer group metadata")))?;
-        producer.send_offsets_to_transaction(&tpl, &group, timeout).map_err(classify)?;
+        retrying("send_offsets_to_transaction", || producer.send_offsets_to_transaction(&tpl, &group, timeout))?;
         let t_offsets = Instant::now();
-        producer.commit_transaction(timeout).map_err(classify)?;
+        retrying("commit_transaction", || producer.commit_transaction(timeout))?;
         // Each partition written gets one commit marker after its last record.
         for ((topic, _), offset) in events.iter().zip(&delivered) {
             let next = owned.next_offsets.entry(topic.clone()).or_insert(0);

@@ -4,5 +4,7 @@
 mod broker;
 mod cluster;
 mod platform;
+mod projector;
+
 mod topics;
 mod writer;

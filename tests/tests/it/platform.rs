@@ -87,7 +87,6 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
     assert!(!pid_alive(&writer_pid), "writer pid {writer_pid} alive after make down");
     assert!(!pid_alive(&projector_pid), "projector pid {projector_pid} alive after make down");
 
-
     assert!(!home.path().join("run/kafka.pid").exists());
 }
 

@@ -445,3 +445,24 @@ async fn tail_follows_new_events() {
     assert_eq!(from_start.stdout.lines().count(), 4);
     assert!(from_start.stdout.contains("\"Old\""));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_category_topic_with_the_wrong_partition_count_is_refused_without_blocking_others() {
+    use esk_kafka::admin::{Admin, Durability, TopicKind};
+    let env = TestEnv::new();
+    env.init_topics(2);
+    Admin::new(&env.kafka())
+        .unwrap()
+        .ensure(&[TopicKind::Events.spec(env.topics().events("odd"), 5, Durability::new(1))])
+        .await
+        .unwrap();
+    let w = writer(&env);
+    wait_serving(&[&w], 2, Duration::from_secs(60)).await;
+    let run = env.esk().args(["append", "odd-1", "Thing", "{}", "--json"]).run().code(1);
+    assert!(run.stderr.contains("has 5 partitions; esk needs 2"), "{}", run.stderr);
+    // Every partition still serves other categories.
+    for i in 0..6 {
+        env.esk().args(["append", &format!("fine-{i}"), "Thing", "{}"]).run().ok();
+    }
+    assert!(env.all_events("odd").is_empty());
+}
