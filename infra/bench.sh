@@ -11,6 +11,7 @@
 #   BENCH_PARTITIONS  partitions of the installation (12)
 #   BENCH_RECORDS     records for the reference tools (200000)
 #   BENCH_SIZE        record size in bytes, for esk and the tools (200)
+#   BENCH_PROJECTOR_EVENTS  backlog for the projector's catch-up (1000000)
 #   BENCH_ARGS        extra arguments for esk-bench (e.g. --read-events 0)
 set -euo pipefail
 
@@ -19,6 +20,7 @@ kafka=$repo/infra/kafka/kafka.sh
 partitions=${BENCH_PARTITIONS:-12}
 records=${BENCH_RECORDS:-200000}
 size=${BENCH_SIZE:-200}
+projector_events=${BENCH_PROJECTOR_EVENTS:-1000000}
 out_dir=$repo/target/bench
 mkdir -p "$out_dir"
 report=$out_dir/$(date -u +%Y%m%dT%H%M%SZ).txt
@@ -60,7 +62,12 @@ done
   echo "# esk bench $(date -u +%FT%TZ): $(nproc) cores, broker $bootstrap, $partitions partitions, ${size} B records"
   echo
   # shellcheck disable=SC2086
-  "$bin/esk-bench" --record-size "$size" ${BENCH_ARGS:-}
+  "$bin/esk-bench" --record-size "$size" --projector-bin "$bin/esk-projector" \
+    --projector-events "$projector_events" ${BENCH_ARGS:-}
+  echo
+  echo "## Kafka reference: ConsumerPerformance on the same category topic ($projector_events records)"
+  "$kafka" tool ConsumerPerformance --bootstrap-server "$bootstrap" --topic "$prefix.events.account" \
+    --num-records "$projector_events" --timeout 60000 2>&1 | tail -n 2
   echo
   echo "## Kafka reference: ProducerPerformance ($records x $size B, acks=all, idempotent)"
   "$kafka" tool TopicCommand --bootstrap-server "$bootstrap" --create --topic "$prefix.raw" \

@@ -6,6 +6,8 @@
 //! - read: `esk read` of one stream among `--read-events` events in its
 //!   category, which must not scan the category topic.
 
+mod projector;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +43,12 @@ struct Args {
     /// Events in the category before the read benchmark (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     read_events: usize,
+    /// The esk-projector binary for the projector benchmarks (skipped without it).
+    #[arg(long)]
+    projector_bin: Option<std::path::PathBuf>,
+    /// Backlog the projector catches up with.
+    #[arg(long, default_value_t = 1_000_000)]
+    projector_events: usize,
 }
 
 fn event(size: usize, n: usize) -> NewEvent {
@@ -107,6 +115,10 @@ async fn main() -> Result<()> {
 
     if args.read_events > 0 {
         read_bench(&client, &args).await?;
+    }
+    if let Some(bin) = &args.projector_bin {
+        projector::run(&client, bin, args.projector_events, args.record_size, &args.prefix, &args.bootstrap_servers)
+            .await?;
     }
     Ok(())
 }
