@@ -15,6 +15,7 @@
 //! the first result without writing twice.
 
 mod read;
+pub mod tx;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,6 +82,7 @@ pub struct Client {
     topics: Topics,
     producer: FutureProducer,
     partitions: i32,
+    tx_partitions: i32,
     reply_partition: i32,
     pending: Pending,
     stop: Arc<AtomicBool>,
@@ -138,6 +140,7 @@ impl Client {
             .create()?;
         let partitions = partition_count(&consumer, &topics.commands(), timeout, &config.bootstrap)?;
         let reply_partitions = partition_count(&consumer, &replies, timeout, &config.bootstrap)?;
+        let tx_partitions = partition_count(&consumer, &topics.tx_requests(), timeout, &config.bootstrap)?;
         let reply_partition = (uuid::Uuid::new_v4().as_u128() % reply_partitions as u128) as i32;
         // Read from the current end: any reply to a request sent after this lands later.
         let (_, high) = consumer
@@ -175,7 +178,17 @@ impl Client {
                 .expect("spawning the reply reader")
         };
         tracing::debug!(reply_partition, "connected");
-        Ok(Self { config, topics, producer, partitions, reply_partition, pending, stop, reader: Some(reader) })
+        Ok(Self {
+            config,
+            topics,
+            producer,
+            partitions,
+            tx_partitions,
+            reply_partition,
+            pending,
+            stop,
+            reader: Some(reader),
+        })
     }
 
     pub fn topics(&self) -> &Topics {

@@ -178,6 +178,15 @@ impl Aggregate for Account {
         state
     }
 
+    fn validate_for_transaction(command: &Command) -> Result<(), DomainError> {
+        match command {
+            Command::OpenAccount { .. } => {
+                Err(DomainError::Invalid("OpenAccount cannot be part of a transaction; open the account first".into()))
+            }
+            Command::Deposit { amount } | Command::Withdraw { amount } => check_amount(*amount).map(drop),
+        }
+    }
+
     fn prepare(state: &State, txid: &str, command: &Command) -> Result<Vec<Event>, DomainError> {
         if state.holds.contains_key(txid) {
             return Ok(Vec::new());

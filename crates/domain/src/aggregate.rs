@@ -47,6 +47,14 @@ pub trait Aggregate {
 
     fn apply(state: Self::State, event: &Self::Event) -> Self::State;
 
+    /// Checks a command for a transaction without any state (amounts, the
+    /// kinds of command that may be held), so that a client can refuse a bad
+    /// transaction before anything is written. The default refuses: an
+    /// aggregate that does not override it takes no part in transactions.
+    fn validate_for_transaction(_command: &Self::Command) -> Result<(), DomainError> {
+        Err(DomainError::Invalid(format!("category '{}' does not take part in transactions", Self::CATEGORY)))
+    }
+
     /// Events that place a hold for transaction `txid`. The default refuses:
     /// an aggregate that does not override it takes no part in transactions.
     fn prepare(_state: &Self::State, _txid: &str, _command: &Self::Command) -> Result<Vec<Self::Event>, DomainError> {
@@ -79,6 +87,8 @@ pub trait DynAggregate: Send + Sync {
     /// stream holds something this aggregate cannot read.
     fn apply(&self, state: Value, event: &EventData) -> Result<Value, String>;
     fn prepare(&self, state: &Value, txid: &str, command: &EventData) -> Result<Vec<EventData>, DomainError>;
+    /// Checks a command for a transaction, without state.
+    fn validate_for_transaction(&self, command: &EventData) -> Result<(), DomainError>;
     fn has_hold(&self, state: &Value, txid: &str) -> bool;
     fn commit(&self, state: &Value, txid: &str) -> Vec<EventData>;
     fn abort(&self, state: &Value, txid: &str, reason: &str) -> Vec<EventData>;
@@ -148,6 +158,10 @@ impl<A: Aggregate + 'static> DynAggregate for Typed<A> {
         A::prepare(&state_of::<A>(state), txid, &cmd).map(to_data)
     }
 
+    fn validate_for_transaction(&self, command: &EventData) -> Result<(), DomainError> {
+        A::validate_for_transaction(&command_of::<A>(command)?)
+    }
+
     fn has_hold(&self, state: &Value, txid: &str) -> bool {
         A::has_hold(&state_of::<A>(state), txid)
     }
@@ -174,10 +188,11 @@ impl fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// The aggregates esk ships: `account`.
+    /// The aggregates esk ships: `account` and `inventory`.
     pub fn builtin() -> Self {
         let mut r = Self::default();
         r.register::<crate::account::Account>();
+        r.register::<crate::inventory::Inventory>();
         r
     }
 

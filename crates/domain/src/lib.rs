@@ -6,10 +6,13 @@
 //!   [`DynAggregate`], the JSON-facing form the writer calls.
 //! - [`account`]: the worked example: open, deposit, withdraw never below
 //!   zero, and holds for two-phase commits.
+//! - [`inventory`]: stock per item, reservations never beyond what is in stock,
+//!   so that one transaction can pay and reserve across services.
 //! - [`testing`]: given/when/then helpers for aggregate tests.
 
 pub mod account;
 pub mod aggregate;
+pub mod inventory;
 pub mod testing;
 
 pub use aggregate::{Aggregate, DomainError, DynAggregate, EventData, Registry};

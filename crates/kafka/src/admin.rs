@@ -94,7 +94,7 @@ impl TopicKind {
 }
 
 /// Every platform topic: the co-partitioned ones, an events topic per known
-/// category and the writer's dead-letter topic.
+/// category and the dead-letter topics of the writer and the coordinator.
 pub fn platform_topics<'a>(
     topics: &Topics,
     categories: impl IntoIterator<Item = &'a str>,
@@ -115,6 +115,7 @@ pub fn platform_topics<'a>(
         specs.push(TopicKind::Events.spec(topics.events(c), partitions, d));
     }
     specs.push(TopicKind::DeadLetters.spec(topics.dlq("writer"), partitions, d));
+    specs.push(TopicKind::DeadLetters.spec(topics.dlq("coordinator"), partitions, d));
     specs
 }
 

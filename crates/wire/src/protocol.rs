@@ -164,6 +164,8 @@ pub enum ReplyOutcome {
     Appended(Appended),
     Head(StreamHead),
     Error(ReplyError),
+    /// A 2PC transaction's state (the coordinator's answer).
+    Tx(TxStatus),
 }
 
 /// A successful append or command.
@@ -302,6 +304,145 @@ pub struct TxAck {
 pub enum ParticipantMessage {
     Vote(TxVote),
     Ack(TxAck),
+}
+
+/// One participant of a 2PC transaction: a stream and the command it must hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Participant {
+    pub stream: String,
+    pub command: CommandData,
+}
+
+/// A request to the coordinator, on `<prefix>.tx.requests`, key = txid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TxRequest {
+    /// Start a transaction (or, for a txid already known, ask for its outcome).
+    Begin {
+        txid: String,
+        participants: Vec<Participant>,
+        /// How long the participants have to vote before the coordinator aborts.
+        timeout_ms: u64,
+        reply_partition: i32,
+    },
+    /// Ask for a transaction's state.
+    Status { txid: String, reply_partition: i32 },
+}
+
+impl TxRequest {
+    pub fn txid(&self) -> &str {
+        match self {
+            TxRequest::Begin { txid, .. } | TxRequest::Status { txid, .. } => txid,
+        }
+    }
+
+    pub fn reply_partition(&self) -> i32 {
+        match self {
+            TxRequest::Begin { reply_partition, .. } | TxRequest::Status { reply_partition, .. } => *reply_partition,
+        }
+    }
+}
+
+/// Where a transaction stands in the coordinator's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxState {
+    /// Prepares sent, votes coming in.
+    Preparing,
+    /// Decided commit (the commit point); acknowledgements pending.
+    Committing,
+    /// Decided abort; acknowledgements pending.
+    Aborting,
+    /// Committed everywhere.
+    Committed,
+    /// Aborted everywhere.
+    Aborted,
+    /// The coordinator has no record of it.
+    Unknown,
+}
+
+impl TxState {
+    /// committed, aborted or pending: what a client is told.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            TxState::Committing | TxState::Committed => "committed",
+            TxState::Aborting | TxState::Aborted => "aborted",
+            TxState::Preparing => "pending",
+            TxState::Unknown => "unknown",
+        }
+    }
+
+    pub fn is_decided(self) -> bool {
+        !matches!(self, TxState::Preparing | TxState::Unknown)
+    }
+}
+
+/// One participant's part in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParticipantState {
+    pub stream: String,
+    pub command: CommandData,
+    /// None until it voted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vote: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub acked: bool,
+}
+
+/// The coordinator's record of a transaction, on `<prefix>.tx.log` (compacted, key = txid).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TxRecord {
+    pub txid: String,
+    pub state: TxState,
+    pub participants: Vec<ParticipantState>,
+    /// Wall-clock deadline for the votes, ms since the epoch: it survives restarts.
+    pub deadline_ms: i64,
+    pub created_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_ms: Option<i64>,
+    /// Why it aborted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Replies partitions of the clients waiting for the outcome.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reply_partitions: Vec<i32>,
+}
+
+/// What a client is told about a transaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TxStatus {
+    pub txid: String,
+    pub state: TxState,
+    /// committed, aborted, pending or unknown.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub participants: Vec<ParticipantState>,
+}
+
+impl TxStatus {
+    pub fn of(record: &TxRecord) -> Self {
+        Self {
+            txid: record.txid.clone(),
+            state: record.state,
+            outcome: record.state.outcome().to_owned(),
+            reason: record.reason.clone(),
+            participants: record.participants.clone(),
+        }
+    }
+
+    pub fn unknown(txid: &str) -> Self {
+        Self {
+            txid: txid.to_owned(),
+            state: TxState::Unknown,
+            outcome: TxState::Unknown.outcome().to_owned(),
+            reason: None,
+            participants: Vec::new(),
+        }
+    }
 }
 
 /// A request the writer already answered, kept to answer its retries alike.

@@ -21,6 +21,10 @@ const BUILTIN: &[(&str, &str)] = &[
     ("account/Withdrawn.v1.json", include_str!("../../../schemas/account/Withdrawn.v1.json")),
     ("account/HoldPlaced.v1.json", include_str!("../../../schemas/account/HoldPlaced.v1.json")),
     ("account/HoldReleased.v1.json", include_str!("../../../schemas/account/HoldReleased.v1.json")),
+    ("inventory/StockAdded.v1.json", include_str!("../../../schemas/inventory/StockAdded.v1.json")),
+    ("inventory/StockReserved.v1.json", include_str!("../../../schemas/inventory/StockReserved.v1.json")),
+    ("inventory/ReservationHeld.v1.json", include_str!("../../../schemas/inventory/ReservationHeld.v1.json")),
+    ("inventory/ReservationReleased.v1.json", include_str!("../../../schemas/inventory/ReservationReleased.v1.json")),
 ];
 
 /// Turns data of version `from` into data of version `from + 1`.

@@ -7,9 +7,9 @@
 //!
 //! # Layout
 //! - [`config`]: the command-line and environment configuration.
-//! - [`group`]: the consumer group over `commands`, `tx.prepare` and `tx.commit`
-//!   (range assignor keeps partition p of all three together) and the rebalance
-//!   handling that starts and stops partition workers.
+//! - The consumer group over `commands`, `tx.prepare` and `tx.commit` is
+//!   `esk_owner`'s (range assignor: partition p of all three together; a thread
+//!   per owned partition, stopped before a revoke completes).
 //! - [`worker`]: one thread per owned partition: fences the previous owner
 //!   (`transactional.id = <prefix>-writer-p<N>`), restores the partition from
 //!   `state`, then runs batches, each one Kafka transaction.
@@ -19,7 +19,6 @@
 
 pub mod batch;
 pub mod config;
-pub mod group;
 pub mod http;
 pub mod restore;
 pub mod worker;
@@ -141,9 +140,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     });
     let server = tokio::spawn(http::serve(http, shared.clone(), shutdown.clone()));
     let group = {
-        let shared = shared.clone();
+        let spec = esk_owner::GroupSpec {
+            kafka: shared.kafka.clone(),
+            group_id: shared.config.group_id(),
+            inputs: vec![shared.topics.commands(), shared.topics.tx_prepare(), shared.topics.tx_commit()],
+            session_timeout_ms: shared.config.session_timeout_ms,
+        };
+        let handler = Arc::new(worker::WriterHandler { shared: shared.clone() });
         let shutdown = shutdown.clone();
-        tokio::task::spawn_blocking(move || group::run(&shared, &shutdown))
+        tokio::task::spawn_blocking(move || esk_owner::run_group(spec, handler, &shutdown))
     };
     let result = group.await.context("the consumer thread panicked")?;
     shutdown.cancel();

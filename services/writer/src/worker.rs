@@ -9,100 +9,42 @@
 //! zombie whose group generation is stale cannot commit either.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Result, anyhow};
 use chrono::Utc;
 use esk_kafka::admin::{Durability, TopicKind};
+use esk_owner::txn::{self, TxnError, classify};
+use esk_owner::{Handler, PartitionIo};
 use esk_wire::protocol::StreamRecord;
-use rdkafka::consumer::Consumer;
-use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::Shared;
 use crate::batch::{Batch, Incoming, PartitionState, Source};
-use crate::group::{GroupConsumer, GroupContext};
 
-type Queue = (Source, String, PartitionQueue<GroupContext>);
-
-/// A running partition worker.
+/// Serves the partitions the writer group assigns to this instance.
 #[derive(Debug)]
-pub struct Worker {
-    stop: Arc<AtomicBool>,
-    wake: Arc<Wake>,
-    thread: Option<JoinHandle<()>>,
+pub struct WriterHandler {
+    pub shared: Arc<Shared>,
 }
 
-/// Wakes a worker when one of its queues gets records, or when it must stop.
-#[derive(Debug, Default)]
-struct Wake {
-    flag: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Wake {
-    fn notify(&self) {
-        *self.flag.lock().expect("wake lock") = true;
-        self.cv.notify_one();
+impl Handler for WriterHandler {
+    fn run(&self, io: PartitionIo) {
+        Run { shared: self.shared.clone(), partition: io.partition, io }.main();
     }
 
-    fn wait(&self, timeout: Duration) {
-        let guard = self.flag.lock().expect("wake lock");
-        let (mut guard, _) = self.cv.wait_timeout_while(guard, timeout, |woken| !*woken).expect("wake lock");
-        *guard = false;
-    }
-}
-
-impl Worker {
-    pub fn spawn(shared: Arc<Shared>, consumer: Arc<GroupConsumer>, partition: i32, mut queues: Vec<Queue>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new(Wake::default());
-        for (_, _, q) in &mut queues {
-            let w = wake.clone();
-            q.set_nonempty_callback(move || w.notify());
-        }
-        let run = Run { shared, consumer, partition, queues, stop: stop.clone(), wake: wake.clone() };
-        let thread = std::thread::Builder::new()
-            .name(format!("writer-p{partition}"))
-            .spawn(move || run.main())
-            .expect("spawning a partition worker");
-        Self { stop, wake, thread: Some(thread) }
-    }
-
-    pub fn signal_stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.wake.notify();
-    }
-
-    pub fn join(mut self) {
-        self.signal_stop();
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
-            tracing::error!("a partition worker panicked");
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.signal_stop();
+    fn revoked(&self) {
+        self.shared.status.lock().expect("status lock").partitions.clear();
+        metrics::gauge!("esk_writer_partitions").set(0.0);
     }
 }
 
 struct Run {
     shared: Arc<Shared>,
-    consumer: Arc<GroupConsumer>,
     partition: i32,
-    queues: Vec<Queue>,
-    stop: Arc<AtomicBool>,
-    wake: Arc<Wake>,
+    io: PartitionIo,
 }
 
 /// A partition this worker owns: its fenced producer and its restored state.
@@ -113,7 +55,7 @@ struct Owned {
     next_offsets: HashMap<String, i64>,
 }
 
-/// Why a transaction did not commit.
+/// Why a batch did not commit.
 enum Failure {
     /// Abort, rewind to the committed offsets, go on.
     Abortable(anyhow::Error),
@@ -122,53 +64,29 @@ enum Failure {
     /// The events' offsets were not the predicted ones: abort, and go on with
     /// these next offsets (past the abort marker).
     Mispredicted(anyhow::Error, HashMap<String, i64>),
-
-    /// The producer is fenced or broken: acquire the partition anew.
+    /// The producer is fenced or broken, or a commit's outcome is unknown:
+    /// acquire the partition anew.
     Fatal(anyhow::Error),
 }
 
-fn classify(e: KafkaError) -> Failure {
-    let fenced = matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-                | RDKafkaErrorCode::InvalidProducerIdMapping
-        )
-    );
-    let fatal = match &e {
-        KafkaError::Transaction(rde) => rde.is_fatal(),
-        _ => false,
-    };
-    if fenced || fatal { Failure::Fatal(anyhow!(e)) } else { Failure::Abortable(anyhow!(e)) }
-}
-
-/// Runs a transactional call, again while it fails with a retriable error.
-/// An error that requires an abort means the transaction did not commit; an
-/// outcome still unknown after the retries is fatal, so that the partition is
-/// acquired afresh and its state restored from what did commit. Never abort
-/// after a commit whose outcome is unknown: the rewind could skip a batch that
-/// was committed.
-fn retrying(what: &str, mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), Failure> {
-    for attempt in 1..=3 {
-        match call() {
-            Ok(()) => return Ok(()),
-            Err(KafkaError::Transaction(e)) if e.is_fatal() => return Err(Failure::Fatal(anyhow!("{what}: {e}"))),
-            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
-                return Err(Failure::Abortable(anyhow!("{what}: {e}")));
-            }
-            Err(e) => tracing::warn!(attempt, "{what} failed, retrying: {e}"),
+impl From<TxnError> for Failure {
+    fn from(e: TxnError) -> Self {
+        match e {
+            TxnError::Abortable(e) => Failure::Abortable(e),
+            TxnError::Fatal(e) => Failure::Fatal(e),
         }
     }
-    Err(Failure::Fatal(anyhow!("{what}: outcome unknown after 3 attempts")))
+}
+
+fn source(input: usize) -> Source {
+    match input {
+        0 => Source::Commands,
+        1 => Source::Prepare,
+        _ => Source::Commit,
+    }
 }
 
 impl Run {
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-
     fn set_phase(&self, phase: &'static str) {
         let mut status = self.shared.status.lock().expect("status lock");
         status.partitions.entry(self.partition).or_default().phase = phase;
@@ -180,7 +98,7 @@ impl Run {
     fn main(self) {
         let p = self.partition;
         let mut backoff = Duration::from_millis(200);
-        while !self.stopped() {
+        while !self.io.stopped() {
             self.set_phase("starting");
             match self.acquire() {
                 Ok(Some(mut owned)) => {
@@ -197,151 +115,64 @@ impl Run {
                             // writer was frozen, its group session has expired and
                             // a revoke is on its way; wait a session timeout for it
                             // rather than fence the new owner back.
-                            self.pause(Duration::from_millis(self.shared.config.session_timeout_ms));
+                            self.io.pause(Duration::from_millis(self.shared.config.session_timeout_ms));
                             continue;
                         }
                     }
                 }
                 Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(partition = p, "cannot take over the partition yet: {e:#}");
-                }
+                Err(e) => tracing::warn!(partition = p, "cannot take over the partition yet: {e:#}"),
             }
-            // A fenced writer waits before trying again, so that a rebalance it
-            // has not seen yet can stop it first; a zombie never gets to commit
-            // anyway (its group generation is stale).
-            self.pause(backoff);
+            self.io.pause(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         tracing::info!(partition = p, "partition worker stopped");
-    }
-
-    fn pause(&self, d: Duration) {
-        let until = Instant::now() + d;
-        while !self.stopped() && Instant::now() < until {
-            self.wake.wait(Duration::from_millis(100));
-        }
     }
 
     /// Fences the previous owner, restores the partition and rewinds the input
     /// queues to the committed offsets. `None` when told to stop meanwhile.
     fn acquire(&self) -> Result<Option<Owned>> {
         let c = &self.shared.config;
-        let producer: FutureProducer = self
-            .shared
-            .kafka
-            .client()
-            .set("transactional.id", c.transactional_id(self.partition))
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("transaction.timeout.ms", c.transaction_timeout_ms.to_string())
-            .set("linger.ms", "0")
-            .set("compression.type", "lz4")
-            .set("message.timeout.ms", c.transaction_timeout_ms.to_string())
-            .create()?;
         let started = Instant::now();
-        // Connect first: librdkafka asks for a producer id as soon as a broker is
-        // up, but retries only every 500 ms if none is up yet.
-        producer
-            .client()
-            .fetch_metadata(Some(&self.shared.topics.commands()), c.kafka_timeout())
-            .context("connecting the producer")?;
-        producer.init_transactions(c.kafka_timeout()).context("init_transactions (fencing the previous owner)")?;
-        if self.stopped() {
+        let producer = esk_owner::io::fence(
+            &self.shared.kafka,
+            &c.transactional_id(self.partition),
+            c.transaction_timeout_ms,
+            &self.shared.topics.commands(),
+        )?;
+        if self.io.stopped() {
             return Ok(None);
         }
         self.set_phase("restoring");
-        let Some(state) = crate::restore::restore(&self.shared, self.partition, &self.stop)? else {
+        let Some(state) = crate::restore::restore(&self.shared, self.partition, self.io.stop_flag())? else {
             return Ok(None);
         };
         self.shared.status.lock().expect("status lock").partitions.entry(self.partition).or_default().streams =
             state.streams.len();
-        self.rewind()?;
+        self.io.rewind(c.kafka_timeout())?;
         tracing::info!(partition = self.partition, ms = started.elapsed().as_millis() as u64, "partition taken over");
         Ok(Some(Owned { producer, state, next_offsets: HashMap::new() }))
-    }
-
-    /// Seeks every input queue to its committed offset: what a new owner, or a
-    /// writer after an aborted transaction, must process next.
-    fn rewind(&self) -> Result<()> {
-        let timeout = self.shared.config.kafka_timeout();
-        let mut tpl = TopicPartitionList::new();
-        for (_, topic, _) in &self.queues {
-            tpl.add_partition(topic, self.partition);
-        }
-        let committed = self.consumer.committed_offsets(tpl, timeout)?;
-        for e in committed.elements() {
-            let offset = match e.offset() {
-                Offset::Offset(n) => Offset::Offset(n),
-                _ => Offset::Beginning,
-            };
-            let mut tries = 0;
-            loop {
-                match self.consumer.seek(e.topic(), self.partition, offset, Duration::from_secs(5)) {
-                    Ok(()) => break,
-                    Err(_) if self.stopped() => return Ok(()),
-                    // Right after an assignment the fetcher may not be ready for a seek.
-                    Err(err) if tries < 50 => {
-                        tries += 1;
-                        tracing::debug!(topic = e.topic(), "seek retry: {err}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(err) => {
-                        return Err(anyhow!("seeking {}/{} to {offset:?}: {err}", e.topic(), self.partition));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes what the queues hold, up to the batch limit; waits briefly for the first record.
-    fn collect(&self) -> Vec<Incoming> {
-        let max = self.shared.config.max_batch as usize;
-        let mut out = Vec::new();
-        for _ in 0..2 {
-            // Round-robin over commands, prepares and decisions, one record each
-            // a turn, so that a flood of commands cannot starve 2PC traffic.
-            let mut open = vec![true; self.queues.len()];
-            while out.len() < max && open.iter().any(|o| *o) {
-                for (i, (source, topic, q)) in self.queues.iter().enumerate() {
-                    if !open[i] || out.len() >= max {
-                        continue;
-                    }
-                    match q.poll(Duration::ZERO) {
-                        Some(Ok(m)) => out.push(Incoming {
-                            source: *source,
-                            topic: topic.clone(),
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            key: m.key().map(<[u8]>::to_vec),
-                            payload: m.payload().map(<[u8]>::to_vec),
-                            headers: m
-                                .headers()
-                                .map(|h| h.iter().map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec))).collect())
-                                .unwrap_or_default(),
-                        }),
-                        Some(Err(e)) => {
-                            tracing::warn!(partition = self.partition, "fetch: {e}");
-                            open[i] = false;
-                        }
-                        None => open[i] = false,
-                    }
-                }
-            }
-            if !out.is_empty() || self.stopped() {
-                break;
-            }
-            self.wake.wait(Duration::from_millis(100));
-        }
-        out
     }
 
     /// Serves batches until told to stop (`Ok`) or the producer is lost (`Err`).
     fn serve(&self, owned: &mut Owned) -> Result<()> {
         let mut failures = 0u32;
-        while !self.stopped() {
-            let records = self.collect();
+        let max = self.shared.config.max_batch as usize;
+        while !self.io.stopped() {
+            let records: Vec<Incoming> = self
+                .io
+                .collect(max, Duration::from_millis(100))
+                .into_iter()
+                .map(|r| Incoming {
+                    source: source(r.input),
+                    topic: r.topic,
+                    partition: r.partition,
+                    offset: r.offset,
+                    key: r.key,
+                    payload: r.payload,
+                    headers: r.headers,
+                })
+                .collect();
             if records.is_empty() {
                 continue;
             }
@@ -379,11 +210,10 @@ impl Run {
                         Failure::Mispredicted(_, next) => next,
                         _ => HashMap::new(),
                     };
-                    self.rewind()?;
-
+                    self.io.rewind(self.shared.config.kafka_timeout())?;
                     // The same records come again: back off so a persistent
                     // failure does not spin.
-                    self.pause(Duration::from_millis(100 * u64::from(failures.min(50))));
+                    self.io.pause(Duration::from_millis(100 * u64::from(failures.min(50))));
                 }
             }
         }
@@ -499,7 +329,7 @@ impl Run {
 
         let producer = &owned.producer;
         let t_begin = Instant::now();
-        producer.begin_transaction().map_err(classify)?;
+        producer.begin_transaction().map_err(|e| Failure::from(classify(e)))?;
         let send =
             |topic: &str, partition: i32, key: &[u8], value: &[u8], headers: Option<OwnedHeaders>, ts: Option<i64>| {
                 let mut record = FutureRecord::to(topic).partition(partition).key(key).payload(value);
@@ -509,7 +339,7 @@ impl Run {
                 if let Some(ts) = ts {
                     record = record.timestamp(ts);
                 }
-                producer.send_result(record).map_err(|(err, _)| classify(err))
+                producer.send_result(record).map_err(|(err, _)| Failure::from(classify(err)))
             };
         // The events, then what carries their positions: state records (in event
         // order, which replicas rely on), replies, votes, dead letters. One
@@ -570,20 +400,11 @@ impl Run {
         // Wait for every delivery here: rdkafka's commit_transaction flushes
         // first, and its flush polls in 100 ms steps while anything is in flight.
         // `message.timeout.ms` bounds the wait.
-        let (event_results, other_results) = futures::executor::block_on(futures::future::join(
-            futures::future::join_all(event_deliveries),
-            futures::future::join_all(deliveries),
-        ));
+        let n_events = event_deliveries.len();
+        event_deliveries.extend(deliveries);
+        let mut delivered = txn::await_deliveries(event_deliveries)?;
         let t_sent = Instant::now();
-        let mut delivered = Vec::with_capacity(event_results.len());
-        for d in event_results.into_iter().chain(other_results) {
-            match d {
-                Ok(Ok(delivery)) => delivered.push(delivery.offset),
-                Ok(Err((err, _))) => return Err(classify(err)),
-                Err(_) => return Err(Failure::Abortable(anyhow!("a delivery was cancelled"))),
-            }
-        }
-        delivered.truncate(events.len());
+        delivered.truncate(n_events);
         if delivered != predicted {
             metrics::counter!("esk_writer_offset_mispredictions_total").increment(1);
             // Every event was delivered: after the abort marker, each partition
@@ -602,16 +423,7 @@ impl Run {
                 after_abort,
             ));
         }
-        let mut tpl = TopicPartitionList::new();
-        for (topic, offset) in &consumed {
-            tpl.add_partition_offset(topic, p, Offset::Offset(offset + 1))
-                .map_err(|e| Failure::Abortable(anyhow!(e)))?;
-        }
-        let group =
-            self.consumer.group_metadata().ok_or_else(|| Failure::Abortable(anyhow!("no consumer group metadata")))?;
-        retrying("send_offsets_to_transaction", || producer.send_offsets_to_transaction(&tpl, &group, timeout))?;
-        let t_offsets = Instant::now();
-        retrying("commit_transaction", || producer.commit_transaction(timeout))?;
+        txn::commit(producer, p, &consumed, self.io.group_metadata(), timeout)?;
         // Each partition written gets one commit marker after its last record.
         for ((topic, _), offset) in events.iter().zip(&delivered) {
             let next = owned.next_offsets.entry(topic.clone()).or_insert(0);
@@ -619,12 +431,7 @@ impl Run {
         }
         metrics::counter!("esk_writer_events_total").increment(events.len() as u64);
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
-        tracing::debug!(
-            produce_ms = ms(t_begin, t_sent),
-            offsets_ms = ms(t_sent, t_offsets),
-            commit_ms = ms(t_offsets, Instant::now()),
-            "committed"
-        );
+        tracing::debug!(produce_ms = ms(t_begin, t_sent), commit_ms = ms(t_sent, Instant::now()), "committed");
         Ok(finished.records)
     }
 }

@@ -12,6 +12,7 @@ struct Ports {
     kafka: u16,
     writer: u16,
     projector: u16,
+    coordinator: u16,
 }
 
 fn make(target: &str, home: &Path, ports: Ports) -> (bool, String) {
@@ -26,6 +27,7 @@ fn make(target: &str, home: &Path, ports: Ports) -> (bool, String) {
         .env("ESK_PARTITIONS", "2")
         .env("ESK_WRITER_HTTP", format!("127.0.0.1:{}", ports.writer))
         .env("ESK_PROJECTOR_HTTP", format!("127.0.0.1:{}", ports.projector))
+        .env("ESK_COORDINATOR_HTTP", format!("127.0.0.1:{}", ports.coordinator))
         .env_remove("KAFKA_BOOTSTRAP_SERVERS")
         .env_remove("ESK_TOPIC_PREFIX")
         .output()
@@ -53,6 +55,7 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
         kafka: free_port_pair().unwrap(),
         writer: free_port_pair().unwrap(),
         projector: free_port_pair().unwrap(),
+        coordinator: free_port_pair().unwrap(),
     };
 
     let port = ports.kafka;
@@ -75,6 +78,7 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
     assert!(ok && status.contains("running"), "{status}");
     assert!(status.contains("writer: running"), "{status}");
     assert!(status.contains("projector: running"), "{status}");
+    assert!(status.contains("coordinator: running"), "{status}");
     let projector_pid = std::fs::read_to_string(home.path().join("run/projector.pid")).unwrap();
     assert!(home.path().join("data").is_dir(), "the projector's store lives under ESK_HOME/data");
 

@@ -46,7 +46,9 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
         "tx.votes",
         "tx.log",
         "events.account",
+        "events.inventory",
         "dlq.writer",
+        "dlq.coordinator",
     ]
     .iter()
     .map(|s| format!("{p}.{s}"))

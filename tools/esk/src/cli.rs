@@ -51,6 +51,11 @@ pub enum Command {
     Read(ReadArgs),
     /// Follow the event log live.
     Tail(TailArgs),
+    /// 2PC transactions across streams and services, through the coordinator.
+    Tx {
+        #[command(subcommand)]
+        command: TxCommand,
+    },
     /// Read models: status and rebuilds (through the projector's HTTP API).
     Projection {
         #[command(subcommand)]
@@ -61,6 +66,42 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TxCommand {
+    /// Move AMOUNT from one account to another, all or nothing.
+    Transfer {
+        /// The account to debit, e.g. account-1.
+        from: String,
+        /// The account to credit, e.g. account-2.
+        to: String,
+        /// Whole minor units, at least 1.
+        #[arg(allow_hyphen_values = true)]
+        amount: String,
+        #[command(flatten)]
+        tx: TxArgs,
+    },
+    /// Run a transaction from a file: {"participants": [{"stream","command","data"}], "timeout_ms"?}.
+    Run {
+        /// The transaction file, or - for standard input.
+        #[arg(long, short)]
+        file: String,
+        #[command(flatten)]
+        tx: TxArgs,
+    },
+    /// A transaction's state: pending, committed, aborted or unknown.
+    Status { txid: String },
+}
+
+#[derive(Debug, Args)]
+pub struct TxArgs {
+    /// The transaction id; choosing it makes a retry after a timeout safe (default: a new UUID).
+    #[arg(long)]
+    pub txid: Option<String>,
+    /// How long the participants have to vote before the coordinator aborts.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub tx_timeout: Duration,
 }
 
 #[derive(Debug, Subcommand)]

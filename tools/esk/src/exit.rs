@@ -7,7 +7,6 @@ use serde_json::json;
 
 /// Why a command failed; each kind has its documented exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code, reason = "the write-path and transaction commands raise the rest")]
 pub enum Kind {
     /// 1: a bug or an unexpected state; the message says what.
     Internal,

@@ -12,12 +12,13 @@ mod http;
 mod produce;
 mod projection;
 mod topics;
+mod txs;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, DlqCommand, ProjectionCommand, TopicsCommand};
+use crate::cli::{Cli, Command, DlqCommand, ProjectionCommand, TopicsCommand, TxCommand};
 
 use crate::exit::Failure;
 
@@ -48,6 +49,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Command(args) => events::command(&g, args).await,
         Command::Read(args) => events::read(&g, args).await,
         Command::Tail(args) => events::tail(&g, args).await,
+        Command::Tx { command } => match command {
+            TxCommand::Transfer { from, to, amount, tx } => txs::transfer(&g, &from, &to, &amount, tx).await,
+            TxCommand::Run { file, tx } => txs::run_file(&g, &file, tx).await,
+            TxCommand::Status { txid } => txs::status(&g, &txid).await,
+        },
         Command::Projection { command } => match command {
             ProjectionCommand::Status => projection::status(&g).await,
             ProjectionCommand::Rebuild { name, no_wait } => projection::rebuild(&g, &name, no_wait).await,

@@ -1,0 +1,120 @@
+//! 2PC transactions through the coordinator: checking them before anything is
+//! written, sending them, and asking for their state.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use esk_domain::{EventData, Registry};
+use esk_wire::StreamName;
+use esk_wire::partition::partition_for;
+use esk_wire::protocol::{Participant, Reply, ReplyOutcome, TxRequest, TxStatus};
+use rdkafka::producer::FutureRecord;
+use tokio::sync::oneshot;
+
+use crate::{Client, ClientError, outcome_error};
+
+/// Most participants in one transaction.
+pub const MAX_PARTICIPANTS: usize = 64;
+/// The votes deadline a transaction may ask for.
+pub const TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 100..=300_000;
+
+/// Checks a transaction without any state: txid, participants, categories,
+/// commands. The coordinator checks the same before writing anything.
+pub fn validate(
+    txid: &str,
+    participants: &[Participant],
+    timeout_ms: u64,
+    aggregates: &Registry,
+) -> Result<(), String> {
+    if txid.is_empty()
+        || txid.len() > 100
+        || !txid.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err(format!("txid '{txid}' must be 1 to 100 letters, digits, '-', '_', '.' or ':'"));
+    }
+    if participants.is_empty() {
+        return Err("a transaction needs at least one participant".into());
+    }
+    if participants.len() > MAX_PARTICIPANTS {
+        return Err(format!("{} participants; at most {MAX_PARTICIPANTS}", participants.len()));
+    }
+    if !TIMEOUT_RANGE_MS.contains(&timeout_ms) {
+        return Err(format!(
+            "timeout {timeout_ms} ms is out of range {}..={} ms",
+            TIMEOUT_RANGE_MS.start(),
+            TIMEOUT_RANGE_MS.end()
+        ));
+    }
+    let mut seen = HashSet::new();
+    for p in participants {
+        let stream = StreamName::parse(&p.stream).map_err(|e| e.to_string())?;
+        if !seen.insert(p.stream.as_str()) {
+            return Err(format!("stream {} appears twice in the transaction", p.stream));
+        }
+        let Some(aggregate) = aggregates.get(stream.category()) else {
+            return Err(format!(
+                "unknown category '{}' in {}: no aggregate takes part in transactions (known: {})",
+                stream.category(),
+                p.stream,
+                aggregates.categories().collect::<Vec<_>>().join(", ")
+            ));
+        };
+        let command = EventData { event_type: p.command.command_type.clone(), data: p.command.data.clone() };
+        aggregate.validate_for_transaction(&command).map_err(|e| format!("{}: {e}", p.stream))?;
+    }
+    Ok(())
+}
+
+impl Client {
+    async fn tx_request(&self, request: TxRequest, wait: Duration) -> Result<TxStatus, ClientError> {
+        let txid = request.txid().to_owned();
+        let (tx, rx) = oneshot::channel::<Reply>();
+        self.pending.lock().expect("pending lock").insert(txid.clone(), tx);
+        let payload = serde_json::to_vec(&request).expect("requests serialize");
+        let topic = self.topics.tx_requests();
+        let record = FutureRecord::to(&topic)
+            .partition(partition_for(txid.as_bytes(), self.tx_partitions))
+            .key(&txid)
+            .payload(&payload);
+        let sent = self.producer.send(record, self.config.timeout).await;
+        let outcome = match sent {
+            Err((e, _)) => Err(ClientError::Unavailable(format!("sending to {topic}: {e}"))),
+            Ok(_) => match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(reply)) => match reply.outcome {
+                    ReplyOutcome::Tx(status) => Ok(status),
+                    other => Err(outcome_error(other)),
+                },
+                Ok(Err(_)) => Err(ClientError::Internal("the reply reader stopped".into())),
+                Err(_) => Err(ClientError::Unavailable(format!(
+                    "no outcome for transaction {txid} within {wait:?} (is esk-coordinator running?); \
+                     ask again with `esk tx status {txid}`, or retry with the same txid"
+                ))),
+            },
+        };
+        self.pending.lock().expect("pending lock").remove(&txid);
+        outcome
+    }
+
+    /// Runs a transaction and waits for its outcome (up to its timeout and the
+    /// client's). The same txid again is safe: it answers with the first outcome.
+    pub async fn transact(
+        &self,
+        txid: &str,
+        participants: Vec<Participant>,
+        timeout: Duration,
+    ) -> Result<TxStatus, ClientError> {
+        let request = TxRequest::Begin {
+            txid: txid.to_owned(),
+            participants,
+            timeout_ms: timeout.as_millis() as u64,
+            reply_partition: self.reply_partition,
+        };
+        self.tx_request(request, timeout + self.config.timeout).await
+    }
+
+    /// A transaction's state.
+    pub async fn tx_status(&self, txid: &str) -> Result<TxStatus, ClientError> {
+        let request = TxRequest::Status { txid: txid.to_owned(), reply_partition: self.reply_partition };
+        self.tx_request(request, self.config.timeout).await
+    }
+}

@@ -1,0 +1,190 @@
+//! What a partition's handler works with.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow};
+use esk_kafka::KafkaConfig;
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{Consumer, ConsumerGroupMetadata};
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::group::{GroupConsumer, GroupContext};
+
+/// One consumed record, owned.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Index of its topic in [`crate::GroupSpec::inputs`].
+    pub input: usize,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Wakes a handler when one of its queues gets records, or when it must stop.
+#[derive(Debug, Default)]
+pub(crate) struct Wake {
+    flag: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Wake {
+    pub(crate) fn notify(&self) {
+        *self.flag.lock().expect("wake lock") = true;
+        self.cv.notify_one();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let guard = self.flag.lock().expect("wake lock");
+        let (mut guard, _) = self.cv.wait_timeout_while(guard, timeout, |woken| !*woken).expect("wake lock");
+        *guard = false;
+    }
+}
+
+/// An owned partition's input queues, its stop signal, and its group.
+pub struct PartitionIo {
+    pub partition: i32,
+    pub(crate) consumer: Arc<GroupConsumer>,
+    pub(crate) queues: Vec<(usize, String, PartitionQueue<GroupContext>)>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) wake: Arc<Wake>,
+}
+
+impl std::fmt::Debug for PartitionIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionIo").field("partition", &self.partition).finish_non_exhaustive()
+    }
+}
+
+impl PartitionIo {
+    /// Whether the handler must return (revoke or shutdown).
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The stop flag, for long work (a restore) that must end early.
+    pub fn stop_flag(&self) -> &AtomicBool {
+        &self.stop
+    }
+
+    /// Sleeps up to `d`, waking at once when told to stop.
+    pub fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopped() && Instant::now() < until {
+            self.wake.wait(Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())));
+        }
+    }
+
+    /// The group's metadata, for `send_offsets_to_transaction`.
+    pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
+        self.consumer.group_metadata()
+    }
+
+    /// Takes what the queues hold, up to `max`, one record of each queue a turn
+    /// (a flood on one input cannot starve another); waits up to `wait` for the
+    /// first record. A lone record is never held back.
+    pub fn collect(&self, max: usize, wait: Duration) -> Vec<Incoming> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + wait;
+        loop {
+            let mut open = vec![true; self.queues.len()];
+            while out.len() < max && open.iter().any(|o| *o) {
+                for (i, (input, topic, q)) in self.queues.iter().enumerate() {
+                    if !open[i] || out.len() >= max {
+                        continue;
+                    }
+                    match q.poll(Duration::ZERO) {
+                        Some(Ok(m)) => out.push(Incoming {
+                            input: *input,
+                            topic: topic.clone(),
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(<[u8]>::to_vec),
+                            payload: m.payload().map(<[u8]>::to_vec),
+                            headers: m
+                                .headers()
+                                .map(|h| h.iter().map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec))).collect())
+                                .unwrap_or_default(),
+                        }),
+                        Some(Err(e)) => {
+                            tracing::warn!(partition = self.partition, "fetch: {e}");
+                            open[i] = false;
+                        }
+                        None => open[i] = false,
+                    }
+                }
+            }
+            let now = Instant::now();
+            if !out.is_empty() || self.stopped() || now >= deadline {
+                return out;
+            }
+            self.wake.wait(deadline - now);
+        }
+    }
+
+    /// Seeks every input queue to its committed offset: what a new owner, or an
+    /// owner after an aborted transaction, must process next.
+    pub fn rewind(&self, timeout: Duration) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for (_, topic, _) in &self.queues {
+            tpl.add_partition(topic, self.partition);
+        }
+        let committed = self.consumer.committed_offsets(tpl, timeout)?;
+        for e in committed.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(n) => Offset::Offset(n),
+                _ => Offset::Beginning,
+            };
+            let mut tries = 0;
+            loop {
+                match self.consumer.seek(e.topic(), self.partition, offset, Duration::from_secs(5)) {
+                    Ok(()) => break,
+                    Err(_) if self.stopped() => return Ok(()),
+                    // Right after an assignment the fetcher may not be ready for a seek.
+                    Err(err) if tries < 50 => {
+                        tries += 1;
+                        tracing::debug!(topic = e.topic(), "seek retry: {err}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(err) => {
+                        return Err(anyhow!("seeking {}/{} to {offset:?}: {err}", e.topic(), self.partition));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates the transactional producer of one partition and fences every
+/// earlier producer with the same `transactional_id`: their open transaction
+/// is aborted now and their later writes fail.
+pub fn fence(
+    kafka: &KafkaConfig,
+    transactional_id: &str,
+    transaction_timeout_ms: u64,
+    probe_topic: &str,
+) -> Result<FutureProducer> {
+    let producer: FutureProducer = kafka
+        .client()
+        .set("transactional.id", transactional_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("transaction.timeout.ms", transaction_timeout_ms.to_string())
+        .set("message.timeout.ms", transaction_timeout_ms.to_string())
+        // A batch is sent and awaited at once: lingering only delays it.
+        .set("linger.ms", "0")
+        .set("compression.type", "lz4")
+        .create()?;
+    // Connect first: librdkafka asks for a producer id as soon as a broker is
+    // up, but retries only every 500 ms if none is up yet.
+    producer.client().fetch_metadata(Some(probe_topic), kafka.timeout).context("connecting the producer")?;
+    producer.init_transactions(kafka.timeout).context("init_transactions (fencing the previous owner)")?;
+    Ok(producer)
+}

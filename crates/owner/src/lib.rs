@@ -1,0 +1,27 @@
+//! Partition ownership for esk's single-writer services (the writer, the
+//! coordinator): who owns partition p of a set of co-partitioned input topics,
+//! and how an owner fences the previous one.
+//!
+//! # Layout
+//! - [`group`]: the consumer group (range assignor, so the owner of p owns p of
+//!   every input topic). Each owned partition's queues are split off to a
+//!   thread that runs the service's [`Handler`]; the group thread only serves
+//!   the group protocol. On a revoke every handler finishes its transaction and
+//!   returns before the partitions are given up.
+//! - [`io`]: what a handler works with: its [`PartitionIo`] (batches from its
+//!   queues, round-robin; rewinding to the committed offsets; stop-aware
+//!   pauses) and [`io::fence`], which creates the partition's transactional
+//!   producer (`transactional.id` per partition: `init_transactions` aborts the
+//!   previous owner's open transaction at once and fences its later writes).
+//! - [`restore`]: reading a partition of a compacted topic to its end.
+//! - [`txn`]: committing a batch with its consumed offsets, and classifying
+//!   failures into abortable (abort, rewind, go on) and fatal (acquire anew).
+
+pub mod group;
+pub mod io;
+pub mod restore;
+pub mod txn;
+
+pub use group::{GroupSpec, Handler, run_group};
+pub use io::{Incoming, PartitionIo};
+pub use txn::TxnError;

@@ -1,0 +1,103 @@
+//! Transactions of an owned partition: their failures, their commit.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// Why a transaction did not commit.
+#[derive(Debug)]
+pub enum TxnError {
+    /// Abort, rewind to the committed offsets, go on.
+    Abortable(anyhow::Error),
+    /// The producer is fenced or broken, or a commit's outcome is unknown:
+    /// acquire the partition anew (fence, restore from what did commit).
+    Fatal(anyhow::Error),
+}
+
+impl std::fmt::Display for TxnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TxnError::Abortable(e) => write!(f, "{e:#}"),
+            TxnError::Fatal(e) => write!(f, "fatal: {e:#}"),
+        }
+    }
+}
+
+/// Fenced or fatal errors end the producer; the rest abort the transaction.
+pub fn classify(e: KafkaError) -> TxnError {
+    let fenced = matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+        )
+    );
+    let fatal = match &e {
+        KafkaError::Transaction(rde) => rde.is_fatal(),
+        _ => false,
+    };
+    if fenced || fatal { TxnError::Fatal(anyhow!(e)) } else { TxnError::Abortable(anyhow!(e)) }
+}
+
+/// Runs a transactional call, again while it fails with a retriable error.
+/// An error that requires an abort means the transaction did not commit; an
+/// outcome still unknown after the retries is fatal, so that the partition is
+/// acquired afresh and its state restored from what did commit. Never abort
+/// after a commit whose outcome is unknown: the rewind could skip a batch that
+/// was committed.
+pub fn retrying(what: &str, mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), TxnError> {
+    for attempt in 1..=3 {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(e)) if e.is_fatal() => return Err(TxnError::Fatal(anyhow!("{what}: {e}"))),
+            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
+                return Err(TxnError::Abortable(anyhow!("{what}: {e}")));
+            }
+            Err(e) => tracing::warn!(attempt, "{what} failed, retrying: {e}"),
+        }
+    }
+    Err(TxnError::Fatal(anyhow!("{what}: outcome unknown after 3 attempts")))
+}
+
+/// Waits for every delivery; their offsets in order. Await deliveries before
+/// `commit_transaction`: rdkafka's commit flushes first, and its flush polls in
+/// 100 ms steps while anything is in flight.
+pub fn await_deliveries(deliveries: Vec<DeliveryFuture>) -> Result<Vec<i64>, TxnError> {
+    let mut offsets = Vec::with_capacity(deliveries.len());
+    for d in futures::executor::block_on(futures::future::join_all(deliveries)) {
+        match d {
+            Ok(Ok(delivery)) => offsets.push(delivery.offset),
+            Ok(Err((err, _))) => return Err(classify(err)),
+            Err(_) => return Err(TxnError::Abortable(anyhow!("a delivery was cancelled"))),
+        }
+    }
+    Ok(offsets)
+}
+
+/// Adds the consumed offsets (last processed + 1) to the transaction and
+/// commits it. `consumed` maps an input topic to the last offset processed.
+pub fn commit(
+    producer: &FutureProducer,
+    partition: i32,
+    consumed: &HashMap<String, i64>,
+    group: Option<ConsumerGroupMetadata>,
+    timeout: Duration,
+) -> Result<(), TxnError> {
+    if !consumed.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, offset) in consumed {
+            tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1))
+                .map_err(|e| TxnError::Abortable(anyhow!(e)))?;
+        }
+        let group = group.ok_or_else(|| TxnError::Abortable(anyhow!("no consumer group metadata")))?;
+        retrying("send_offsets_to_transaction", || producer.send_offsets_to_transaction(&tpl, &group, timeout))?;
+    }
+    retrying("commit_transaction", || producer.commit_transaction(timeout))
+}
