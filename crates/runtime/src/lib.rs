@@ -79,3 +79,18 @@ pub fn exit_on_panic() {
         std::process::exit(70);
     }));
 }
+
+/// Fault injection for crash tests: `ESK_FAULT=<point>` makes a service kill
+/// itself with SIGKILL the first time it passes `point` (for example the
+/// coordinator right after committing a decision). Unset, it costs a string
+/// comparison. The points each service knows are listed in its crate docs.
+pub fn fault_point(point: &str) {
+    static FAULT: OnceLock<Option<String>> = OnceLock::new();
+    let armed = FAULT.get_or_init(|| std::env::var("ESK_FAULT").ok().filter(|f| !f.is_empty()));
+    if armed.as_deref() == Some(point) {
+        tracing::warn!(point, "ESK_FAULT: killing this process with SIGKILL");
+        let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+        // kill(1) missing: still end at once, without cleanup.
+        std::process::abort();
+    }
+}

@@ -145,6 +145,12 @@ impl Run {
             match self.transact(producer, &step) {
                 Ok(()) => {
                     failures = 0;
+                    if !step.prepares.is_empty() {
+                        esk_runtime::fault_point("after-prepare");
+                    }
+                    if !step.decided.is_empty() {
+                        esk_runtime::fault_point("after-decision");
+                    }
                     for (commit, ms) in &step.decided {
                         let outcome = if *commit { "committed" } else { "aborted" };
                         metrics::counter!("esk_coordinator_decisions_total", "outcome" => outcome).increment(1);

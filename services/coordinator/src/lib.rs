@@ -16,6 +16,10 @@
 //! - [`handler`]: one owned partition of `tx.requests`/`tx.votes` (the group
 //!   and fencing are `esk_owner`'s, as for the writer).
 //! - [`http`]: `/health`, `/metrics`, `/status`, `GET /tx/{txid}`.
+//!
+//! Crash tests: `ESK_FAULT=after-prepare` kills the process right after the
+//! first transaction that sent prepares commits, `ESK_FAULT=after-decision`
+//! right after the first decision commits.
 
 pub mod config;
 pub mod handler;

@@ -16,6 +16,9 @@
 //! - [`batch`]: the decisions of a batch, pure and unit-tested.
 //! - [`restore`]: reading a partition of the compacted state topic.
 //! - [`http`]: `/health`, `/metrics`, `/status`.
+//!
+//! Crash tests: `ESK_FAULT=after-vote` kills the process right after the first
+//! transaction with a yes vote commits.
 
 pub mod batch;
 pub mod config;

@@ -17,7 +17,7 @@ use chrono::Utc;
 use esk_kafka::admin::{Durability, TopicKind};
 use esk_owner::txn::{self, TxnError, classify};
 use esk_owner::{Handler, PartitionIo};
-use esk_wire::protocol::StreamRecord;
+use esk_wire::protocol::{ParticipantMessage, StreamRecord};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
@@ -179,9 +179,12 @@ impl Run {
             let n = records.len();
             let started = Instant::now();
             match self.transact(owned, records) {
-                Ok(records) => {
+                Ok((records, voted_yes)) => {
                     failures = 0;
                     owned.state.absorb(records);
+                    if voted_yes {
+                        esk_runtime::fault_point("after-vote");
+                    }
                     metrics::counter!("esk_writer_batches_total").increment(1);
                     metrics::counter!("esk_writer_records_total").increment(n as u64);
                     metrics::histogram!("esk_writer_batch_size").record(n as f64);
@@ -295,7 +298,8 @@ impl Run {
         Ok(predicted)
     }
 
-    fn transact(&self, owned: &mut Owned, records: Vec<Incoming>) -> Result<Vec<StreamRecord>, Failure> {
+    /// Returns the new stream records, and whether the batch voted yes on a prepare.
+    fn transact(&self, owned: &mut Owned, records: Vec<Incoming>) -> Result<(Vec<StreamRecord>, bool), Failure> {
         let shared = &self.shared;
         let p = self.partition;
         let timeout = shared.config.kafka_timeout();
@@ -432,6 +436,7 @@ impl Run {
         metrics::counter!("esk_writer_events_total").increment(events.len() as u64);
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
         tracing::debug!(produce_ms = ms(t_begin, t_sent), commit_ms = ms(t_sent, Instant::now()), "committed");
-        Ok(finished.records)
+        let voted_yes = votes.iter().any(|(_, _, m)| matches!(m, ParticipantMessage::Vote(v) if v.yes));
+        Ok((finished.records, voted_yes))
     }
 }
