@@ -12,6 +12,7 @@
 #   BENCH_RECORDS     records for the reference tools (200000)
 #   BENCH_SIZE        record size in bytes, for esk and the tools (200)
 #   BENCH_PROJECTOR_EVENTS  backlog for the projector's catch-up (1000000)
+#   BENCH_TRANSFERS   2PC transfers at 8 and 32 clients (a fifth at 1) (5000)
 #   BENCH_ARGS        extra arguments for esk-bench (e.g. --read-events 0)
 set -euo pipefail
 
@@ -21,6 +22,7 @@ partitions=${BENCH_PARTITIONS:-12}
 records=${BENCH_RECORDS:-200000}
 size=${BENCH_SIZE:-200}
 projector_events=${BENCH_PROJECTOR_EVENTS:-1000000}
+transfers=${BENCH_TRANSFERS:-5000}
 out_dir=$repo/target/bench
 mkdir -p "$out_dir"
 report=$out_dir/$(date -u +%Y%m%dT%H%M%SZ).txt
@@ -52,9 +54,18 @@ export KAFKA_BOOTSTRAP_SERVERS=$bootstrap ESK_TOPIC_PREFIX=$prefix
 writer_http=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 ESK_WRITER_HTTP=$writer_http RUST_LOG=warn "$bin/esk-writer" 2>"$home/writer.log" &
 pids+=($!)
+coordinator_http=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+ESK_COORDINATOR_HTTP=$coordinator_http RUST_LOG=warn "$bin/esk-coordinator" 2>"$home/coordinator.log" &
+pids+=($!)
 for _ in $(seq 1 300); do
   serving=$(curl -fsS "http://$writer_http/health" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["partitions_serving"])' 2>/dev/null || echo 0)
   [ "$serving" = "$partitions" ] && break
+  sleep 0.2
+done
+
+for _ in $(seq 1 300); do
+  owned=$(curl -fsS "http://$coordinator_http/health" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["partitions_owned"])' 2>/dev/null || echo 0)
+  [ "$owned" = "$partitions" ] && break
   sleep 0.2
 done
 
@@ -63,7 +74,7 @@ done
   echo
   # shellcheck disable=SC2086
   "$bin/esk-bench" --record-size "$size" --projector-bin "$bin/esk-projector" \
-    --projector-events "$projector_events" ${BENCH_ARGS:-}
+    --projector-events "$projector_events" --transfers "$transfers" ${BENCH_ARGS:-}
   echo
   echo "## Kafka reference: ConsumerPerformance on the same category topic ($projector_events records)"
   "$kafka" tool ConsumerPerformance --bootstrap-server "$bootstrap" --topic "$prefix.events.account" \

@@ -7,6 +7,7 @@
 //!   category, which must not scan the category topic.
 
 mod projector;
+mod tx;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +50,9 @@ struct Args {
     /// Backlog the projector catches up with.
     #[arg(long, default_value_t = 1_000_000)]
     projector_events: usize,
+    /// 2PC transfers per concurrency level (needs a running esk-coordinator; 0 skips).
+    #[arg(long, default_value_t = 0)]
+    transfers: usize,
 }
 
 fn event(size: usize, n: usize) -> NewEvent {
@@ -115,6 +119,9 @@ async fn main() -> Result<()> {
 
     if args.read_events > 0 {
         read_bench(&client, &args).await?;
+    }
+    if args.transfers > 0 {
+        tx::run(&client, args.transfers).await?;
     }
     if let Some(bin) = &args.projector_bin {
         projector::run(&client, bin, args.projector_events, args.record_size, &args.prefix, &args.bootstrap_servers)
