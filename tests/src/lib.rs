@@ -413,7 +413,6 @@ impl TestEnv {
     /// Every record of a topic up to its current end.
     pub fn read_topic(&self, topic: &str, committed: bool) -> Vec<Record> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
-        use rdkafka::message::Headers;
         use rdkafka::{Message, Offset, TopicPartitionList};
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
@@ -456,10 +455,7 @@ impl TestEnv {
                     offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|h| h.iter().map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec))).collect())
-                        .unwrap_or_default(),
+                    headers: esk_kafka::record::headers_of(&m),
                 });
             }
         }

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow};
 use esk_kafka::KafkaConfig;
+use esk_kafka::record::headers_of;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{Consumer, ConsumerGroupMetadata};
-use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -107,10 +107,7 @@ impl PartitionIo {
                             offset: m.offset(),
                             key: m.key().map(<[u8]>::to_vec),
                             payload: m.payload().map(<[u8]>::to_vec),
-                            headers: m
-                                .headers()
-                                .map(|h| h.iter().map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec))).collect())
-                                .unwrap_or_default(),
+                            headers: headers_of(&m),
                         }),
                         Some(Err(e)) => {
                             tracing::warn!(partition = self.partition, "fetch: {e}");
@@ -187,4 +184,55 @@ pub fn fence(
     producer.client().fetch_metadata(Some(probe_topic), kafka.timeout).context("connecting the producer")?;
     producer.init_transactions(kafka.timeout).context("init_transactions (fencing the previous owner)")?;
     Ok(producer)
+}
+
+/// Where an owned partition's loop is, for status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Fencing the previous owner and restoring.
+    Starting,
+    Serving,
+    /// The producer was fenced or broke (or a commit's outcome is unknown).
+    Lost,
+}
+
+/// The life of an owned partition: `acquire` (fence, restore, rewind), then
+/// `serve` until the partition is taken away (`Ok`) or the producer is lost
+/// (`Err`). After a loss it waits a session timeout before acquiring again: if
+/// this process was frozen, its group session has expired and a revoke is on
+/// its way; acquiring at once would fence the new owner back. Failures to
+/// acquire are retried with backoff.
+pub fn own<O>(
+    io: &PartitionIo,
+    session_timeout: Duration,
+    mut acquire: impl FnMut() -> Result<Option<O>>,
+    mut serve: impl FnMut(&mut O) -> Result<()>,
+    mut phase: impl FnMut(Phase),
+) {
+    let p = io.partition;
+    let mut backoff = Duration::from_millis(200);
+    while !io.stopped() {
+        phase(Phase::Starting);
+        match acquire() {
+            Ok(Some(mut owned)) => {
+                phase(Phase::Serving);
+                backoff = Duration::from_millis(200);
+                match serve(&mut owned) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        phase(Phase::Lost);
+                        tracing::warn!(partition = p, "giving up the producer: {e:#}");
+                        drop(owned);
+                        io.pause(session_timeout);
+                        continue;
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => tracing::warn!(partition = p, "cannot take over the partition yet: {e:#}"),
+        }
+        io.pause(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    tracing::info!(partition = p, "partition handler stopped");
 }

@@ -23,5 +23,5 @@ pub mod restore;
 pub mod txn;
 
 pub use group::{GroupSpec, Handler, run_group};
-pub use io::{Incoming, PartitionIo};
+pub use io::{Incoming, PartitionIo, Phase, own};
 pub use txn::TxnError;

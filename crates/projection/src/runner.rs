@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use esk_kafka::KafkaConfig;
 use esk_kafka::admin::{Admin, Durability, TopicKind};
+use esk_kafka::record::{DLQ_OFFSET, DLQ_PARTITION, DLQ_TOPIC, Origin, dead_letter_headers, headers_of};
 use esk_wire::{Event, SchemaRegistry, Topics};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -62,10 +62,7 @@ impl Rec {
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
             value: m.payload().map(<[u8]>::to_vec),
-            headers: m
-                .headers()
-                .map(|h| h.iter().map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec))).collect())
-                .unwrap_or_default(),
+            headers: headers_of(m),
         }
     }
 
@@ -726,9 +723,7 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                     .and_then(|(_, v)| v.as_deref())
                     .map(|v| String::from_utf8_lossy(v).into_owned())
             };
-            let (Some(t), Some(p), Some(o)) =
-                (origin("esk_dlq_topic"), origin("esk_dlq_partition"), origin("esk_dlq_offset"))
-            else {
+            let (Some(t), Some(p), Some(o)) = (origin(DLQ_TOPIC), origin(DLQ_PARTITION), origin(DLQ_OFFSET)) else {
                 report.still_failing.push(format!("dlq offset {}: no origin headers", rec.offset));
                 continue;
             };
@@ -805,20 +800,12 @@ fn send_parked(producer: &FutureProducer, topic: &str, consumer: &str, parked: &
             reason = p.reason,
             "parked an event"
         );
-        let mut h = OwnedHeaders::new();
-        for (k, v) in &p.headers {
-            h = h.insert(Header { key: k, value: v.as_deref() });
-        }
-        let (partition, offset) = (p.partition.to_string(), p.offset.to_string());
-        for (k, v) in [
-            ("esk_dlq_reason", p.reason.as_str()),
-            ("esk_dlq_topic", p.topic.as_str()),
-            ("esk_dlq_partition", partition.as_str()),
-            ("esk_dlq_offset", offset.as_str()),
-            ("esk_dlq_consumer", consumer),
-        ] {
-            h = h.insert(Header { key: k, value: Some(v) });
-        }
+        let h = dead_letter_headers(
+            &p.headers,
+            &p.reason,
+            Origin { topic: &p.topic, partition: p.partition, offset: p.offset },
+            consumer,
+        );
         let mut record = FutureRecord::to(topic).headers(h);
         if let Some(k) = &p.key {
             record = record.key(k.as_slice());

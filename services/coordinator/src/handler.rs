@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
+use esk_kafka::record::{Origin, dead_letter_headers};
 use esk_owner::txn::{self, TxnError, classify};
-use esk_owner::{Handler, PartitionIo};
+use esk_owner::{Handler, PartitionIo, Phase};
 use esk_wire::protocol::TxRecord;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::Shared;
@@ -48,31 +49,17 @@ fn now_ms() -> i64 {
 
 impl Run {
     fn main(self) {
-        let p = self.io.partition;
-        let mut backoff = Duration::from_millis(200);
-        while !self.io.stopped() {
-            match self.acquire() {
-                Ok(Some(producer)) => {
-                    backoff = Duration::from_millis(200);
-                    match self.serve(&producer) {
-                        Ok(()) => break,
-                        Err(e) => {
-                            metrics::counter!("esk_coordinator_fenced_total").increment(1);
-                            tracing::warn!(partition = p, "giving up the producer: {e:#}");
-                            drop(producer);
-                            // As the writer: let a revoke reach a woken zombie first.
-                            self.io.pause(Duration::from_millis(self.shared.config.session_timeout_ms));
-                            continue;
-                        }
-                    }
+        esk_owner::own(
+            &self.io,
+            Duration::from_millis(self.shared.config.session_timeout_ms),
+            || self.acquire(),
+            |producer| self.serve(producer),
+            |phase| {
+                if phase == Phase::Lost {
+                    metrics::counter!("esk_coordinator_fenced_total").increment(1);
                 }
-                Ok(None) => break,
-                Err(e) => tracing::warn!(partition = p, "cannot take over the partition yet: {e:#}"),
-            }
-            self.io.pause(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-        tracing::info!(partition = p, "coordinator partition stopped");
+            },
+        );
     }
 
     /// Fences the previous owner and restores the partition's transactions.
@@ -208,20 +195,8 @@ impl Run {
         }
         for (o, reason) in &step.dead_letters {
             tracing::warn!(topic = o.topic, offset = o.offset, reason, "parked a record");
-            let mut h = OwnedHeaders::new();
-            for (k, v) in &o.headers {
-                h = h.insert(Header { key: k, value: v.as_deref() });
-            }
-            let (offset, partition) = (o.offset.to_string(), o.partition.to_string());
-            for (k, v) in [
-                ("esk_dlq_reason", reason.as_str()),
-                ("esk_dlq_topic", o.topic.as_str()),
-                ("esk_dlq_partition", partition.as_str()),
-                ("esk_dlq_offset", offset.as_str()),
-                ("esk_dlq_consumer", "coordinator"),
-            ] {
-                h = h.insert(Header { key: k, value: Some(v) });
-            }
+            let origin = Origin { topic: &o.topic, partition: o.partition, offset: o.offset };
+            let h = dead_letter_headers(&o.headers, reason, origin, "coordinator");
             let key = o.key.as_deref().unwrap_or_default();
             send(&t.dlq("coordinator"), p, key, o.payload.as_deref().unwrap_or_default(), Some(h))?;
             metrics::counter!("esk_coordinator_dead_letters_total").increment(1);

@@ -34,24 +34,25 @@ pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 /// The CloudEvents source of everything the writer appends.
 pub const SOURCE: &str = "esk/writer";
 
-/// Which input topic a record came from.
+pub use esk_owner::Incoming;
+
+/// Which input topic a record came from, by its index in the writer group's
+/// inputs (`commands`, `tx.prepare`, `tx.commit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
-    Commands,
-    Prepare,
-    Commit,
+    Commands = 0,
+    Prepare = 1,
+    Commit = 2,
 }
 
-/// One consumed record.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    pub source: Source,
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+impl Source {
+    pub fn of(input: usize) -> Self {
+        match input {
+            0 => Source::Commands,
+            1 => Source::Prepare,
+            _ => Source::Commit,
+        }
+    }
 }
 
 /// What the writer knows about its installation.
@@ -258,7 +259,7 @@ impl<'s> Batch<'s> {
     pub fn handle(&mut self, ctx: &Context<'_>, msg: Incoming, now: DateTime<Utc>) {
         let next = self.consumed.entry(msg.topic.clone()).or_insert(msg.offset);
         *next = (*next).max(msg.offset);
-        match msg.source {
+        match Source::of(msg.input) {
             Source::Commands => self.handle_request(ctx, msg, now),
             Source::Prepare => self.handle_prepare(ctx, msg, now),
             Source::Commit => self.handle_decision(ctx, msg, now),

@@ -15,14 +15,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 use chrono::Utc;
 use esk_kafka::admin::{Durability, TopicKind};
+use esk_kafka::record::{Origin, dead_letter_headers};
 use esk_owner::txn::{self, TxnError, classify};
-use esk_owner::{Handler, PartitionIo};
+use esk_owner::{Handler, PartitionIo, Phase};
 use esk_wire::protocol::{ParticipantMessage, StreamRecord};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::Shared;
-use crate::batch::{Batch, Incoming, PartitionState, Source};
+use crate::batch::{Batch, Incoming, PartitionState};
 
 /// Serves the partitions the writer group assigns to this instance.
 #[derive(Debug)]
@@ -78,14 +79,6 @@ impl From<TxnError> for Failure {
     }
 }
 
-fn source(input: usize) -> Source {
-    match input {
-        0 => Source::Commands,
-        1 => Source::Prepare,
-        _ => Source::Commit,
-    }
-}
-
 impl Run {
     fn set_phase(&self, phase: &'static str) {
         let mut status = self.shared.status.lock().expect("status lock");
@@ -96,37 +89,20 @@ impl Run {
     }
 
     fn main(self) {
-        let p = self.partition;
-        let mut backoff = Duration::from_millis(200);
-        while !self.io.stopped() {
-            self.set_phase("starting");
-            match self.acquire() {
-                Ok(Some(mut owned)) => {
-                    self.set_phase("serving");
-                    backoff = Duration::from_millis(200);
-                    match self.serve(&mut owned) {
-                        Ok(()) => break,
-                        Err(e) => {
-                            self.set_phase("fenced");
-                            metrics::counter!("esk_writer_fenced_total").increment(1);
-                            tracing::warn!(partition = p, "giving up the producer: {e:#}");
-                            drop(owned);
-                            // Fenced (or the commit's outcome is unknown): if this
-                            // writer was frozen, its group session has expired and
-                            // a revoke is on its way; wait a session timeout for it
-                            // rather than fence the new owner back.
-                            self.io.pause(Duration::from_millis(self.shared.config.session_timeout_ms));
-                            continue;
-                        }
-                    }
+        esk_owner::own(
+            &self.io,
+            Duration::from_millis(self.shared.config.session_timeout_ms),
+            || self.acquire(),
+            |owned| self.serve(owned),
+            |phase| match phase {
+                Phase::Starting => self.set_phase("starting"),
+                Phase::Serving => self.set_phase("serving"),
+                Phase::Lost => {
+                    self.set_phase("fenced");
+                    metrics::counter!("esk_writer_fenced_total").increment(1);
                 }
-                Ok(None) => break,
-                Err(e) => tracing::warn!(partition = p, "cannot take over the partition yet: {e:#}"),
-            }
-            self.io.pause(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-        tracing::info!(partition = p, "partition worker stopped");
+            },
+        );
     }
 
     /// Fences the previous owner, restores the partition and rewinds the input
@@ -159,20 +135,7 @@ impl Run {
         let mut failures = 0u32;
         let max = self.shared.config.max_batch as usize;
         while !self.io.stopped() {
-            let records: Vec<Incoming> = self
-                .io
-                .collect(max, Duration::from_millis(100))
-                .into_iter()
-                .map(|r| Incoming {
-                    source: source(r.input),
-                    topic: r.topic,
-                    partition: r.partition,
-                    offset: r.offset,
-                    key: r.key,
-                    payload: r.payload,
-                    headers: r.headers,
-                })
-                .collect();
+            let records = self.io.collect(max, Duration::from_millis(100));
             if records.is_empty() {
                 continue;
             }
@@ -383,20 +346,8 @@ impl Run {
                 reason = d.reason,
                 "parked a record"
             );
-            let mut h = OwnedHeaders::new();
-            for (k, v) in &o.headers {
-                h = h.insert(Header { key: k, value: v.as_deref() });
-            }
-            let (offset, partition) = (o.offset.to_string(), o.partition.to_string());
-            for (k, v) in [
-                ("esk_dlq_reason", d.reason.as_str()),
-                ("esk_dlq_topic", o.topic.as_str()),
-                ("esk_dlq_partition", partition.as_str()),
-                ("esk_dlq_offset", offset.as_str()),
-                ("esk_dlq_consumer", "writer"),
-            ] {
-                h = h.insert(Header { key: k, value: Some(v) });
-            }
+            let origin = Origin { topic: &o.topic, partition: o.partition, offset: o.offset };
+            let h = dead_letter_headers(&o.headers, &d.reason, origin, "writer");
             let key = o.key.as_deref().unwrap_or_default();
             deliveries.push(send(&dlq_topic, p, key, o.payload.as_deref().unwrap_or_default(), Some(h), None)?);
             metrics::counter!("esk_writer_dead_letters_total").increment(1);

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use esk_kafka::record::{DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC, HeaderList, headers_of, to_headers};
 use esk_wire::Topics;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::json;
@@ -90,10 +90,7 @@ fn read_parked(g: &Global, consumer: &str) -> Result<(String, Vec<Parked>), Fail
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|h| h.iter().map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec))).collect())
-                    .unwrap_or_default(),
+                headers: headers_of(&m),
             });
         }
     }
@@ -112,10 +109,10 @@ pub async fn list(g: &Global, consumer: &str) -> Result<(), Failure> {
         let text = |b: &Option<Vec<u8>>| b.as_deref().map(|v| String::from_utf8_lossy(v).into_owned());
         let doc = json!({
             "dlq_partition": p.partition, "dlq_offset": p.offset,
-            "reason": p.header("esk_dlq_reason"),
-            "topic": p.header("esk_dlq_topic"),
-            "partition": p.header("esk_dlq_partition").and_then(|v| v.parse::<i32>().ok()),
-            "offset": p.header("esk_dlq_offset").and_then(|v| v.parse::<i64>().ok()),
+            "reason": p.header(DLQ_REASON),
+            "topic": p.header(DLQ_TOPIC),
+            "partition": p.header(DLQ_PARTITION).and_then(|v| v.parse::<i32>().ok()),
+            "offset": p.header(DLQ_OFFSET).and_then(|v| v.parse::<i64>().ok()),
             "key": text(&p.key),
             "value": text(&p.value),
         });
@@ -181,15 +178,13 @@ async fn replay_writer(g: &Global) -> Result<(), Failure> {
         config.client().set("enable.idempotence", "true").create().map_err(esk_kafka::Error::from)?;
     let mut sent = 0;
     for p in &parked {
-        let Some(topic) = p.header("esk_dlq_topic") else {
+        let Some(topic) = p.header(DLQ_TOPIC) else {
             continue;
         };
-        let mut h = OwnedHeaders::new();
-        for (k, v) in p.headers.iter().filter(|(k, _)| !k.starts_with("esk_dlq_")) {
-            h = h.insert(Header { key: k, value: v.as_deref() });
-        }
+        let original: HeaderList = p.headers.iter().filter(|(k, _)| !k.starts_with("esk_dlq_")).cloned().collect();
+        let h = to_headers(&original);
         let mut record = FutureRecord::to(&topic).headers(h);
-        if let Some(partition) = p.header("esk_dlq_partition").and_then(|v| v.parse().ok()) {
+        if let Some(partition) = p.header(DLQ_PARTITION).and_then(|v| v.parse().ok()) {
             record = record.partition(partition);
         }
         if let Some(k) = &p.key {

@@ -59,7 +59,7 @@ impl World {
 
 fn incoming(source: Source, key: &str, payload: Value) -> Incoming {
     Incoming {
-        source,
+        input: source as usize,
         topic: format!("{source:?}"),
         partition: partition_for(key.as_bytes(), P),
         offset: 0,
