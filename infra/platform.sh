@@ -24,7 +24,7 @@ prefix=${ESK_TOPIC_PREFIX:-esk}
 kafka=$repo/infra/kafka/kafka.sh
 
 # name:port of every service, in start order. Each binary is <bin_dir>/esk-<name>.
-SERVICES=("writer:8701" "projector:8702" "coordinator:8704")
+SERVICES=("writer:8701" "projector:8702" "replica:8703" "coordinator:8704")
 
 
 

@@ -9,7 +9,8 @@ use esk_kafka::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-/// Calls `each(key, value)` for every record of `topic`/`partition` up to its
+/// Calls `each(key, value)` for every record of `topic`/`partition` from
+/// offset `from` (0: the beginning) up to its
 /// high watermark, read with `read_committed`. Call it after fencing: then no
 /// transaction is open on the partition and the last stable offset is the high
 /// watermark. Returns `false` when `stop` was set meanwhile.
@@ -18,6 +19,7 @@ pub fn read_partition(
     group: &str,
     topic: &str,
     partition: i32,
+    from: i64,
     stop: &AtomicBool,
     mut each: impl FnMut(Option<&[u8]>, Option<&[u8]>),
 ) -> Result<bool> {
@@ -30,11 +32,12 @@ pub fn read_partition(
         .set("fetch.wait.max.ms", "20")
         .create()?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, kafka.timeout)?;
-    if high <= low {
+    if high <= low.max(from) {
         return Ok(true);
     }
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    let start = if from > low { Offset::Offset(from) } else { Offset::Beginning };
+    tpl.add_partition_offset(topic, partition, start)?;
     consumer.assign(&tpl)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {

@@ -81,6 +81,7 @@ impl Run {
             &group,
             &self.shared.topics.tx_log(),
             p,
+            0,
             self.io.stop_flag(),
             |_, v| match v.map(serde_json::from_slice::<TxRecord>) {
                 Some(Ok(r)) => {

@@ -32,6 +32,10 @@ pub struct Config {
     #[arg(long, env = "ESK_WRITER_MAX_BATCH", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub max_batch: u64,
+    /// Follow the whole state topic as a hot standby, so that taking a
+    /// partition over reads only what was written since (memory: every stream).
+    #[arg(long, env = "ESK_WRITER_STANDBY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub standby: bool,
     /// Also load the JSON Schemas in this folder (`<category>/<Type>.v<N>.json`),
     /// beside the built-in ones: each category found becomes strict.
     #[arg(long, env = "ESK_SCHEMAS_DIR")]

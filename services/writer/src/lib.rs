@@ -15,6 +15,8 @@
 //!   `state`, then runs batches, each one Kafka transaction.
 //! - [`batch`]: the decisions of a batch, pure and unit-tested.
 //! - [`restore`]: reading a partition of the compacted state topic.
+//! - [`standby`]: the hot standby, a follower of the whole state topic, so a
+//!   takeover reads only what its copy lacks (`--standby`, on by default).
 //! - [`http`]: `/health`, `/metrics`, `/status`.
 //!
 //! Crash tests: `ESK_FAULT=after-vote` kills the process right after the first
@@ -24,6 +26,7 @@ pub mod batch;
 pub mod config;
 pub mod http;
 pub mod restore;
+pub mod standby;
 pub mod worker;
 
 use std::collections::{HashMap, HashSet};
@@ -57,6 +60,11 @@ pub struct Shared {
     pub unusable: Mutex<HashMap<String, String>>,
     pub runtime: tokio::runtime::Handle,
     pub status: Mutex<http::Status>,
+    /// For high watermarks: a consumer client (read_uncommitted) that refreshes
+    /// its metadata by itself, unlike a transactional producer's.
+    pub watermarks: Mutex<rdkafka::consumer::BaseConsumer>,
+    /// The hot standby: a follower of the whole state topic and what it holds.
+    pub standby: Option<(esk_follower::Follower, Arc<Mutex<standby::Standby>>)>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -69,6 +77,13 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// The high watermark of a partition.
+    pub fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64> {
+        use rdkafka::consumer::Consumer;
+        let c = self.watermarks.lock().expect("watermarks lock");
+        Ok(c.fetch_watermarks(topic, partition, self.config.kafka_timeout())?.1)
+    }
+
     pub fn batch_context(&self) -> batch::Context<'_> {
         batch::Context {
             schemas: &self.schemas,
@@ -120,6 +135,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let vote_partitions = count(topics.tx_votes()).await?;
     count(topics.dlq("writer")).await?;
     let http = http::bind(&config.http_addr).await?;
+    let watermarks = Mutex::new(kafka.client().set("group.id", format!("{}-watermarks", config.group_id())).create()?);
+    let standby = if config.standby {
+        let held = Arc::new(Mutex::new(standby::Standby::default()));
+        let group = format!("{}-standby", config.group_id());
+        let follower = esk_follower::spawn(&kafka, &topics.state(), &group, standby::StandbySink(held.clone()))?;
+        Some((follower, held))
+    } else {
+        None
+    };
     tracing::info!(
         prefix = topics.prefix(),
         partitions,
@@ -140,6 +164,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         unusable: Mutex::new(HashMap::new()),
         runtime: tokio::runtime::Handle::current(),
         status: Mutex::new(http::Status::default()),
+        watermarks,
+        standby,
     });
     let server = tokio::spawn(http::serve(http, shared.clone(), shutdown.clone()));
     let group = {

@@ -243,10 +243,9 @@ impl Run {
                     let start = match owned.next_offsets.get(&topic) {
                         Some(n) => *n,
                         None => {
-                            let (_, high) = owned
-                                .producer
-                                .client()
-                                .fetch_watermarks(&topic, self.partition, self.shared.config.kafka_timeout())
+                            let high = self
+                                .shared
+                                .high_watermark(&topic, self.partition)
                                 .map_err(|e| Failure::BeforeBegin(anyhow!("watermarks of {topic}: {e}")))?;
 
                             high

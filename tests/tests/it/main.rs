@@ -6,6 +6,7 @@ mod cluster;
 mod coordinator;
 mod platform;
 mod projector;
+mod replica;
 
 mod topics;
 mod writer;

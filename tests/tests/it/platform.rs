@@ -13,6 +13,7 @@ struct Ports {
     writer: u16,
     projector: u16,
     coordinator: u16,
+    replica: u16,
 }
 
 fn make(target: &str, home: &Path, ports: Ports) -> (bool, String) {
@@ -28,6 +29,7 @@ fn make(target: &str, home: &Path, ports: Ports) -> (bool, String) {
         .env("ESK_WRITER_HTTP", format!("127.0.0.1:{}", ports.writer))
         .env("ESK_PROJECTOR_HTTP", format!("127.0.0.1:{}", ports.projector))
         .env("ESK_COORDINATOR_HTTP", format!("127.0.0.1:{}", ports.coordinator))
+        .env("ESK_REPLICA_HTTP", format!("127.0.0.1:{}", ports.replica))
         .env_remove("KAFKA_BOOTSTRAP_SERVERS")
         .env_remove("ESK_TOPIC_PREFIX")
         .output()
@@ -56,6 +58,7 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
         writer: free_port_pair().unwrap(),
         projector: free_port_pair().unwrap(),
         coordinator: free_port_pair().unwrap(),
+        replica: free_port_pair().unwrap(),
     };
 
     let port = ports.kafka;
@@ -79,6 +82,7 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
     assert!(status.contains("writer: running"), "{status}");
     assert!(status.contains("projector: running"), "{status}");
     assert!(status.contains("coordinator: running"), "{status}");
+    assert!(status.contains("replica: running"), "{status}");
     let projector_pid = std::fs::read_to_string(home.path().join("run/projector.pid")).unwrap();
     assert!(home.path().join("data").is_dir(), "the projector's store lives under ESK_HOME/data");
 

@@ -31,6 +31,9 @@ pub struct Global {
     /// The projector's HTTP address, for `esk projection` and `esk dlq replay`.
     #[arg(long, global = true, env = "ESK_PROJECTOR_URL", default_value = "http://127.0.0.1:8702")]
     pub projector_url: String,
+    /// The replicas' HTTP addresses, comma-separated, for `esk replica status`.
+    #[arg(long, global = true, env = "ESK_REPLICA_URLS", default_value = "http://127.0.0.1:8703")]
+    pub replica_urls: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,6 +63,11 @@ pub enum Command {
     Projection {
         #[command(subcommand)]
         command: ProjectionCommand,
+    },
+    /// Replicas: every replica's lag.
+    Replica {
+        #[command(subcommand)]
+        command: ReplicaCommand,
     },
     /// Parked records of a consumer (writer, or a projection such as accounts).
     Dlq {
@@ -116,6 +124,12 @@ pub enum ProjectionCommand {
         #[arg(long)]
         no_wait: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// Applied position, high watermark and lag (records, ms) per partition of every replica.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,6 +11,7 @@ mod exit;
 mod http;
 mod produce;
 mod projection;
+mod replica;
 mod topics;
 mod txs;
 
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, DlqCommand, ProjectionCommand, TopicsCommand, TxCommand};
+use crate::cli::{Cli, Command, DlqCommand, ProjectionCommand, ReplicaCommand, TopicsCommand, TxCommand};
 
 use crate::exit::Failure;
 
@@ -58,6 +59,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             ProjectionCommand::Status => projection::status(&g).await,
             ProjectionCommand::Rebuild { name, no_wait } => projection::rebuild(&g, &name, no_wait).await,
         },
+        Command::Replica { command: ReplicaCommand::Status } => replica::status(&g).await,
         Command::Dlq { command } => match command {
             DlqCommand::List { consumer } => dlq::list(&g, &consumer).await,
             DlqCommand::Replay { consumer } => dlq::replay(&g, &consumer).await,

@@ -1,0 +1,324 @@
+//! Followers of the leader topic (`<prefix>.state`): replicas that serve reads,
+//! and the writer's hot standby.
+//!
+//! A follower reads the state topic with `read_committed` (a write of an
+//! aborted Kafka transaction is never seen) and hands batches of stream records
+//! to a [`Sink`], which applies them together with its new positions in one
+//! local transaction: a crash never leaves it ahead of, or out of step with,
+//! what it says it applied. On start it resumes from the sink's positions.
+//!
+//! # Layout
+//! - [`Follower`] / [`spawn`]: the consume loop and its published [`Progress`],
+//!   with waits for read-your-writes tokens and lag per partition.
+//! - [`sqlite::SqliteSink`]: the replica's store (one SQLite file, WAL).
+//!
+//! Tokens: a write's position is `<category>:<partition>:<offset>` of its last
+//! event. The writer writes state records in event order, each with its
+//! stream's `last_offset`, so a follower has applied a write once it applied
+//! a state record of that category and partition whose `last_offset` reaches
+//! the token's offset.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use esk_kafka::KafkaConfig;
+use esk_wire::protocol::{Position, StreamRecord};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// A stream record as followed, with where it was in the state topic.
+#[derive(Debug, Clone)]
+pub struct Followed {
+    pub partition: i32,
+    pub offset: i64,
+    /// When the writer wrote it (ms since the epoch).
+    pub timestamp_ms: Option<i64>,
+    pub record: StreamRecord,
+}
+
+/// What a follower has applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// Next offset of each state-topic partition.
+    pub positions: BTreeMap<i32, i64>,
+    /// Highest event offset applied per (category, partition): what tokens are
+    /// checked against.
+    pub events: BTreeMap<(String, i32), i64>,
+    /// Timestamp of the last record applied per partition.
+    pub last_ms: BTreeMap<i32, i64>,
+}
+
+impl Progress {
+    /// Whether the write behind `token` is applied.
+    pub fn covers(&self, token: &Position) -> bool {
+        self.events.get(&(token.category.clone(), token.partition)).is_some_and(|o| *o >= token.offset)
+    }
+
+    /// Folds a batch in.
+    pub fn advance(&mut self, batch: &[Followed]) {
+        for f in batch {
+            self.positions.insert(f.partition, f.offset + 1);
+            if let Some(ts) = f.timestamp_ms {
+                self.last_ms.insert(f.partition, ts);
+            }
+            if f.record.last_offset >= 0 {
+                let category = f.record.stream.split_once('-').map_or("", |(c, _)| c).to_owned();
+                let e = self.events.entry((category, f.partition)).or_insert(-1);
+                *e = (*e).max(f.record.last_offset);
+            }
+        }
+    }
+}
+
+/// Where followed records go.
+pub trait Sink: Send + 'static {
+    /// What the sink applied so far (where to resume).
+    fn load(&mut self) -> Result<Progress>;
+    /// Applies a batch and the progress after it, atomically.
+    fn apply(&mut self, batch: &[Followed], progress: &Progress) -> Result<()>;
+}
+
+/// Lag of one state-topic partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct Lag {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub high_watermark: i64,
+    /// Records (transaction markers included) not applied yet.
+    pub lag_records: i64,
+    /// 0 when caught up, else how old the last applied record is.
+    pub lag_ms: i64,
+}
+
+/// A running follower.
+pub struct Follower {
+    progress: watch::Receiver<Progress>,
+    fetched: Arc<Mutex<BTreeMap<i32, i64>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    watermarks: Mutex<BaseConsumer>,
+    topic: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Follower {
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    /// Waits until the write behind `token` is applied, or the timeout passes
+    /// (then `Err` with the event offset reached for its category and partition).
+    pub async fn wait_for(&self, token: &Position, timeout: Duration) -> Result<(), i64> {
+        let mut rx = self.progress.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if rx.borrow_and_update().covers(token) {
+                return Ok(());
+            }
+            if !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
+                let reached = rx.borrow().events.get(&(token.category.clone(), token.partition)).copied().unwrap_or(-1);
+                return Err(reached);
+            }
+        }
+    }
+
+    /// Where the consumer of `partition` stood when it last found nothing new
+    /// (past transaction markers): everything before it is applied.
+    pub fn idle_position(&self, partition: i32) -> i64 {
+        self.fetched.lock().expect("fetched lock").get(&partition).copied().unwrap_or(-1)
+    }
+
+    /// Waits for the next applied batch (or the timeout).
+    pub async fn changed(&self, timeout: Duration) {
+        let mut rx = self.progress.clone();
+        rx.borrow_and_update();
+        let _ = tokio::time::timeout(timeout, rx.changed()).await;
+    }
+
+    /// Applied position against the high watermark, per partition.
+    pub fn lag(&self) -> Vec<Lag> {
+        let progress = self.progress();
+        let fetched = self.fetched.lock().expect("fetched lock").clone();
+        let consumer = self.watermarks.lock().expect("watermarks lock");
+        let Ok(md) = consumer.fetch_metadata(Some(&self.topic), self.timeout) else { return Vec::new() };
+        let Some(t) = md.topics().first() else { return Vec::new() };
+        let now = now_ms();
+        t.partitions()
+            .iter()
+            .filter_map(|p| {
+                let (_, high) = consumer.fetch_watermarks(&self.topic, p.id(), self.timeout).ok()?;
+                // Transaction markers take offsets: where the consumer stands
+                // when idle counts as caught up.
+                let next = progress
+                    .positions
+                    .get(&p.id())
+                    .copied()
+                    .unwrap_or(0)
+                    .max(fetched.get(&p.id()).copied().unwrap_or(0));
+                let lag_records = (high - next).max(0);
+                let lag_ms =
+                    if lag_records == 0 { 0 } else { progress.last_ms.get(&p.id()).map_or(0, |t| (now - t).max(0)) };
+                Some(Lag { partition: p.id(), next_offset: next, high_watermark: high, lag_records, lag_ms })
+            })
+            .collect()
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Starts following `topic` (every partition) into `sink` on a thread of its own.
+pub fn spawn<S: Sink>(kafka: &KafkaConfig, topic: &str, group: &str, mut sink: S) -> Result<Follower> {
+    let initial = sink.load()?;
+    let (tx, rx) = watch::channel(initial.clone());
+    let consumer: BaseConsumer = kafka
+        .client()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "20")
+        .create()?;
+    let watermarks: BaseConsumer = kafka.client().set("group.id", format!("{group}-watermarks")).create()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let fetched = Arc::new(Mutex::new(BTreeMap::new()));
+    let run = Loop {
+        consumer,
+        topic: topic.to_owned(),
+        timeout: kafka.timeout,
+        sink,
+        progress: initial,
+        tx,
+        stop: stop.clone(),
+        fetched: fetched.clone(),
+    };
+    let thread = std::thread::Builder::new().name(format!("follow-{topic}")).spawn(move || run.run())?;
+    Ok(Follower {
+        progress: rx,
+        fetched,
+        stop,
+        thread: Some(thread),
+        watermarks: Mutex::new(watermarks),
+        topic: topic.to_owned(),
+        timeout: kafka.timeout,
+    })
+}
+
+struct Loop<S> {
+    consumer: BaseConsumer,
+    topic: String,
+    timeout: Duration,
+    sink: S,
+    progress: Progress,
+    tx: watch::Sender<Progress>,
+    stop: Arc<AtomicBool>,
+    fetched: Arc<Mutex<BTreeMap<i32, i64>>>,
+}
+
+impl<S: Sink> Loop<S> {
+    fn assign(&self) -> bool {
+        let Ok(md) = self.consumer.fetch_metadata(Some(&self.topic), self.timeout) else { return false };
+        let Some(t) = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
+            return false;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in t.partitions() {
+            let offset = self.progress.positions.get(&p.id()).map_or(Offset::Beginning, |n| Offset::Offset(*n));
+            if tpl.add_partition_offset(&self.topic, p.id(), offset).is_err() {
+                return false;
+            }
+        }
+        self.consumer.assign(&tpl).is_ok()
+    }
+
+    fn run(mut self) {
+        while !self.assign() {
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            tracing::warn!(topic = self.topic, "cannot assign the state topic yet; retrying");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        while !self.stop.load(Ordering::SeqCst) {
+            let mut batch = Vec::new();
+            let mut wait = Duration::from_millis(100);
+            while batch.len() < 2000 {
+                match self.consumer.poll(wait) {
+                    Some(Ok(m)) => {
+                        match m.payload().map(serde_json::from_slice::<StreamRecord>) {
+                            Some(Ok(record)) => batch.push(Followed {
+                                partition: m.partition(),
+                                offset: m.offset(),
+                                timestamp_ms: m.timestamp().to_millis(),
+                                record,
+                            }),
+                            // Not a stream record: skip it, but move past it.
+                            _ => {
+                                self.progress.positions.insert(m.partition(), m.offset() + 1);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(topic = self.topic, "follow: {e}");
+                        break;
+                    }
+                    None => break,
+                }
+                wait = Duration::ZERO;
+            }
+            if batch.is_empty() {
+                if let Ok(tpl) = self.consumer.position() {
+                    let mut fetched = self.fetched.lock().expect("fetched lock");
+                    for e in tpl.elements() {
+                        if let Some(o) = e.offset().to_raw() {
+                            fetched.insert(e.partition(), o);
+                        }
+                    }
+                }
+                continue;
+            }
+            let mut next = self.progress.clone();
+            next.advance(&batch);
+            let started = Instant::now();
+            let mut backoff = Duration::from_millis(100);
+            while let Err(e) = self.sink.apply(&batch, &next) {
+                tracing::warn!(topic = self.topic, "applying followed records failed, retrying: {e:#}");
+                if self.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            tracing::trace!(records = batch.len(), ms = started.elapsed().as_millis() as u64, "followed");
+            self.progress = next;
+            self.tx.send_replace(self.progress.clone());
+        }
+    }
+}
