@@ -242,14 +242,10 @@ impl Run {
                     let topic = self.shared.topics.events(&e.category);
                     let start = match owned.next_offsets.get(&topic) {
                         Some(n) => *n,
-                        None => {
-                            let high = self
-                                .shared
-                                .high_watermark(&topic, self.partition)
-                                .map_err(|e| Failure::BeforeBegin(anyhow!("watermarks of {topic}: {e}")))?;
-
-                            high
-                        }
+                        None => self
+                            .shared
+                            .high_watermark(&topic, self.partition)
+                            .map_err(|e| Failure::BeforeBegin(anyhow!("watermarks of {topic}: {e}")))?,
                     };
                     next.entry(e.category.as_str()).or_insert(start)
                 }
