@@ -74,6 +74,7 @@ done
   echo
   # shellcheck disable=SC2086
   "$bin/esk-bench" --record-size "$size" --projector-bin "$bin/esk-projector" \
+    --replica-bin "$bin/esk-replica" --writer-bin "$bin/esk-writer" \
     --projector-events "$projector_events" --transfers "$transfers" ${BENCH_ARGS:-}
   echo
   echo "## Kafka reference: ConsumerPerformance on the same category topic ($projector_events records)"

@@ -7,6 +7,7 @@
 //!   category, which must not scan the category topic.
 
 mod projector;
+mod replica;
 mod tx;
 
 use std::sync::Arc;
@@ -50,6 +51,15 @@ struct Args {
     /// Backlog the projector catches up with.
     #[arg(long, default_value_t = 1_000_000)]
     projector_events: usize,
+    /// The esk-replica binary for the replica-lag benchmark (skipped without it).
+    #[arg(long)]
+    replica_bin: Option<std::path::PathBuf>,
+    /// The esk-writer binary for the takeover benchmark (skipped without it).
+    #[arg(long)]
+    writer_bin: Option<std::path::PathBuf>,
+    /// Streams in the partition a takeover restores.
+    #[arg(long, default_value_t = 100_000)]
+    takeover_streams: usize,
     /// 2PC transfers per concurrency level (needs a running esk-coordinator; 0 skips).
     #[arg(long, default_value_t = 0)]
     transfers: usize,
@@ -105,7 +115,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let config = KafkaConfig::new(&args.bootstrap_servers, Duration::from_secs(60))?;
     let topics = Topics::new(&args.prefix);
-    let client = Client::connect_pipelined(config, topics)?;
+    let client = Arc::new(Client::connect_pipelined(config, topics)?);
     println!("## esk append (writer at {}, prefix {})", args.bootstrap_servers, args.prefix);
     // Warm up: create the category topic, fill the writer's caches.
     appends(&client, &args, "warm", 500, 32).await?;
@@ -119,6 +129,12 @@ async fn main() -> Result<()> {
 
     if args.read_events > 0 {
         read_bench(&client, &args).await?;
+    }
+    if let Some(bin) = &args.replica_bin {
+        replica::lag(&client, bin, &args.prefix, &args.bootstrap_servers).await?;
+    }
+    if let Some(bin) = &args.writer_bin {
+        replica::failover(&args.bootstrap_servers, bin, args.takeover_streams).await?;
     }
     if args.transfers > 0 {
         tx::run(&client, args.transfers).await?;

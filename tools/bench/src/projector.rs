@@ -16,18 +16,37 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
-/// Kills the projector when the benchmark ends, however it ends (its store
-/// folder goes with the guard).
-struct Projector(Child, #[allow(dead_code, reason = "held for its Drop")] tempfile::TempDir);
+/// A service the benchmark started: killed when the guard goes, however the
+/// benchmark ends (its store folder goes with it).
+pub struct Spawned(pub Child, #[allow(dead_code, reason = "held for its Drop")] pub tempfile::TempDir);
 
-impl Drop for Projector {
+impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-fn get(addr: &str, path: &str) -> Option<(u16, Value)> {
+/// Starts `bin` with the installation's environment plus `env`; its HTTP on a free port.
+pub fn spawn(bin: &std::path::Path, bootstrap: &str, prefix: &str, http_var: &str, env: &[(&str, &str)]) -> Result<(Spawned, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let http = format!("127.0.0.1:{port}");
+    let data = tempfile::tempdir()?;
+    let mut cmd = Command::new(bin);
+    cmd.env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        .env("ESK_TOPIC_PREFIX", prefix)
+        .env(http_var, &http)
+        .env("ESK_DATA_DIR", data.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    Ok((Spawned(child, data), http))
+}
+
+pub fn get(addr: &str, path: &str) -> Option<(u16, Value)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
@@ -116,20 +135,8 @@ pub async fn run(
 ) -> Result<()> {
     println!("\n## esk projector (accounts)");
     let topic = backlog(client, total, size).await?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let http = format!("127.0.0.1:{port}");
-    let data = tempfile::tempdir()?;
     let started = Instant::now();
-    let child = Command::new(bin)
-        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
-        .env("ESK_TOPIC_PREFIX", prefix)
-        .env("ESK_PROJECTOR_HTTP", &http)
-        .env("ESK_DATA_DIR", data.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let _projector = Projector(child, data);
+    let (_projector, http) = spawn(bin, bootstrap, prefix, "ESK_PROJECTOR_HTTP", &[])?;
     let want = (total / 1000 * 1000) as u64;
     let mut first: Option<Instant> = None;
     loop {

@@ -1,0 +1,184 @@
+//! Replica and failover benchmarks: how long an acknowledged append takes to
+//! show at a replica (low and high load), and how long a writer takeover of a
+//! partition holding 100,000 streams takes with and without the hot standby.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use esk_client::Client;
+use esk_kafka::KafkaConfig;
+use esk_kafka::admin::{Admin, Durability, platform_topics};
+use esk_wire::Topics;
+use esk_wire::partition::partition_for;
+use esk_wire::protocol::{Answered, Appended, ExpectedVersion, IndexEntry, NewEvent, StreamRecord};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+use crate::projector::{get, spawn};
+
+fn note(n: usize) -> Vec<NewEvent> {
+    vec![NewEvent { id: None, event_type: "Noted".into(), data: json!({"n": n}) }]
+}
+
+async fn lag_rounds(client: &Client, http: &str, rounds: usize) -> Result<Histogram<u64>> {
+    let mut h = Histogram::<u64>::new(3)?;
+    for r in 0..rounds {
+        let a = client.append(&format!("note-lag{}", r % 50), ExpectedVersion::Any, note(r), None).await?;
+        let t = Instant::now();
+        let path = format!("/streams/{}?after={}&timeout_ms=10000", a.stream, a.position);
+        let http = http.to_owned();
+        let (code, body) = tokio::task::spawn_blocking(move || get(&http, &path)).await?.context("no answer")?;
+        if code != 200 {
+            bail!("replica query failed: {code} {body}");
+        }
+        h.record(t.elapsed().as_micros() as u64)?;
+    }
+    Ok(h)
+}
+
+fn print(name: &str, h: &Histogram<u64>) {
+    println!(
+        "{name:<34} p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms ({} rounds)",
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
+}
+
+/// Append acknowledged -> visible at a replica, with and without other load.
+pub async fn lag(client: &Arc<Client>, bin: &Path, prefix: &str, bootstrap: &str) -> Result<()> {
+    println!("\n## esk replica: append acknowledged -> visible at the replica");
+    let (_replica, http) = spawn(bin, bootstrap, prefix, "ESK_REPLICA_HTTP", &[])?;
+    let started = Instant::now();
+    while get(&http, "/status").is_none_or(|(_, s)| s["lag_records"] != 0) {
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("the replica did not catch up in 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    print("low load (1 append in flight)", &lag_rounds(client, &http, 500).await?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            let mut s = futures::stream::iter(std::iter::from_fn(move || {
+                n += 1;
+                Some(n)
+            }))
+            .map(|i| {
+                let client = client.clone();
+                async move { client.append(&format!("note-load{}", i % 1000), ExpectedVersion::Any, note(i), None).await }
+            })
+            .buffer_unordered(64);
+            let mut done = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                if s.next().await.is_none() {
+                    break;
+                }
+                done += 1;
+            }
+            done
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    let h = lag_rounds(client, &http, 500).await?;
+    stop.store(true, Ordering::SeqCst);
+    let background = background.await?;
+    print("high load (+64 appends in flight)", &h);
+    println!("(background load: {:.0} appends/s)", background as f64 / t.elapsed().as_secs_f64().max(1.0));
+    Ok(())
+}
+
+/// Writes `n` stream records (as the writer writes them) into partition 0 of
+/// a one-partition installation's state topic.
+async fn fill_state(kafka: &KafkaConfig, topics: &Topics, n: usize) -> Result<()> {
+    let admin = Admin::new(kafka)?;
+    let brokers = admin.broker_count().await?;
+    admin.ensure(&platform_topics(topics, ["note"], 1, Durability::for_brokers(brokers))).await?;
+    let producer: FutureProducer = kafka.client().set("linger.ms", "20").set("compression.type", "lz4").create()?;
+    let topic = topics.state();
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let stream = format!("note-s{i}");
+        let record = StreamRecord {
+            stream: stream.clone(),
+            version: 3,
+            state: None,
+            last_offset: -1,
+            index: vec![IndexEntry { version: 1, offset: 0 }],
+            answered: vec![Answered {
+                request_id: format!("req-{i}"),
+                first_event_id: None,
+                expected_version: ExpectedVersion::Any,
+                result: Appended { stream, first_version: 3, last_version: 3, position: "note:0:0".into() },
+            }],
+            decided: Vec::new(),
+        };
+        let value = serde_json::to_vec(&record)?;
+        pending.push(producer.send_result(FutureRecord::to(&topic).partition(0).key(&record.stream).payload(&value)).map_err(|(e, _)| e)?);
+        if pending.len() >= 20_000 {
+            for d in futures::future::join_all(pending.drain(..)).await {
+                d?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for d in futures::future::join_all(pending).await {
+        d?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+async fn serving(http: &str) -> u64 {
+    get(http, "/health").and_then(|(_, h)| h["partitions_serving"].as_u64()).unwrap_or(0)
+}
+
+/// Kill the owner of the one partition; time until the other writer answers.
+async fn takeover(kafka: &KafkaConfig, bin: &Path, prefix: &str, standby: bool) -> Result<Duration> {
+    let flag = if standby { "true" } else { "false" };
+    let env = [("ESK_WRITER_STANDBY", flag), ("ESK_WRITER_SESSION_TIMEOUT_MS", "6000")];
+    let (mut a, a_http) = spawn(bin, &kafka.bootstrap, prefix, "ESK_WRITER_HTTP", &env)?;
+    while serving(&a_http).await != 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_b, b_http) = spawn(bin, &kafka.bootstrap, prefix, "ESK_WRITER_HTTP", &env)?;
+    // Give the second writer time to join and (with standby) to follow everything.
+    while get(&b_http, "/health").is_none() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(if standby { 15 } else { 5 })).await;
+    while serving(&a_http).await != 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client = Client::connect(kafka.clone(), Topics::new(prefix))?;
+    let stream = "note-s7";
+    assert_eq!(partition_for(stream.as_bytes(), 1), 0);
+    let killed = Instant::now();
+    a.0.kill()?;
+    let _ = a.0.wait();
+    client.append(stream, ExpectedVersion::Exact(3), note(0), None).await.context("the append after the takeover")?;
+    Ok(killed.elapsed())
+}
+
+pub async fn failover(bootstrap: &str, bin: &Path, streams: usize) -> Result<()> {
+    println!("\n## writer takeover of a partition holding {streams} streams (session timeout 6 s)");
+    let kafka = KafkaConfig::new(bootstrap, Duration::from_secs(120))?;
+    for standby in [false, true] {
+        let prefix = format!("bench-takeover-{}-{}", u8::from(standby), std::process::id());
+        fill_state(&kafka, &Topics::new(&prefix), streams).await?;
+        let took = takeover(&kafka, bin, &prefix, standby).await?;
+        println!(
+            "{:<22} SIGKILL of the owner -> next append answered: {:>6.2} s",
+            if standby { "with hot standby" } else { "without standby" },
+            took.as_secs_f64()
+        );
+    }
+    Ok(())
+}
