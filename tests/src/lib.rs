@@ -17,7 +17,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -204,11 +204,68 @@ impl Drop for Cluster {
     }
 }
 
+/// Lets tests run side by side, except those that measure time or run a
+/// 3-node cluster: they run alone, so two cores busy with other tests do not
+/// decide their outcome.
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<(usize, bool)>,
+    cv: Condvar,
+}
+
+static GATE: OnceLock<Gate> = OnceLock::new();
+
+/// A test's place at the gate; released on drop.
+#[derive(Debug)]
+pub struct Pass {
+    exclusive: bool,
+}
+
+impl Pass {
+    fn take(exclusive: bool) -> Self {
+        let gate = GATE.get_or_init(Gate::default);
+        let mut s = gate.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            let (shared, excl) = *s;
+            let free = if exclusive { shared == 0 && !excl } else { !excl };
+            if free {
+                if exclusive {
+                    s.1 = true;
+                } else {
+                    s.0 += 1;
+                }
+                return Self { exclusive };
+            }
+            s = gate.cv.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let gate = GATE.get_or_init(Gate::default);
+        let mut s = gate.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.exclusive {
+            s.1 = false;
+        } else {
+            s.0 -= 1;
+        }
+        gate.cv.notify_all();
+    }
+}
+
+/// Takes the machine for a test that measures time or runs the 3-node
+/// cluster: waits until no other test runs, and keeps others out until dropped.
+pub fn exclusive() -> Pass {
+    Pass::take(true)
+}
+
 /// Per-test isolation: a topic prefix, and ids derived from it.
 #[derive(Debug, Clone)]
 pub struct TestEnv {
     pub bootstrap: String,
     pub prefix: String,
+    _pass: Arc<Pass>,
 }
 
 impl TestEnv {
@@ -217,10 +274,21 @@ impl TestEnv {
         Self::on(&broker().bootstrap)
     }
 
-    /// A fresh prefix on the given cluster.
+    /// A fresh prefix on the given cluster. Waits while an exclusive test runs.
     pub fn on(bootstrap: &str) -> Self {
+        Self::with(bootstrap, Arc::new(Pass::take(false)))
+    }
+
+    /// A fresh prefix for a test that holds [`exclusive`] already.
+    pub fn with(bootstrap: &str, pass: Arc<Pass>) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        Self { bootstrap: bootstrap.to_owned(), prefix: format!("t{}", &id[..12]) }
+        Self { bootstrap: bootstrap.to_owned(), prefix: format!("t{}", &id[..12]), _pass: pass }
+    }
+
+    /// A fresh prefix on the run's broker, the machine to itself (see [`exclusive`]).
+    pub fn exclusive() -> Self {
+        let pass = Arc::new(exclusive());
+        Self::with(&broker().bootstrap, pass)
     }
 
     pub fn topics(&self) -> esk_wire::Topics {

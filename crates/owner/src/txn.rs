@@ -1,6 +1,7 @@
 //! Transactions of an owned partition: their failures, their commit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -52,8 +53,18 @@ pub fn classify(e: KafkaError) -> TxnError {
 /// acquired afresh and its state restored from what did commit. Never abort
 /// after a commit whose outcome is unknown: the rewind could skip a batch that
 /// was committed.
-pub fn retrying(what: &str, mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), TxnError> {
+///
+/// A handler told to stop (a revoke: the rebalance waits for it) tries no more:
+/// the next owner's fencing settles the transaction either way.
+pub fn retrying(
+    what: &str,
+    stop: &AtomicBool,
+    mut call: impl FnMut() -> Result<(), KafkaError>,
+) -> Result<(), TxnError> {
     for attempt in 1..=3 {
+        if attempt > 1 && stop.load(Ordering::SeqCst) {
+            return Err(TxnError::Fatal(anyhow!("{what}: outcome unknown, and the partition is being given up")));
+        }
         match call() {
             Ok(()) => return Ok(()),
             Err(KafkaError::Transaction(e)) if e.is_fatal() => return Err(TxnError::Fatal(anyhow!("{what}: {e}"))),
@@ -89,6 +100,7 @@ pub fn commit(
     consumed: &HashMap<String, i64>,
     group: Option<ConsumerGroupMetadata>,
     timeout: Duration,
+    stop: &AtomicBool,
 ) -> Result<(), TxnError> {
     if !consumed.is_empty() {
         let mut tpl = TopicPartitionList::new();
@@ -97,7 +109,7 @@ pub fn commit(
                 .map_err(|e| TxnError::Abortable(anyhow!(e)))?;
         }
         let group = group.ok_or_else(|| TxnError::Abortable(anyhow!("no consumer group metadata")))?;
-        retrying("send_offsets_to_transaction", || producer.send_offsets_to_transaction(&tpl, &group, timeout))?;
+        retrying("send_offsets_to_transaction", stop, || producer.send_offsets_to_transaction(&tpl, &group, timeout))?;
     }
-    retrying("commit_transaction", || producer.commit_transaction(timeout))
+    retrying("commit_transaction", stop, || producer.commit_transaction(timeout))
 }

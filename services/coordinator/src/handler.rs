@@ -99,7 +99,7 @@ impl Run {
         txs.absorb(Vec::new(), Vec::new());
         let (open, in_doubt) = txs.counts(now_ms());
         *self.view.lock().expect("view lock") = txs;
-        self.io.rewind(c.kafka_timeout())?;
+        self.io.rewind(Duration::from_millis(c.transaction_timeout_ms))?;
         tracing::info!(
             partition = p,
             open,
@@ -156,10 +156,12 @@ impl Run {
                     failures += 1;
                     metrics::counter!("esk_coordinator_aborts_total").increment(1);
                     tracing::warn!(partition = self.io.partition, failures, "batch failed, retrying: {e:#}");
-                    if let Err(e) = producer.abort_transaction(self.shared.config.kafka_timeout()) {
+                    if let Err(e) =
+                        producer.abort_transaction(Duration::from_millis(self.shared.config.transaction_timeout_ms))
+                    {
                         return Err(anyhow!("abort_transaction failed: {e}"));
                     }
-                    self.io.rewind(self.shared.config.kafka_timeout())?;
+                    self.io.rewind(Duration::from_millis(self.shared.config.transaction_timeout_ms))?;
                     self.io.pause(Duration::from_millis(100 * u64::from(failures.min(50))));
                 }
             }
@@ -204,7 +206,8 @@ impl Run {
         }
         txn::await_deliveries(deliveries)?;
         let consumed: HashMap<String, i64> = step.consumed.clone();
-        txn::commit(producer, p, &consumed, self.io.group_metadata(), self.shared.config.kafka_timeout())
+        let timeout = Duration::from_millis(self.shared.config.transaction_timeout_ms);
+        txn::commit(producer, p, &consumed, self.io.group_metadata(), timeout, self.io.stop_flag())
     }
 }
 

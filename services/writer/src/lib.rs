@@ -81,6 +81,9 @@ impl Shared {
     pub fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64> {
         use rdkafka::consumer::Consumer;
         let c = self.watermarks.lock().expect("watermarks lock");
+        // Refresh the topic's metadata first: a topic created a moment ago, or
+        // whose leader just moved, is otherwise an "unknown partition" here.
+        c.fetch_metadata(Some(topic), self.config.kafka_timeout())?;
         Ok(c.fetch_watermarks(topic, partition, self.config.kafka_timeout())?.1)
     }
 

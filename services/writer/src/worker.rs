@@ -125,7 +125,7 @@ impl Run {
         };
         self.shared.status.lock().expect("status lock").partitions.entry(self.partition).or_default().streams =
             state.streams.len();
-        self.io.rewind(c.kafka_timeout())?;
+        self.io.rewind(Duration::from_millis(c.transaction_timeout_ms))?;
         tracing::info!(partition = self.partition, ms = started.elapsed().as_millis() as u64, "partition taken over");
         Ok(Some(Owned { producer, state, next_offsets: HashMap::new() }))
     }
@@ -168,7 +168,10 @@ impl Run {
                     tracing::warn!(partition = self.partition, failures, "batch failed, retrying: {e:#}");
                     if let Failure::Abortable(_) | Failure::Mispredicted(..) = failure {
                         metrics::counter!("esk_writer_aborts_total").increment(1);
-                        if let Err(e) = owned.producer.abort_transaction(self.shared.config.kafka_timeout()) {
+                        if let Err(e) = owned
+                            .producer
+                            .abort_transaction(Duration::from_millis(self.shared.config.transaction_timeout_ms))
+                        {
                             return Err(anyhow!("abort_transaction failed: {e}"));
                         }
                     }
@@ -176,7 +179,7 @@ impl Run {
                         Failure::Mispredicted(_, next) => next,
                         _ => HashMap::new(),
                     };
-                    self.io.rewind(self.shared.config.kafka_timeout())?;
+                    self.io.rewind(Duration::from_millis(self.shared.config.transaction_timeout_ms))?;
                     // The same records come again: back off so a persistent
                     // failure does not spin.
                     self.io.pause(Duration::from_millis(100 * u64::from(failures.min(50))));
@@ -260,7 +263,8 @@ impl Run {
     fn transact(&self, owned: &mut Owned, records: Vec<Incoming>) -> Result<(Vec<StreamRecord>, bool), Failure> {
         let shared = &self.shared;
         let p = self.partition;
-        let timeout = shared.config.kafka_timeout();
+        // Bounded by the transaction timeout: a handler stuck in a call holds up rebalances.
+        let timeout = Duration::from_millis(shared.config.transaction_timeout_ms);
         let ctx = shared.batch_context();
         let now = Utc::now();
         let state = std::mem::take(&mut owned.state);
@@ -373,7 +377,7 @@ impl Run {
                 after_abort,
             ));
         }
-        txn::commit(producer, p, &consumed, self.io.group_metadata(), timeout)?;
+        txn::commit(producer, p, &consumed, self.io.group_metadata(), timeout, self.io.stop_flag())?;
         // Each partition written gets one commit marker after its last record.
         for ((topic, _), offset) in events.iter().zip(&delivered) {
             let next = owned.next_offsets.entry(topic.clone()).or_insert(0);

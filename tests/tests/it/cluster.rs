@@ -43,8 +43,9 @@ fn leader_of_partition_0(bootstrap: &str, topic: &str) -> i32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replicated_topic_survives_a_killed_node_and_the_node_rejoins() {
+    let pass = std::sync::Arc::new(esk_tests::exclusive());
     let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap().unwrap();
-    let env = TestEnv::on(&cluster.bootstrap());
+    let env = TestEnv::with(&cluster.bootstrap(), pass);
     let topic = format!("{}.replicated", env.prefix);
     Admin::new(&env.kafka())
         .unwrap()

@@ -212,7 +212,8 @@ async fn bad_replica_queries_get_clear_4xx_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_writer_serves_a_taken_partition_within_the_session_timeout_plus_a_second() {
-    let env = TestEnv::new();
+    // It measures time: the machine to itself.
+    let env = TestEnv::exclusive();
     env.init_topics(2);
     let a = writer(&env, true);
     wait_serving(&[&a], 2, Duration::from_secs(60)).await;
@@ -269,8 +270,9 @@ async fn a_standby_writer_serves_a_taken_partition_within_the_session_timeout_pl
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_platform_rides_through_a_broker_death_on_three_nodes() {
+    let pass = Arc::new(esk_tests::exclusive());
     let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap().unwrap();
-    let env = TestEnv::on(&cluster.bootstrap());
+    let env = TestEnv::with(&cluster.bootstrap(), pass);
     let init = env.esk().args(["topics", "init", "--partitions", "3", "--json", "--timeout", "30s"]).run().ok().json();
     assert_eq!(init["replication_factor"], 3);
     let w = writer(&env, true);

@@ -319,7 +319,8 @@ fn serving(w: &Service) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_writer_takes_over_and_a_frozen_zombie_writes_nothing() {
-    let env = TestEnv::new();
+    // It measures time: the machine to itself.
+    let env = TestEnv::exclusive();
     env.init_topics(4);
     let a = writer(&env);
     wait_serving(&[&a], 4, Duration::from_secs(60)).await;
@@ -342,7 +343,10 @@ async fn a_second_writer_takes_over_and_a_frozen_zombie_writes_nothing() {
     .await;
     let takeover = killed_at.elapsed();
     println!("takeover after SIGKILL: {takeover:?} (session timeout {SESSION_MS} ms)");
-    assert!(takeover < Duration::from_millis(6000 + 1000), "takeover took {takeover:?}");
+    // The killed owner had a transaction open: the survivor first aborts it
+    // (fencing) and reads what its standby lacks. The standby test bounds the
+    // idle case at the session timeout + 1 s.
+    assert!(takeover < Duration::from_millis(6000 + 2000), "takeover took {takeover:?}");
 
     // A zombie: a writer frozen while it owns partitions, woken after the takeover.
     let zombie = writer(&env);

@@ -28,7 +28,13 @@ impl Drop for Spawned {
 }
 
 /// Starts `bin` with the installation's environment plus `env`; its HTTP on a free port.
-pub fn spawn(bin: &std::path::Path, bootstrap: &str, prefix: &str, http_var: &str, env: &[(&str, &str)]) -> Result<(Spawned, String)> {
+pub fn spawn(
+    bin: &std::path::Path,
+    bootstrap: &str,
+    prefix: &str,
+    http_var: &str,
+    env: &[(&str, &str)],
+) -> Result<(Spawned, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let http = format!("127.0.0.1:{port}");
     let data = tempfile::tempdir()?;

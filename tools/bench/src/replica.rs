@@ -68,15 +68,18 @@ pub async fn lag(client: &Arc<Client>, bin: &Path, prefix: &str, bootstrap: &str
         let (client, stop) = (client.clone(), stop.clone());
         tokio::spawn(async move {
             let mut n = 0usize;
-            let mut s = futures::stream::iter(std::iter::from_fn(move || {
-                n += 1;
-                Some(n)
-            }))
-            .map(|i| {
-                let client = client.clone();
-                async move { client.append(&format!("note-load{}", i % 1000), ExpectedVersion::Any, note(i), None).await }
-            })
-            .buffer_unordered(64);
+            let mut s =
+                futures::stream::iter(std::iter::from_fn(move || {
+                    n += 1;
+                    Some(n)
+                }))
+                .map(|i| {
+                    let client = client.clone();
+                    async move {
+                        client.append(&format!("note-load{}", i % 1000), ExpectedVersion::Any, note(i), None).await
+                    }
+                })
+                .buffer_unordered(64);
             let mut done = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 if s.next().await.is_none() {
@@ -123,7 +126,11 @@ async fn fill_state(kafka: &KafkaConfig, topics: &Topics, n: usize) -> Result<()
             decided: Vec::new(),
         };
         let value = serde_json::to_vec(&record)?;
-        pending.push(producer.send_result(FutureRecord::to(&topic).partition(0).key(&record.stream).payload(&value)).map_err(|(e, _)| e)?);
+        pending.push(
+            producer
+                .send_result(FutureRecord::to(&topic).partition(0).key(&record.stream).payload(&value))
+                .map_err(|(e, _)| e)?,
+        );
         if pending.len() >= 20_000 {
             for d in futures::future::join_all(pending.drain(..)).await {
                 d?.map_err(|(e, _)| e)?;
