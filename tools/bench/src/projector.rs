@@ -1,7 +1,7 @@
 //! The projector benchmarks: catch-up from a backlog, and the time from an
 //! append's reply until a query shows it.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,7 @@ impl Drop for Spawned {
 
 /// Starts `bin` with the installation's environment plus `env`; its HTTP on a free port.
 pub fn spawn(
-    bin: &std::path::Path,
+    bin: &Path,
     bootstrap: &str,
     prefix: &str,
     http_var: &str,
@@ -131,14 +131,7 @@ async fn backlog(client: &Client, total: usize, size: usize) -> Result<String> {
     Ok(topic)
 }
 
-pub async fn run(
-    client: &Client,
-    bin: &PathBuf,
-    total: usize,
-    size: usize,
-    prefix: &str,
-    bootstrap: &str,
-) -> Result<()> {
+pub async fn run(client: &Client, bin: &Path, total: usize, size: usize, prefix: &str, bootstrap: &str) -> Result<()> {
     println!("\n## esk projector (accounts)");
     let topic = backlog(client, total, size).await?;
     let started = Instant::now();
