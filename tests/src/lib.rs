@@ -634,15 +634,7 @@ impl Drop for Service {
 
 /// A minimal HTTP/1.0 GET over loopback: (status, body).
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
+    esk_client::http::get(addr, path, Duration::from_secs(30)).ok()
 }
 
 /// Waits until the writers together serve `partitions` partitions.

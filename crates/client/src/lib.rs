@@ -14,6 +14,7 @@
 //! the same event ids at the same expected version) and the writer answers with
 //! the first result without writing twice.
 
+pub mod http;
 mod read;
 pub mod tx;
 

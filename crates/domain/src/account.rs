@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::aggregate::Outcome;
 use crate::aggregate::{Aggregate, DomainError};
 
 /// The largest amount one command may move; keeps every balance far from overflow.
@@ -26,13 +27,6 @@ pub enum Command {
 pub enum HeldCommand {
     Deposit,
     Withdraw,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    Committed,
-    Aborted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Why the domain refused a command. Holds no technical cause, only the rule.
@@ -207,4 +207,12 @@ impl Registry {
     pub fn categories(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.by_category.keys().copied()
     }
+}
+
+/// How a two-phase commit ended for a participant, as its release event records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Committed,
+    Aborted,
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::aggregate::Outcome;
 use crate::aggregate::{Aggregate, DomainError};
 
 /// The largest quantity one command may move.
@@ -16,13 +17,6 @@ pub const MAX_QUANTITY: i64 = 1_000_000_000;
 pub enum Command {
     AddStock { quantity: i64 },
     Reserve { quantity: i64 },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    Committed,
-    Aborted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

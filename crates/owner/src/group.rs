@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use esk_kafka::KafkaConfig;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -151,6 +151,25 @@ impl GroupContext {
         }
         self.handler.revoked();
     }
+}
+
+/// How a service built on esk-owner runs: the group on a blocking thread
+/// until it ends or `shutdown` fires, then the end of the service's HTTP
+/// `server`. The group's result is the service's.
+pub async fn serve(
+    spec: GroupSpec,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<Result<()>>,
+) -> Result<()> {
+    let group = {
+        let shutdown = shutdown.clone();
+        tokio::task::spawn_blocking(move || run_group(spec, handler, &shutdown))
+    };
+    let result = group.await.context("the consumer thread panicked")?;
+    shutdown.cancel();
+    server.await.context("the HTTP server panicked")??;
+    result
 }
 
 /// Joins the group and runs handlers for the partitions it assigns, until

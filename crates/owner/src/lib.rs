@@ -22,6 +22,6 @@ pub mod io;
 pub mod restore;
 pub mod txn;
 
-pub use group::{GroupSpec, Handler, run_group};
+pub use group::{GroupSpec, Handler, run_group, serve};
 pub use io::{Incoming, PartitionIo, Phase, own};
 pub use txn::TxnError;

@@ -112,19 +112,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         owned: Mutex::new(BTreeMap::new()),
     });
     let server = tokio::spawn(http::serve(listener, shared.clone(), shutdown.clone()));
-    let group = {
-        let spec = esk_owner::GroupSpec {
-            kafka: shared.kafka.clone(),
-            group_id: shared.config.group_id(),
-            inputs: vec![shared.topics.tx_requests(), shared.topics.tx_votes()],
-            session_timeout_ms: shared.config.session_timeout_ms,
-        };
-        let handler = Arc::new(handler::CoordinatorHandler { shared: shared.clone() });
-        let shutdown = shutdown.clone();
-        tokio::task::spawn_blocking(move || esk_owner::run_group(spec, handler, &shutdown))
+    let spec = esk_owner::GroupSpec {
+        kafka: shared.kafka.clone(),
+        group_id: shared.config.group_id(),
+        inputs: vec![shared.topics.tx_requests(), shared.topics.tx_votes()],
+        session_timeout_ms: shared.config.session_timeout_ms,
     };
-    let result = group.await.context("the consumer thread panicked")?;
-    shutdown.cancel();
-    server.await.context("the HTTP server panicked")??;
-    result
+    let handler = Arc::new(handler::CoordinatorHandler { shared: shared.clone() });
+    esk_owner::serve(spec, handler, shutdown, server).await
 }

@@ -171,19 +171,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         standby,
     });
     let server = tokio::spawn(http::serve(http, shared.clone(), shutdown.clone()));
-    let group = {
-        let spec = esk_owner::GroupSpec {
-            kafka: shared.kafka.clone(),
-            group_id: shared.config.group_id(),
-            inputs: vec![shared.topics.commands(), shared.topics.tx_prepare(), shared.topics.tx_commit()],
-            session_timeout_ms: shared.config.session_timeout_ms,
-        };
-        let handler = Arc::new(worker::WriterHandler { shared: shared.clone() });
-        let shutdown = shutdown.clone();
-        tokio::task::spawn_blocking(move || esk_owner::run_group(spec, handler, &shutdown))
+    let spec = esk_owner::GroupSpec {
+        kafka: shared.kafka.clone(),
+        group_id: shared.config.group_id(),
+        inputs: vec![shared.topics.commands(), shared.topics.tx_prepare(), shared.topics.tx_commit()],
+        session_timeout_ms: shared.config.session_timeout_ms,
     };
-    let result = group.await.context("the consumer thread panicked")?;
-    shutdown.cancel();
-    server.await.context("the HTTP server panicked")??;
-    result
+    let handler = Arc::new(worker::WriterHandler { shared: shared.clone() });
+    esk_owner::serve(spec, handler, shutdown, server).await
 }

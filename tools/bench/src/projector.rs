@@ -53,14 +53,8 @@ pub fn spawn(
 }
 
 pub fn get(addr: &str, path: &str) -> Option<(u16, Value)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    Some((head.split_whitespace().nth(1)?.parse().ok()?, serde_json::from_str(body).ok()?))
+    let (status, body) = esk_client::http::get(addr, path, Duration::from_secs(30)).ok()?;
+    Some((status, serde_json::from_str(&body).ok()?))
 }
 
 /// Writes `total` valid account events (1000 accounts) straight into the
