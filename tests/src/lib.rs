@@ -575,7 +575,7 @@ impl Service {
         cmd.env("KAFKA_BOOTSTRAP_SERVERS", &env.bootstrap)
             .env("ESK_TOPIC_PREFIX", &env.prefix)
             .env(format!("ESK_{}_HTTP", name.to_uppercase()), &http)
-            .env("RUST_LOG", "info,librdkafka=warn")
+            .env("RUST_LOG", std::env::var("ESK_TEST_RUST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into()))
             .stdout(Stdio::null())
             .stderr(file);
         for (k, v) in extra {

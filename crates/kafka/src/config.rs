@@ -25,7 +25,8 @@ impl KafkaConfig {
     }
 
     /// The base client config: bootstrap, Java-compatible partitioning, bounded
-    /// connection attempts, quiet logs.
+    /// connection attempts, quiet logs (unless `ESK_KAFKA_DEBUG` names
+    /// librdkafka debug contexts).
     pub fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         let ms = self.timeout.as_millis().max(1000).to_string();
@@ -35,6 +36,13 @@ impl KafkaConfig {
             .set("socket.connection.setup.timeout.ms", &ms)
             .set("reconnect.backoff.max.ms", "2000")
             .set("log_level", "3");
+        // librdkafka's own debug contexts (e.g. `eos,cgrp`) for diagnosing a
+        // cluster; logged through tracing under the `librdkafka` target.
+        if let Ok(contexts) = std::env::var("ESK_KAFKA_DEBUG")
+            && !contexts.trim().is_empty()
+        {
+            c.set("debug", contexts.trim()).set("log_level", "7");
+        }
         c
     }
 

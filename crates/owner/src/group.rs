@@ -75,7 +75,10 @@ impl std::fmt::Debug for GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    // Enabled only to keep heartbeats on time (see `run_group`).
+    fn stats_raw(&self, _statistics: &[u8]) {}
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &GroupConsumer, rebalance: &Rebalance<'_>) {
@@ -189,6 +192,11 @@ pub fn run_group(spec: GroupSpec, handler: Arc<dyn Handler>, shutdown: &Cancella
             // Frequent heartbeats: a survivor learns of a rebalance sooner, so a
             // takeover costs little more than the session timeout.
             .set("heartbeat.interval.ms", (session / 20).max(100).to_string())
+            // librdkafka sends a heartbeat only when its main loop wakes, which
+            // with nothing else to do is every 500 ms: the statistics timer
+            // wakes it often enough for the interval above to hold (the
+            // statistics themselves are dropped, see `GroupContext`).
+            .set("statistics.interval.ms", "100")
             .create_with_context(GroupContext {
                 spec: spec.clone(),
                 handler,

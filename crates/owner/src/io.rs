@@ -179,9 +179,12 @@ pub fn fence(
         .set("linger.ms", "0")
         .set("compression.type", "lz4")
         .create()?;
-    // Connect first: librdkafka asks for a producer id as soon as a broker is
-    // up, but retries only every 500 ms if none is up yet.
-    producer.client().fetch_metadata(Some(probe_topic), kafka.timeout).context("connecting the producer")?;
+    // Connect to a broker first: librdkafka looks for the transaction
+    // coordinator through a broker it learned from metadata (the bootstrap
+    // connection does not count), and if none is up yet it looks again only
+    // after 500 ms. Asking a partition leader for its watermarks opens such a
+    // connection and waits for it.
+    producer.client().fetch_watermarks(probe_topic, 0, kafka.timeout).context("connecting the producer")?;
     producer.init_transactions(kafka.timeout).context("init_transactions (fencing the previous owner)")?;
     Ok(producer)
 }
@@ -202,7 +205,11 @@ pub enum Phase {
 /// this process was frozen, its group session has expired and a revoke is on
 /// its way; acquiring at once would fence the new owner back. Failures to
 /// acquire are retried with backoff.
-pub fn own<O>(
+///
+/// A partition given up cleanly lets go of what it owned (its producer) on
+/// another thread: closing a Kafka client takes a while, and the rebalance
+/// waits for this handler.
+pub fn own<O: Send + 'static>(
     io: &PartitionIo,
     session_timeout: Duration,
     mut acquire: impl FnMut() -> Result<Option<O>>,
@@ -218,7 +225,10 @@ pub fn own<O>(
                 phase(Phase::Serving);
                 backoff = Duration::from_millis(200);
                 match serve(&mut owned) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        let _ = std::thread::Builder::new().name("esk-let-go".into()).spawn(move || drop(owned));
+                        break;
+                    }
                     Err(e) => {
                         phase(Phase::Lost);
                         tracing::warn!(partition = p, "giving up the producer: {e:#}");

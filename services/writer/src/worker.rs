@@ -116,6 +116,7 @@ impl Run {
             c.transaction_timeout_ms,
             &self.shared.topics.commands(),
         )?;
+        let fenced_ms = started.elapsed().as_millis() as u64;
         if self.io.stopped() {
             return Ok(None);
         }
@@ -125,8 +126,15 @@ impl Run {
         };
         self.shared.status.lock().expect("status lock").partitions.entry(self.partition).or_default().streams =
             state.streams.len();
+        let restored_ms = started.elapsed().as_millis() as u64;
         self.io.rewind(Duration::from_millis(c.transaction_timeout_ms))?;
-        tracing::info!(partition = self.partition, ms = started.elapsed().as_millis() as u64, "partition taken over");
+        tracing::info!(
+            partition = self.partition,
+            ms = started.elapsed().as_millis() as u64,
+            fenced_ms,
+            restored_ms,
+            "partition taken over"
+        );
         Ok(Some(Owned { producer, state, next_offsets: HashMap::new() }))
     }
 
