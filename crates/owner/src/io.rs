@@ -184,8 +184,11 @@ pub fn fence(
     // connection does not count), and if none is up yet it looks again only
     // after 500 ms. Asking a partition leader for its watermarks opens such a
     // connection and waits for it.
-    producer.client().fetch_watermarks(probe_topic, 0, kafka.timeout).context("connecting the producer")?;
-    producer.init_transactions(kafka.timeout).context("init_transactions (fencing the previous owner)")?;
+    // Both calls are bounded by the transaction timeout: a handler told to stop
+    // meanwhile holds up the group's rebalance. A timed-out fencing is retried.
+    let timeout = Duration::from_millis(transaction_timeout_ms);
+    producer.client().fetch_watermarks(probe_topic, 0, timeout).context("connecting the producer")?;
+    producer.init_transactions(timeout).context("init_transactions (fencing the previous owner)")?;
     Ok(producer)
 }
 

@@ -1,6 +1,7 @@
 //! Transactions of an owned partition: their failures, their commit.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -56,16 +57,19 @@ pub fn classify(e: KafkaError) -> TxnError {
 ///
 /// A handler told to stop (a revoke: the rebalance waits for it) tries no more:
 /// the next owner's fencing settles the transaction either way.
+///
+/// `call` ends with `Err` only when it cannot tell (see [`watched`]): that
+/// gives up at once.
 pub fn retrying(
     what: &str,
     stop: &AtomicBool,
-    mut call: impl FnMut() -> Result<(), KafkaError>,
+    mut call: impl FnMut() -> Result<Result<(), KafkaError>, TxnError>,
 ) -> Result<(), TxnError> {
     for attempt in 1..=3 {
         if attempt > 1 && stop.load(Ordering::SeqCst) {
             return Err(TxnError::Fatal(anyhow!("{what}: outcome unknown, and the partition is being given up")));
         }
-        match call() {
+        match call()? {
             Ok(()) => return Ok(()),
             Err(KafkaError::Transaction(e)) if e.is_fatal() => return Err(TxnError::Fatal(anyhow!("{what}: {e}"))),
             Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
@@ -108,8 +112,86 @@ pub fn commit(
             tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1))
                 .map_err(|e| TxnError::Abortable(anyhow!(e)))?;
         }
-        let group = group.ok_or_else(|| TxnError::Abortable(anyhow!("no consumer group metadata")))?;
-        retrying("send_offsets_to_transaction", stop, || producer.send_offsets_to_transaction(&tpl, &group, timeout))?;
+        let group = Arc::new(group.ok_or_else(|| TxnError::Abortable(anyhow!("no consumer group metadata")))?);
+        let tpl = Arc::new(tpl);
+        retrying("send_offsets_to_transaction", stop, || {
+            let (producer, tpl, group) = (producer.clone(), tpl.clone(), group.clone());
+            watched("send_offsets_to_transaction", timeout, move || {
+                producer.send_offsets_to_transaction(&tpl, &group, timeout)
+            })
+        })?;
     }
-    retrying("commit_transaction", stop, || producer.commit_transaction(timeout))
+    retrying("commit_transaction", stop, || {
+        let producer = producer.clone();
+        watched("commit_transaction", timeout, move || producer.commit_transaction(timeout))
+    })
+}
+
+/// How long past its own timeout a transactional call may take before it is
+/// taken for stuck.
+const STUCK_AFTER: Duration = Duration::from_secs(5);
+
+/// Runs a transactional call that takes `timeout` on a helper thread, and
+/// gives the producer up (fatal) if the call has not returned soon after:
+/// librdkafka can block in `send_offsets_to_transaction` for good once the
+/// group coordinator died (librdkafka issues 5456 and 5511, seen here when a
+/// broker was killed). The partition is then fenced and acquired afresh; the
+/// stuck call ends with the old producer whenever librdkafka lets go, and the
+/// fencing makes whatever it does harmless.
+pub fn watched<T: Send + 'static>(
+    what: &str,
+    timeout: Duration,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, TxnError> {
+    within(what, timeout + STUCK_AFTER, call)
+}
+
+fn within<T: Send + 'static>(
+    what: &str,
+    limit: Duration,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, TxnError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("esk-txn-call".into())
+        .spawn(move || {
+            let _ = tx.send(call());
+        })
+        .map_err(|e| TxnError::Fatal(anyhow!("{what}: cannot start a thread: {e}")))?;
+    rx.recv_timeout(limit).map_err(|_| {
+        tracing::error!("{what} did not return within {limit:?}: giving the producer up");
+        TxnError::Fatal(anyhow!("{what} stuck in librdkafka past its timeout"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_that_returns_in_time_gives_its_result() {
+        assert_eq!(within("quick", Duration::from_secs(5), || 7).unwrap(), 7);
+    }
+
+    #[test]
+    fn a_stuck_call_is_fatal_once_its_limit_passes() {
+        let started = std::time::Instant::now();
+        let err =
+            within("stuck", Duration::from_millis(50), || std::thread::sleep(Duration::from_secs(2))).unwrap_err();
+        assert!(matches!(err, TxnError::Fatal(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn retrying_gives_up_at_once_when_a_call_cannot_tell() {
+        let stop = AtomicBool::new(false);
+        let mut calls = 0;
+        let err = retrying("x", &stop, || {
+            calls += 1;
+            Err(TxnError::Fatal(anyhow!("stuck")))
+        })
+        .unwrap_err();
+        assert!(matches!(err, TxnError::Fatal(_)));
+        assert_eq!(calls, 1);
+    }
 }

@@ -31,6 +31,7 @@ pub mod worker;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use esk_domain::Registry;
@@ -62,7 +63,7 @@ pub struct Shared {
     pub status: Mutex<http::Status>,
     /// For high watermarks: a consumer client (read_uncommitted) that refreshes
     /// its metadata by itself, unlike a transactional producer's.
-    pub watermarks: Mutex<rdkafka::consumer::BaseConsumer>,
+    pub watermarks: rdkafka::consumer::BaseConsumer,
     /// The hot standby: a follower of the whole state topic and what it holds.
     pub standby: Option<(esk_follower::Follower, Arc<Mutex<standby::Standby>>)>,
 }
@@ -78,13 +79,17 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     /// The high watermark of a partition.
+    ///
+    /// Partition handlers ask at once (no lock: a leader that died blocks only
+    /// the handlers of its partitions), each call bounded by the transaction
+    /// timeout so that a handler told to stop is never held longer.
     pub fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64> {
         use rdkafka::consumer::Consumer;
-        let c = self.watermarks.lock().expect("watermarks lock");
+        let timeout = Duration::from_millis(self.config.transaction_timeout_ms);
         // Refresh the topic's metadata first: a topic created a moment ago, or
         // whose leader just moved, is otherwise an "unknown partition" here.
-        c.fetch_metadata(Some(topic), self.config.kafka_timeout())?;
-        Ok(c.fetch_watermarks(topic, partition, self.config.kafka_timeout())?.1)
+        self.watermarks.fetch_metadata(Some(topic), timeout)?;
+        Ok(self.watermarks.fetch_watermarks(topic, partition, timeout)?.1)
     }
 
     pub fn batch_context(&self) -> batch::Context<'_> {
@@ -138,7 +143,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let vote_partitions = count(topics.tx_votes()).await?;
     count(topics.dlq("writer")).await?;
     let http = http::bind(&config.http_addr).await?;
-    let watermarks = Mutex::new(kafka.client().set("group.id", format!("{}-watermarks", config.group_id())).create()?);
+    let watermarks = kafka.client().set("group.id", format!("{}-watermarks", config.group_id())).create()?;
     let standby = if config.standby {
         let held = Arc::new(Mutex::new(standby::Standby::default()));
         let group = format!("{}-standby", config.group_id());
