@@ -151,25 +151,30 @@ async fn serving(http: &str) -> u64 {
 async fn takeover(kafka: &KafkaConfig, bin: &Path, prefix: &str, standby: bool) -> Result<Duration> {
     let flag = if standby { "true" } else { "false" };
     let env = [("ESK_WRITER_STANDBY", flag), ("ESK_WRITER_SESSION_TIMEOUT_MS", "6000")];
-    let (mut a, a_http) = spawn(bin, &kafka.bootstrap, prefix, "ESK_WRITER_HTTP", &env)?;
+    let (a, a_http) = spawn(bin, &kafka.bootstrap, prefix, "ESK_WRITER_HTTP", &env)?;
     while serving(&a_http).await != 1 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_b, b_http) = spawn(bin, &kafka.bootstrap, prefix, "ESK_WRITER_HTTP", &env)?;
+    let (b, b_http) = spawn(bin, &kafka.bootstrap, prefix, "ESK_WRITER_HTTP", &env)?;
     // Give the second writer time to join and (with standby) to follow everything.
     while get(&b_http, "/health").is_none() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(if standby { 15 } else { 5 })).await;
-    while serving(&a_http).await != 1 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The group gives the one partition to either writer: kill whichever owns it.
+    let mut owner = loop {
+        match (serving(&a_http).await, serving(&b_http).await) {
+            (1, 0) => break a,
+            (0, 1) => break b,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
     let client = Client::connect(kafka.clone(), Topics::new(prefix))?;
     let stream = "note-s7";
     assert_eq!(partition_for(stream.as_bytes(), 1), 0);
     let killed = Instant::now();
-    a.0.kill()?;
-    let _ = a.0.wait();
+    owner.0.kill()?;
+    let _ = owner.0.wait();
     client.append(stream, ExpectedVersion::Exact(3), note(0), None).await.context("the append after the takeover")?;
     Ok(killed.elapsed())
 }
