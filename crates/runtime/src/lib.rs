@@ -5,6 +5,7 @@
 //!   as JSON when `ESK_LOG_FORMAT=json`.
 //! - [`shutdown_on_signals`]: a [`CancellationToken`] cancelled by SIGINT or SIGTERM,
 //!   which every service's `run(config, shutdown)` takes.
+//! - [`service_main`]: the body of every service's `main`.
 //! - [`metrics`]: the process's Prometheus recorder, installed once, rendered at
 //!   `/metrics` by every service.
 
@@ -23,6 +24,26 @@ pub fn init_tracing(default_filter: &str) {
     } else {
         builder.try_init()
     };
+}
+
+/// The body of every service's `main`: tracing, a panic ends the process,
+/// `run` with a token that SIGINT or SIGTERM cancels; its error is logged and
+/// printed, and the exit code says whether it stopped cleanly.
+pub async fn service_main<E, F>(name: &str, run: impl FnOnce(CancellationToken) -> F) -> std::process::ExitCode
+where
+    E: std::fmt::Display,
+    F: Future<Output = Result<(), E>>,
+{
+    init_tracing("info");
+    exit_on_panic();
+    match run(shutdown_on_signals()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{name} stopped: {e:#}");
+            eprintln!("esk-{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// A token cancelled when the process gets SIGINT or SIGTERM.

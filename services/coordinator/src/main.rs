@@ -4,16 +4,6 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    esk_runtime::init_tracing("info");
-    esk_runtime::exit_on_panic();
     let config = esk_coordinator::Config::parse();
-    let shutdown = esk_runtime::shutdown_on_signals();
-    match esk_coordinator::run(config, shutdown).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("coordinator stopped: {e:#}");
-            eprintln!("esk-coordinator: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    esk_runtime::service_main("coordinator", |shutdown| esk_coordinator::run(config, shutdown)).await
 }

@@ -36,6 +36,15 @@ async fn coordinating(c: &Service, partitions: u64) {
     .await;
 }
 
+/// A writer and a coordinator without faults, serving every partition.
+async fn writer_and_coordinator(env: &TestEnv, partitions: u64) -> (Service, Service) {
+    let w = writer(env, None);
+    let c = coordinator(env, None);
+    wait_serving(&[&w], partitions, Duration::from_secs(60)).await;
+    coordinating(&c, partitions).await;
+    (w, c)
+}
+
 fn cmd(ty: &str, data: Value) -> CommandData {
     CommandData { command_type: ty.into(), data }
 }
@@ -181,10 +190,7 @@ fn chaos(
 async fn the_bank_test_conserves_money_under_chaos() {
     let env = TestEnv::new();
     env.init_topics(3);
-    let w = writer(&env, None);
-    let c = coordinator(&env, None);
-    wait_serving(&[&w], 3, Duration::from_secs(60)).await;
-    coordinating(&c, 3).await;
+    let (w, c) = writer_and_coordinator(&env, 3).await;
     let data = tempfile::tempdir().unwrap();
     let p = Service::start(&env, "projector", &[("ESK_DATA_DIR", data.path().to_str().unwrap())]);
     let client = Arc::new(env.client(Duration::from_secs(10), false));
@@ -356,10 +362,7 @@ async fn participant_writer_killed_after_voting_yes() {
 async fn paying_and_reserving_stock_commit_together_under_chaos() {
     let env = TestEnv::new();
     env.init_topics(3);
-    let w = writer(&env, None);
-    let c = coordinator(&env, None);
-    wait_serving(&[&w], 3, Duration::from_secs(60)).await;
-    coordinating(&c, 3).await;
+    let (w, c) = writer_and_coordinator(&env, 3).await;
     let client = Arc::new(env.client(Duration::from_secs(10), false));
     open(&client, "account-buyer", 10_000).await;
     client
