@@ -197,6 +197,11 @@ pub fn run_group(spec: GroupSpec, handler: Arc<dyn Handler>, shutdown: &Cancella
             // wakes it often enough for the interval above to hold (the
             // statistics themselves are dropped, see `GroupContext`).
             .set("statistics.interval.ms", "100")
+            // One fetch is in flight per broker: a partition assigned while a
+            // long poll waits is first fetched when that poll returns, so the
+            // poll is kept short (librdkafka's 500 ms default added up to half
+            // a second to every takeover).
+            .set("fetch.wait.max.ms", "50")
             .create_with_context(GroupContext {
                 spec: spec.clone(),
                 handler,
