@@ -9,6 +9,7 @@ use esk_kafka::KafkaConfig;
 use esk_kafka::record::headers_of;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{Consumer, ConsumerGroupMetadata};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -183,14 +184,33 @@ pub fn fence(
     // coordinator through a broker it learned from metadata (the bootstrap
     // connection does not count), and if none is up yet it looks again only
     // after 500 ms. Asking a partition leader for its watermarks opens such a
-    // connection and waits for it.
-    // Both calls are bounded by the transaction timeout: a handler told to stop
+    // connection and waits for it. The metadata request comes before: asked
+    // for watermarks before the bootstrap connection is up, librdkafka looks
+    // for the leader again only after 200, 500 or 700 ms (1 in 60 fencings).
+    // All calls are bounded by the transaction timeout: a handler told to stop
     // meanwhile holds up the group's rebalance. A timed-out fencing is retried.
     let timeout = Duration::from_millis(transaction_timeout_ms);
+    let deadline = Instant::now() + timeout;
+    producer.client().fetch_metadata(Some(probe_topic), timeout).context("connecting the producer")?;
     producer.client().fetch_watermarks(probe_topic, 0, timeout).context("connecting the producer")?;
-    producer.init_transactions(timeout).context("init_transactions (fencing the previous owner)")?;
-    Ok(producer)
+    // A previous owner that died in a transaction has it aborted by the
+    // broker, which meanwhile refuses the new producer id
+    // (CONCURRENT_TRANSACTIONS); librdkafka asks again only after 500 ms, but
+    // at once when init_transactions is called again. So it is called in
+    // short slices: a timed-out slice resumes the same initialisation.
+    loop {
+        let slice = INIT_SLICE.min(deadline.saturating_duration_since(Instant::now()));
+        match producer.init_transactions(slice) {
+            Ok(()) => return Ok(producer),
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && Instant::now() < deadline => {}
+            Err(e) => return Err(e).context("init_transactions (fencing the previous owner)"),
+        }
+    }
 }
+
+/// How long one init_transactions call waits before asking for a producer id
+/// again (see [`fence`]).
+const INIT_SLICE: Duration = Duration::from_millis(25);
 
 /// Where an owned partition's loop is, for status and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
