@@ -268,7 +268,10 @@ impl<S: Sink> Loop<S> {
         }
         while !self.stop.load(Ordering::SeqCst) {
             let mut batch = Vec::new();
-            let mut wait = Duration::from_millis(100);
+            // Short: a poll that serves only a transaction marker returns
+            // nothing but waits out its timeout, and the idle position (what
+            // a standby's takeover trusts) is taken after it.
+            let mut wait = Duration::from_millis(20);
             while batch.len() < 2000 {
                 match self.consumer.poll(wait) {
                     Some(Ok(m)) => {

@@ -31,6 +31,9 @@ pub fn read_partition(
         .set("fetch.max.bytes", "52428800")
         .set("fetch.wait.max.ms", "20")
         .create()?;
+    // Metadata first: a new client asked for watermarks at once looks for the
+    // leader again only after 100 ms or more (see `io::fence`).
+    consumer.fetch_metadata(Some(topic), kafka.timeout)?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, kafka.timeout)?;
     if high <= low.max(from) {
         return Ok(true);
@@ -44,7 +47,9 @@ pub fn read_partition(
         if stop.load(Ordering::SeqCst) {
             return Ok(false);
         }
-        match consumer.poll(Duration::from_millis(200)) {
+        // Short polls: a poll that serves only a transaction marker returns
+        // nothing but waits out its timeout, and the end is often a marker.
+        match consumer.poll(Duration::from_millis(20)) {
             Some(Ok(m)) => each(m.key(), m.payload()),
             Some(Err(e)) => tracing::warn!(topic, partition, "restore: {e}"),
             None => {}

@@ -867,7 +867,9 @@ fn read_all(config: &RunnerConfig, topic: &str) -> Result<Vec<Rec>, String> {
         if Instant::now() > deadline {
             return Err(format!("reading {topic} did not reach its end"));
         }
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+        // Short polls: the end is often a transaction marker, which a poll
+        // serves without returning, waiting out its timeout.
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
             out.push(Rec::of(&m));
         }
     }

@@ -84,7 +84,9 @@ fn read_parked(g: &Global, consumer: &str) -> Result<(String, Vec<Parked>), Fail
         if std::time::Instant::now() > deadline {
             return Err(Failure::unavailable(format!("reading {topic} did not reach its end")));
         }
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+        // Short polls: a transaction marker at the end is served without a
+        // record, and the poll would wait out its timeout.
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
             out.push(Parked {
                 partition: m.partition(),
                 offset: m.offset(),
