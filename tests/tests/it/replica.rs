@@ -251,10 +251,15 @@ async fn a_standby_writer_serves_a_taken_partition_within_the_session_timeout_pl
     // A frozen old writer must write nothing after the takeover.
     a.signal("STOP");
     let frozen_at = Instant::now();
+    let frozen_utc = chrono::Utc::now();
     append(20).await.expect("the standby serves the partition");
     let took = frozen_at.elapsed();
-    println!("frozen owner -> next append served by the standby: {took:?} (session timeout 6 s)");
-    assert!(took < Duration::from_millis(7000), "{took:?}");
+    println!("frozen owner at {frozen_utc} -> next append served by the standby: {took:?} (session timeout 6 s)");
+    assert!(
+        took < Duration::from_millis(7000),
+        "{took:?}, frozen at {frozen_utc}; the standby's log:\n{}",
+        b.log_tail()
+    );
     for v in 21..30 {
         append(v).await.unwrap();
     }
