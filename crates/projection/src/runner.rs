@@ -154,6 +154,8 @@ struct Published {
     /// The consumer's positions when it last found nothing new: past the
     /// transaction markers that follow the last applied event.
     fetched: Mutex<Positions>,
+    /// Why the live loop gave up for good (it stopped).
+    failure: Mutex<Option<String>>,
 }
 
 /// A running projection: positions to wait on, status, control.
@@ -221,6 +223,12 @@ impl RunnerHandle {
 
     pub fn status(&self) -> RunnerStatus {
         self.published.status.lock().expect("status lock").clone()
+    }
+
+    /// Why the projection stopped for good, if it did (the service should
+    /// exit: its model no longer follows the log).
+    pub fn failure(&self) -> Option<String> {
+        self.published.failure.lock().expect("failure lock").clone()
     }
 
     /// Checkpoints against high watermarks, per partition of the projection's topics.
@@ -342,6 +350,7 @@ where
             ..RunnerStatus::default()
         }),
         fetched: Mutex::new(Positions::new()),
+        failure: Mutex::new(None),
     });
     let topics: Vec<String> = projection.categories().iter().map(|c| config.topics.events(c)).collect();
     let watermarks: BaseConsumer = config
@@ -463,6 +472,11 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
             .kafka
             .client()
             .set("group.id", &self.config.group_id)
+            // The group is this instance's alone (ADR 5). As a static member
+            // a restarted instance takes its place at once; otherwise its
+            // join waited for the killed one's session to expire (45 s), and
+            // the partitions were first split with that ghost.
+            .set("group.instance.id", &self.config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
@@ -537,6 +551,18 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
             }
             let batch = poll_batch(&consumer, self.config.max_batch, Duration::from_millis(100));
             if batch.is_empty() {
+                // A fatal consumer error ends the loop: for a static member
+                // it means another process joined with this instance's id.
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    let why = format!(
+                        "the consumer of group {} failed for good ({code:?}: {reason}); another projector with the \
+                         same instance id took its place",
+                        self.config.group_id
+                    );
+                    tracing::error!(projection = name, "{why}");
+                    *self.published.failure.lock().expect("failure lock") = Some(why);
+                    break;
+                }
                 if let Ok(tpl) = consumer.position() {
                     let mut fetched = self.published.fetched.lock().expect("fetched lock");
                     for e in tpl.elements() {

@@ -100,8 +100,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         topics,
         accounts: Model { name: name.into(), categories: vec!["account".into()], runner, readers },
     });
+    // A projection that stopped for good (fenced by another instance with
+    // this id) ends the service: serving a model that no longer follows the
+    // log would answer tokens wrongly or never.
+    let failed = {
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                }
+                if let Some(why) = app.accounts.runner.failure() {
+                    shutdown.cancel();
+                    return Some(why);
+                }
+            }
+        })
+    };
     http::serve(listener, app.clone(), shutdown).await?;
+    let failure = failed.await?;
     let app = Arc::into_inner(app).context("HTTP handlers still hold the app")?;
     tokio::task::spawn_blocking(move || app.accounts.runner.stop()).await?;
-    Ok(())
+    match failure {
+        Some(why) => anyhow::bail!("projection {name} stopped: {why}"),
+        None => Ok(()),
+    }
 }

@@ -211,6 +211,74 @@ async fn a_query_with_a_token_always_sees_the_write() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_projector_killed_and_restarted_serves_again_without_waiting_for_its_old_session() {
+    let (env, _w) = platform(3).await;
+    let data = tempfile::tempdir().unwrap();
+    let p = projector(&env, data.path(), "0", &[]);
+    let client = env.client(Duration::from_secs(30), false);
+    let mut last = None;
+    for i in 0..3 {
+        let a = client
+            .command(
+                &format!("account-k{i}"),
+                ExpectedVersion::NoStream,
+                cmd("OpenAccount", json!({"owner": "k"})),
+                None,
+            )
+            .await
+            .unwrap();
+        last = Some(a);
+    }
+    let (code, body) = p.get(&format!("/accounts/k2?after={}", last.unwrap().position)).unwrap();
+    assert_eq!(code, 200, "{body}");
+    // Twice, as in a crash loop: each killed instance leaves a member behind
+    // in the group, whose session (45 s by default) has not expired.
+    p.kill();
+    let p = projector(&env, data.path(), "0", &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.kill();
+    let restarted = Instant::now();
+    let p = projector(&env, data.path(), "0", &[]);
+    for i in 0..3 {
+        let a = client
+            .command(&format!("account-k{i}"), ExpectedVersion::Any, cmd("Deposit", json!({"amount": 5})), None)
+            .await
+            .unwrap();
+        let (code, body) = p.get(&format!("/accounts/k{i}?after={}&timeout_ms=20000", a.position)).unwrap();
+        assert_eq!(code, 200, "account-k{i}, {:?} after the restart: {body}\n{}", restarted.elapsed(), p.log_tail());
+        let doc: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["balance"], 5, "{doc}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn of_two_projectors_started_with_one_instance_id_the_older_stops_with_a_clear_error() {
+    let (env, _w) = platform(2).await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut first = projector(&env, d1.path(), "7", &[]);
+    let client = env.client(Duration::from_secs(30), false);
+    let a = client
+        .command("account-twin", ExpectedVersion::NoStream, cmd("OpenAccount", json!({"owner": "t"})), None)
+        .await
+        .unwrap();
+    assert_eq!(first.get(&format!("/accounts/twin?after={}", a.position)).unwrap().0, 200);
+    // The same id by mistake: each would get part of the partitions, and
+    // both models would silently miss events.
+    let second = projector(&env, d2.path(), "7", &[]);
+    let started = Instant::now();
+    while first.running() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the older one still runs: {}", first.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(first.log_tail().contains("another projector with the same instance id"), "{}", first.log_tail());
+    let a =
+        client.command("account-twin", ExpectedVersion::Any, cmd("Deposit", json!({"amount": 3})), None).await.unwrap();
+    let (code, body) = second.get(&format!("/accounts/twin?after={}&timeout_ms=20000", a.position)).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["balance"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn poison_events_are_parked_counted_and_replayed_once_after_a_fix() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let (env, _w) = platform(2).await;
