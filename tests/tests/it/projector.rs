@@ -37,6 +37,11 @@ fn cmd(ty: &str, data: Value) -> CommandData {
     CommandData { command_type: ty.into(), data }
 }
 
+/// Opens the account `stream` (it must not exist yet).
+async fn open(client: &esk_client::Client, stream: &str) -> esk_wire::protocol::Appended {
+    client.command(stream, ExpectedVersion::NoStream, cmd("OpenAccount", json!({"owner": "o"})), None).await.unwrap()
+}
+
 /// The accounts as a fold of the log: id -> (balance, available, version).
 fn fold(env: &TestEnv) -> BTreeMap<String, (i64, i64, u64)> {
     let mut states: BTreeMap<String, (State, u64)> = BTreeMap::new();
@@ -97,15 +102,7 @@ async fn sigkill_at_random_under_load_leaves_every_balance_equal_to_the_fold() {
     let client = Arc::new(env.client(Duration::from_secs(30), true));
     let accounts = 100;
     for i in 0..accounts {
-        client
-            .command(
-                &format!("account-{i}"),
-                ExpectedVersion::NoStream,
-                cmd("OpenAccount", json!({"owner": "o"})),
-                None,
-            )
-            .await
-            .unwrap();
+        open(&client, &format!("account-{i}")).await;
     }
     let done = Arc::new(AtomicBool::new(false));
     let load = {
@@ -178,15 +175,7 @@ async fn a_query_with_a_token_always_sees_the_write() {
     let p = projector(&env, data.path(), "0", &[]);
     let client = env.client(Duration::from_secs(30), false);
     for i in 0..3 {
-        client
-            .command(
-                &format!("account-r{i}"),
-                ExpectedVersion::NoStream,
-                cmd("OpenAccount", json!({"owner": "r"})),
-                None,
-            )
-            .await
-            .unwrap();
+        open(&client, &format!("account-r{i}")).await;
     }
     let mut balances = [0i64; 3];
     for round in 0..1000usize {
@@ -218,16 +207,7 @@ async fn a_projector_killed_and_restarted_serves_again_without_waiting_for_its_o
     let client = env.client(Duration::from_secs(30), false);
     let mut last = None;
     for i in 0..3 {
-        let a = client
-            .command(
-                &format!("account-k{i}"),
-                ExpectedVersion::NoStream,
-                cmd("OpenAccount", json!({"owner": "k"})),
-                None,
-            )
-            .await
-            .unwrap();
-        last = Some(a);
+        last = Some(open(&client, &format!("account-k{i}")).await);
     }
     let (code, body) = p.get(&format!("/accounts/k2?after={}", last.unwrap().position)).unwrap();
     assert_eq!(code, 200, "{body}");
@@ -257,10 +237,7 @@ async fn of_two_projectors_started_with_one_instance_id_the_older_stops_with_a_c
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut first = projector(&env, d1.path(), "7", &[]);
     let client = env.client(Duration::from_secs(30), false);
-    let a = client
-        .command("account-twin", ExpectedVersion::NoStream, cmd("OpenAccount", json!({"owner": "t"})), None)
-        .await
-        .unwrap();
+    let a = open(&client, "account-twin").await;
     assert_eq!(first.get(&format!("/accounts/twin?after={}", a.position)).unwrap().0, 200);
     // The same id by mistake: each would get part of the partitions, and
     // both models would silently miss events.
