@@ -1,8 +1,10 @@
 //! Client settings every esk producer, consumer and admin client shares.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
+use rdkafka::client::{Client, ClientContext};
+use rdkafka::error::KafkaResult;
 
 use crate::error::Error;
 
@@ -49,6 +51,23 @@ impl KafkaConfig {
     pub fn unavailable(&self, reason: impl std::fmt::Display) -> Error {
         Error::Unavailable { bootstrap: self.bootstrap.clone(), reason: reason.to_string() }
     }
+}
+
+/// A partition's (low, high) watermarks, the topic's metadata fetched first,
+/// both within `timeout`. The metadata request waits for a connection without
+/// polling, and refreshes a topic created or moved a moment ago; asked for
+/// watermarks at once, a new client that is not connected yet looks for the
+/// leader again only after 100 to 700 ms, and a long-lived one may call the
+/// partition unknown.
+pub fn watermarks<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> KafkaResult<(i64, i64)> {
+    let deadline = Instant::now() + timeout;
+    client.fetch_metadata(Some(topic), timeout)?;
+    client.fetch_watermarks(topic, partition, deadline.saturating_duration_since(Instant::now()))
 }
 
 /// `host:port[,host:port...]` with a port from 1 to 65535.

@@ -14,5 +14,5 @@ pub mod config;
 pub mod error;
 pub mod record;
 
-pub use config::KafkaConfig;
+pub use config::{KafkaConfig, watermarks};
 pub use error::Error;

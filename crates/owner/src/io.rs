@@ -184,15 +184,12 @@ pub fn fence(
     // coordinator through a broker it learned from metadata (the bootstrap
     // connection does not count), and if none is up yet it looks again only
     // after 500 ms. Asking a partition leader for its watermarks opens such a
-    // connection and waits for it. The metadata request comes before: asked
-    // for watermarks before the bootstrap connection is up, librdkafka looks
-    // for the leader again only after 200, 500 or 700 ms (1 in 60 fencings).
-    // All calls are bounded by the transaction timeout: a handler told to stop
+    // connection and waits for it (metadata first: see `esk_kafka::watermarks`).
+    // All of it is bounded by the transaction timeout: a handler told to stop
     // meanwhile holds up the group's rebalance. A timed-out fencing is retried.
     let timeout = Duration::from_millis(transaction_timeout_ms);
     let deadline = Instant::now() + timeout;
-    producer.client().fetch_metadata(Some(probe_topic), timeout).context("connecting the producer")?;
-    producer.client().fetch_watermarks(probe_topic, 0, timeout).context("connecting the producer")?;
+    esk_kafka::watermarks(producer.client(), probe_topic, 0, timeout).context("connecting the producer")?;
     // A previous owner that died in a transaction has it aborted by the
     // broker, which meanwhile refuses the new producer id
     // (CONCURRENT_TRANSACTIONS); librdkafka asks again only after 500 ms, but

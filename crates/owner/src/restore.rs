@@ -31,10 +31,7 @@ pub fn read_partition(
         .set("fetch.max.bytes", "52428800")
         .set("fetch.wait.max.ms", "20")
         .create()?;
-    // Metadata first: a new client asked for watermarks at once looks for the
-    // leader again only after 100 ms or more (see `io::fence`).
-    consumer.fetch_metadata(Some(topic), kafka.timeout)?;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, kafka.timeout)?;
+    let (low, high) = esk_kafka::watermarks(consumer.client(), topic, partition, kafka.timeout)?;
     if high <= low.max(from) {
         return Ok(true);
     }

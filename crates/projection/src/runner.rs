@@ -155,7 +155,7 @@ struct Published {
     /// transaction markers that follow the last applied event.
     fetched: Mutex<Positions>,
     /// Why the live loop gave up for good (it stopped).
-    failure: Mutex<Option<String>>,
+    failure: watch::Sender<Option<String>>,
 }
 
 /// A running projection: positions to wait on, status, control.
@@ -225,10 +225,16 @@ impl RunnerHandle {
         self.published.status.lock().expect("status lock").clone()
     }
 
-    /// Why the projection stopped for good, if it did (the service should
-    /// exit: its model no longer follows the log).
-    pub fn failure(&self) -> Option<String> {
-        self.published.failure.lock().expect("failure lock").clone()
+    /// Resolves, with the reason, once the projection has stopped for good
+    /// (the service should exit: its model no longer follows the log).
+    pub async fn failed(&self) -> String {
+        let mut rx = self.published.failure.subscribe();
+        let why = rx.wait_for(Option::is_some).await.ok().and_then(|why| why.clone());
+        match why {
+            Some(why) => why,
+            // The sender lives as long as `self`: not reached.
+            None => std::future::pending().await,
+        }
     }
 
     /// Checkpoints against high watermarks, per partition of the projection's topics.
@@ -350,7 +356,7 @@ where
             ..RunnerStatus::default()
         }),
         fetched: Mutex::new(Positions::new()),
-        failure: Mutex::new(None),
+        failure: watch::Sender::new(None),
     });
     let topics: Vec<String> = projection.categories().iter().map(|c| config.topics.events(c)).collect();
     let watermarks: BaseConsumer = config
@@ -560,7 +566,7 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                         self.config.group_id
                     );
                     tracing::error!(projection = name, "{why}");
-                    *self.published.failure.lock().expect("failure lock") = Some(why);
+                    self.published.failure.send_replace(Some(why));
                     break;
                 }
                 if let Ok(tpl) = consumer.position() {

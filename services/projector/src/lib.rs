@@ -106,14 +106,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let failed = {
         let (app, shutdown) = (app.clone(), shutdown.clone());
         tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
-                }
-                if let Some(why) = app.accounts.runner.failure() {
+            tokio::select! {
+                () = shutdown.cancelled() => None,
+                why = app.accounts.runner.failed() => {
                     shutdown.cancel();
-                    return Some(why);
+                    Some(why)
                 }
             }
         })

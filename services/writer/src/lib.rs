@@ -86,10 +86,7 @@ impl Shared {
     pub fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64> {
         use rdkafka::consumer::Consumer;
         let timeout = Duration::from_millis(self.config.transaction_timeout_ms);
-        // Refresh the topic's metadata first: a topic created a moment ago, or
-        // whose leader just moved, is otherwise an "unknown partition" here.
-        self.watermarks.fetch_metadata(Some(topic), timeout)?;
-        Ok(self.watermarks.fetch_watermarks(topic, partition, timeout)?.1)
+        Ok(esk_kafka::watermarks(self.watermarks.client(), topic, partition, timeout)?.1)
     }
 
     pub fn batch_context(&self) -> batch::Context<'_> {
