@@ -48,7 +48,7 @@ else
   bootstrap=127.0.0.1:$port
 fi
 prefix=bench$(date +%s)
-export KAFKA_BOOTSTRAP_SERVERS=$bootstrap ESK_TOPIC_PREFIX=$prefix
+export KAFKA_BOOTSTRAP_SERVERS=$bootstrap ESK_TOPIC_PREFIX=$prefix ESK_DATA_DIR=$home/data
 
 "$bin/esk" topics init --partitions "$partitions" >/dev/null
 writer_http=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -572,8 +572,12 @@ impl Service {
         let log = logs.join(format!("{}-{name}-{port}.log", env.prefix));
         let file = std::fs::File::create(&log).expect("a log file");
         let mut cmd = Command::new(bin(&format!("esk-{name}")));
+        // Local stores under target/, one folder per test (services take
+        // instances of their own below it); a test may give its own.
+        let data = repo_root().join("target/test-data").join(&env.prefix);
         cmd.env("KAFKA_BOOTSTRAP_SERVERS", &env.bootstrap)
             .env("ESK_TOPIC_PREFIX", &env.prefix)
+            .env("ESK_DATA_DIR", &data)
             .env(format!("ESK_{}_HTTP", name.to_uppercase()), &http)
             .env("RUST_LOG", std::env::var("ESK_TEST_RUST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into()))
             .stdout(Stdio::null())

@@ -11,8 +11,12 @@
 //! Delivery guarantee: a request is sent with an idempotent, `acks=all`
 //! producer; a success reply means the events are durable. On a timeout the
 //! request may or may not have been applied: retry with the same request id (or
-//! the same event ids at the same expected version) and the writer answers with
-//! the first result without writing twice.
+//! the same event ids at the same expected version) within the idempotency
+//! horizon and the writer answers with the first result without writing
+//! twice. Every send carries an attempt id that its reply echoes, so a client
+//! never takes the answer to an earlier attempt for the answer to this one.
+//! A request over the limits (`esk_wire::limits`, from the broker's
+//! `max.message.bytes`) is refused before anything is sent.
 
 pub mod http;
 mod read;
@@ -24,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use esk_kafka::KafkaConfig;
+use esk_wire::limits::{self, Limits};
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{
     Appended, CommandData, ErrorCode, ExpectedVersion, NewEvent, Reply, ReplyOutcome, Request, RequestBody, StreamHead,
@@ -54,6 +59,10 @@ pub enum ClientError {
     /// The writer failed in a way that is not the caller's fault.
     #[error("{0}")]
     Internal(String),
+    /// The request is older than the idempotency horizon and not remembered:
+    /// it may have been applied; nothing was written now.
+    #[error("{0}")]
+    Expired(String),
 }
 
 impl From<esk_kafka::Error> for ClientError {
@@ -72,9 +81,7 @@ impl From<rdkafka::error::KafkaError> for ClientError {
     }
 }
 
-/// Kafka's default `max.message.bytes` less room for headers and framing.
-pub const MAX_REQUEST_BYTES: usize = 1_000_000;
-
+/// Waiting sends, by attempt id.
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
 
 /// A connection to an esk installation.
@@ -85,6 +92,7 @@ pub struct Client {
     partitions: i32,
     tx_partitions: i32,
     reply_partition: i32,
+    limits: Limits,
     pending: Pending,
     stop: Arc<AtomicBool>,
     reader: Option<std::thread::JoinHandle<()>>,
@@ -142,6 +150,10 @@ impl Client {
         let partitions = partition_count(&consumer, &topics.commands(), timeout, &config.bootstrap)?;
         let reply_partitions = partition_count(&consumer, &replies, timeout, &config.bootstrap)?;
         let tx_partitions = partition_count(&consumer, &topics.tx_requests(), timeout, &config.bootstrap)?;
+        let limits = Limits::for_broker(
+            esk_kafka::admin::max_message_bytes_blocking(&config, &topics.commands())?
+                .min(esk_kafka::admin::max_message_bytes_blocking(&config, &topics.tx_requests())?),
+        );
         let reply_partition = (uuid::Uuid::new_v4().as_u128() % reply_partitions as u128) as i32;
         // Read from the current end: any reply to a request sent after this lands later.
         let (_, high) = consumer
@@ -186,10 +198,28 @@ impl Client {
             partitions,
             tx_partitions,
             reply_partition,
+            limits,
             pending,
             stop,
             reader: Some(reader),
         })
+    }
+
+    /// The limits of this installation, from its topics' `max.message.bytes`.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Refuses a payload over the limit before it is sent.
+    fn check_size(&self, what: &str, payload: &[u8]) -> Result<(), ClientError> {
+        let max = self.limits.request_bytes();
+        if payload.len() > max {
+            return Err(ClientError::Invalid(format!(
+                "the {what} is {} bytes; the limit is {max} (the broker's max.message.bytes less room for headers)",
+                payload.len()
+            )));
+        }
+        Ok(())
     }
 
     pub fn topics(&self) -> &Topics {
@@ -224,24 +254,27 @@ impl Client {
         request_id: Option<String>,
     ) -> Result<Submitted<'_>, ClientError> {
         let stream = StreamName::parse(stream).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let request_id = request_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        limits::check_request_id(&request_id).map_err(ClientError::Invalid)?;
+        // The first attempt's time: a UUIDv7 id carries it, else it is now
+        // (see `Request::sent_ms`).
+        let sent_ms = limits::uuid_v7_ms(&request_id).is_none().then(now_ms);
+        let attempt = uuid::Uuid::new_v4().simple().to_string();
         let request = Request {
-            request_id: request_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            request_id,
             reply_partition: self.reply_partition,
             stream: stream.to_string(),
             body,
             correlation_id: None,
             causation_id: None,
+            attempt: Some(attempt.clone()),
+            sent_ms,
         };
         let id = request.request_id.clone();
-        let payload = serde_json::to_vec(&request).expect("requests serialize");
-        if payload.len() > MAX_REQUEST_BYTES {
-            return Err(ClientError::Invalid(format!(
-                "the request is {} bytes; a request (all its events) may be at most {MAX_REQUEST_BYTES}",
-                payload.len()
-            )));
-        }
+        let payload = serde_json::to_vec(&request).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        self.check_size("request (all its events)", &payload)?;
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending lock").insert(id.clone(), tx);
+        self.pending.lock().expect("pending lock").insert(attempt.clone(), tx);
 
         let topic = self.topics.commands();
         let record = FutureRecord::to(&topic)
@@ -249,10 +282,10 @@ impl Client {
             .key(stream.as_str())
             .payload(&payload);
         match self.producer.send_result(record) {
-            Ok(delivery) => Ok(Submitted { client: self, id, delivery, rx }),
+            Ok(delivery) => Ok(Submitted { client: self, id, attempt, delivery, rx }),
             Err((e, _)) => {
-                self.pending.lock().expect("pending lock").remove(&id);
-                Err(ClientError::Unavailable(format!("sending to {topic}: {e}")))
+                self.pending.lock().expect("pending lock").remove(&attempt);
+                Err(send_error(&topic, e))
             }
         }
     }
@@ -294,6 +327,7 @@ impl Client {
 pub struct Submitted<'c> {
     client: &'c Client,
     id: String,
+    attempt: String,
     delivery: rdkafka::producer::DeliveryFuture,
     rx: oneshot::Receiver<Reply>,
 }
@@ -311,16 +345,18 @@ impl Submitted<'_> {
 
     /// Waits for the request to be stored and answered, up to the client's timeout.
     pub async fn reply(self) -> Result<Reply, ClientError> {
-        let Submitted { client, id, delivery, rx } = self;
+        let Submitted { client, id, attempt, delivery, rx } = self;
         let timeout = client.config.timeout;
         let outcome = async {
             match tokio::time::timeout(timeout, delivery).await {
                 Ok(Ok(Ok(_))) => tracing::debug!(request = id, "request stored"),
                 Ok(Ok(Err((e, _)))) => {
-                    return Err(ClientError::Unavailable(format!(
-                        "sending request {id} to Kafka at {}: {e}",
-                        client.config.bootstrap
-                    )));
+                    return Err(match send_error(&client.topics.commands(), e) {
+                        ClientError::Unavailable(m) => {
+                            ClientError::Unavailable(format!("request {id}, Kafka at {}: {m}", client.config.bootstrap))
+                        }
+                        other => other,
+                    });
                 }
                 Ok(Err(_)) | Err(_) => {
                     return Err(ClientError::Unavailable(format!(
@@ -340,9 +376,23 @@ impl Submitted<'_> {
                 .map_err(|_| ClientError::Internal("the reply reader stopped".into()))
         }
         .await;
-        client.pending.lock().expect("pending lock").remove(&id);
+        client.pending.lock().expect("pending lock").remove(&attempt);
         tracing::debug!(request = id, "reply received");
         outcome
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A failed send: a record the broker refuses for its size or form is the
+/// caller's input (nothing was written), anything else is unavailability.
+pub(crate) fn send_error(topic: &str, e: rdkafka::error::KafkaError) -> ClientError {
+    if esk_kafka::refuses_the_record(&e) {
+        ClientError::Invalid(format!("{topic} refused the request: {e} (nothing was written)"))
+    } else {
+        ClientError::Unavailable(format!("sending to {topic}: {e}"))
     }
 }
 
@@ -362,6 +412,8 @@ pub fn outcome_error(outcome: ReplyOutcome) -> ClientError {
             ErrorCode::InvalidInput => ClientError::Invalid(e.message),
             ErrorCode::DomainRefused => ClientError::Refused(e.message),
             ErrorCode::Internal => ClientError::Internal(e.message),
+            ErrorCode::RequestExpired => ClientError::Expired(e.message),
+            ErrorCode::Unavailable => ClientError::Unavailable(e.message),
         },
         other => ClientError::Internal(format!("unexpected reply: {other:?}")),
     }
@@ -374,7 +426,10 @@ fn read_replies(consumer: &BaseConsumer, pending: &Pending, stop: &AtomicBool) {
                 let Some(reply) = m.payload().and_then(|p| serde_json::from_slice::<Reply>(p).ok()) else {
                     continue;
                 };
-                if let Some(tx) = pending.lock().expect("pending lock").remove(&reply.request_id) {
+                // A reply names its attempt; one from a service that does not
+                // is matched by request id.
+                let key = reply.attempt.clone().unwrap_or_else(|| reply.request_id.clone());
+                if let Some(tx) = pending.lock().expect("pending lock").remove(&key) {
                     let _ = tx.send(reply);
                 }
             }

@@ -6,15 +6,13 @@ use std::time::Duration;
 
 use esk_domain::{EventData, Registry};
 use esk_wire::StreamName;
+use esk_wire::limits::{self, MAX_PARTICIPANTS, MAX_TX_COMMAND_BYTES, MAX_TXID_BYTES};
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{Participant, Reply, ReplyOutcome, TxRequest, TxStatus};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::oneshot;
 
 use crate::{Client, ClientError, outcome_error};
-
-/// Most participants in one transaction.
-pub const MAX_PARTICIPANTS: usize = 64;
 /// The votes deadline a transaction may ask for.
 pub const TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 100..=300_000;
 
@@ -27,10 +25,13 @@ pub fn validate(
     aggregates: &Registry,
 ) -> Result<(), String> {
     if txid.is_empty()
-        || txid.len() > 100
+        || txid.len() > MAX_TXID_BYTES
         || !txid.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
     {
-        return Err(format!("txid '{txid}' must be 1 to 100 letters, digits, '-', '_', '.' or ':'"));
+        return Err(format!(
+            "txid '{}' must be 1 to {MAX_TXID_BYTES} letters, digits, '-', '_', '.' or ':'",
+            limits::shorten(txid, 120)
+        ));
     }
     if participants.is_empty() {
         return Err("a transaction needs at least one participant".into());
@@ -59,6 +60,13 @@ pub fn validate(
                 aggregates.categories().collect::<Vec<_>>().join(", ")
             ));
         };
+        let size = serde_json::to_vec(&p.command.data).map_or(usize::MAX, |v| v.len());
+        if size > MAX_TX_COMMAND_BYTES || p.command.command_type.len() > limits::MAX_TYPE_BYTES {
+            return Err(format!(
+                "{}: the command's data is {size} bytes; the limit in a transaction is {MAX_TX_COMMAND_BYTES}",
+                p.stream
+            ));
+        }
         let command = EventData { event_type: p.command.command_type.clone(), data: p.command.data.clone() };
         aggregate.validate_for_transaction(&command).map_err(|e| format!("{}: {e}", p.stream))?;
     }
@@ -68,9 +76,11 @@ pub fn validate(
 impl Client {
     async fn tx_request(&self, request: TxRequest, wait: Duration) -> Result<TxStatus, ClientError> {
         let txid = request.txid().to_owned();
+        let attempt = request.attempt().unwrap_or(&txid).to_owned();
+        let payload = serde_json::to_vec(&request).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        self.check_size("transaction", &payload)?;
         let (tx, rx) = oneshot::channel::<Reply>();
-        self.pending.lock().expect("pending lock").insert(txid.clone(), tx);
-        let payload = serde_json::to_vec(&request).expect("requests serialize");
+        self.pending.lock().expect("pending lock").insert(attempt.clone(), tx);
         let topic = self.topics.tx_requests();
         let record = FutureRecord::to(&topic)
             .partition(partition_for(txid.as_bytes(), self.tx_partitions))
@@ -78,7 +88,7 @@ impl Client {
             .payload(&payload);
         let sent = self.producer.send(record, self.config.timeout).await;
         let outcome = match sent {
-            Err((e, _)) => Err(ClientError::Unavailable(format!("sending to {topic}: {e}"))),
+            Err((e, _)) => Err(crate::send_error(&topic, e)),
             Ok(_) => match tokio::time::timeout(wait, rx).await {
                 Ok(Ok(reply)) => match reply.outcome {
                     ReplyOutcome::Tx(status) => Ok(status),
@@ -91,7 +101,7 @@ impl Client {
                 ))),
             },
         };
-        self.pending.lock().expect("pending lock").remove(&txid);
+        self.pending.lock().expect("pending lock").remove(&attempt);
         outcome
     }
 
@@ -108,13 +118,19 @@ impl Client {
             participants,
             timeout_ms: timeout.as_millis() as u64,
             reply_partition: self.reply_partition,
+            attempt: Some(uuid::Uuid::new_v4().simple().to_string()),
+            sent_ms: limits::uuid_v7_ms(txid).is_none().then(crate::now_ms),
         };
         self.tx_request(request, timeout + self.config.timeout).await
     }
 
     /// A transaction's state.
     pub async fn tx_status(&self, txid: &str) -> Result<TxStatus, ClientError> {
-        let request = TxRequest::Status { txid: txid.to_owned(), reply_partition: self.reply_partition };
+        let request = TxRequest::Status {
+            txid: txid.to_owned(),
+            reply_partition: self.reply_partition,
+            attempt: Some(uuid::Uuid::new_v4().simple().to_string()),
+        };
         self.tx_request(request, self.config.timeout).await
     }
 }

@@ -77,21 +77,36 @@ pub trait Aggregate {
     }
 }
 
+/// Why an aggregate behind JSON could not decide: the domain refused, or
+/// what it was given is not what it stores (a state record that does not
+/// read as its state, an aggregate whose events do not serialize as tagged
+/// JSON). The second is never the caller's fault and never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DynError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("{0}")]
+    State(String),
+}
+
 /// An aggregate behind JSON: what the writer calls, whatever the category.
+/// Nothing here panics on any JSON.
 pub trait DynAggregate: Send + Sync {
     fn category(&self) -> &'static str;
     /// The state of a stream with no events.
     fn initial(&self) -> Value;
-    fn handle(&self, state: &Value, command: &EventData) -> Result<Vec<EventData>, DomainError>;
+    /// Whether `state` reads as this aggregate's state.
+    fn check_state(&self, state: &Value) -> Result<(), String>;
+    fn handle(&self, state: &Value, command: &EventData) -> Result<Vec<EventData>, DynError>;
     /// Folds one event into the state. Unknown event types are an error: the
     /// stream holds something this aggregate cannot read.
     fn apply(&self, state: Value, event: &EventData) -> Result<Value, String>;
-    fn prepare(&self, state: &Value, txid: &str, command: &EventData) -> Result<Vec<EventData>, DomainError>;
+    fn prepare(&self, state: &Value, txid: &str, command: &EventData) -> Result<Vec<EventData>, DynError>;
     /// Checks a command for a transaction, without state.
     fn validate_for_transaction(&self, command: &EventData) -> Result<(), DomainError>;
-    fn has_hold(&self, state: &Value, txid: &str) -> bool;
-    fn commit(&self, state: &Value, txid: &str) -> Vec<EventData>;
-    fn abort(&self, state: &Value, txid: &str, reason: &str) -> Vec<EventData>;
+    fn has_hold(&self, state: &Value, txid: &str) -> Result<bool, String>;
+    fn commit(&self, state: &Value, txid: &str) -> Result<Vec<EventData>, String>;
+    fn abort(&self, state: &Value, txid: &str, reason: &str) -> Result<Vec<EventData>, String>;
 }
 
 /// Adapts a typed [`Aggregate`] to [`DynAggregate`].
@@ -109,10 +124,10 @@ impl<A> Default for Typed<A> {
     }
 }
 
-fn state_of<A: Aggregate>(v: &Value) -> A::State {
-    // The writer only stores states this aggregate produced; an unreadable one
-    // is a bug in an upcast or a schema change without migration.
-    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("stored {} state is unreadable: {e}", A::CATEGORY))
+fn state_of<A: Aggregate>(v: &Value) -> Result<A::State, String> {
+    // The writer checks every state record it reads (`check_state`); one
+    // that still does not read is refused here, never a panic.
+    A::State::deserialize(v).map_err(|e| format!("the stored {} state is unreadable: {e}", A::CATEGORY))
 }
 
 fn command_of<A: Aggregate>(c: &EventData) -> Result<A::Command, DomainError> {
@@ -121,12 +136,13 @@ fn command_of<A: Aggregate>(c: &EventData) -> Result<A::Command, DomainError> {
         .map_err(|e| DomainError::Invalid(format!("{} command {}: {e}", A::CATEGORY, c.event_type)))
 }
 
-fn to_data<E: Serialize>(events: Vec<E>) -> Vec<EventData> {
+fn to_data<A: Aggregate>(events: Vec<A::Event>) -> Result<Vec<EventData>, String> {
     events
         .into_iter()
         .map(|e| {
-            serde_json::from_value(serde_json::to_value(e).expect("events serialize"))
-                .expect("events are adjacently tagged")
+            serde_json::to_value(e)
+                .and_then(serde_json::from_value)
+                .map_err(|e| format!("the {} aggregate made an event that is not tagged JSON: {e}", A::CATEGORY))
         })
         .collect()
 }
@@ -137,41 +153,47 @@ impl<A: Aggregate + 'static> DynAggregate for Typed<A> {
     }
 
     fn initial(&self) -> Value {
-        serde_json::to_value(A::State::default()).expect("states serialize")
+        serde_json::to_value(A::State::default()).unwrap_or(Value::Null)
     }
 
-    fn handle(&self, state: &Value, command: &EventData) -> Result<Vec<EventData>, DomainError> {
+    fn check_state(&self, state: &Value) -> Result<(), String> {
+        state_of::<A>(state).map(|_| ())
+    }
+
+    fn handle(&self, state: &Value, command: &EventData) -> Result<Vec<EventData>, DynError> {
         let cmd = command_of::<A>(command)?;
-        A::handle(&state_of::<A>(state), &cmd).map(to_data)
+        let events = A::handle(&state_of::<A>(state).map_err(DynError::State)?, &cmd)?;
+        to_data::<A>(events).map_err(DynError::State)
     }
 
     fn apply(&self, state: Value, event: &EventData) -> Result<Value, String> {
         let tagged = serde_json::json!({"type": event.event_type, "data": event.data});
         let e: A::Event = serde_json::from_value(tagged)
             .map_err(|e| format!("{} cannot apply {}: {e}", A::CATEGORY, event.event_type))?;
-        let next = A::apply(state_of::<A>(&state), &e);
-        Ok(serde_json::to_value(next).expect("states serialize"))
+        let next = A::apply(state_of::<A>(&state)?, &e);
+        serde_json::to_value(next).map_err(|e| format!("the {} state does not serialize: {e}", A::CATEGORY))
     }
 
-    fn prepare(&self, state: &Value, txid: &str, command: &EventData) -> Result<Vec<EventData>, DomainError> {
+    fn prepare(&self, state: &Value, txid: &str, command: &EventData) -> Result<Vec<EventData>, DynError> {
         let cmd = command_of::<A>(command)?;
-        A::prepare(&state_of::<A>(state), txid, &cmd).map(to_data)
+        let events = A::prepare(&state_of::<A>(state).map_err(DynError::State)?, txid, &cmd)?;
+        to_data::<A>(events).map_err(DynError::State)
     }
 
     fn validate_for_transaction(&self, command: &EventData) -> Result<(), DomainError> {
         A::validate_for_transaction(&command_of::<A>(command)?)
     }
 
-    fn has_hold(&self, state: &Value, txid: &str) -> bool {
-        A::has_hold(&state_of::<A>(state), txid)
+    fn has_hold(&self, state: &Value, txid: &str) -> Result<bool, String> {
+        Ok(A::has_hold(&state_of::<A>(state)?, txid))
     }
 
-    fn commit(&self, state: &Value, txid: &str) -> Vec<EventData> {
-        to_data(A::commit(&state_of::<A>(state), txid))
+    fn commit(&self, state: &Value, txid: &str) -> Result<Vec<EventData>, String> {
+        to_data::<A>(A::commit(&state_of::<A>(state)?, txid))
     }
 
-    fn abort(&self, state: &Value, txid: &str, reason: &str) -> Vec<EventData> {
-        to_data(A::abort(&state_of::<A>(state), txid, reason))
+    fn abort(&self, state: &Value, txid: &str, reason: &str) -> Result<Vec<EventData>, String> {
+        to_data::<A>(A::abort(&state_of::<A>(state)?, txid, reason))
     }
 }
 
@@ -215,4 +237,27 @@ impl Registry {
 pub enum Outcome {
     Committed,
     Aborted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_unreadable_state_is_an_error_never_a_panic() {
+        let registry = Registry::builtin();
+        let account = registry.get("account").unwrap();
+        let bad = json!({"balance": "x"});
+        assert!(account.check_state(&bad).unwrap_err().contains("unreadable"));
+        assert!(account.check_state(&account.initial()).is_ok());
+        let deposit = EventData { event_type: "Deposit".into(), data: json!({"amount": 1}) };
+        assert!(matches!(account.handle(&bad, &deposit), Err(DynError::State(_))));
+        assert!(matches!(account.prepare(&bad, "t", &deposit), Err(DynError::State(_))));
+        assert!(account.has_hold(&bad, "t").is_err());
+        assert!(account.commit(&bad, "t").is_err());
+        assert!(account.abort(&bad, "t", "r").is_err());
+        let opened = EventData { event_type: "AccountOpened".into(), data: json!({"owner": "ann"}) };
+        assert!(account.apply(bad, &opened).is_err());
+    }
 }

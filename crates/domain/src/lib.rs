@@ -15,4 +15,4 @@ pub mod aggregate;
 pub mod inventory;
 pub mod testing;
 
-pub use aggregate::{Aggregate, DomainError, DynAggregate, EventData, Outcome, Registry};
+pub use aggregate::{Aggregate, DomainError, DynAggregate, DynError, EventData, Outcome, Registry};

@@ -1,16 +1,20 @@
 //! Followers of the leader topic (`<prefix>.state`): replicas that serve reads,
 //! and the writer's hot standby.
 //!
-//! A follower reads the state topic with `read_committed` (a write of an
-//! aborted Kafka transaction is never seen) and hands batches of stream records
-//! to a [`Sink`], which applies them together with its new positions in one
-//! local transaction: a crash never leaves it ahead of, or out of step with,
-//! what it says it applied. On start it resumes from the sink's positions.
+//! A follower reads a topic with `read_committed` (a write of an aborted Kafka
+//! transaction is never seen) and hands batches of records to a [`Sink`],
+//! which checks each (any producer can write anything to a topic: a record
+//! that does not fit is refused, logged and counted, never a panic) and
+//! applies them together with its new positions in one local transaction: a
+//! crash never leaves it ahead of, or out of step with, what it says it
+//! applied. On start it resumes from the sink's positions.
 //!
 //! # Layout
 //! - [`Follower`] / [`spawn`]: the consume loop and its published [`Progress`],
 //!   with waits for read-your-writes tokens and lag per partition.
 //! - [`sqlite::SqliteSink`]: the replica's store (one SQLite file, WAL).
+//! - [`store`]: topics into local stores (`esk_store`), for restores and hot
+//!   standbys alike: the writer's and the coordinator's.
 //!
 //! Tokens: a write's position is `<category>:<partition>:<offset>` of its last
 //! event. The writer writes state records in event order, each with its
@@ -19,6 +23,7 @@
 //! the token's offset.
 
 pub mod sqlite;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,14 +39,47 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::sync::watch;
 
-/// A stream record as followed, with where it was in the state topic.
+/// A record as followed, with where it was, not decoded yet.
 #[derive(Debug, Clone)]
 pub struct Followed {
     pub partition: i32,
     pub offset: i64,
-    /// When the writer wrote it (ms since the epoch).
+    /// Partitions of the topic.
+    pub partitions: i32,
+    /// When it was written (ms since the epoch).
     pub timestamp_ms: Option<i64>,
-    pub record: StreamRecord,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+impl Followed {
+    /// Decodes a stream record of the state topic and checks it against its
+    /// key, its partition and the (version, last offset) it would replace.
+    pub fn stream_record(&self, previous: Option<(u64, i64)>) -> Result<StreamRecord, String> {
+        let value = self.value.as_deref().ok_or("a record with no value (a tombstone)")?;
+        let record: StreamRecord = serde_json::from_slice(value).map_err(|e| format!("not a stream record: {e}"))?;
+        record.check(self.key.as_deref(), self.partition, self.partitions, previous)?;
+        Ok(record)
+    }
+}
+
+/// Logs and counts a record a sink refused (rate-limited to one line a second
+/// per follower thread; the counter has them all).
+pub fn refused(topic: &str, f: &Followed, reason: &str) {
+    use std::cell::Cell;
+    thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
+    metrics::counter!("esk_refused_records_total", "topic" => topic.to_owned()).increment(1);
+    let now = Instant::now();
+    let due = LAST.with(|l| {
+        let due = l.get().is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if due {
+            l.set(Some(now));
+        }
+        due
+    });
+    if due {
+        tracing::warn!(topic, partition = f.partition, offset = f.offset, reason, "refused a record");
+    }
 }
 
 /// What a follower has applied.
@@ -62,18 +100,22 @@ impl Progress {
         self.events.get(&(token.category.clone(), token.partition)).is_some_and(|o| *o >= token.offset)
     }
 
-    /// Folds a batch in.
+    /// Moves the positions past a batch.
     pub fn advance(&mut self, batch: &[Followed]) {
         for f in batch {
             self.positions.insert(f.partition, f.offset + 1);
             if let Some(ts) = f.timestamp_ms {
                 self.last_ms.insert(f.partition, ts);
             }
-            if f.record.last_offset >= 0 {
-                let category = f.record.stream.split_once('-').map_or("", |(c, _)| c).to_owned();
-                let e = self.events.entry((category, f.partition)).or_insert(-1);
-                *e = (*e).max(f.record.last_offset);
-            }
+        }
+    }
+
+    /// Notes an accepted stream record: its write is applied (for tokens).
+    pub fn applied(&mut self, partition: i32, record: &StreamRecord) {
+        if record.last_offset >= 0 {
+            let category = record.stream.split_once('-').map_or("", |(c, _)| c).to_owned();
+            let e = self.events.entry((category, partition)).or_insert(-1);
+            *e = (*e).max(record.last_offset);
         }
     }
 }
@@ -82,8 +124,11 @@ impl Progress {
 pub trait Sink: Send + 'static {
     /// What the sink applied so far (where to resume).
     fn load(&mut self) -> Result<Progress>;
-    /// Applies a batch and the progress after it, atomically.
-    fn apply(&mut self, batch: &[Followed], progress: &Progress) -> Result<()>;
+    /// Checks and applies a batch with `progress` (already past the batch;
+    /// the sink notes what it accepted with [`Progress::applied`]),
+    /// atomically. A record that does not fit is refused ([`refused`]), not
+    /// an error: an error means the sink itself failed, and the batch is tried again.
+    fn apply(&mut self, batch: &[Followed], progress: &mut Progress) -> Result<()>;
 }
 
 /// Lag of one state-topic partition.
@@ -211,6 +256,7 @@ pub fn spawn<S: Sink>(kafka: &KafkaConfig, topic: &str, group: &str, mut sink: S
     let fetched = Arc::new(Mutex::new(BTreeMap::new()));
     let run = Loop {
         consumer,
+        partitions: 0,
         topic: topic.to_owned(),
         timeout: kafka.timeout,
         sink,
@@ -233,6 +279,8 @@ pub fn spawn<S: Sink>(kafka: &KafkaConfig, topic: &str, group: &str, mut sink: S
 
 struct Loop<S> {
     consumer: BaseConsumer,
+    /// Partitions of the topic, from the metadata at assignment.
+    partitions: i32,
     topic: String,
     timeout: Duration,
     sink: S,
@@ -243,11 +291,12 @@ struct Loop<S> {
 }
 
 impl<S: Sink> Loop<S> {
-    fn assign(&self) -> bool {
+    fn assign(&mut self) -> bool {
         let Ok(md) = self.consumer.fetch_metadata(Some(&self.topic), self.timeout) else { return false };
         let Some(t) = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
             return false;
         };
+        self.partitions = t.partitions().len() as i32;
         let mut tpl = TopicPartitionList::new();
         for p in t.partitions() {
             let offset = self.progress.positions.get(&p.id()).map_or(Offset::Beginning, |n| Offset::Offset(*n));
@@ -274,20 +323,14 @@ impl<S: Sink> Loop<S> {
             let mut wait = Duration::from_millis(20);
             while batch.len() < 2000 {
                 match self.consumer.poll(wait) {
-                    Some(Ok(m)) => {
-                        match m.payload().map(serde_json::from_slice::<StreamRecord>) {
-                            Some(Ok(record)) => batch.push(Followed {
-                                partition: m.partition(),
-                                offset: m.offset(),
-                                timestamp_ms: m.timestamp().to_millis(),
-                                record,
-                            }),
-                            // Not a stream record: skip it, but move past it.
-                            _ => {
-                                self.progress.positions.insert(m.partition(), m.offset() + 1);
-                            }
-                        }
-                    }
+                    Some(Ok(m)) => batch.push(Followed {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        partitions: self.partitions,
+                        timestamp_ms: m.timestamp().to_millis(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().map(<[u8]>::to_vec),
+                    }),
                     Some(Err(e)) => {
                         tracing::warn!(topic = self.topic, "follow: {e}");
                         break;
@@ -307,18 +350,23 @@ impl<S: Sink> Loop<S> {
                 }
                 continue;
             }
-            let mut next = self.progress.clone();
-            next.advance(&batch);
             let started = Instant::now();
             let mut backoff = Duration::from_millis(100);
-            while let Err(e) = self.sink.apply(&batch, &next) {
-                tracing::warn!(topic = self.topic, "applying followed records failed, retrying: {e:#}");
-                if self.stop.load(Ordering::SeqCst) {
-                    return;
+            let next = loop {
+                let mut next = self.progress.clone();
+                next.advance(&batch);
+                match self.sink.apply(&batch, &mut next) {
+                    Ok(()) => break next,
+                    Err(e) => {
+                        tracing::warn!(topic = self.topic, "applying followed records failed, retrying: {e:#}");
+                        if self.stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
                 }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+            };
             tracing::trace!(records = batch.len(), ms = started.elapsed().as_millis() as u64, "followed");
             self.progress = next;
             self.tx.send_replace(self.progress.clone());

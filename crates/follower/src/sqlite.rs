@@ -71,18 +71,31 @@ impl Sink for SqliteSink {
         Ok(p)
     }
 
-    fn apply(&mut self, batch: &[Followed], progress: &Progress) -> Result<()> {
+    fn apply(&mut self, batch: &[Followed], progress: &mut Progress) -> Result<()> {
         let tx = self.conn.transaction()?;
         {
+            let mut previous = tx.prepare_cached("SELECT version, last_offset FROM streams WHERE stream = ?1")?;
             let mut put = tx.prepare_cached(
                 "INSERT INTO streams (stream, partition, version, state, last_offset) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (stream) DO UPDATE SET partition = excluded.partition, version = excluded.version,
                  state = excluded.state, last_offset = excluded.last_offset",
             )?;
             for f in batch {
-                let r = &f.record;
+                let stream = f.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+                let prev: Option<(u64, i64)> = previous
+                    .query_row([stream.as_ref()], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+                    .optional()?;
+                let r = match f.stream_record(prev) {
+                    Ok(r) => r,
+                    // The stream keeps the last record that fitted.
+                    Err(reason) => {
+                        crate::refused("state", f, &reason);
+                        continue;
+                    }
+                };
                 let state = r.state.as_ref().map(Value::to_string);
                 put.execute(params![r.stream, f.partition, r.version as i64, state, r.last_offset])?;
+                progress.applied(f.partition, &r);
             }
             let mut pos = tx.prepare_cached(
                 "INSERT INTO positions (partition, next_offset, last_ms) VALUES (?1, ?2, ?3)
@@ -141,19 +154,17 @@ mod tests {
     use esk_wire::protocol::StreamRecord;
 
     fn followed(partition: i32, offset: i64, stream: &str, version: u64, last_offset: i64) -> Followed {
+        let mut record = StreamRecord::new(stream, Some(serde_json::json!({"balance": version})));
+        record.version = version;
+        record.last_offset = last_offset;
+        record.index = vec![esk_wire::protocol::IndexEntry { version: 1, offset: 0 }];
         Followed {
             partition,
             offset,
+            partitions: 1,
             timestamp_ms: Some(1000 + offset),
-            record: StreamRecord {
-                stream: stream.into(),
-                version,
-                state: Some(serde_json::json!({"balance": version})),
-                last_offset,
-                index: Vec::new(),
-                answered: Vec::new(),
-                decided: Vec::new(),
-            },
+            key: Some(stream.as_bytes().to_vec()),
+            value: Some(serde_json::to_vec(&record).unwrap()),
         }
     }
 
@@ -166,21 +177,44 @@ mod tests {
         let batch = vec![
             followed(0, 0, "account-1", 1, 10),
             followed(0, 1, "account-2", 1, 11),
-            followed(1, 0, "note-1", 3, 4),
+            followed(0, 2, "note-1", 3, 4),
         ];
         let mut progress = Progress::default();
         progress.advance(&batch);
-        sink.apply(&batch, &progress).unwrap();
+        sink.apply(&batch, &mut progress).unwrap();
         drop(sink);
         let mut again = SqliteSink::open(&path).unwrap();
         let loaded = again.load().unwrap();
         assert_eq!(loaded, progress);
-        assert_eq!(loaded.positions[&0], 2);
+        assert_eq!(loaded.positions[&0], 3);
         assert!(loaded.covers(&"account:0:11".parse().unwrap()));
         assert!(!loaded.covers(&"account:0:12".parse().unwrap()));
         assert!(!loaded.covers(&"account:1:0".parse().unwrap()));
         let s = Reader::new(&path).stream("account-2").unwrap().unwrap();
         assert_eq!((s.version, s.state.unwrap()["balance"].as_u64()), (1, Some(1)));
         assert!(Reader::new(&path).stream("account-9").unwrap().is_none());
+    }
+
+    #[test]
+    fn records_that_do_not_fit_are_refused_and_the_stream_keeps_its_last_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replica.sqlite");
+        let mut sink = SqliteSink::open(&path).unwrap();
+        let good = followed(0, 0, "account-1", 2, 10);
+        let mut garbage = followed(0, 1, "account-1", 0, 0);
+        garbage.value = Some(b"{\"balance\": \"x\"".to_vec());
+        let older = followed(0, 2, "account-1", 1, 5);
+        let mut wrong_key = followed(0, 3, "account-1", 9, 20);
+        wrong_key.key = Some(b"account-2".to_vec());
+        let mut tombstone = followed(0, 4, "account-1", 9, 20);
+        tombstone.value = None;
+        let batch = vec![good, garbage, older, wrong_key, tombstone];
+        let mut progress = Progress::default();
+        progress.advance(&batch);
+        sink.apply(&batch, &mut progress).unwrap();
+        assert_eq!(progress.positions[&0], 5, "the follower moves past refused records");
+        let s = Reader::new(&path).stream("account-1").unwrap().unwrap();
+        assert_eq!(s.version, 2);
+        assert!(Reader::new(&path).stream("account-2").unwrap().is_none());
     }
 }

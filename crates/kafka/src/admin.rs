@@ -22,8 +22,12 @@ use crate::error::Error;
 /// The partition count of a new installation unless `--partitions` says otherwise.
 pub const DEFAULT_PARTITIONS: i32 = 12;
 
-const WEEK_MS: &str = "604800000";
 const HOUR_MS: &str = "3600000";
+
+/// How long a retried request or transaction is answered with its first
+/// result unless `esk topics init --idempotency-horizon` says otherwise: the
+/// requests topics keep records this long, the answers topic too.
+pub const DEFAULT_HORIZON: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What one topic should look like.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -37,7 +41,7 @@ pub struct TopicSpec {
 /// The kinds of platform topic, each with its cleanup and retention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopicKind {
-    /// Requests to the writer; kept a week for replays and audits.
+    /// Requests to the writer; kept for the idempotency horizon.
     Commands,
     /// The event log: delete policy with infinite retention.
     Events,
@@ -45,10 +49,14 @@ pub enum TopicKind {
     State,
     /// Answers to clients: short retention.
     Replies,
-    /// Coordinator and participant traffic; kept a week.
+    /// Coordinator and participant traffic; kept for the idempotency horizon.
     TxTraffic,
-    /// The coordinator's log: compacted, one record per txid survives.
+    /// The coordinator's log: compacted, one record per txid survives until
+    /// the coordinator tombstones it, an idempotency horizon after it ended.
     TxLog,
+    /// The writer's memory of answered requests and applied decisions:
+    /// deleted an idempotency horizon after they were written.
+    Answers,
     /// Parked records: kept until an operator deals with them.
     DeadLetters,
 }
@@ -74,9 +82,16 @@ impl Durability {
 }
 
 impl TopicKind {
+    /// The topic's spec with the default idempotency horizon.
     pub fn spec(self, name: String, partitions: i32, d: Durability) -> TopicSpec {
+        self.spec_for(name, partitions, d, DEFAULT_HORIZON)
+    }
+
+    /// The topic's spec: topics that keep requests or answers keep them for `horizon`.
+    pub fn spec_for(self, name: String, partitions: i32, d: Durability, horizon: Duration) -> TopicSpec {
+        let horizon_ms = horizon.as_millis().to_string();
         let (cleanup, retention) = match self {
-            TopicKind::Commands | TopicKind::TxTraffic => ("delete", WEEK_MS),
+            TopicKind::Commands | TopicKind::TxTraffic | TopicKind::Answers => ("delete", horizon_ms.as_str()),
             TopicKind::Events | TopicKind::DeadLetters => ("delete", "-1"),
             TopicKind::Replies => ("delete", HOUR_MS),
             TopicKind::State | TopicKind::TxLog => ("compact", "-1"),
@@ -87,6 +102,13 @@ impl TopicKind {
             ("min.insync.replicas".to_owned(), d.min_insync_replicas.to_string()),
         ]);
         if self == TopicKind::Events || self == TopicKind::DeadLetters {
+            configs.insert("retention.bytes".into(), "-1".into());
+        }
+        if self == TopicKind::Answers {
+            // Segments roll often enough that expired answers are deleted
+            // within an eighth of the horizon after it (a segment goes whole).
+            let segment = (horizon.as_millis() / 8).clamp(60_000, 86_400_000);
+            configs.insert("segment.ms".into(), segment.to_string());
             configs.insert("retention.bytes".into(), "-1".into());
         }
         TopicSpec { name, partitions, replication_factor: d.replication_factor, configs }
@@ -100,16 +122,19 @@ pub fn platform_topics<'a>(
     categories: impl IntoIterator<Item = &'a str>,
     partitions: i32,
     d: Durability,
+    horizon: Duration,
 ) -> Vec<TopicSpec> {
+    let spec = |kind: TopicKind, name: String| kind.spec_for(name, partitions, d, horizon);
     let mut specs = vec![
-        TopicKind::Commands.spec(topics.commands(), partitions, d),
-        TopicKind::State.spec(topics.state(), partitions, d),
-        TopicKind::Replies.spec(topics.replies(), partitions, d),
-        TopicKind::TxTraffic.spec(topics.tx_requests(), partitions, d),
-        TopicKind::TxTraffic.spec(topics.tx_prepare(), partitions, d),
-        TopicKind::TxTraffic.spec(topics.tx_commit(), partitions, d),
-        TopicKind::TxTraffic.spec(topics.tx_votes(), partitions, d),
-        TopicKind::TxLog.spec(topics.tx_log(), partitions, d),
+        spec(TopicKind::Commands, topics.commands()),
+        spec(TopicKind::State, topics.state()),
+        spec(TopicKind::Answers, topics.answers()),
+        spec(TopicKind::Replies, topics.replies()),
+        spec(TopicKind::TxTraffic, topics.tx_requests()),
+        spec(TopicKind::TxTraffic, topics.tx_prepare()),
+        spec(TopicKind::TxTraffic, topics.tx_commit()),
+        spec(TopicKind::TxTraffic, topics.tx_votes()),
+        spec(TopicKind::TxLog, topics.tx_log()),
     ];
     for c in categories {
         specs.push(TopicKind::Events.spec(topics.events(c), partitions, d));
@@ -202,7 +227,7 @@ impl Admin {
             for entry in resource.entries {
                 let always = matches!(
                     entry.name.as_str(),
-                    "cleanup.policy" | "retention.ms" | "retention.bytes" | "min.insync.replicas"
+                    "cleanup.policy" | "retention.ms" | "retention.bytes" | "min.insync.replicas" | "max.message.bytes"
                 );
                 if let (Some(value), true) = (entry.value, always || !entry.is_default) {
                     info.configs.insert(entry.name, value);
@@ -211,6 +236,21 @@ impl Admin {
         }
         found.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(found)
+    }
+
+    /// A topic's config value (`None`: the topic does not exist).
+    pub async fn topic_config(&self, topic: &str, name: &str) -> Result<Option<String>, Error> {
+        let found = self.describe(&[topic.to_owned()]).await?;
+        Ok(found.first().and_then(|t| t.configs.get(name).cloned()))
+    }
+
+    /// The largest record the topic takes (`max.message.bytes`), or Kafka's default.
+    pub async fn max_message_bytes(&self, topic: &str) -> Result<usize, Error> {
+        Ok(self
+            .topic_config(topic, "max.message.bytes")
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(esk_wire::limits::BROKER_DEFAULT_MAX_MESSAGE_BYTES))
     }
 
     /// The names of all topics starting with `prefix`.
@@ -285,10 +325,27 @@ impl Admin {
     }
 }
 
+/// The largest record `topic` takes (`max.message.bytes`, Kafka's default
+/// when it cannot be read), asked without an async runtime: what a client
+/// needs once when it connects.
+pub fn max_message_bytes_blocking(config: &KafkaConfig, topic: &str) -> Result<usize, Error> {
+    let client: AdminClient<DefaultClientContext> = config.client().create()?;
+    let options = AdminOptions::new().request_timeout(Some(config.timeout)).operation_timeout(Some(config.timeout));
+    let results = futures::executor::block_on(client.describe_configs(&[ResourceSpecifier::Topic(topic)], &options))?;
+    let value = results
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r.entries)
+        .find(|e| e.name == "max.message.bytes")
+        .and_then(|e| e.value)
+        .and_then(|v| v.parse().ok());
+    Ok(value.unwrap_or(esk_wire::limits::BROKER_DEFAULT_MAX_MESSAGE_BYTES))
+}
+
 /// The partition count of an installation: what its existing co-partitioned
 /// topics have, or `None` when there are none yet. Disagreeing topics are an error.
 pub fn installed_partitions(existing: &[TopicInfo], topics: &Topics) -> Result<Option<i32>, Error> {
-    let co_partitioned = [topics.commands(), topics.state(), topics.tx_prepare(), topics.tx_commit()];
+    let co_partitioned = [topics.commands(), topics.state(), topics.answers(), topics.tx_prepare(), topics.tx_commit()];
     let mut found: Option<(&str, i32)> = None;
     for t in existing.iter().filter(|t| co_partitioned.contains(&t.name)) {
         match found {
@@ -311,13 +368,22 @@ mod tests {
 
     #[test]
     fn specs_carry_the_design_configs() {
-        let specs = platform_topics(&Topics::new("x"), ["account"], 6, Durability::new(3));
+        let specs = platform_topics(&Topics::new("x"), ["account"], 6, Durability::new(3), DEFAULT_HORIZON);
         let get = |name: &str| specs.iter().find(|s| s.name == name).unwrap();
         assert_eq!(get("x.state").configs["cleanup.policy"], "compact");
         assert_eq!(get("x.tx.log").configs["cleanup.policy"], "compact");
         assert_eq!(get("x.events.account").configs["retention.ms"], "-1");
         assert_eq!(get("x.events.account").configs["retention.bytes"], "-1");
         assert_eq!(get("x.commands").configs["cleanup.policy"], "delete");
+        assert_eq!(get("x.commands").configs["retention.ms"], "604800000");
+        assert_eq!(get("x.answers").configs["retention.ms"], "604800000");
+        assert_eq!(get("x.answers").configs["segment.ms"], "75600000");
+        let short = platform_topics(&Topics::new("x"), [], 1, Durability::new(1), Duration::from_secs(30));
+        let answers = short.iter().find(|s| s.name == "x.answers").unwrap();
+        assert_eq!(
+            (answers.configs["retention.ms"].as_str(), answers.configs["segment.ms"].as_str()),
+            ("30000", "60000")
+        );
         assert!(specs.iter().all(|s| s.partitions == 6 && s.replication_factor == 3));
         assert!(specs.iter().all(|s| s.configs["min.insync.replicas"] == "2"));
         assert_eq!(Durability::for_brokers(1), Durability::new(1));

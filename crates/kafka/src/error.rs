@@ -49,3 +49,20 @@ pub fn is_transient_code(code: Option<RDKafkaErrorCode>) -> bool {
         )
     )
 }
+
+/// Whether an error refuses a record for what it is (too large, invalid):
+/// retrying the same record cannot help.
+pub fn refuses_the_record(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | MessageBatchTooLarge
+                | InvalidRecord
+                | InvalidMessage
+                | InvalidMessageSize
+                | BadMessage
+        )
+    )
+}

@@ -5,14 +5,16 @@
 //!   (murmur2 partitioning, bounded timeouts), bootstrap-address checks.
 //! - [`admin`]: the platform topics and their configs; idempotent creation and
 //!   description through the admin API.
-//! - [`record`]: owned headers, and the headers of dead letters.
+//! - [`read`]: reading a partition to its end (restores).
+//! - [`record`]: owned headers, and dead letters (cut to fit when they must).
 //! - [`error`]: errors that say whether the broker was unreachable (retry later)
 //!   or the request was wrong (do not retry).
 
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod read;
 pub mod record;
 
 pub use config::{KafkaConfig, watermarks};
-pub use error::Error;
+pub use error::{Error, refuses_the_record};

@@ -13,13 +13,11 @@
 //!   pauses) and [`io::fence`], which creates the partition's transactional
 //!   producer (`transactional.id` per partition: `init_transactions` aborts the
 //!   previous owner's open transaction at once and fences its later writes).
-//! - [`restore`]: reading a partition of a compacted topic to its end.
 //! - [`txn`]: committing a batch with its consumed offsets, and classifying
 //!   failures into abortable (abort, rewind, go on) and fatal (acquire anew).
 
 pub mod group;
 pub mod io;
-pub mod restore;
 pub mod txn;
 
 pub use group::{GroupSpec, Handler, run_group, serve};

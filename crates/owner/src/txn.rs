@@ -16,6 +16,11 @@ use rdkafka::{Offset, TopicPartitionList};
 pub enum TxnError {
     /// Abort, rewind to the committed offsets, go on.
     Abortable(anyhow::Error),
+    /// The client or the broker refused a record of the batch for what it is
+    /// (too large, invalid): the same batch would fail again. Abort, then take
+    /// the batch's inputs one at a time to find the one that makes such a
+    /// record, and refuse or park it.
+    Rejected(anyhow::Error),
     /// The producer is fenced or broken, or a commit's outcome is unknown:
     /// acquire the partition anew (fence, restore from what did commit).
     Fatal(anyhow::Error),
@@ -25,13 +30,20 @@ impl std::fmt::Display for TxnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TxnError::Abortable(e) => write!(f, "{e:#}"),
+            TxnError::Rejected(e) => write!(f, "a record was refused: {e:#}"),
             TxnError::Fatal(e) => write!(f, "fatal: {e:#}"),
         }
     }
 }
 
-/// Fenced or fatal errors end the producer; the rest abort the transaction.
+use esk_kafka::refuses_the_record;
+
+/// Fenced or fatal errors end the producer; a refused record is `Rejected`;
+/// the rest abort the transaction.
 pub fn classify(e: KafkaError) -> TxnError {
+    if refuses_the_record(&e) {
+        return TxnError::Rejected(anyhow!(e));
+    }
     let fenced = matches!(
         e.rdkafka_error_code(),
         Some(

@@ -104,6 +104,11 @@ pub trait Store: Sized + Send + 'static {
     fn event_release(tx: &mut Self::Tx<'_>) -> Result<(), StoreError>;
     fn save_checkpoints(tx: &mut Self::Tx<'_>, positions: &Positions) -> Result<(), StoreError>;
     fn record_parked(tx: &mut Self::Tx<'_>, parked: &Parked) -> Result<(), StoreError>;
+    /// Whether this store version parked the event and has not applied it
+    /// since: only such an event may be replayed (once it is, it is not
+    /// parked any more). An event a rebuild applied in order is not parked in
+    /// the rebuilt version, so a replay there skips it.
+    fn is_parked(tx: &mut Self::Tx<'_>, topic: &str, partition: i32, offset: i64) -> Result<bool, StoreError>;
     /// Whether a parked event was already applied by a replay.
     fn replayed(tx: &mut Self::Tx<'_>, topic: &str, partition: i32, offset: i64) -> Result<bool, StoreError>;
     fn mark_replayed(tx: &mut Self::Tx<'_>, topic: &str, partition: i32, offset: i64) -> Result<(), StoreError>;

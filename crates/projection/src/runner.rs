@@ -13,7 +13,7 @@
 //! checkpoints. Queries see the old model until the switch and the new one
 //! after, never a half-built one; positions never go backwards.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use esk_kafka::KafkaConfig;
 use esk_kafka::admin::{Admin, Durability, TopicKind};
-use esk_kafka::record::{DLQ_OFFSET, DLQ_PARTITION, DLQ_TOPIC, Origin, dead_letter_headers, headers_of};
+use esk_kafka::record::{DLQ_OFFSET, DLQ_PARTITION, DLQ_TOPIC, DLQ_TRUNCATED, Origin, dead_letter, headers_of};
 use esk_wire::{Event, SchemaRegistry, Topics};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -130,7 +130,11 @@ fn listed(p: &Positions) -> Vec<PartitionPosition> {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReplayReport {
     pub replayed: u64,
+    /// Replayed by an earlier replay of this model version.
     pub already_replayed: u64,
+    /// In the dead-letter topic, but applied by this model version in order
+    /// (a rebuild after a fix), or parked by another instance only.
+    pub not_parked_here: u64,
     pub still_failing: Vec<String>,
 }
 
@@ -407,23 +411,58 @@ struct Live<S: Store, P> {
     rates: Vec<(Instant, u64)>,
 }
 
+/// Why a batch did not apply.
+#[derive(Debug)]
+enum BatchError {
+    /// The store (or the dead-letter topic) failed: retry the batch.
+    Store(StoreError),
+    /// The projection failed transiently on this event: retry, and park it
+    /// once it has failed [`POISON_AFTER`] times in a row.
+    Event { at: (String, i32, i64), reason: String },
+}
+
+impl From<StoreError> for BatchError {
+    fn from(e: StoreError) -> Self {
+        BatchError::Store(e)
+    }
+}
+
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchError::Store(e) => write!(f, "{e}"),
+            BatchError::Event { at: (t, p, o), reason } => write!(f, "{t}/{p}@{o}: {reason}"),
+        }
+    }
+}
+
+/// An event whose apply fails transiently this many times in a row is parked:
+/// no event holds a projection back for ever.
+pub const POISON_AFTER: u32 = 10;
+
 /// Applies a batch in one transaction: the events, the parked ones, the new
-/// checkpoints. `before_commit` sees the parked events first (the live loop
-/// sends them to the dead-letter topic). Returns (applied, parked).
+/// checkpoints. Events in `poison` are parked without being applied (they
+/// failed too often). `before_commit` sees the parked events first (they go
+/// to the dead-letter topic). Returns (applied, parked).
 fn apply_batch<S: Store, P: Projection<S>>(
     projection: &P,
     schemas: &SchemaRegistry,
     store: &mut S,
     batch: &[Rec],
     positions: &mut Positions,
+    poison: &HashMap<(String, i32, i64), String>,
     before_commit: &mut dyn FnMut(&[Parked]) -> Result<(), StoreError>,
-) -> Result<(u64, Vec<Parked>), StoreError> {
+) -> Result<(u64, Vec<Parked>), BatchError> {
     let mut tx = store.begin()?;
     let mut parked = Vec::new();
     let mut applied = 0;
     let mut next = positions.clone();
     for rec in batch {
         next.insert((rec.topic.clone(), rec.partition), rec.offset + 1);
+        if let Some(reason) = poison.get(&(rec.topic.clone(), rec.partition, rec.offset)) {
+            parked.push(rec.parked(format!("failed {POISON_AFTER} times in a row: {reason}")));
+            continue;
+        }
         let event = match decode(rec, schemas) {
             Ok(e) => e,
             Err(reason) => {
@@ -441,7 +480,9 @@ fn apply_batch<S: Store, P: Projection<S>>(
                 S::event_rollback(&mut tx)?;
                 parked.push(rec.parked(format!("the projection refused it: {reason}")));
             }
-            Err(ApplyError::Transient(reason)) => return Err(StoreError::Other(reason)),
+            Err(ApplyError::Transient(reason)) => {
+                return Err(BatchError::Event { at: (rec.topic.clone(), rec.partition, rec.offset), reason });
+            }
         }
     }
     for p in &parked {
@@ -452,6 +493,38 @@ fn apply_batch<S: Store, P: Projection<S>>(
     S::commit(tx)?;
     *positions = next;
     Ok((applied, parked))
+}
+
+/// What keeps failing in a batch being retried, and the backoff.
+#[derive(Debug)]
+struct Failing {
+    counts: HashMap<(String, i32, i64), u32>,
+    /// Events that failed [`POISON_AFTER`] times: parked on the next try.
+    poison: HashMap<(String, i32, i64), String>,
+    backoff: Duration,
+}
+
+impl Default for Failing {
+    fn default() -> Self {
+        Self { counts: HashMap::new(), poison: HashMap::new(), backoff: Duration::from_millis(100) }
+    }
+}
+
+impl Failing {
+    /// Notes a failed try and waits before the next.
+    fn failed(&mut self, e: BatchError) {
+        if let BatchError::Event { at, reason } = e {
+            let n = self.counts.entry(at.clone()).or_default();
+            *n += 1;
+            if *n >= POISON_AFTER {
+                self.poison.insert(at, reason);
+                // Park it now, without waiting.
+                return;
+            }
+        }
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 fn poll_batch(consumer: &BaseConsumer<impl ConsumerContext>, max: usize, wait: Duration) -> Vec<Rec> {
@@ -580,7 +653,7 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                 continue;
             }
             let started = Instant::now();
-            let mut backoff = Duration::from_millis(100);
+            let mut failing = Failing::default();
             loop {
                 let mut send_dead_letters = |parked: &[Parked]| -> Result<(), StoreError> {
                     if parked.is_empty() {
@@ -598,6 +671,7 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                     &mut self.store,
                     &batch,
                     &mut positions,
+                    &failing.poison,
                     &mut send_dead_letters,
                 ) {
                     Ok((applied, parked)) => {
@@ -607,8 +681,7 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                     Err(e) => {
                         metrics::counter!("esk_projection_retries_total", "projection" => name.clone()).increment(1);
                         tracing::warn!(projection = name, "batch failed, retrying: {e}");
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        failing.failed(e);
                     }
                 }
             }
@@ -747,6 +820,7 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
         let mut report = ReplayReport::default();
         let mut tx = self.store.begin().map_err(|e| e.to_string())?;
         let _ = positions;
+        let mut seen = BTreeSet::new();
         for rec in records {
             let origin = |name: &str| {
                 rec.headers
@@ -763,8 +837,26 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                 report.still_failing.push(format!("dlq offset {}: bad origin headers", rec.offset));
                 continue;
             };
-            if S::replayed(&mut tx, &t, p, o).map_err(|e| e.to_string())? {
-                report.already_replayed += 1;
+            if !seen.insert((t.clone(), p, o)) {
+                continue; // Parked more than once (by a rebuild, by another instance).
+            }
+            if !S::is_parked(&mut tx, &t, p, o).map_err(|e| e.to_string())? {
+                if S::replayed(&mut tx, &t, p, o).map_err(|e| e.to_string())? {
+                    report.already_replayed += 1;
+                } else {
+                    report.not_parked_here += 1;
+                }
+                continue;
+            }
+            if origin(DLQ_TRUNCATED).is_some() {
+                // A cut copy: the whole event is still at its origin.
+                match read_one(&self.config, &t, p, o) {
+                    Ok(Some(whole)) => {
+                        replay_one(&*self.projection, &self.schemas, &mut tx, &whole, &mut report)?;
+                    }
+                    Ok(None) => report.still_failing.push(format!("{t}/{p}@{o}: no longer in its topic")),
+                    Err(e) => report.still_failing.push(format!("{t}/{p}@{o}: reading it again: {e}")),
+                }
                 continue;
             }
             let original = Rec {
@@ -775,25 +867,7 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                 value: rec.value.clone(),
                 headers: rec.headers.iter().filter(|(k, _)| !k.starts_with("esk_dlq_")).cloned().collect(),
             };
-            let event = match decode(&original, &self.schemas) {
-                Ok(e) => e,
-                Err(reason) => {
-                    report.still_failing.push(format!("{t}/{p}@{o}: {reason}"));
-                    continue;
-                }
-            };
-            S::event_begin(&mut tx).map_err(|e| e.to_string())?;
-            match self.projection.apply(&mut tx, &event) {
-                Ok(()) => {
-                    S::event_release(&mut tx).map_err(|e| e.to_string())?;
-                    S::mark_replayed(&mut tx, &t, p, o).map_err(|e| e.to_string())?;
-                    report.replayed += 1;
-                }
-                Err(e) => {
-                    S::event_rollback(&mut tx).map_err(|e| e.to_string())?;
-                    report.still_failing.push(format!("{t}/{p}@{o}: {e}"));
-                }
-            }
+            replay_one(&*self.projection, &self.schemas, &mut tx, &original, &mut report)?;
         }
         S::commit(tx).map_err(|e| e.to_string())?;
         // Queries waiting on positions re-read the model.
@@ -801,6 +875,67 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
         tracing::info!(projection = self.projection.name(), ?report, "replayed parked events");
         Ok(report)
     }
+}
+
+/// Applies one parked event again, if it applies now; marks it replayed.
+fn replay_one<S: Store, P: Projection<S>>(
+    projection: &P,
+    schemas: &SchemaRegistry,
+    tx: &mut S::Tx<'_>,
+    original: &Rec,
+    report: &mut ReplayReport,
+) -> Result<(), String> {
+    let (t, p, o) = (&original.topic, original.partition, original.offset);
+    let event = match decode(original, schemas) {
+        Ok(e) => e,
+        Err(reason) => {
+            report.still_failing.push(format!("{t}/{p}@{o}: {reason}"));
+            return Ok(());
+        }
+    };
+    S::event_begin(tx).map_err(|e| e.to_string())?;
+    match projection.apply(tx, &event) {
+        Ok(()) => {
+            S::event_release(tx).map_err(|e| e.to_string())?;
+            S::mark_replayed(tx, t, p, o).map_err(|e| e.to_string())?;
+            report.replayed += 1;
+        }
+        Err(e) => {
+            S::event_rollback(tx).map_err(|e| e.to_string())?;
+            report.still_failing.push(format!("{t}/{p}@{o}: {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// The record at `offset` of `topic`/`partition` (read_committed), if it is still there.
+fn read_one(config: &RunnerConfig, topic: &str, partition: i32, offset: i64) -> Result<Option<Rec>, String> {
+    let consumer: BaseConsumer = config
+        .kafka
+        .client()
+        .set("group.id", format!("{}-replay", config.group_id))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let (low, high) =
+        esk_kafka::watermarks(consumer.client(), topic, partition, config.kafka.timeout).map_err(|e| e.to_string())?;
+    if offset < low || offset >= high {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).map_err(|e| e.to_string())?;
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + config.kafka.timeout;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) if m.offset() == offset => return Ok(Some(Rec::of(&m))),
+            Some(Ok(m)) if m.offset() > offset => return Ok(None),
+            Some(Err(e)) => return Err(e.to_string()),
+            _ => {}
+        }
+    }
+    Err(format!("no answer from {topic}/{partition} within {:?}", config.kafka.timeout))
 }
 
 fn ensure_dlq(config: &RunnerConfig, topic: &str) -> Result<(), StoreError> {
@@ -822,8 +957,11 @@ fn ensure_dlq(config: &RunnerConfig, topic: &str) -> Result<(), StoreError> {
     })
 }
 
+/// Sends parked events to the dead-letter topic, each whole or, when it would
+/// not fit, as a cut copy with its origin (it can never fail for its size).
 fn send_parked(producer: &FutureProducer, topic: &str, consumer: &str, parked: &[Parked]) -> Result<(), StoreError> {
     let mut deliveries = Vec::new();
+    let limit = esk_wire::limits::Limits::default().record_bytes;
     for p in parked {
         tracing::warn!(
             topic = p.topic,
@@ -832,17 +970,20 @@ fn send_parked(producer: &FutureProducer, topic: &str, consumer: &str, parked: &
             reason = p.reason,
             "parked an event"
         );
-        let h = dead_letter_headers(
+        let l = dead_letter(
+            p.key.as_deref(),
+            p.value.as_deref(),
             &p.headers,
             &p.reason,
             Origin { topic: &p.topic, partition: p.partition, offset: p.offset },
             consumer,
+            limit,
         );
-        let mut record = FutureRecord::to(topic).headers(h);
-        if let Some(k) = &p.key {
+        let mut record = FutureRecord::to(topic).headers(l.headers);
+        if let Some(k) = &l.key {
             record = record.key(k.as_slice());
         }
-        if let Some(v) = &p.value {
+        if let Some(v) = &l.value {
             record = record.payload(v.as_slice());
         }
         deliveries.push(producer.send_result(record).map_err(|(e, _)| StoreError::Other(e.to_string()))?);
@@ -936,6 +1077,15 @@ impl<S: Store, P: Projection<S>> Rebuild<S, P> {
 
     fn build(&mut self) -> Result<(), String> {
         let started = Instant::now();
+        let dlq_topic = self.config.topics.dlq(self.projection.name());
+        let dlq: FutureProducer = self
+            .config
+            .kafka
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .map_err(|e| e.to_string())?;
         let consumer: BaseConsumer = self
             .config
             .kafka
@@ -994,18 +1144,37 @@ impl<S: Store, P: Projection<S>> Rebuild<S, P> {
             if batch.is_empty() {
                 continue;
             }
-            let mut retries = 0;
             let store = self.store.as_mut().ok_or("the rebuilt store was handed over already")?;
+            // What the rebuild cannot apply is parked like the live loop's,
+            // in the new version's store and the dead-letter topic: a replay
+            // on the new version then finds it.
+            let mut failing = Failing::default();
+            let mut tries = 0;
             loop {
-                match apply_batch(&*self.projection, &self.schemas, store, &batch, &mut positions, &mut |_| Ok(())) {
+                let mut send = |parked: &[Parked]| -> Result<(), StoreError> {
+                    if parked.is_empty() {
+                        return Ok(());
+                    }
+                    ensure_dlq(&self.config, &dlq_topic)?;
+                    send_parked(&dlq, &dlq_topic, self.projection.name(), parked)
+                };
+                match apply_batch(
+                    &*self.projection,
+                    &self.schemas,
+                    store,
+                    &batch,
+                    &mut positions,
+                    &failing.poison,
+                    &mut send,
+                ) {
                     Ok((n, parked)) => {
                         applied += n + parked.len() as u64;
                         break;
                     }
-                    Err(e) if retries < 20 => {
-                        retries += 1;
+                    Err(e) if tries < 20 + POISON_AFTER => {
+                        tries += 1;
                         tracing::warn!("rebuild batch failed, retrying: {e}");
-                        std::thread::sleep(Duration::from_millis(200));
+                        failing.failed(e);
                     }
                     Err(e) => return Err(e.to_string()),
                 }

@@ -148,6 +148,15 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn is_parked(tx: &mut Transaction<'_>, topic: &str, partition: i32, offset: i64) -> Result<bool, StoreError> {
+        let n: i64 = tx.query_row(
+            "SELECT count(*) FROM esk_parked WHERE topic = ?1 AND partition = ?2 AND offset = ?3",
+            params![topic, partition, offset],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+
     fn replayed(tx: &mut Transaction<'_>, topic: &str, partition: i32, offset: i64) -> Result<bool, StoreError> {
         let n: i64 = tx.query_row(
             "SELECT count(*) FROM esk_replayed WHERE topic = ?1 AND partition = ?2 AND offset = ?3",

@@ -15,6 +15,29 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// A duration: `500ms`, `10s`, `2m`, `24h`, `7d`, or a bare number of
+/// seconds; more than 0 and at most 10 years.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = number.parse().map_err(|_| format!("'{s}' is not a duration; use e.g. 10s, 500ms, 2m, 24h, 7d"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("'{s}' has unknown unit '{unit}'; use ms, s, m, h or d")),
+    };
+    if !(secs > 0.0 && secs <= 10.0 * 365.0 * 86_400.0) {
+        return Err(format!("'{s}' is out of range; give more than 0 and at most 10 years"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 /// Installs the global tracing subscriber. Safe to call more than once.
 pub fn init_tracing(default_filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
@@ -113,5 +136,23 @@ pub fn fault_point(point: &str) {
         let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
         // kill(1) missing: still end at once, without cleanup.
         std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_with_their_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("20000d").is_err());
     }
 }

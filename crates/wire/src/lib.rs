@@ -8,11 +8,13 @@
 //! - [`topics`]: the names of the platform topics under a prefix.
 //! - [`partition`]: Kafka's Java partitioner (murmur2), so every client agrees.
 //! - [`protocol`]: requests, replies, 2PC messages and state records.
+//! - [`limits`]: the bounds on every input, derived from the broker's `message.max.bytes`.
 //!
 //! Nothing here talks to Kafka: headers are plain `(name, bytes)` pairs so that the
 //! format can be tested (and fuzzed) without a broker.
 
 pub mod envelope;
+pub mod limits;
 pub mod partition;
 pub mod protocol;
 pub mod schema;

@@ -129,6 +129,43 @@ pub struct Request {
     pub correlation_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<String>,
+    /// Unique per send: the reply echoes it, so a client tells the answer to
+    /// this attempt from the answer to an earlier attempt of the same request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<String>,
+    /// When the first attempt of this request was sent (ms since the epoch);
+    /// retries keep it. A request older than the idempotency horizon is
+    /// refused (`request_expired`): its first attempt may have been applied,
+    /// and the writer no longer remembers. Absent, the time in a UUIDv7
+    /// request id counts, else the time the writer reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_ms: Option<i64>,
+}
+
+impl Request {
+    /// When the request was first sent, as far as it tells.
+    pub fn origin_ms(&self) -> Option<i64> {
+        self.sent_ms.or_else(|| crate::limits::uuid_v7_ms(&self.request_id))
+    }
+
+    /// A stable hash of what the request asks (body and stream), so that a
+    /// request id reused for another request is told from a retry.
+    pub fn fingerprint(&self) -> u64 {
+        let body = serde_json::to_vec(&self.body).unwrap_or_default();
+        fnv1a(&[self.stream.as_bytes(), b"\0", &body])
+    }
+}
+
+/// FNV-1a, 64 bits: stable across builds and platforms (it is stored).
+pub fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,6 +191,9 @@ pub enum RequestBody {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     pub request_id: String,
+    /// The request's `attempt`, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<String>,
     #[serde(flatten)]
     pub outcome: ReplyOutcome,
 }
@@ -205,6 +245,11 @@ pub enum ErrorCode {
     InvalidInput,
     DomainRefused,
     Internal,
+    /// The request is older than the idempotency horizon and its id is no
+    /// longer remembered: it may have been applied. Nothing was written.
+    RequestExpired,
+    /// The stream cannot be served (its state record was refused); nothing was written.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +306,10 @@ pub struct Prepare {
     pub txid: String,
     pub stream: String,
     pub command: CommandData,
+    /// The coordinator's deadline for the votes (ms since the epoch): a hold
+    /// still open well after it makes its participant ask for the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
 }
 
 /// Phase two: the coordinator's decision for one participant stream.
@@ -324,9 +373,20 @@ pub enum TxRequest {
         /// How long the participants have to vote before the coordinator aborts.
         timeout_ms: u64,
         reply_partition: i32,
+        /// Unique per send, echoed in the reply (see [`Request::attempt`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<String>,
+        /// When the first attempt was sent (see [`Request::sent_ms`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sent_ms: Option<i64>,
     },
     /// Ask for a transaction's state.
-    Status { txid: String, reply_partition: i32 },
+    Status {
+        txid: String,
+        reply_partition: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<String>,
+    },
 }
 
 impl TxRequest {
@@ -341,6 +401,20 @@ impl TxRequest {
             TxRequest::Begin { reply_partition, .. } | TxRequest::Status { reply_partition, .. } => *reply_partition,
         }
     }
+
+    pub fn attempt(&self) -> Option<&str> {
+        match self {
+            TxRequest::Begin { attempt, .. } | TxRequest::Status { attempt, .. } => attempt.as_deref(),
+        }
+    }
+}
+
+/// A client waiting for a transaction's outcome: where to answer it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiter {
+    pub partition: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<String>,
 }
 
 /// Where a transaction stands in the coordinator's log.
@@ -405,9 +479,51 @@ pub struct TxRecord {
     /// Why it aborted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Replies partitions of the clients waiting for the outcome.
+    /// The clients waiting for the outcome.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub reply_partitions: Vec<i32>,
+    pub waiters: Vec<Waiter>,
+    /// When every participant acknowledged the decision (ms since the epoch):
+    /// the idempotency horizon counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done_ms: Option<i64>,
+}
+
+impl TxRecord {
+    /// Committed or aborted, and acknowledged by every participant.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, TxState::Committed | TxState::Aborted)
+    }
+
+    /// Checks a record read from the log: it must be a transaction the
+    /// coordinator could have written under this key.
+    pub fn check(&self, key: Option<&[u8]>) -> Result<(), String> {
+        if key != Some(self.txid.as_bytes()) {
+            return Err(format!(
+                "key {:?} is not the record's txid '{}'",
+                key.map(String::from_utf8_lossy),
+                crate::limits::shorten(&self.txid, 100)
+            ));
+        }
+        if self.txid.is_empty() || self.txid.len() > crate::limits::MAX_TXID_BYTES {
+            return Err("the txid is empty or too long".into());
+        }
+        if self.participants.is_empty() || self.participants.len() > crate::limits::MAX_PARTICIPANTS {
+            return Err(format!("{} participants", self.participants.len()));
+        }
+        if self.state == TxState::Unknown {
+            return Err("state 'unknown' is never logged".into());
+        }
+        if self.state.is_decided() && self.decided_ms.is_none() {
+            return Err("a decided transaction without its decision time".into());
+        }
+        if self.is_done() && !self.participants.iter().all(|p| p.acked) {
+            return Err("a done transaction with unacknowledged participants".into());
+        }
+        if self.state == TxState::Preparing && self.participants.iter().any(|p| p.acked) {
+            return Err("an undecided transaction with acknowledgements".into());
+        }
+        Ok(())
+    }
 }
 
 /// What a client is told about a transaction.
@@ -455,6 +571,21 @@ pub struct Answered {
     pub first_event_id: Option<String>,
     pub expected_version: ExpectedVersion,
     pub result: Appended,
+    /// [`Request::fingerprint`] of the request answered (0: not known).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fingerprint: u64,
+    /// When it was answered (ms since the epoch); 0 for answers imported
+    /// from an older state record.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub answered_ms: i64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_i64(v: &i64) -> bool {
+    *v == 0
 }
 
 /// A 2PC transaction this stream saw decided.
@@ -462,6 +593,45 @@ pub struct Answered {
 pub struct Decided {
     pub txid: String,
     pub decision: Verdict,
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub decided_ms: i64,
+}
+
+/// What the writer remembers for the idempotency horizon, on
+/// `<prefix>.answers` (delete policy, retention = the horizon), in the
+/// stream's partition, written in the same transaction as the events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Memory {
+    /// A request answered for `stream`.
+    Answer { stream: String, answer: Answered },
+    /// A 2PC decision `stream` applied.
+    Decision { stream: String, decided: Decided },
+}
+
+impl Memory {
+    pub fn stream(&self) -> &str {
+        match self {
+            Memory::Answer { stream, .. } | Memory::Decision { stream, .. } => stream,
+        }
+    }
+
+    /// When it was answered or decided.
+    pub fn time_ms(&self) -> i64 {
+        match self {
+            Memory::Answer { answer, .. } => answer.answered_ms,
+            Memory::Decision { decided, .. } => decided.decided_ms,
+        }
+    }
+}
+
+/// A 2PC hold a stream has open, with the deadline its transaction's votes had.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenHold {
+    pub txid: String,
+    /// 0 when the prepare carried no deadline.
+    #[serde(default)]
+    pub deadline_ms: i64,
 }
 
 /// The leader's record of one stream on `<prefix>.state` (compacted, key = stream).
@@ -476,12 +646,78 @@ pub struct StreamRecord {
     pub last_offset: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub index: Vec<IndexEntry>,
-    /// The last requests answered, newest last (bounded).
+    /// The 2PC holds the stream has open.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holds: Vec<OpenHold>,
+    /// Read from records of esk before the answers topic, never written:
+    /// the writer imports them into its memory of answers.
+    #[serde(default, skip_serializing)]
     pub answered: Vec<Answered>,
-    /// The last 2PC decisions applied, newest last (bounded).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Likewise for decisions.
+    #[serde(default, skip_serializing)]
     pub decided: Vec<Decided>,
+}
+
+impl StreamRecord {
+    /// A stream with no events yet.
+    pub fn new(stream: &str, state: Option<Value>) -> Self {
+        Self {
+            stream: stream.to_owned(),
+            version: 0,
+            state,
+            last_offset: -1,
+            index: Vec::new(),
+            holds: Vec::new(),
+            answered: Vec::new(),
+            decided: Vec::new(),
+        }
+    }
+
+    /// Checks a record read from the state topic against its key, its
+    /// partition and the record it would replace: it must be a record the
+    /// writer could have written there.
+    /// `previous` is the (version, last offset) of the record it replaces.
+    pub fn check(
+        &self,
+        key: Option<&[u8]>,
+        partition: i32,
+        partitions: i32,
+        previous: Option<(u64, i64)>,
+    ) -> Result<(), String> {
+        if key != Some(self.stream.as_bytes()) {
+            return Err(format!(
+                "key {:?} is not the record's stream '{}'",
+                key.map(|k| crate::limits::shorten(&String::from_utf8_lossy(k), 100)),
+                crate::limits::shorten(&self.stream, 100)
+            ));
+        }
+        crate::StreamName::parse(&self.stream).map_err(|e| e.to_string())?;
+        let home = crate::partition::partition_for(self.stream.as_bytes(), partitions);
+        if home != partition {
+            return Err(format!("stream '{}' belongs to partition {home}, not {partition}", self.stream));
+        }
+        if self.last_offset < -1 {
+            return Err(format!("last_offset {} is negative", self.last_offset));
+        }
+        if self.version > 0 && self.index.is_empty() {
+            return Err(format!("version {} with an empty index", self.version));
+        }
+        if self.index.windows(2).any(|w| w[1].version <= w[0].version || w[1].offset <= w[0].offset)
+            || self.index.first().is_some_and(|e| e.version != 1 || e.offset < 0)
+            || self.index.last().is_some_and(|e| e.version > self.version || e.offset > self.last_offset)
+        {
+            return Err("its index is not ordered within its versions and offsets".into());
+        }
+        if let Some((version, last_offset)) = previous
+            && (self.version < version || self.last_offset < last_offset)
+        {
+            return Err(format!(
+                "version {} at offset {} does not follow version {version} at offset {last_offset}",
+                self.version, self.last_offset
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -520,6 +756,8 @@ mod tests {
             },
             correlation_id: None,
             causation_id: None,
+            attempt: None,
+            sent_ms: None,
         };
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["kind"], "append");
@@ -535,6 +773,7 @@ mod tests {
     fn replies_round_trip() {
         let r = Reply {
             request_id: "r".into(),
+            attempt: Some("a1".into()),
             outcome: ReplyOutcome::Error(ReplyError {
                 code: ErrorCode::WrongExpectedVersion,
                 message: "m".into(),

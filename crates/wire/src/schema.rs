@@ -93,7 +93,18 @@ impl SchemaRegistry {
         reg
     }
 
-    /// Loads every `<category>/<Type>.v<N>.json` below `dir`.
+    /// The built-in schemas and, when `dir` is given, every schema below it
+    /// beside them (a file for a type and version already known replaces
+    /// it): what `--schemas-dir` means for every esk program.
+    pub fn with_dir(dir: Option<&Path>) -> Result<Self, SchemaError> {
+        let mut reg = Self::builtin();
+        if let Some(dir) = dir {
+            reg.add_dir(dir)?;
+        }
+        Ok(reg)
+    }
+
+    /// Loads every `<category>/<Type>.v<N>.json` below `dir`, and nothing else.
     pub fn load_dir(dir: &Path) -> Result<Self, SchemaError> {
         let mut reg = Self::default();
         reg.add_dir(dir)?;
@@ -260,6 +271,21 @@ mod tests {
         let builtin = SchemaRegistry::builtin();
         assert_eq!(format!("{from_disk:?}"), format!("{builtin:?}"), "update BUILTIN in schema.rs");
         assert_eq!(from_disk.by_uri.len(), BUILTIN.len(), "update BUILTIN in schema.rs");
+    }
+
+    #[test]
+    fn a_schemas_dir_adds_to_the_builtin_schemas() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("shop")).unwrap();
+        std::fs::write(dir.path().join("shop/Bought.v1.json"), r#"{"type": "object"}"#).unwrap();
+        let reg = SchemaRegistry::with_dir(Some(dir.path())).unwrap();
+        assert!(reg.is_strict("shop"));
+        assert!(reg.is_strict("account"), "the built-in categories keep their schemas");
+        assert!(reg.validate("account", "Deposited", &json!({"amount": 0})).is_err());
+        assert_eq!(
+            format!("{:?}", SchemaRegistry::with_dir(None).unwrap()),
+            format!("{:?}", SchemaRegistry::builtin())
+        );
     }
 
     #[test]

@@ -55,6 +55,13 @@ impl Topics {
         format!("{}.state", self.prefix)
     }
 
+    /// What the writer remembers for the idempotency horizon: answered
+    /// requests and applied 2PC decisions (co-partitioned, delete policy,
+    /// retention = the horizon).
+    pub fn answers(&self) -> String {
+        format!("{}.answers", self.prefix)
+    }
+
     pub fn replies(&self) -> String {
         format!("{}.replies", self.prefix)
     }
@@ -94,6 +101,7 @@ mod tests {
         assert_eq!(t.commands(), "t1.commands");
         assert_eq!(t.events("account"), "t1.events.account");
         assert_eq!(t.tx_log(), "t1.tx.log");
+        assert_eq!(t.answers(), "t1.answers");
         assert_eq!(t.dlq("writer"), "t1.dlq.writer");
     }
 

@@ -1,5 +1,6 @@
 //! The coordinator's configuration: flags with environment fallbacks.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -32,6 +33,25 @@ pub struct Config {
     #[arg(long, env = "ESK_COORDINATOR_MAX_BATCH", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub max_batch: u64,
+    /// Folder of the local store of ended transactions
+    /// (`<data-dir>/<prefix>-coordinator-<instance>`).
+    #[arg(long, env = "ESK_DATA_DIR", default_value = ".esk/data")]
+    pub data_dir: PathBuf,
+    /// This instance's name, for its local store. Unset, the first of 0, 1,
+    /// 2, ... whose store no other running coordinator holds.
+    #[arg(long, env = "ESK_COORDINATOR_INSTANCE")]
+    pub instance: Option<String>,
+    /// How long an ended transaction is remembered (a retry of its txid gets
+    /// its outcome, `esk tx status` knows it), e.g. 24h, 7d; then its log
+    /// record is tombstoned. Default: how long the transaction requests topic
+    /// keeps requests, which `esk topics init --idempotency-horizon` set;
+    /// never shorter (the coordinator refuses to start otherwise).
+    #[arg(long, env = "ESK_COORDINATOR_IDEMPOTENCY_HORIZON", value_parser = esk_runtime::parse_duration)]
+    pub idempotency_horizon: Option<Duration>,
+    /// Follow the whole transaction log into the local store, so that taking
+    /// a partition over reads only what was written since.
+    #[arg(long, env = "ESK_COORDINATOR_STANDBY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub standby: bool,
 }
 
 impl Config {
@@ -45,5 +65,10 @@ impl Config {
 
     pub fn group_id(&self) -> String {
         format!("{}-coordinator", self.prefix)
+    }
+
+    /// The local store's folder for an instance name.
+    pub fn store_dir(&self, instance: &str) -> PathBuf {
+        self.data_dir.join(format!("{}-coordinator-{instance}", self.prefix))
     }
 }

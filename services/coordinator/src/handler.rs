@@ -1,24 +1,36 @@
 //! One owned partition of `tx.requests`/`tx.votes`: fence, restore the
-//! transactions from `tx.log`, then decide batches and the clock's deadlines,
-//! one Kafka transaction each.
+//! transactions from `tx.log` into the local store, then decide batches and
+//! the clock's deadlines, one Kafka transaction each.
+//!
+//! Only live transactions (not yet acknowledged by every participant) are
+//! held in memory; ended ones are in the local store for the idempotency
+//! horizon, then tombstoned in the log and forgotten.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use esk_kafka::record::{Origin, dead_letter_headers};
+use esk_follower::Followed;
+use esk_follower::store::Intake;
+use esk_kafka::record::{Origin, dead_letter};
 use esk_owner::txn::{self, TxnError, classify};
-use esk_owner::{Handler, PartitionIo, Phase};
+use esk_owner::{Handler, Incoming, PartitionIo, Phase};
+use esk_store::{Changes, PartitionStore, StoreError};
 use esk_wire::protocol::TxRecord;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::Shared;
-use crate::logic::{Step, Txs};
+use crate::logic::{Done, Step, Txs};
 
 /// How often the clock is checked for deadlines and resends.
 const TICK: Duration = Duration::from_millis(200);
+/// How often ended transactions past the horizon are looked for.
+const TOMBSTONE_EVERY: Duration = Duration::from_secs(10);
+
+/// Rows of live transactions in the local store.
+pub const TAG_LIVE: i64 = 1;
 
 /// Serves the partitions the coordinator group assigns to this instance.
 #[derive(Debug)]
@@ -39,12 +51,78 @@ impl Handler for CoordinatorHandler {
 struct Run {
     shared: Arc<Shared>,
     io: PartitionIo,
-    /// The partition's transactions, also read by the HTTP status.
+    /// The partition's live transactions, also read by the HTTP status.
     view: Arc<Mutex<Txs>>,
+}
+
+/// What this instance holds while it owns a partition.
+struct Owned {
+    producer: FutureProducer,
+    store: PartitionStore,
 }
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Takes records of `tx.log` into the store: each transaction's latest
+/// record, checked; a tombstone removes it.
+#[derive(Debug)]
+pub struct TxLogIntake;
+
+impl Intake for TxLogIntake {
+    fn take(&mut self, _store: &PartitionStore, f: &Followed, changes: &mut Changes) -> Result<(), StoreError> {
+        let key = f.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+        let Some(value) = f.value.as_deref() else {
+            changes.deletes.push((key, f.offset + 1));
+            return Ok(());
+        };
+        let checked = serde_json::from_slice::<TxRecord>(value)
+            .map_err(|e| format!("not a transaction record: {e}"))
+            .and_then(|r| r.check(f.key.as_deref()).map(|()| r));
+        match checked {
+            Ok(r) => put(changes, f.offset, &r, value.to_vec()),
+            Err(reason) => esk_follower::refused("tx.log", f, &reason),
+        }
+        Ok(())
+    }
+}
+
+fn put(changes: &mut Changes, offset: i64, r: &TxRecord, value: Vec<u8>) {
+    let (time, tag) =
+        if r.is_done() { (r.done_ms.or(r.decided_ms).unwrap_or(r.created_ms).max(1), 0) } else { (0, TAG_LIVE) };
+    changes.put(r.txid.clone(), offset, value, time, tag);
+}
+
+/// Ended transactions in the store, within the horizon.
+#[derive(Debug)]
+pub struct StoreDone<'a> {
+    pub store: &'a PartitionStore,
+    pub horizon_ms: i64,
+    pub now_ms: i64,
+}
+
+impl Done for StoreDone<'_> {
+    fn done(&mut self, txid: &str) -> Result<Option<TxRecord>, String> {
+        let Some(row) = self.store.get(txid).map_err(|e| e.to_string())? else { return Ok(None) };
+        if row.time_ms != 0 && row.time_ms < self.now_ms - self.horizon_ms {
+            return Ok(None);
+        }
+        Ok(serde_json::from_slice(&row.value).ok())
+    }
+}
+
+/// Why a step did not commit.
+enum Failure {
+    Txn(TxnError),
+    /// The step had begun no Kafka transaction.
+    BeforeBegin(anyhow::Error),
+}
+
+impl From<TxnError> for Failure {
+    fn from(e: TxnError) -> Self {
+        Failure::Txn(e)
+    }
 }
 
 impl Run {
@@ -53,7 +131,7 @@ impl Run {
             &self.io,
             Duration::from_millis(self.shared.config.session_timeout_ms),
             || self.acquire(),
-            |producer| self.serve(producer),
+            |owned| self.serve(owned),
             |phase| {
                 if phase == Phase::Lost {
                     metrics::counter!("esk_coordinator_fenced_total").increment(1);
@@ -62,8 +140,9 @@ impl Run {
         );
     }
 
-    /// Fences the previous owner and restores the partition's transactions.
-    fn acquire(&self) -> Result<Option<FutureProducer>> {
+    /// Fences the previous owner, brings the local store to the end of the
+    /// partition's log, and loads the live transactions.
+    fn acquire(&self) -> Result<Option<Owned>> {
         let c = &self.shared.config;
         let p = self.io.partition;
         let started = Instant::now();
@@ -73,144 +152,284 @@ impl Run {
             c.transaction_timeout_ms,
             &self.shared.topics.tx_requests(),
         )?;
-        let mut txs = Txs::default();
-        let mut skipped = 0;
+        let mut store = self.shared.store.partition(p)?;
+        let log = self.shared.topics.tx_log();
+        let timeout = Duration::from_millis(c.transaction_timeout_ms);
+        let (_, high) = esk_kafka::watermarks(producer.client(), &log, p, timeout)?;
+        if store.position(&log)? > high {
+            tracing::warn!(partition = p, "the local store is ahead of the log; starting it afresh");
+            store.clear()?;
+        }
         let group = format!("{}-restore", c.group_id());
-        let done = esk_owner::restore::read_partition(
+        let Some(read) = esk_follower::store::restore(
             &self.shared.kafka,
             &group,
-            &self.shared.topics.tx_log(),
+            &log,
             p,
-            0,
+            self.shared.partitions,
+            &mut store,
+            &mut TxLogIntake,
             self.io.stop_flag(),
-            |_, v| match v.map(serde_json::from_slice::<TxRecord>) {
-                Some(Ok(r)) => {
-                    txs.records.insert(r.txid.clone(), r);
-                }
-                _ => skipped += 1,
-            },
-        )?;
-        if !done {
+        )?
+        else {
             return Ok(None);
+        };
+        let mut txs = Txs::default();
+        for (_, row) in store.tagged(TAG_LIVE)? {
+            if let Ok(r) = serde_json::from_slice::<TxRecord>(&row.value) {
+                txs.records.insert(r.txid.clone(), r);
+            }
         }
-        if skipped > 0 {
-            tracing::warn!(partition = p, skipped, "restore skipped records that are not transaction records");
-        }
-        txs.absorb(Vec::new(), Vec::new());
         let (open, in_doubt) = txs.counts(now_ms());
         *self.view.lock().expect("view lock") = txs;
-        self.io.rewind(Duration::from_millis(c.transaction_timeout_ms))?;
+        self.io.rewind(timeout)?;
+        metrics::histogram!("esk_coordinator_restore_seconds").record(started.elapsed().as_secs_f64());
         tracing::info!(
             partition = p,
             open,
             in_doubt,
+            log_records_read = read,
             ms = started.elapsed().as_millis() as u64,
             "partition taken over"
         );
-        Ok(Some(producer))
+        Ok(Some(Owned { producer, store }))
     }
 
-    fn serve(&self, producer: &FutureProducer) -> Result<()> {
+    fn abort(&self, owned: &Owned) -> Result<()> {
+        metrics::counter!("esk_coordinator_aborts_total").increment(1);
+        owned
+            .producer
+            .abort_transaction(Duration::from_millis(self.shared.config.transaction_timeout_ms))
+            .map_err(|e| anyhow!("abort_transaction failed: {e}"))
+    }
+
+    fn rewind(&self) -> Result<()> {
+        self.io.rewind(Duration::from_millis(self.shared.config.transaction_timeout_ms))
+    }
+
+    /// Ended transactions older than the horizon, to tombstone.
+    fn expired(&self, owned: &Owned, last: &mut Instant) -> Vec<String> {
+        if last.elapsed() < TOMBSTONE_EVERY {
+            return Vec::new();
+        }
+        *last = Instant::now();
+        let before = now_ms() - self.shared.horizon_ms;
+        match owned.store.older_than(before, 1000) {
+            Ok(rows) => rows.into_iter().filter(|(_, r)| r.tag != TAG_LIVE).map(|(k, _)| k).collect(),
+            Err(e) => {
+                tracing::warn!(partition = self.io.partition, "looking for ended transactions: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Serves steps until told to stop (`Ok`) or the producer is lost (`Err`).
+    /// A step whose records cannot be written is taken again one record at a
+    /// time, and the one that fails alone is refused: no input makes the
+    /// partition retry for ever.
+    fn serve(&self, owned: &mut Owned) -> Result<()> {
         let mut failures = 0u32;
         let max = self.shared.config.max_batch as usize;
+        let mut one_at_a_time = 0usize;
+        let mut tombstoned = Instant::now();
         while !self.io.stopped() {
-            let batch = self.io.collect(max, TICK);
-            let ctx = self.shared.context();
-            let now = now_ms();
-            let step = {
-                let txs = self.view.lock().expect("view lock");
-                let mut step = Step::default();
-                for m in batch {
-                    step.handle(&ctx, &txs, m, now);
-                }
-                step.tick(&ctx, &txs, now);
-                step
-            };
+            let batch = self.io.collect(if one_at_a_time > 0 { 1 } else { max }, TICK);
+            let n = batch.len();
+            let single = (n == 1).then(|| batch[0].clone());
+            let tombstones = self.expired(owned, &mut tombstoned);
+            let step = self.decide(owned, batch, tombstones, None);
+            if let Some(e) = &step.store_failure {
+                return Err(anyhow!("the local store failed: {e}"));
+            }
             if step.is_empty() {
                 continue;
             }
             let started = Instant::now();
-            match self.transact(producer, &step) {
+            match self.transact(owned, &step) {
                 Ok(()) => {
                     failures = 0;
-                    if !step.prepares.is_empty() {
-                        esk_runtime::fault_point("after-prepare");
-                    }
-                    if !step.decided.is_empty() {
-                        esk_runtime::fault_point("after-decision");
-                    }
-                    for (commit, ms) in &step.decided {
-                        let outcome = if *commit { "committed" } else { "aborted" };
-                        metrics::counter!("esk_coordinator_decisions_total", "outcome" => outcome).increment(1);
-                        metrics::histogram!("esk_coordinator_decision_seconds").record(*ms as f64 / 1000.0);
-                    }
-                    metrics::histogram!("esk_coordinator_transaction_seconds").record(started.elapsed().as_secs_f64());
-                    let mut txs = self.view.lock().expect("view lock");
-                    txs.absorb(step.records(), step.sent.clone());
-                    let (open, in_doubt) = txs.counts(now);
-                    metrics::gauge!("esk_coordinator_open").set(open as f64);
-                    metrics::gauge!("esk_coordinator_in_doubt").set(in_doubt as f64);
+                    one_at_a_time = one_at_a_time.saturating_sub(n);
+                    self.committed(step, started)?;
                 }
-                Err(TxnError::Fatal(e)) => return Err(e),
-                Err(TxnError::Abortable(e)) => {
-                    failures += 1;
-                    metrics::counter!("esk_coordinator_aborts_total").increment(1);
-                    tracing::warn!(partition = self.io.partition, failures, "batch failed, retrying: {e:#}");
-                    if let Err(e) =
-                        producer.abort_transaction(Duration::from_millis(self.shared.config.transaction_timeout_ms))
-                    {
-                        return Err(anyhow!("abort_transaction failed: {e}"));
+                Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),
+                Err(Failure::Txn(TxnError::Rejected(e))) => {
+                    self.abort(owned)?;
+                    self.rewind()?;
+                    match single {
+                        Some(record) => {
+                            tracing::warn!(
+                                partition = self.io.partition,
+                                topic = record.topic,
+                                offset = record.offset,
+                                "refusing a record that cannot be written: {e:#}"
+                            );
+                            metrics::counter!("esk_coordinator_refused_inputs_total").increment(1);
+                            let step = self.decide(owned, Vec::new(), Vec::new(), Some((record, format!("{e:#}"))));
+                            match self.transact(owned, &step) {
+                                Ok(()) => {
+                                    self.committed(step, started)?;
+                                    one_at_a_time = one_at_a_time.saturating_sub(1);
+                                    self.rewind()?;
+                                }
+                                Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),
+                                Err(f) => self.failed(owned, f, &mut failures)?,
+                            }
+                        }
+                        None => one_at_a_time = n,
                     }
-                    self.io.rewind(Duration::from_millis(self.shared.config.transaction_timeout_ms))?;
-                    self.io.pause(Duration::from_millis(100 * u64::from(failures.min(50))));
                 }
+                Err(f) => self.failed(owned, f, &mut failures)?,
             }
         }
         Ok(())
     }
 
+    /// A step over `batch` and the clock, or the refusal of one record.
+    fn decide(
+        &self,
+        owned: &Owned,
+        batch: Vec<Incoming>,
+        tombstones: Vec<String>,
+        refuse: Option<(Incoming, String)>,
+    ) -> Step {
+        let ctx = self.shared.context();
+        let now = now_ms();
+        let txs = self.view.lock().expect("view lock");
+        let mut done = StoreDone { store: &owned.store, horizon_ms: self.shared.horizon_ms, now_ms: now };
+        let mut step = Step::default();
+        if let Some((record, reason)) = refuse {
+            step.refuse(&ctx, record, &reason);
+            return step;
+        }
+        for m in batch {
+            step.handle(&ctx, &txs, &mut done, m, now);
+        }
+        step.tick(&ctx, &txs, now);
+        step.tombstones = tombstones.into_iter().filter(|t| !txs.records.contains_key(t)).collect();
+        step
+    }
+
+    fn failed(&self, owned: &Owned, failure: Failure, failures: &mut u32) -> Result<()> {
+        *failures += 1;
+        let (e, began) = match &failure {
+            Failure::Txn(TxnError::Abortable(e) | TxnError::Rejected(e) | TxnError::Fatal(e)) => (e, true),
+            Failure::BeforeBegin(e) => (e, false),
+        };
+        tracing::warn!(partition = self.io.partition, failures, "batch failed, retrying: {e:#}");
+        if began {
+            self.abort(owned)?;
+        }
+        self.rewind()?;
+        self.io.pause(Duration::from_millis(100 * u64::from((*failures).min(50))));
+        Ok(())
+    }
+
+    /// After a commit: the view takes the records, the store too.
+    fn committed(&self, step: Step, started: Instant) -> Result<()> {
+        if !step.prepares.is_empty() {
+            esk_runtime::fault_point("after-prepare");
+        }
+        if !step.decided.is_empty() {
+            esk_runtime::fault_point("after-decision");
+        }
+        for (commit, ms) in &step.decided {
+            let outcome = if *commit { "committed" } else { "aborted" };
+            metrics::counter!("esk_coordinator_decisions_total", "outcome" => outcome).increment(1);
+            metrics::histogram!("esk_coordinator_decision_seconds").record(*ms as f64 / 1000.0);
+        }
+        metrics::counter!("esk_coordinator_expired_requests_total").increment(step.expired);
+        metrics::counter!("esk_coordinator_tombstones_total").increment(step.tombstones.len() as u64);
+        metrics::histogram!("esk_coordinator_transaction_seconds").record(started.elapsed().as_secs_f64());
+        let mut txs = self.view.lock().expect("view lock");
+        txs.absorb(step.records(), step.sent);
+        let (open, in_doubt) = txs.counts(now_ms());
+        drop(txs);
+        metrics::gauge!("esk_coordinator_open").set(open as f64);
+        metrics::gauge!("esk_coordinator_in_doubt").set(in_doubt as f64);
+        Ok(())
+    }
+
     /// The step's log records, prepares, decisions, replies and dead letters,
     /// with the consumed offsets, in one transaction: a decision's commit point.
-    fn transact(&self, producer: &FutureProducer, step: &Step) -> Result<(), TxnError> {
+    /// After the commit, the local store takes the log records.
+    fn transact(&self, owned: &mut Owned, step: &Step) -> Result<(), Failure> {
         let t = &self.shared.topics;
         let p = self.io.partition;
+        let producer = &owned.producer;
+        let records = step.records();
+        let values: Vec<Vec<u8>> = records
+            .iter()
+            .map(serde_json::to_vec)
+            .collect::<Result<_, _>>()
+            .map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
         producer.begin_transaction().map_err(classify)?;
         let mut deliveries = Vec::new();
-        let mut send = |topic: &str, partition: i32, key: &[u8], value: &[u8], headers: Option<OwnedHeaders>| {
-            let mut record = FutureRecord::to(topic).partition(partition).key(key).payload(value);
-            if let Some(h) = headers {
-                record = record.headers(h);
-            }
-            deliveries.push(producer.send_result(record).map_err(|(e, _)| classify(e))?);
-            Ok::<(), TxnError>(())
-        };
-        for r in step.records() {
-            send(&t.tx_log(), p, r.txid.as_bytes(), &json(&r), None)?;
+        let mut send =
+            |topic: &str, partition: i32, key: &[u8], value: Option<&[u8]>, headers: Option<OwnedHeaders>| {
+                let mut record = FutureRecord::to(topic).partition(partition).key(key);
+                if let Some(v) = value {
+                    record = record.payload(v);
+                }
+                if let Some(h) = headers {
+                    record = record.headers(h);
+                }
+                deliveries.push(producer.send_result(record).map_err(|(e, _)| classify(e))?);
+                Ok::<(), TxnError>(())
+            };
+        for (r, v) in records.iter().zip(&values) {
+            send(&t.tx_log(), p, r.txid.as_bytes(), Some(v), None)?;
+        }
+        for txid in &step.tombstones {
+            send(&t.tx_log(), p, txid.as_bytes(), None, None)?;
         }
         for (part, stream, prepare) in &step.prepares {
-            send(&t.tx_prepare(), *part, stream.as_bytes(), &json(prepare), None)?;
+            send(&t.tx_prepare(), *part, stream.as_bytes(), Some(&json(prepare)), None)?;
         }
         for (part, stream, decision) in &step.decisions {
-            send(&t.tx_commit(), *part, stream.as_bytes(), &json(decision), None)?;
+            send(&t.tx_commit(), *part, stream.as_bytes(), Some(&json(decision)), None)?;
         }
         for (part, txid, reply) in &step.replies {
-            send(&t.replies(), *part, txid.as_bytes(), &json(reply), None)?;
+            send(&t.replies(), *part, txid.as_bytes(), Some(&json(reply)), None)?;
         }
         for (o, reason) in &step.dead_letters {
             tracing::warn!(topic = o.topic, offset = o.offset, reason, "parked a record");
             let origin = Origin { topic: &o.topic, partition: o.partition, offset: o.offset };
-            let h = dead_letter_headers(&o.headers, reason, origin, "coordinator");
-            let key = o.key.as_deref().unwrap_or_default();
-            send(&t.dlq("coordinator"), p, key, o.payload.as_deref().unwrap_or_default(), Some(h))?;
+            let l = dead_letter(
+                o.key.as_deref(),
+                o.payload.as_deref(),
+                &o.headers,
+                reason,
+                origin,
+                "coordinator",
+                self.shared.limits.record_bytes,
+            );
+            let key = l.key.unwrap_or_default();
+            send(&t.dlq("coordinator"), p, &key, l.value.as_deref(), Some(l.headers))?;
             metrics::counter!("esk_coordinator_dead_letters_total").increment(1);
         }
-        txn::await_deliveries(deliveries)?;
+        let offsets = txn::await_deliveries(deliveries)?;
         let consumed: HashMap<String, i64> = step.consumed.clone();
         let timeout = Duration::from_millis(self.shared.config.transaction_timeout_ms);
-        txn::commit(producer, p, &consumed, self.io.group_metadata(), timeout, self.io.stop_flag())
+        txn::commit(producer, p, &consumed, self.io.group_metadata(), timeout, self.io.stop_flag())?;
+        let mut changes = Changes::default();
+        for ((r, v), offset) in records.iter().zip(values).zip(&offsets) {
+            put(&mut changes, *offset, r, v);
+        }
+        for (txid, offset) in step.tombstones.iter().zip(&offsets[records.len()..]) {
+            changes.deletes.push((txid.clone(), offset + 1));
+        }
+        if let Some(last) = offsets[..records.len() + step.tombstones.len()].iter().max() {
+            changes.position(&t.tx_log(), last + 1);
+        }
+        // Committed: a store that cannot take it is behind the log, so the
+        // partition is restored afresh.
+        owned
+            .store
+            .apply(&changes)
+            .map_err(|e| Failure::Txn(TxnError::Fatal(anyhow!("the local store failed after a commit: {e}"))))
     }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("protocol messages serialize")
+    serde_json::to_vec(v).unwrap_or_default()
 }

@@ -66,7 +66,19 @@ async fn tx(State(shared): State<Arc<Shared>>, Path(txid): Path<String>) -> (Sta
             ),
         );
     };
-    let record = txs.lock().expect("view lock").records.get(&txid).cloned();
+    let mut record = txs.lock().expect("view lock").records.get(&txid).cloned();
+    if record.is_none() {
+        let store = shared.store.clone();
+        let (horizon_ms, t) = (shared.horizon_ms, txid.clone());
+        record = tokio::task::spawn_blocking(move || {
+            use crate::logic::Done;
+            let partition = store.partition(p).ok()?;
+            crate::handler::StoreDone { store: &partition, horizon_ms, now_ms: now_ms() }.done(&t).ok().flatten()
+        })
+        .await
+        .ok()
+        .flatten();
+    }
     match record {
         Some(r) => (StatusCode::OK, Json(serde_json::to_value(TxStatus::of(&r)).expect("statuses serialize"))),
         None => {

@@ -8,7 +8,10 @@
 //! that takes over a partition restores its transactions from `tx.log`, sends
 //! again the decisions not yet acknowledged, and aborts the undecided ones
 //! whose deadline passed (presumed abort). Deadlines are wall-clock times in
-//! the log, so they survive restarts.
+//! the log, so they survive restarts. A txid retried within the idempotency
+//! horizon gets the first outcome; ended transactions are kept on disk (the
+//! local store) for the horizon, then tombstoned in the log. Memory holds the
+//! live transactions only.
 //!
 //! # Layout
 //! - [`config`]: flags and environment.
@@ -34,6 +37,7 @@ use esk_domain::Registry;
 use esk_kafka::KafkaConfig;
 use esk_kafka::admin::{Admin, Durability, TopicKind};
 use esk_wire::Topics;
+use esk_wire::limits::Limits;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -46,8 +50,14 @@ pub struct Shared {
     pub aggregates: Registry,
     pub partitions: i32,
     pub reply_partitions: i32,
-    /// The transactions of every partition this instance owns.
+    /// The live transactions of every partition this instance owns.
     pub owned: Mutex<BTreeMap<i32, Arc<Mutex<logic::Txs>>>>,
+    /// Ended transactions of the horizon, every partition, on disk.
+    pub store: Arc<esk_store::Store>,
+    pub limits: Limits,
+    pub horizon_ms: i64,
+    /// The standby: a follower of the whole log into the store.
+    pub standby: Option<esk_follower::Follower>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -63,8 +73,36 @@ impl Shared {
             partitions: self.partitions,
             reply_partitions: self.reply_partitions,
             resend_after_ms: self.config.resend_ms as i64,
+            limits: self.limits,
+            horizon_ms: self.horizon_ms,
         }
     }
+}
+
+/// The horizon: `--idempotency-horizon`, else how long `tx.requests` keeps
+/// requests; never shorter than that (a request still there could be read
+/// again after its transaction was forgotten).
+async fn horizon(config: &Config, admin: &Admin, topics: &Topics) -> Result<std::time::Duration> {
+    let requests = admin.topic_config(&topics.tx_requests(), "retention.ms").await?.and_then(|v| v.parse::<i64>().ok());
+    let kept = match requests {
+        Some(ms) if ms >= 0 => ms,
+        _ => bail!(
+            "{} keeps requests forever (retention.ms=-1), longer than any idempotency horizon: give it a retention \
+             (esk topics init sets the horizon)",
+            topics.tx_requests()
+        ),
+    };
+    let horizon = config.idempotency_horizon.unwrap_or(std::time::Duration::from_millis(kept as u64));
+    if (horizon.as_millis() as i64) < kept {
+        bail!(
+            "the idempotency horizon ({} s) is shorter than {} keeps requests ({} s): a transaction request read \
+             again after it was forgotten would run twice; give a longer --idempotency-horizon",
+            horizon.as_secs(),
+            topics.tx_requests(),
+            kept / 1000
+        );
+    }
+    Ok(horizon)
 }
 
 /// Runs the coordinator until `shutdown` is cancelled.
@@ -98,10 +136,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     admin
         .ensure(&[TopicKind::DeadLetters.spec(topics.dlq("coordinator"), partitions, Durability::for_brokers(brokers))])
         .await?;
+    let horizon = horizon(&config, &admin, &topics).await?;
+    let mut max_bytes = usize::MAX;
+    for t in [topics.tx_log(), topics.tx_prepare(), topics.tx_commit(), topics.replies(), topics.dlq("coordinator")] {
+        max_bytes = max_bytes.min(admin.max_message_bytes(&t).await?);
+    }
+    let limits = Limits::for_broker(max_bytes);
+    let store = Arc::new(esk_store::Store::open_instance(|i| config.store_dir(i), config.instance.as_deref())?);
     let listener = tokio::net::TcpListener::bind(&config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
-    tracing::info!(prefix = topics.prefix(), partitions, http = %listener.local_addr()?, "coordinator starting");
+    let standby = if config.standby {
+        let sink = esk_follower::store::StoreSink::new(store.clone(), topics.tx_log(), handler::TxLogIntake);
+        Some(esk_follower::spawn(&kafka, &topics.tx_log(), &format!("{}-standby", config.group_id()), sink)?)
+    } else {
+        None
+    };
+    tracing::info!(
+        prefix = topics.prefix(),
+        partitions,
+        horizon_s = horizon.as_secs(),
+        store = %store.dir().display(),
+        http = %listener.local_addr()?,
+        "coordinator starting"
+    );
     let shared = Arc::new(Shared {
         config,
         kafka,
@@ -110,6 +168,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         partitions,
         reply_partitions,
         owned: Mutex::new(BTreeMap::new()),
+        store,
+        limits,
+        horizon_ms: horizon.as_millis() as i64,
+        standby,
     });
     let server = tokio::spawn(http::serve(listener, shared.clone(), shutdown.clone()));
     let spec = esk_owner::GroupSpec {

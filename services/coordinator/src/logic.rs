@@ -1,24 +1,24 @@
 //! The coordinator's decisions, without I/O.
 //!
-//! A [`Step`] reads the partition's committed transactions ([`Txs`]) and records
-//! what a batch of requests and votes (or the clock) changes: log records,
-//! prepares, decisions, replies. The handler writes them all in one Kafka
-//! transaction; a decision's transaction is the commit point. Every input may
-//! come twice or late: each is idempotent by txid and stream.
+//! A [`Step`] reads the partition's live transactions ([`Txs`], in memory)
+//! and, through a [`Done`] lookup, the ones that ended within the idempotency
+//! horizon (on disk), and records what a batch of requests and votes (or the
+//! clock) changes: log records, prepares, decisions, replies. The handler
+//! writes them all in one Kafka transaction; a decision's transaction is the
+//! commit point. Every input may come twice or late: each is idempotent by
+//! txid and stream, and a vote for a decided transaction is answered with the
+//! decision, so no hold outlives it.
 
 use std::collections::HashMap;
 
 use esk_domain::Registry;
 use esk_owner::Incoming;
+use esk_wire::limits::{self, Limits, MAX_REASON_BYTES, shorten};
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{
     Decision, ErrorCode, ParticipantMessage, ParticipantState, Prepare, Reply, ReplyError, ReplyOutcome, TxRecord,
-    TxRequest, TxState, TxStatus, Verdict,
+    TxRequest, TxState, TxStatus, Verdict, Waiter,
 };
-
-/// Done transactions a partition keeps in memory for status queries; older
-/// ones answer `unknown` (their log records stay in the compacted topic).
-pub const MAX_DONE: usize = 100_000;
 
 /// What the coordinator knows about its installation.
 #[derive(Debug)]
@@ -29,9 +29,25 @@ pub struct Context<'a> {
     pub reply_partitions: i32,
     /// How long to wait for acknowledgements before sending a decision again.
     pub resend_after_ms: i64,
+    pub limits: Limits,
+    /// How long an ended transaction is remembered (ms).
+    pub horizon_ms: i64,
 }
 
-/// The committed transactions of one partition.
+/// Transactions that ended within the horizon, looked up by txid. `Err`:
+/// the local store failed, and the batch is tried again.
+pub trait Done {
+    fn done(&mut self, txid: &str) -> Result<Option<TxRecord>, String>;
+}
+
+/// No transaction ended: for a coordinator's first start, and tests.
+impl Done for HashMap<String, TxRecord> {
+    fn done(&mut self, txid: &str) -> Result<Option<TxRecord>, String> {
+        Ok(self.get(txid).cloned())
+    }
+}
+
+/// The live transactions of one partition: not yet acknowledged everywhere.
 #[derive(Debug, Default)]
 pub struct Txs {
     pub records: HashMap<String, TxRecord>,
@@ -41,27 +57,20 @@ pub struct Txs {
 }
 
 impl Txs {
+    /// Takes a committed step's records: live ones stay, done ones leave
+    /// memory (the handler keeps them in the local store).
     pub fn absorb(&mut self, records: Vec<TxRecord>, sent: Vec<(String, i64)>) {
         for r in records {
-            self.records.insert(r.txid.clone(), r);
+            if r.is_done() {
+                self.records.remove(&r.txid);
+            } else {
+                self.records.insert(r.txid.clone(), r);
+            }
         }
         self.sent_ms.extend(sent);
         self.sent_ms.retain(|txid, _| {
             self.records.get(txid).is_some_and(|r| matches!(r.state, TxState::Committing | TxState::Aborting))
         });
-        let done = self.records.values().filter(|r| matches!(r.state, TxState::Committed | TxState::Aborted)).count();
-        if done > MAX_DONE {
-            let mut old: Vec<(i64, String)> = self
-                .records
-                .values()
-                .filter(|r| matches!(r.state, TxState::Committed | TxState::Aborted))
-                .map(|r| (r.decided_ms.unwrap_or(r.created_ms), r.txid.clone()))
-                .collect();
-            old.sort();
-            for (_, txid) in old.into_iter().take(done - MAX_DONE) {
-                self.records.remove(&txid);
-            }
-        }
     }
 
     /// Open transactions, and those past their deadline without a decision.
@@ -78,6 +87,12 @@ impl Txs {
 pub struct Step {
     changed: HashMap<String, TxRecord>,
     order: Vec<String>,
+    /// Ended transactions looked up in this step (`None`: not known).
+    looked_up: HashMap<String, Option<TxRecord>>,
+    /// The local store failed: nothing of this step may be written.
+    pub store_failure: Option<String>,
+    /// Txids to tombstone in the log (ended longer ago than the horizon).
+    pub tombstones: Vec<String>,
     /// (tx.prepare partition, stream, prepare)
     pub prepares: Vec<(i32, String, Prepare)>,
     /// (tx.commit partition, stream, decision)
@@ -91,11 +106,14 @@ pub struct Step {
     pub sent: Vec<(String, i64)>,
     /// Decided in this step: (commit?, ms from creation to decision).
     pub decided: Vec<(bool, i64)>,
+    /// Begins refused as older than the horizon.
+    pub expired: u64,
 }
 
 impl Step {
     pub fn is_empty(&self) -> bool {
         self.changed.is_empty()
+            && self.tombstones.is_empty()
             && self.prepares.is_empty()
             && self.decisions.is_empty()
             && self.replies.is_empty()
@@ -108,8 +126,24 @@ impl Step {
         self.order.iter().map(|t| self.changed[t].clone()).collect()
     }
 
-    fn get<'a>(&'a self, base: &'a Txs, txid: &str) -> Option<&'a TxRecord> {
-        self.changed.get(txid).or_else(|| base.records.get(txid))
+    /// A transaction as this step sees it: changed here, live, or ended
+    /// within the horizon.
+    fn get(&mut self, base: &Txs, done: &mut dyn Done, txid: &str) -> Option<TxRecord> {
+        if let Some(r) = self.changed.get(txid).or_else(|| base.records.get(txid)) {
+            return Some(r.clone());
+        }
+        if let Some(r) = self.looked_up.get(txid) {
+            return r.clone();
+        }
+        let found = match done.done(txid) {
+            Ok(r) => r,
+            Err(e) => {
+                self.store_failure.get_or_insert(e);
+                None
+            }
+        };
+        self.looked_up.insert(txid.to_owned(), found.clone());
+        found
     }
 
     fn put(&mut self, record: TxRecord) {
@@ -119,40 +153,50 @@ impl Step {
         self.changed.insert(record.txid.clone(), record);
     }
 
-    fn reply(&mut self, partition: i32, txid: &str, outcome: ReplyOutcome) {
-        self.replies.push((partition, txid.to_owned(), Reply { request_id: txid.to_owned(), outcome }));
+    fn reply(&mut self, partition: i32, txid: &str, attempt: Option<String>, outcome: ReplyOutcome) {
+        self.replies.push((partition, txid.to_owned(), Reply { request_id: txid.to_owned(), attempt, outcome }));
+    }
+
+    fn decision_to(&mut self, ctx: &Context<'_>, txid: &str, stream: &str, verdict: Verdict, reason: Option<String>) {
+        let decision = Decision { txid: txid.to_owned(), stream: stream.to_owned(), decision: verdict, reason };
+        self.decisions.push((partition_for(stream.as_bytes(), ctx.partitions), stream.to_owned(), decision));
     }
 
     /// Decides one consumed record: input 0 is `tx.requests`, input 1 `tx.votes`.
-    pub fn handle(&mut self, ctx: &Context<'_>, base: &Txs, msg: Incoming, now_ms: i64) {
+    pub fn handle(&mut self, ctx: &Context<'_>, base: &Txs, done: &mut dyn Done, msg: Incoming, now_ms: i64) {
         let next = self.consumed.entry(msg.topic.clone()).or_insert(msg.offset);
         *next = (*next).max(msg.offset);
-        if msg.input == 0 { self.request(ctx, base, msg, now_ms) } else { self.participant(ctx, base, msg, now_ms) }
+        if msg.input == 0 {
+            self.request(ctx, base, done, msg, now_ms);
+        } else {
+            self.participant(ctx, base, done, msg, now_ms);
+        }
     }
 
-    fn request(&mut self, ctx: &Context<'_>, base: &Txs, msg: Incoming, now_ms: i64) {
-        let parsed = msg.payload.as_deref().map(serde_json::from_slice::<TxRequest>);
-        let request = match parsed {
-            Some(Ok(r)) => r,
-            Some(Err(e)) => {
-                let reason = format!("transaction request is not valid: {e}");
-                // Answer if the client can be found, else park the record.
-                let loose: Option<serde_json::Value> =
-                    msg.payload.as_deref().and_then(|p| serde_json::from_slice(p).ok());
-                let txid = loose.as_ref().and_then(|v| v.get("txid")?.as_str().map(str::to_owned));
-                let part = loose
-                    .as_ref()
-                    .and_then(|v| v.get("reply_partition")?.as_i64())
-                    .and_then(|p| i32::try_from(p).ok())
-                    .filter(|p| (0..ctx.reply_partitions).contains(p));
-                if let (Some(txid), Some(part)) = (txid, part) {
-                    self.reply(part, &txid, invalid(reason));
-                } else {
-                    self.dead_letters.push((msg, reason));
-                }
-                return;
-            }
-            None => return self.dead_letters.push((msg, "transaction request has no value".into())),
+    /// Refuses one consumed record without deciding it (the step that held it
+    /// could not be written): its client gets the reason when it can be
+    /// found, anything else is parked.
+    pub fn refuse(&mut self, ctx: &Context<'_>, msg: Incoming, reason: &str) {
+        let next = self.consumed.entry(msg.topic.clone()).or_insert(msg.offset);
+        *next = (*next).max(msg.offset);
+        let reason = shorten(reason, MAX_REASON_BYTES);
+        match (msg.input, loose_client(msg.payload.as_deref(), ctx.reply_partitions)) {
+            (0, Some((part, txid, attempt))) => self.reply(part, &txid, attempt, invalid(reason)),
+            _ => self.dead_letters.push((msg, reason)),
+        }
+    }
+
+    fn request(&mut self, ctx: &Context<'_>, base: &Txs, done: &mut dyn Done, msg: Incoming, now_ms: i64) {
+        let Some(payload) = msg.payload.as_deref() else {
+            return self.dead_letters.push((msg, "transaction request has no value".into()));
+        };
+        if payload.len() > ctx.limits.request_bytes() {
+            let reason = format!("the request is {} bytes; the limit is {}", payload.len(), ctx.limits.request_bytes());
+            return self.refuse(ctx, msg, &reason);
+        }
+        let request = match serde_json::from_slice::<TxRequest>(payload) {
+            Ok(r) => r,
+            Err(e) => return self.refuse(ctx, msg, &format!("transaction request is not valid: {e}")),
         };
         let part = request.reply_partition();
         if !(0..ctx.reply_partitions).contains(&part) {
@@ -160,13 +204,35 @@ impl Step {
                 format!("reply_partition {part} does not exist (the replies topic has {})", ctx.reply_partitions);
             return self.dead_letters.push((msg, reason));
         }
+        let txid = request.txid().to_owned();
+        if txid.is_empty() || txid.len() > limits::MAX_TXID_BYTES || !txid.chars().all(|c| c.is_ascii_graphic()) {
+            return self.refuse(
+                ctx,
+                msg,
+                &format!("a txid has 1 to {} visible ASCII characters", limits::MAX_TXID_BYTES),
+            );
+        }
+        if request.attempt().is_some_and(|a| limits::check_request_id(a).is_err()) {
+            return self.dead_letters.push((msg, "the request's attempt is not 1 to 128 visible characters".into()));
+        }
+        let attempt = request.attempt().map(str::to_owned);
         match request {
             TxRequest::Status { txid, .. } => {
-                let status = self.get(base, &txid).map_or_else(|| TxStatus::unknown(&txid), TxStatus::of);
-                self.reply(part, &txid, ReplyOutcome::Tx(status));
+                let status = self.get(base, done, &txid).map_or_else(
+                    || {
+                        let mut s = TxStatus::unknown(&txid);
+                        s.reason = Some(format!(
+                            "no record of {txid}: never begun, or ended more than the idempotency horizon ({} s) ago",
+                            ctx.horizon_ms / 1000
+                        ));
+                        s
+                    },
+                    |r| TxStatus::of(&r),
+                );
+                self.reply(part, &txid, attempt, ReplyOutcome::Tx(status));
             }
-            TxRequest::Begin { txid, participants, timeout_ms, .. } => {
-                if let Some(known) = self.get(base, &txid).cloned() {
+            TxRequest::Begin { txid, participants, timeout_ms, sent_ms, .. } => {
+                if let Some(mut known) = self.get(base, done, &txid) {
                     let same = known.participants.len() == participants.len()
                         && known
                             .participants
@@ -174,32 +240,44 @@ impl Step {
                             .zip(&participants)
                             .all(|(a, b)| a.stream == b.stream && a.command == b.command);
                     if !same {
-                        return self.reply(
-                            part,
-                            &txid,
-                            invalid(format!("txid {txid} is already used for another transaction")),
-                        );
+                        let reason = format!("txid {txid} is already used for another transaction");
+                        return self.reply(part, &txid, attempt, invalid(reason));
                     }
                     if known.state.is_decided() {
-                        return self.reply(part, &txid, ReplyOutcome::Tx(TxStatus::of(&known)));
+                        return self.reply(part, &txid, attempt, ReplyOutcome::Tx(TxStatus::of(&known)));
                     }
                     // A retry while votes come in: answer it with the decision.
-                    if !known.reply_partitions.contains(&part) {
-                        let mut r = known;
-                        r.reply_partitions.push(part);
-                        self.put(r);
+                    let waiter = Waiter { partition: part, attempt };
+                    if !known.waiters.contains(&waiter) && known.waiters.len() < 16 {
+                        known.waiters.push(waiter);
+                        self.put(known);
                     }
                     return;
                 }
+                if self.store_failure.is_some() {
+                    return;
+                }
+                let origin = sent_ms.or_else(|| limits::uuid_v7_ms(&txid));
+                if origin.is_some_and(|o| o < now_ms - ctx.horizon_ms) {
+                    self.expired += 1;
+                    let outcome = ReplyOutcome::Error(ReplyError {
+                        code: ErrorCode::RequestExpired,
+                        message: format!(
+                            "transaction {txid} was first sent longer ago than the idempotency horizon ({} s): it may \
+                             have run, and the coordinator no longer remembers it; nothing was done. Check its \
+                             participants and run it again under a new txid if it is missing",
+                            ctx.horizon_ms / 1000
+                        ),
+                        actual_version: None,
+                    });
+                    return self.reply(part, &txid, attempt, outcome);
+                }
                 if let Err(reason) = esk_client::tx::validate(&txid, &participants, timeout_ms, ctx.aggregates) {
-                    return self.reply(part, &txid, invalid(reason));
+                    return self.reply(part, &txid, attempt, invalid(reason));
                 }
-                for p in &participants {
-                    let prepare = Prepare { txid: txid.clone(), stream: p.stream.clone(), command: p.command.clone() };
-                    self.prepares.push((partition_for(p.stream.as_bytes(), ctx.partitions), p.stream.clone(), prepare));
-                }
-                self.put(TxRecord {
-                    txid,
+                let deadline_ms = now_ms + timeout_ms as i64;
+                let record = TxRecord {
+                    txid: txid.clone(),
                     state: TxState::Preparing,
                     participants: participants
                         .into_iter()
@@ -211,60 +289,112 @@ impl Step {
                             acked: false,
                         })
                         .collect(),
-                    deadline_ms: now_ms + timeout_ms as i64,
+                    deadline_ms,
                     created_ms: now_ms,
                     decided_ms: None,
                     reason: None,
-                    reply_partitions: vec![part],
-                });
+                    waiters: vec![Waiter { partition: part, attempt: attempt.clone() }],
+                    done_ms: None,
+                };
+                let size = serde_json::to_vec(&record).map_or(usize::MAX, |v| v.len());
+                if size > ctx.limits.tx_record_bytes() {
+                    let reason = format!(
+                        "the transaction is {size} bytes; the limit is {} (its record must fit the broker's \
+                         message.max.bytes with its votes)",
+                        ctx.limits.tx_record_bytes()
+                    );
+                    return self.reply(part, &txid, attempt, invalid(reason));
+                }
+                for p in &record.participants {
+                    let prepare = Prepare {
+                        txid: txid.clone(),
+                        stream: p.stream.clone(),
+                        command: p.command.clone(),
+                        deadline_ms: Some(deadline_ms),
+                    };
+                    self.prepares.push((partition_for(p.stream.as_bytes(), ctx.partitions), p.stream.clone(), prepare));
+                }
+                self.put(record);
             }
         }
     }
 
-    fn participant(&mut self, ctx: &Context<'_>, base: &Txs, msg: Incoming, now_ms: i64) {
+    fn participant(&mut self, ctx: &Context<'_>, base: &Txs, done: &mut dyn Done, msg: Incoming, now_ms: i64) {
         let message = match msg.payload.as_deref().map(serde_json::from_slice::<ParticipantMessage>) {
             Some(Ok(m)) => m,
-            Some(Err(e)) => return self.dead_letters.push((msg, format!("participant message is not valid: {e}"))),
+            Some(Err(e)) => {
+                let reason = format!("participant message is not valid: {e}");
+                return self.dead_letters.push((msg, shorten(&reason, MAX_REASON_BYTES)));
+            }
             None => return self.dead_letters.push((msg, "participant message has no value".into())),
         };
+        let (txid, stream) = match &message {
+            ParticipantMessage::Vote(v) => (&v.txid, &v.stream),
+            ParticipantMessage::Ack(a) => (&a.txid, &a.stream),
+        };
+        if txid.is_empty() || txid.len() > limits::MAX_TXID_BYTES || esk_wire::StreamName::parse(stream).is_err() {
+            return self.dead_letters.push((msg, "a participant message with a bad txid or stream".into()));
+        }
         match message {
             ParticipantMessage::Vote(v) => {
-                let Some(mut r) = self.get(base, &v.txid).cloned() else {
+                let known = self.get(base, done, &v.txid);
+                if self.store_failure.is_some() {
+                    return;
+                }
+                let Some(mut r) = known else {
                     if v.yes {
                         // Presumed abort: a yes for a transaction this log does not
                         // hold must not leave a hold behind.
-                        let decision = Decision {
-                            txid: v.txid.clone(),
-                            stream: v.stream.clone(),
-                            decision: Verdict::Abort,
-                            reason: Some("unknown transaction".into()),
-                        };
-                        self.decisions.push((partition_for(v.stream.as_bytes(), ctx.partitions), v.stream, decision));
+                        self.decision_to(ctx, &v.txid, &v.stream, Verdict::Abort, Some("unknown transaction".into()));
                     }
                     return;
                 };
-                if r.state != TxState::Preparing {
-                    return; // Late: the decision was sent to every participant already.
-                }
+                let spurious = || Some(format!("transaction {} ended; this hold came from a late prepare", v.txid));
                 let Some(p) = r.participants.iter_mut().find(|p| p.stream == v.stream) else {
-                    return self.dead_letters.push((msg, format!("{} is not a participant of {}", v.stream, v.txid)));
+                    // Not a participant: a hold placed by a stray prepare must not stay.
+                    if v.yes {
+                        let reason = Some(format!("{} is not a participant of {}", v.stream, v.txid));
+                        self.decision_to(ctx, &v.txid, &v.stream, Verdict::Abort, reason);
+                    }
+                    return;
                 };
-                if p.vote.is_some() {
-                    return; // A duplicate vote.
-                }
-                p.vote = Some(v.yes);
-                p.reason.clone_from(&v.reason);
-                if !v.yes {
-                    let reason = format!("{} voted no: {}", v.stream, v.reason.as_deref().unwrap_or("no reason given"));
-                    self.decide(ctx, r, Verdict::Abort, Some(reason), now_ms);
-                } else if r.participants.iter().all(|p| p.vote == Some(true)) {
-                    self.decide(ctx, r, Verdict::Commit, None, now_ms);
-                } else {
-                    self.put(r);
+                match r.state {
+                    TxState::Preparing => {
+                        if p.vote.is_some() {
+                            return; // A duplicate vote.
+                        }
+                        p.vote = Some(v.yes);
+                        p.reason = v.reason.as_deref().map(|r| shorten(r, MAX_REASON_BYTES));
+                        if !v.yes {
+                            let why = v
+                                .reason
+                                .as_deref()
+                                .map_or_else(|| "no reason given".to_owned(), |r| shorten(r, MAX_REASON_BYTES));
+                            let reason = format!("{} voted no: {why}", v.stream);
+                            self.decide(ctx, r, Verdict::Abort, Some(reason), now_ms);
+                        } else if r.participants.iter().all(|p| p.vote == Some(true)) {
+                            self.decide(ctx, r, Verdict::Commit, None, now_ms);
+                        } else {
+                            self.put(r);
+                        }
+                    }
+                    // Decided, this participant not acknowledged yet: it may
+                    // have missed the decision (or asks for it): send it again.
+                    TxState::Committing | TxState::Aborting if !p.acked => {
+                        if self.sent.iter().any(|(t, _)| *t == v.txid) {
+                            return; // Sent in this very step.
+                        }
+                        let verdict = if r.state == TxState::Committing { Verdict::Commit } else { Verdict::Abort };
+                        self.decision_to(ctx, &v.txid, &v.stream, verdict, r.reason.clone());
+                    }
+                    // It applied the decision already: a yes now is a hold
+                    // from a late or duplicate prepare, to be released.
+                    _ if v.yes => self.decision_to(ctx, &v.txid, &v.stream, Verdict::Abort, spurious()),
+                    _ => {}
                 }
             }
             ParticipantMessage::Ack(a) => {
-                let Some(mut r) = self.get(base, &a.txid).cloned() else { return };
+                let Some(mut r) = self.get(base, done, &a.txid) else { return };
                 if !matches!(r.state, TxState::Committing | TxState::Aborting) {
                     return;
                 }
@@ -275,6 +405,8 @@ impl Step {
                 p.acked = true;
                 if r.participants.iter().all(|p| p.acked) {
                     r.state = if r.state == TxState::Committing { TxState::Committed } else { TxState::Aborted };
+                    r.done_ms = Some(now_ms);
+                    r.waiters.clear();
                 }
                 self.put(r);
             }
@@ -286,11 +418,11 @@ impl Step {
     fn decide(&mut self, ctx: &Context<'_>, mut r: TxRecord, verdict: Verdict, reason: Option<String>, now_ms: i64) {
         r.state = if verdict == Verdict::Commit { TxState::Committing } else { TxState::Aborting };
         r.decided_ms = Some(now_ms);
-        r.reason.clone_from(&reason);
+        r.reason = reason.map(|r| shorten(&r, MAX_REASON_BYTES));
         self.send_decisions(ctx, &r, now_ms);
         let status = TxStatus::of(&r);
-        for part in &r.reply_partitions {
-            self.reply(*part, &r.txid, ReplyOutcome::Tx(status.clone()));
+        for w in &r.waiters {
+            self.reply(w.partition, &r.txid, w.attempt.clone(), ReplyOutcome::Tx(status.clone()));
         }
         self.decided.push((verdict == Verdict::Commit, now_ms - r.created_ms));
         self.put(r);
@@ -345,7 +477,24 @@ impl Step {
 }
 
 fn invalid(message: String) -> ReplyOutcome {
-    ReplyOutcome::Error(ReplyError { code: ErrorCode::InvalidInput, message, actual_version: None })
+    ReplyOutcome::Error(ReplyError {
+        code: ErrorCode::InvalidInput,
+        message: shorten(&message, MAX_REASON_BYTES),
+        actual_version: None,
+    })
+}
+
+/// Where to answer a request that is not valid, if it says and the values are small.
+fn loose_client(payload: Option<&[u8]>, reply_partitions: i32) -> Option<(i32, String, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_slice(payload?).ok()?;
+    let txid = v.get("txid")?.as_str().filter(|t| !t.is_empty() && t.len() <= limits::MAX_TXID_BYTES)?;
+    let part = v
+        .get("reply_partition")?
+        .as_i64()
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|p| (0..reply_partitions).contains(p))?;
+    let attempt = v.get("attempt").and_then(|a| a.as_str()).filter(|a| limits::check_request_id(a).is_ok());
+    Some((part, txid.to_owned(), attempt.map(str::to_owned)))
 }
 
 #[cfg(test)]

@@ -62,10 +62,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let kafka = KafkaConfig::new(&config.bootstrap_servers, std::time::Duration::from_secs(30))?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);
-    let mut schemas = SchemaRegistry::builtin();
-    if let Some(dir) = &config.schemas_dir {
-        schemas.add_dir(dir).with_context(|| format!("loading schemas from {}", dir.display()))?;
-    }
+    let schemas = SchemaRegistry::with_dir(config.schemas_dir.as_deref())
+        .with_context(|| format!("loading schemas from {:?}", config.schemas_dir))?;
     let schemas = Arc::new(schemas);
     let listener = tokio::net::TcpListener::bind(&config.http_addr)
         .await

@@ -1,38 +1,43 @@
-//! The writer's decisions for one batch of requests, without any I/O.
+//! The writer's decisions for one batch of requests, without Kafka.
 //!
-//! A [`Batch`] reads the partition's committed [`PartitionState`] and records
-//! everything the batch changes in a scratch copy: the events to append, the
-//! stream records, replies, votes and dead letters. The Kafka side writes the
-//! events, learns their offsets, calls [`Batch::finish`] to fill in positions and
-//! indexes, writes the rest and commits; only then does [`PartitionState::absorb`]
-//! make the scratch the new committed state. An aborted transaction just drops
-//! the batch: nothing half-applied survives.
+//! A [`Batch`] reads what the partition committed through a [`Lookup`] (the
+//! streams' records, the answers and decisions remembered for the
+//! idempotency horizon) and records everything the batch changes in a scratch
+//! copy: the events to append, the stream records, replies, votes, dead
+//! letters and what to remember. The Kafka side writes the events, learns
+//! their offsets, calls [`Batch::finish`] to fill in positions and indexes,
+//! writes the rest and commits; only then does the partition's memory take
+//! the new records. An aborted transaction just drops the batch: nothing
+//! half-applied survives.
+//!
+//! Every input is hostile until decoded: nothing here panics on any bytes
+//! (`tests::arbitrary_records_never_panic`), and every record it makes is
+//! bounded (see `esk_wire::limits`), so that it can always be written.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use esk_domain::{DomainError, EventData, Registry};
+use esk_domain::{DomainError, DynError, EventData, Registry};
+use esk_wire::limits::{
+    self, Limits, MAX_EVENT_ID_BYTES, MAX_EVENTS_PER_REQUEST, MAX_REASON_BYTES, MAX_TXID_BYTES, MAX_TYPE_BYTES, shorten,
+};
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{
-    Answered, Appended, CommandData, Decided, Decision, ErrorCode, ExpectedVersion, IndexEntry, NewEvent,
-    ParticipantMessage, Position, Prepare, Reply, ReplyError, ReplyOutcome, Request, RequestBody, StreamHead,
+    Answered, Appended, CommandData, Decided, Decision, ErrorCode, ExpectedVersion, IndexEntry, Memory, NewEvent,
+    OpenHold, ParticipantMessage, Position, Prepare, Reply, ReplyError, ReplyOutcome, Request, RequestBody, StreamHead,
     StreamRecord, TxAck, TxVote, Verdict,
 };
 use esk_wire::{Event, SchemaRegistry, StreamName};
 use serde_json::Value;
 
-/// Requests a stream remembers for idempotent retries.
-pub const MAX_ANSWERED: usize = 16;
-/// 2PC decisions a stream remembers, so a late duplicate Prepare places no hold.
-pub const MAX_DECIDED: usize = 32;
 /// Index entries per stream; older runs are merged beyond this.
 pub const MAX_INDEX: usize = 32;
-/// Events in one request.
-pub const MAX_EVENTS_PER_REQUEST: usize = 1000;
-/// Bytes of one event's JSON data.
-pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// 2PC holds one stream may have open at once.
+pub const MAX_OPEN_HOLDS: usize = 256;
 /// The CloudEvents source of everything the writer appends.
 pub const SOURCE: &str = "esk/writer";
+/// A hold placed by a prepare without a deadline is asked about this long after.
+pub const DEFAULT_HOLD_DEADLINE_MS: i64 = 300_000;
 
 pub use esk_owner::Incoming;
 
@@ -68,6 +73,9 @@ pub struct Context<'a> {
     pub vote_partitions: i32,
     /// Categories whose events topic cannot be written (and why).
     pub unusable: HashMap<String, String>,
+    pub limits: Limits,
+    /// How long answers and decisions are remembered (ms).
+    pub horizon_ms: i64,
 }
 
 impl Context<'_> {
@@ -80,24 +88,32 @@ impl Context<'_> {
     }
 }
 
-/// The committed state of one partition: every stream that hashes to it.
-#[derive(Debug, Default)]
-pub struct PartitionState {
-    pub partition: i32,
-    pub streams: HashMap<String, StreamRecord>,
+/// Why a lookup did not answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupError {
+    /// This stream cannot be served (its state record was refused): its
+    /// requests are answered with the reason.
+    Unservable(String),
+    /// The local store failed: the batch is tried again.
+    Store(String),
 }
 
-impl PartitionState {
-    pub fn new(partition: i32) -> Self {
-        Self { partition, streams: HashMap::new() }
-    }
-
-    /// Makes a finished batch's changes the committed state.
-    pub fn absorb(&mut self, records: Vec<StreamRecord>) {
-        for r in records {
-            self.streams.insert(r.stream.clone(), r);
-        }
-    }
+/// What the partition committed, as a batch needs it. Answers and decisions
+/// older than the idempotency horizon are not returned.
+pub trait Lookup {
+    /// A stream's committed record (`None`: no events yet).
+    fn stream(&mut self, stream: &str) -> Result<Option<StreamRecord>, LookupError>;
+    /// The answer to a request of this stream.
+    fn answer(&mut self, stream: &str, request_id: &str) -> Result<Option<Answered>, LookupError>;
+    /// The answer to an append of this stream whose first event had this id, at this expected version.
+    fn answer_by_event(
+        &mut self,
+        stream: &str,
+        event_id: &str,
+        expected: ExpectedVersion,
+    ) -> Result<Option<Answered>, LookupError>;
+    /// The decision this stream applied for a transaction.
+    fn decided(&mut self, stream: &str, txid: &str) -> Result<Option<Decided>, LookupError>;
 }
 
 /// An event to append, in order.
@@ -145,48 +161,71 @@ struct Run {
     first_event: usize,
 }
 
+/// A remembered answer of this batch, with its last event.
+#[derive(Debug, Clone)]
+struct InBatch {
+    answer: Answered,
+    last_event: Option<usize>,
+}
+
 /// Everything a batch decided, with positions still open.
-#[derive(Debug)]
 pub struct Batch<'s> {
-    base: &'s PartitionState,
+    lookup: &'s mut dyn Lookup,
+    /// Committed records looked up (`None`: the stream has none).
+    loaded: HashMap<String, Option<StreamRecord>>,
     scratch: HashMap<String, StreamRecord>,
     touched: Vec<String>,
     runs: Vec<Run>,
     pub events: Vec<OutEvent>,
-    replies: Vec<(i32, String, PendingReply)>,
+    replies: Vec<(i32, String, Option<String>, PendingReply)>,
     pub votes: Vec<(i32, String, ParticipantMessage)>,
     pub dead_letters: Vec<DeadLetter>,
     /// Highest offset consumed per input topic.
     pub consumed: HashMap<String, i64>,
-    /// Requests answered in this batch, with their last event.
-    in_batch: Vec<(Answered, Option<usize>)>,
+    /// Requests answered in this batch.
+    in_batch: Vec<InBatch>,
+    decisions: Vec<(String, Decided)>,
+    /// Retries answered from memory, requests refused as expired.
+    pub retries_answered: u64,
+    pub expired: u64,
+    /// The local store failed: nothing of this batch may be written.
+    pub store_failure: Option<String>,
+    now: DateTime<Utc>,
 }
 
-/// A batch with every position known: what to write after the events.
-#[derive(Debug)]
-pub struct Finished {
-    /// New stream records, ordered by their last event's offset.
-    pub records: Vec<StreamRecord>,
-    /// (replies partition, request id, reply).
-    pub replies: Vec<(i32, String, Reply)>,
-}
-
-fn error(code: ErrorCode, message: impl Into<String>) -> ReplyOutcome {
-    ReplyOutcome::Error(ReplyError { code, message: message.into(), actual_version: None })
-}
-
-fn domain_error(e: DomainError) -> ReplyOutcome {
-    match e {
-        DomainError::Invalid(m) => error(ErrorCode::InvalidInput, m),
-        DomainError::Rejected(m) => error(ErrorCode::DomainRefused, m),
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").field("events", &self.events.len()).field("touched", &self.touched).finish()
     }
 }
 
-fn push_bounded<T>(v: &mut Vec<T>, item: T, max: usize) {
-    v.push(item);
-    if v.len() > max {
-        let excess = v.len() - max;
-        v.drain(..excess);
+/// A batch with every position known: what to write after the events,
+/// serialized, each within the limits.
+#[derive(Debug)]
+pub struct Finished {
+    /// New stream records, ordered by their last event's offset, with their JSON.
+    pub records: Vec<(StreamRecord, Vec<u8>)>,
+    /// (replies partition, request id, reply JSON).
+    pub replies: Vec<(i32, String, Vec<u8>)>,
+    /// What to remember on the answers topic, with its JSON.
+    pub memories: Vec<(Memory, Vec<u8>)>,
+}
+
+/// A batch that made a record too large to write (an aggregate state that
+/// grew past the limit): its inputs are taken one at a time, and the one that
+/// does it is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Oversized(pub String);
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ReplyOutcome {
+    ReplyOutcome::Error(ReplyError { code, message: shorten(&message.into(), MAX_REASON_BYTES), actual_version: None })
+}
+
+fn domain_error(e: DynError) -> ReplyOutcome {
+    match e {
+        DynError::Domain(DomainError::Invalid(m)) => error(ErrorCode::InvalidInput, m),
+        DynError::Domain(DomainError::Rejected(m)) => error(ErrorCode::DomainRefused, m),
+        DynError::State(m) => error(ErrorCode::Internal, m),
     }
 }
 
@@ -194,22 +233,66 @@ fn push_bounded<T>(v: &mut Vec<T>, item: T, max: usize) {
 /// the entry whose removal adds the fewest offsets to scan.
 pub fn compact_index(index: &mut Vec<IndexEntry>) {
     while index.len() > MAX_INDEX {
-        let (drop, _) = (1..index.len() - 1)
-            .map(|i| (i, index[i + 1].offset - index[i - 1].offset))
-            .min_by_key(|(_, span)| *span)
-            .expect("more than MAX_INDEX entries");
+        let Some((drop, _)) =
+            (1..index.len() - 1).map(|i| (i, index[i + 1].offset - index[i - 1].offset)).min_by_key(|(_, span)| *span)
+        else {
+            return;
+        };
         index.remove(drop);
     }
 }
 
 fn is_event_type(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 100 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    !s.is_empty()
+        && s.len() <= MAX_TYPE_BYTES
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+fn json_len(v: &Value) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
+}
+
+/// The loose fields of a record that is not a valid request: enough to
+/// answer its client, if they are there and small.
+struct Loose {
+    request_id: Option<String>,
+    attempt: Option<String>,
+    reply_partition: Option<i32>,
+}
+
+impl Loose {
+    fn of(payload: &[u8], reply_partitions: i32) -> Self {
+        let v: Option<Value> = serde_json::from_slice(payload).ok();
+        let text = |name: &str| v.as_ref().and_then(|v| v.get(name)?.as_str().map(str::to_owned));
+        Self {
+            request_id: text("request_id"),
+            attempt: text("attempt").filter(|a| limits::check_request_id(a).is_ok()),
+            reply_partition: v
+                .as_ref()
+                .and_then(|v| v.get("reply_partition")?.as_i64())
+                .and_then(|p| i32::try_from(p).ok())
+                .filter(|p| (0..reply_partitions).contains(p)),
+        }
+    }
+
+    /// Where and under which id to answer: the request id if it is valid (or
+    /// cut short when the attempt tells the client anyway).
+    fn answer_to(&self) -> Option<(i32, String, Option<String>)> {
+        let part = self.reply_partition?;
+        let id = self.request_id.as_deref()?;
+        match (limits::check_request_id(id), &self.attempt) {
+            (Ok(()), attempt) => Some((part, id.to_owned(), attempt.clone())),
+            (Err(_), Some(attempt)) => Some((part, shorten(id, 64), Some(attempt.clone()))),
+            (Err(_), None) => None,
+        }
+    }
 }
 
 impl<'s> Batch<'s> {
-    pub fn new(base: &'s PartitionState) -> Self {
+    pub fn new(lookup: &'s mut dyn Lookup, now: DateTime<Utc>) -> Self {
         Self {
-            base,
+            lookup,
+            loaded: HashMap::new(),
             scratch: HashMap::new(),
             touched: Vec::new(),
             runs: Vec::new(),
@@ -219,6 +302,11 @@ impl<'s> Batch<'s> {
             dead_letters: Vec::new(),
             consumed: HashMap::new(),
             in_batch: Vec::new(),
+            decisions: Vec::new(),
+            retries_answered: 0,
+            expired: 0,
+            store_failure: None,
+            now,
         }
     }
 
@@ -231,22 +319,46 @@ impl<'s> Batch<'s> {
             && self.touched.is_empty()
     }
 
+    fn now_ms(&self) -> i64 {
+        self.now.timestamp_millis()
+    }
+
+    /// Makes the stream's committed record available to [`Self::record`].
+    fn load(&mut self, stream: &str) -> Result<(), String> {
+        if self.scratch.contains_key(stream) || self.loaded.contains_key(stream) {
+            return Ok(());
+        }
+        match self.lookup.stream(stream) {
+            Ok(r) => {
+                self.loaded.insert(stream.to_owned(), r);
+                Ok(())
+            }
+            Err(e) => Err(self.lookup_failed(e)),
+        }
+    }
+
+    /// A lookup's failure as a reason for the request, noting a store failure.
+    fn lookup_failed(&mut self, e: LookupError) -> String {
+        match e {
+            LookupError::Unservable(reason) => reason,
+            LookupError::Store(reason) => {
+                self.store_failure.get_or_insert_with(|| reason.clone());
+                format!("the writer's local store failed: {reason}")
+            }
+        }
+    }
+
     fn record(&self, stream: &str) -> Option<&StreamRecord> {
-        self.scratch.get(stream).or_else(|| self.base.streams.get(stream))
+        self.scratch.get(stream).or_else(|| self.loaded.get(stream).and_then(Option::as_ref))
     }
 
     fn record_mut(&mut self, stream: &StreamName, ctx: &Context<'_>) -> &mut StreamRecord {
         let name = stream.as_str();
         if !self.scratch.contains_key(name) {
-            let rec = self.base.streams.get(name).cloned().unwrap_or_else(|| StreamRecord {
-                stream: name.to_owned(),
-                version: 0,
-                state: ctx.aggregates.get(stream.category()).map(|a| a.initial()),
-                last_offset: -1,
-                index: Vec::new(),
-                answered: Vec::new(),
-                decided: Vec::new(),
-            });
+            let rec =
+                self.loaded.get(name).cloned().flatten().unwrap_or_else(|| {
+                    StreamRecord::new(name, ctx.aggregates.get(stream.category()).map(|a| a.initial()))
+                });
             self.scratch.insert(name.to_owned(), rec);
         }
         if !self.touched.iter().any(|t| t == name) {
@@ -256,18 +368,47 @@ impl<'s> Batch<'s> {
     }
 
     /// Decides one consumed record.
-    pub fn handle(&mut self, ctx: &Context<'_>, msg: Incoming, now: DateTime<Utc>) {
+    pub fn handle(&mut self, ctx: &Context<'_>, msg: Incoming) {
         let next = self.consumed.entry(msg.topic.clone()).or_insert(msg.offset);
         *next = (*next).max(msg.offset);
         match Source::of(msg.input) {
-            Source::Commands => self.handle_request(ctx, msg, now),
-            Source::Prepare => self.handle_prepare(ctx, msg, now),
-            Source::Commit => self.handle_decision(ctx, msg, now),
+            Source::Commands => self.handle_request(ctx, msg),
+            Source::Prepare => self.handle_prepare(ctx, msg),
+            Source::Commit => self.handle_decision(ctx, msg),
+        }
+    }
+
+    /// Refuses one consumed record without deciding it (the batch that held
+    /// it could not be written, see [`Oversized`] and `TxnError::Rejected`):
+    /// its client gets the reason when it can be found, a prepare is voted
+    /// no, anything else is parked.
+    pub fn refuse(&mut self, ctx: &Context<'_>, msg: Incoming, reason: &str) {
+        let next = self.consumed.entry(msg.topic.clone()).or_insert(msg.offset);
+        *next = (*next).max(msg.offset);
+        let payload = msg.payload.as_deref().unwrap_or_default();
+        match Source::of(msg.input) {
+            Source::Commands => match Loose::of(payload, ctx.reply_partitions).answer_to() {
+                Some((part, id, attempt)) => self.reply(part, id, attempt, error(ErrorCode::InvalidInput, reason)),
+                None => self.dead_letter(msg, reason),
+            },
+            Source::Prepare => match serde_json::from_slice::<Prepare>(payload) {
+                Ok(p)
+                    if !p.txid.is_empty()
+                        && p.txid.len() <= MAX_TXID_BYTES
+                        && p.stream.len() <= esk_wire::stream::MAX_STREAM_LEN =>
+                {
+                    let reason = Some(shorten(reason, MAX_REASON_BYTES));
+                    let vote = TxVote { txid: p.txid.clone(), stream: p.stream, yes: false, reason };
+                    self.vote(ctx, &p.txid, ParticipantMessage::Vote(vote));
+                }
+                _ => self.dead_letter(msg, reason),
+            },
+            Source::Commit => self.dead_letter(msg, reason),
         }
     }
 
     fn dead_letter(&mut self, msg: Incoming, reason: impl Into<String>) {
-        self.dead_letters.push(DeadLetter { original: msg, reason: reason.into() });
+        self.dead_letters.push(DeadLetter { original: msg, reason: shorten(&reason.into(), MAX_REASON_BYTES) });
     }
 
     /// Checks that a stream name is valid and belongs to the record's partition.
@@ -280,34 +421,26 @@ impl<'s> Batch<'s> {
                  partition {} with key {:?}: produce with key = stream and Kafka's default (murmur2) partitioner",
                 msg.topic,
                 msg.partition,
-                msg.key.as_deref().map(String::from_utf8_lossy)
+                msg.key.as_deref().map(|k| shorten(&String::from_utf8_lossy(k), 100))
             ));
         }
         Ok(name)
     }
 
-    fn handle_request(&mut self, ctx: &Context<'_>, msg: Incoming, now: DateTime<Utc>) {
+    fn handle_request(&mut self, ctx: &Context<'_>, msg: Incoming) {
         let Some(payload) = msg.payload.as_deref() else {
             return self.dead_letter(msg, "request has no value");
         };
+        if payload.len() > ctx.limits.request_bytes() {
+            let reason = format!("the request is {} bytes; the limit is {}", payload.len(), ctx.limits.request_bytes());
+            return self.refuse(ctx, msg, &reason);
+        }
         let request: Request = match serde_json::from_slice(payload) {
             Ok(r) => r,
             Err(e) => {
                 // Answer if the client can be found, else park the record.
                 let reason = format!("request is not valid: {e}");
-                let loose: Option<Value> = serde_json::from_slice(payload).ok();
-                let id = loose.as_ref().and_then(|v| v.get("request_id")?.as_str().map(str::to_owned));
-                let part = loose
-                    .as_ref()
-                    .and_then(|v| v.get("reply_partition")?.as_i64())
-                    .and_then(|p| i32::try_from(p).ok())
-                    .filter(|p| (0..ctx.reply_partitions).contains(p));
-                return match (id, part) {
-                    (Some(id), Some(part)) => {
-                        self.reply(part, id, error(ErrorCode::InvalidInput, reason));
-                    }
-                    _ => self.dead_letter(msg, reason),
-                };
+                return self.refuse(ctx, msg, &reason);
             }
         };
         if !(0..ctx.reply_partitions).contains(&request.reply_partition) {
@@ -317,58 +450,132 @@ impl<'s> Batch<'s> {
             );
             return self.dead_letter(msg, reason);
         }
-        let (part, id) = (request.reply_partition, request.request_id.clone());
-        let stream = match Self::owned_stream(ctx, &msg, &request.stream) {
+        if request.attempt.as_deref().is_some_and(|a| limits::check_request_id(a).is_err()) {
+            return self.dead_letter(msg, "the request's attempt is not 1 to 128 visible ASCII characters");
+        }
+        if let Err(reason) = limits::check_request_id(&request.request_id) {
+            return self.refuse(ctx, msg, &reason);
+        }
+        let (part, id, attempt) = (request.reply_partition, request.request_id.clone(), request.attempt.clone());
+        let checked = Self::owned_stream(ctx, &msg, &request.stream).and_then(|s| {
+            for (what, v) in [("correlation id", &request.correlation_id), ("causation id", &request.causation_id)] {
+                if let Some(v) = v {
+                    limits::check_trace_id(what, v)?;
+                }
+            }
+            Ok(s)
+        });
+        let stream = match checked {
             Ok(s) => s,
-            Err(m) => return self.reply(part, id, error(ErrorCode::InvalidInput, m)),
+            Err(m) => return self.reply(part, id, attempt, error(ErrorCode::InvalidInput, m)),
         };
+        if let Err(reason) = self.load(stream.as_str()) {
+            return self.reply(part, id, attempt, error(ErrorCode::Unavailable, reason));
+        }
         let outcome = match &request.body {
             RequestBody::Head => {
-                self.replies.push((part, id, PendingReply::Head { stream: stream.to_string() }));
+                self.replies.push((part, id, attempt, PendingReply::Head { stream: stream.to_string() }));
                 return;
             }
             RequestBody::Append { expected_version, events } => {
-                self.append(ctx, &request, &stream, *expected_version, events, now)
+                self.append(ctx, &request, &stream, *expected_version, events)
             }
             RequestBody::Command { expected_version, command } => {
-                self.command(ctx, &request, &stream, *expected_version, command, now)
+                self.command(ctx, &request, &stream, *expected_version, command)
             }
         };
         match outcome {
-            Ok(pending) => self.replies.push((part, id, pending)),
-            Err(outcome) => self.reply(part, id, outcome),
+            Ok(pending) => self.replies.push((part, id, attempt, pending)),
+            Err(outcome) => self.reply(part, id, attempt, outcome),
         }
     }
 
-    fn reply(&mut self, partition: i32, request_id: String, outcome: ReplyOutcome) {
-        self.replies.push((partition, request_id, PendingReply::Ready(outcome)));
+    fn reply(&mut self, partition: i32, request_id: String, attempt: Option<String>, outcome: ReplyOutcome) {
+        self.replies.push((partition, request_id, attempt, PendingReply::Ready(outcome)));
     }
 
-    /// The first answer to a retried request, if this stream remembers it: from
-    /// this batch (its position is filled in with the original's), or committed.
+    /// The first answer to a retried request, if this stream remembers it
+    /// within the horizon: from this batch (its position is filled in with
+    /// the original's), or committed. A request id reused for another
+    /// request is refused.
     fn answered(
-        &self,
+        &mut self,
+        ctx: &Context<'_>,
+        request: &Request,
         stream: &str,
-        request_id: &str,
         first_event_id: Option<&str>,
         expected: ExpectedVersion,
-    ) -> Option<PendingReply> {
+    ) -> Result<Option<PendingReply>, ReplyOutcome> {
+        let fingerprint = request.fingerprint();
         let same = |a: &Answered| {
-            a.request_id == request_id
+            a.request_id == request.request_id
                 || (first_event_id.is_some()
                     && a.first_event_id.as_deref() == first_event_id
                     && a.expected_version == expected)
         };
-        if let Some((a, last_event)) = self.in_batch.iter().find(|(a, _)| a.result.stream == stream && same(a)) {
-            return Some(PendingReply::Appended {
+        let reused =
+            |a: &Answered| a.request_id == request.request_id && a.fingerprint != 0 && a.fingerprint != fingerprint;
+        let refuse_reuse = || {
+            error(
+                ErrorCode::InvalidInput,
+                format!(
+                    "request id '{}' was already used for another request on {stream}; a retry must send the same \
+                     request, a new request needs a new id",
+                    request.request_id
+                ),
+            )
+        };
+        if let Some(b) = self.in_batch.iter().find(|b| b.answer.result.stream == stream && same(&b.answer)) {
+            if reused(&b.answer) {
+                return Err(refuse_reuse());
+            }
+            self.retries_answered += 1;
+            return Ok(Some(PendingReply::Appended {
                 stream: stream.to_owned(),
-                first_version: a.result.first_version,
-                last_version: a.result.last_version,
-                last_event: *last_event,
-            });
+                first_version: b.answer.result.first_version,
+                last_version: b.answer.result.last_version,
+                last_event: b.last_event,
+            }));
         }
-        let rec = self.base.streams.get(stream)?;
-        rec.answered.iter().find(|a| same(a)).map(|a| PendingReply::Ready(ReplyOutcome::Appended(a.result.clone())))
+        let by_id = self.lookup.answer(stream, &request.request_id);
+        let found = match (by_id, first_event_id) {
+            (Ok(Some(a)), _) => Some(a),
+            (Ok(None), Some(event_id)) => match self.lookup.answer_by_event(stream, event_id, expected) {
+                Ok(a) => a,
+                Err(e) => return Err(error(ErrorCode::Unavailable, self.lookup_failed(e))),
+            },
+            (Ok(None), None) => None,
+            (Err(e), _) => return Err(error(ErrorCode::Unavailable, self.lookup_failed(e))),
+        };
+        match found {
+            Some(a) if reused(&a) => Err(refuse_reuse()),
+            Some(a) => {
+                self.retries_answered += 1;
+                Ok(Some(PendingReply::Ready(ReplyOutcome::Appended(a.result))))
+            }
+            None => self.not_expired(ctx, request, stream).map(|()| None),
+        }
+    }
+
+    /// A request not remembered must be younger than the horizon: an older
+    /// one may have been applied and forgotten.
+    fn not_expired(&mut self, ctx: &Context<'_>, request: &Request, stream: &str) -> Result<(), ReplyOutcome> {
+        let Some(origin) = request.origin_ms() else { return Ok(()) };
+        if origin >= self.now_ms() - ctx.horizon_ms {
+            return Ok(());
+        }
+        self.expired += 1;
+        let sent =
+            DateTime::<Utc>::from_timestamp_millis(origin).map_or_else(|| origin.to_string(), |t| t.to_rfc3339());
+        Err(error(
+            ErrorCode::RequestExpired,
+            format!(
+                "request '{}' on {stream} was first sent at {sent}, longer ago than the idempotency horizon: it may \
+                 have been applied, and the writer no longer remembers it; nothing was written. Read the stream \
+                 (esk read) and send it again with a new request id if it is missing",
+                request.request_id
+            ),
+        ))
     }
 
     fn check_version(&self, stream: &str, expected: ExpectedVersion) -> Result<u64, ReplyOutcome> {
@@ -391,7 +598,6 @@ impl<'s> Batch<'s> {
         stream: &StreamName,
         expected: ExpectedVersion,
         events: &[NewEvent],
-        now: DateTime<Utc>,
     ) -> Result<PendingReply, ReplyOutcome> {
         let invalid = |m: String| error(ErrorCode::InvalidInput, m);
         if events.is_empty() {
@@ -409,30 +615,31 @@ impl<'s> Batch<'s> {
                 stream.category()
             )));
         }
-        let first_id = events[0].id.as_deref();
-        if let Some(done) = self.answered(stream.as_str(), &request.request_id, first_id, expected) {
+        let first_id = events[0].id.as_deref().filter(|id| id.len() <= MAX_EVENT_ID_BYTES);
+        if let Some(done) = self.answered(ctx, request, stream.as_str(), first_id, expected)? {
             return Ok(done);
         }
         ctx.writable(stream).map_err(|m| error(ErrorCode::Internal, m))?;
         let current = self.check_version(stream.as_str(), expected)?;
+        let max_data = ctx.limits.event_data_bytes();
         let mut validated = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
-            let at = |m: String| invalid(format!("event {} ({}): {m}", i + 1, e.event_type));
             if !is_event_type(&e.event_type) {
                 return Err(invalid(format!(
-                    "event {}: type '{}' is not a name (letters, digits, _ . -, at most 100)",
+                    "event {}: type '{}' is not a name (letters, digits, _ . -, at most {MAX_TYPE_BYTES})",
                     i + 1,
-                    e.event_type
+                    shorten(&e.event_type, 100)
                 )));
             }
+            let at = |m: String| invalid(format!("event {} ({}): {m}", i + 1, e.event_type));
             if let Some(id) = &e.id
-                && (id.is_empty() || id.len() > 100)
+                && (id.is_empty() || id.len() > MAX_EVENT_ID_BYTES)
             {
-                return Err(at("an event id has 1 to 100 characters".into()));
+                return Err(at(format!("an event id has 1 to {MAX_EVENT_ID_BYTES} characters")));
             }
-            let size = serde_json::to_vec(&e.data).map_or(usize::MAX, |v| v.len());
-            if size > MAX_EVENT_BYTES {
-                return Err(at(format!("data is {size} bytes; the limit is {MAX_EVENT_BYTES}")));
+            let size = json_len(&e.data);
+            if size > max_data {
+                return Err(at(format!("data is {size} bytes; the limit is {max_data}")));
             }
             let schema =
                 ctx.schemas.validate(stream.category(), &e.event_type, &e.data).map_err(|err| at(err.to_string()))?;
@@ -443,8 +650,8 @@ impl<'s> Batch<'s> {
                 schema: schema.map(str::to_owned),
             });
         }
-        let (first, last, last_event) = self.write(ctx, stream, current, validated, request, now);
-        self.remember(ctx, stream, request, first_id, expected, first, last, last_event);
+        let (first, last, last_event) = self.write(ctx, stream, current, validated, request)?;
+        self.remember(stream, request, first_id, expected, first, last, last_event);
         Ok(PendingReply::Appended { stream: stream.to_string(), first_version: first, last_version: last, last_event })
     }
 
@@ -455,7 +662,6 @@ impl<'s> Batch<'s> {
         stream: &StreamName,
         expected: ExpectedVersion,
         command: &CommandData,
-        now: DateTime<Utc>,
     ) -> Result<PendingReply, ReplyOutcome> {
         let Some(aggregate) = ctx.aggregates.get(stream.category()).cloned() else {
             return Err(error(
@@ -467,17 +673,20 @@ impl<'s> Batch<'s> {
                 ),
             ));
         };
-        if let Some(done) = self.answered(stream.as_str(), &request.request_id, None, expected) {
+        if let Some(done) = self.answered(ctx, request, stream.as_str(), None, expected)? {
             return Ok(done);
         }
         ctx.writable(stream).map_err(|m| error(ErrorCode::Internal, m))?;
+        if command.command_type.len() > MAX_TYPE_BYTES || json_len(&command.data) > ctx.limits.event_data_bytes() {
+            return Err(error(ErrorCode::InvalidInput, "the command's name or data is over its limit"));
+        }
         let current = self.check_version(stream.as_str(), expected)?;
         let state = self.record(stream.as_str()).and_then(|r| r.state.clone()).unwrap_or_else(|| aggregate.initial());
         let cmd = EventData { event_type: command.command_type.clone(), data: command.data.clone() };
         let events = aggregate.handle(&state, &cmd).map_err(domain_error)?;
         let data = self.checked_domain_events(ctx, stream, &events)?;
-        let (first, last, last_event) = self.write(ctx, stream, current, data, request, now);
-        self.remember(ctx, stream, request, None, expected, first, last, last_event);
+        let (first, last, last_event) = self.write(ctx, stream, current, data, request)?;
+        self.remember(stream, request, None, expected, first, last, last_event);
         Ok(PendingReply::Appended { stream: stream.to_string(), first_version: first, last_version: last, last_event })
     }
 
@@ -497,6 +706,12 @@ impl<'s> Batch<'s> {
                         format!("the {} aggregate made an invalid event: {err}", stream.category()),
                     )
                 })?;
+                if !is_event_type(&e.event_type) || json_len(&e.data) > ctx.limits.event_data_bytes() {
+                    return Err(error(
+                        ErrorCode::Internal,
+                        format!("the {} aggregate made an event over the limits", stream.category()),
+                    ));
+                }
                 Ok(Checked {
                     id: None,
                     event_type: e.event_type.clone(),
@@ -516,14 +731,13 @@ impl<'s> Batch<'s> {
         current: u64,
         events: Vec<Checked>,
         request: &Request,
-        now: DateTime<Utc>,
-    ) -> (u64, u64, Option<usize>) {
+    ) -> Result<(u64, u64, Option<usize>), ReplyOutcome> {
         let correlation = request.correlation_id.clone().unwrap_or_else(|| request.request_id.clone());
         let causation = request.causation_id.clone().unwrap_or_else(|| request.request_id.clone());
-        self.write_events(ctx, stream, current, events, &correlation, &causation, now)
+        self.write_events(ctx, stream, current, events, &correlation, &causation)
+            .map_err(|m| error(ErrorCode::Internal, m))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn write_events(
         &mut self,
         ctx: &Context<'_>,
@@ -532,31 +746,35 @@ impl<'s> Batch<'s> {
         events: Vec<Checked>,
         correlation: &str,
         causation: &str,
-        now: DateTime<Utc>,
-    ) -> (u64, u64, Option<usize>) {
+    ) -> Result<(u64, u64, Option<usize>), String> {
         if events.is_empty() {
-            return (current, current, None);
+            return Ok((current, current, None));
         }
         let aggregate = ctx.aggregates.get(stream.category()).cloned();
-        let first_event = self.events.len();
-        let mut version = current;
+        // Fold first: an event the aggregate cannot apply writes nothing.
         let mut state = self
             .record(stream.as_str())
             .and_then(|r| r.state.clone())
             .or_else(|| aggregate.as_ref().map(|a| a.initial()));
+        if let Some(agg) = &aggregate {
+            for e in &events {
+                let s = state.take().unwrap_or_else(|| agg.initial());
+                let folded = agg.apply(s, &EventData { event_type: e.event_type.clone(), data: e.data.clone() })?;
+                state = Some(folded);
+            }
+        }
+        let first_event = self.events.len();
+        let mut version = current;
+        let time = self.now;
         for Checked { id, event_type, data, schema } in events {
             version += 1;
-            if let (Some(agg), Some(s)) = (&aggregate, state.take()) {
-                let folded = agg.apply(s, &EventData { event_type: event_type.clone(), data: data.clone() });
-                state = Some(folded.expect("events were validated against the aggregate's schemas"));
-            }
             self.events.push(OutEvent {
                 category: stream.category().to_owned(),
                 event: Event {
                     id: id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
                     source: SOURCE.to_owned(),
                     event_type,
-                    time: now,
+                    time,
                     stream: stream.clone(),
                     version,
                     correlation_id: Some(correlation.to_owned()),
@@ -572,13 +790,12 @@ impl<'s> Batch<'s> {
         if state.is_some() {
             rec.state = state;
         }
-        (current + 1, version, Some(self.events.len() - 1))
+        Ok((current + 1, version, Some(self.events.len() - 1)))
     }
 
     #[allow(clippy::too_many_arguments)]
     fn remember(
         &mut self,
-        ctx: &Context<'_>,
         stream: &StreamName,
         request: &Request,
         first_event_id: Option<&str>,
@@ -587,7 +804,7 @@ impl<'s> Batch<'s> {
         last: u64,
         last_event: Option<usize>,
     ) {
-        let entry = Answered {
+        let answer = Answered {
             request_id: request.request_id.clone(),
             first_event_id: first_event_id.map(str::to_owned),
             expected_version: expected,
@@ -598,10 +815,10 @@ impl<'s> Batch<'s> {
                 last_version: last,
                 position: String::new(),
             },
+            fingerprint: request.fingerprint(),
+            answered_ms: self.now_ms(),
         };
-        self.in_batch.push((entry.clone(), last_event));
-        let rec = self.record_mut(stream, ctx);
-        push_bounded(&mut rec.answered, entry, MAX_ANSWERED);
+        self.in_batch.push(InBatch { answer, last_event });
     }
 
     fn vote(&mut self, ctx: &Context<'_>, txid: &str, message: ParticipantMessage) {
@@ -609,36 +826,56 @@ impl<'s> Batch<'s> {
         self.votes.push((partition, txid.to_owned(), message));
     }
 
-    fn handle_prepare(&mut self, ctx: &Context<'_>, msg: Incoming, now: DateTime<Utc>) {
+    /// Asks the coordinator again for the decision on a hold still open past
+    /// its deadline: the vote is sent again, and the coordinator answers a
+    /// vote for a decided or unknown transaction with the decision.
+    pub fn ask(&mut self, ctx: &Context<'_>, txid: &str, stream: &str) {
+        let vote = TxVote { txid: txid.to_owned(), stream: stream.to_owned(), yes: true, reason: None };
+        self.vote(ctx, txid, ParticipantMessage::Vote(vote));
+    }
+
+    fn handle_prepare(&mut self, ctx: &Context<'_>, msg: Incoming) {
         let prepare: Prepare = match msg.payload.as_deref().map(serde_json::from_slice::<Prepare>) {
             Some(Ok(p)) => p,
             Some(Err(e)) => return self.dead_letter(msg, format!("prepare is not valid: {e}")),
             None => return self.dead_letter(msg, "prepare has no value"),
         };
-        let no = |reason: String| TxVote {
-            txid: prepare.txid.clone(),
-            stream: prepare.stream.clone(),
-            yes: false,
-            reason: Some(reason),
-        };
-        let vote = match self.prepare(ctx, &msg, &prepare, now) {
+        if prepare.txid.is_empty() || prepare.txid.len() > MAX_TXID_BYTES {
+            return self.dead_letter(msg, format!("a txid has 1 to {MAX_TXID_BYTES} characters"));
+        }
+        if Self::owned_stream(ctx, &msg, &prepare.stream).is_err() {
+            let reason = format!("stream '{}' is not a stream of this partition", shorten(&prepare.stream, 100));
+            return self.dead_letter(msg, reason);
+        }
+        let vote = match self.prepare(ctx, &msg, &prepare) {
             Ok(()) => TxVote { txid: prepare.txid.clone(), stream: prepare.stream.clone(), yes: true, reason: None },
-            Err(reason) => no(reason),
+            Err(reason) => TxVote {
+                txid: prepare.txid.clone(),
+                stream: prepare.stream.clone(),
+                yes: false,
+                reason: Some(shorten(&reason, MAX_REASON_BYTES)),
+            },
         };
         self.vote(ctx, &prepare.txid, ParticipantMessage::Vote(vote));
     }
 
-    fn prepare(
-        &mut self,
-        ctx: &Context<'_>,
-        msg: &Incoming,
-        prepare: &Prepare,
-        now: DateTime<Utc>,
-    ) -> Result<(), String> {
+    /// The decision this stream applied for `txid`: in this batch or remembered.
+    fn decision_of(&mut self, stream: &str, txid: &str) -> Result<Option<Verdict>, String> {
+        if let Some((_, d)) = self.decisions.iter().find(|(s, d)| s == stream && d.txid == txid) {
+            return Ok(Some(d.decision));
+        }
+        match self.lookup.decided(stream, txid) {
+            Ok(d) => Ok(d.map(|d| d.decision)),
+            Err(e) => Err(self.lookup_failed(e)),
+        }
+    }
+
+    fn prepare(&mut self, ctx: &Context<'_>, msg: &Incoming, prepare: &Prepare) -> Result<(), String> {
         let stream = Self::owned_stream(ctx, msg, &prepare.stream)?;
-        if let Some(d) = self.record(stream.as_str()).and_then(|r| r.decided.iter().find(|d| d.txid == prepare.txid)) {
+        self.load(stream.as_str())?;
+        if let Some(d) = self.decision_of(stream.as_str(), &prepare.txid)? {
             // A late duplicate: the decision stands and no new hold is placed.
-            return match d.decision {
+            return match d {
                 Verdict::Commit => Ok(()),
                 Verdict::Abort => Err(format!("transaction {} was already aborted", prepare.txid)),
             };
@@ -649,8 +886,14 @@ impl<'s> Batch<'s> {
                 format!("category '{}' has no aggregate to take part in transactions", stream.category())
             })?;
         let state = self.record(stream.as_str()).and_then(|r| r.state.clone()).unwrap_or_else(|| aggregate.initial());
-        if aggregate.has_hold(&state, &prepare.txid) {
+        if aggregate.has_hold(&state, &prepare.txid)? {
             return Ok(());
+        }
+        if self.record(stream.as_str()).is_some_and(|r| r.holds.len() >= MAX_OPEN_HOLDS) {
+            return Err(format!("{stream} has {MAX_OPEN_HOLDS} holds open already, the most a stream may have"));
+        }
+        if json_len(&prepare.command.data) > limits::MAX_TX_COMMAND_BYTES {
+            return Err(format!("the command's data is over {} bytes", limits::MAX_TX_COMMAND_BYTES));
         }
         let cmd = EventData { event_type: prepare.command.command_type.clone(), data: prepare.command.data.clone() };
         let events = aggregate.prepare(&state, &prepare.txid, &cmd).map_err(|e| e.to_string())?;
@@ -659,49 +902,64 @@ impl<'s> Batch<'s> {
             _ => "invalid hold".into(),
         })?;
         let current = self.record(stream.as_str()).map_or(0, |r| r.version);
-        self.write_events(ctx, &stream, current, data, &prepare.txid, &prepare.txid, now);
+        self.write_events(ctx, &stream, current, data, &prepare.txid, &prepare.txid)?;
+        let deadline_ms = prepare.deadline_ms.unwrap_or(self.now_ms() + DEFAULT_HOLD_DEADLINE_MS);
+        let rec = self.record_mut(&stream, ctx);
+        rec.holds.retain(|h| h.txid != prepare.txid);
+        rec.holds.push(OpenHold { txid: prepare.txid.clone(), deadline_ms });
         Ok(())
     }
 
-    fn handle_decision(&mut self, ctx: &Context<'_>, msg: Incoming, now: DateTime<Utc>) {
+    fn handle_decision(&mut self, ctx: &Context<'_>, msg: Incoming) {
         let decision: Decision = match msg.payload.as_deref().map(serde_json::from_slice::<Decision>) {
             Some(Ok(d)) => d,
             Some(Err(e)) => return self.dead_letter(msg, format!("decision is not valid: {e}")),
             None => return self.dead_letter(msg, "decision has no value"),
         };
+        if decision.txid.is_empty() || decision.txid.len() > MAX_TXID_BYTES {
+            return self.dead_letter(msg, format!("a txid has 1 to {MAX_TXID_BYTES} characters"));
+        }
         let stream = match Self::owned_stream(ctx, &msg, &decision.stream) {
             Ok(s) => s,
             Err(reason) => return self.dead_letter(msg, reason),
         };
-        if let Err(reason) = ctx.writable(&stream) {
+        if let Err(reason) = ctx.writable(&stream).and_then(|()| self.load(stream.as_str())) {
             return self.dead_letter(msg, reason);
         }
-        let already = self.record(stream.as_str()).is_some_and(|r| r.decided.iter().any(|d| d.txid == decision.txid));
+        let already = match self.decision_of(stream.as_str(), &decision.txid) {
+            Ok(d) => d.is_some(),
+            Err(reason) => return self.dead_letter(msg, reason),
+        };
         if !already {
             let aggregate = ctx.aggregates.get(stream.category()).cloned();
             let state = self.record(stream.as_str()).and_then(|r| r.state.clone());
+            let reason =
+                decision.reason.as_deref().map_or_else(|| "aborted".to_owned(), |r| shorten(r, MAX_REASON_BYTES));
             let events = match (&aggregate, &state) {
                 (Some(a), Some(s)) => match decision.decision {
                     Verdict::Commit => a.commit(s, &decision.txid),
-                    Verdict::Abort => a.abort(s, &decision.txid, decision.reason.as_deref().unwrap_or("aborted")),
+                    Verdict::Abort => a.abort(s, &decision.txid, &reason),
                 },
-                _ => Vec::new(),
+                _ => Ok(Vec::new()),
             };
-            match self.checked_domain_events(ctx, &stream, &events) {
-                Ok(data) => {
+            let written = events
+                .map_err(|e| format!("the decision cannot be applied: {e}"))
+                .and_then(|events| {
+                    self.checked_domain_events(ctx, &stream, &events)
+                        .map_err(|_| "the aggregate made invalid events for this decision".to_owned())
+                })
+                .and_then(|data| {
                     let current = self.record(stream.as_str()).map_or(0, |r| r.version);
-                    self.write_events(ctx, &stream, current, data, &decision.txid, &decision.txid, now);
-                }
-                Err(_) => {
-                    return self.dead_letter(msg, "the aggregate made invalid events for this decision");
-                }
+                    self.write_events(ctx, &stream, current, data, &decision.txid, &decision.txid)
+                });
+            if let Err(reason) = written {
+                return self.dead_letter(msg, reason);
             }
             let rec = self.record_mut(&stream, ctx);
-            push_bounded(
-                &mut rec.decided,
-                Decided { txid: decision.txid.clone(), decision: decision.decision },
-                MAX_DECIDED,
-            );
+            rec.holds.retain(|h| h.txid != decision.txid);
+            let decided =
+                Decided { txid: decision.txid.clone(), decision: decision.decision, decided_ms: self.now_ms() };
+            self.decisions.push((stream.to_string(), decided));
         }
         let ack = TxAck { txid: decision.txid.clone(), stream: decision.stream.clone(), decision: decision.decision };
         self.vote(ctx, &decision.txid, ParticipantMessage::Ack(ack));
@@ -709,43 +967,45 @@ impl<'s> Batch<'s> {
 
     /// Fills in what depended on the events' offsets (`offsets[i]` is the offset
     /// of `events[i]`): stream indexes, last offsets, positions in replies and in
-    /// the remembered answers.
-    pub fn finish(mut self, partition: i32, offsets: &[i64]) -> Finished {
+    /// the remembered answers; serializes every record and checks its size.
+    pub fn finish(mut self, ctx: &Context<'_>, partition: i32, offsets: &[i64]) -> Result<Finished, Oversized> {
         assert_eq!(offsets.len(), self.events.len(), "one offset per event");
         for run in std::mem::take(&mut self.runs) {
-            let rec = self.scratch.get_mut(&run.stream).expect("a run's stream is touched");
-            rec.index.push(IndexEntry { version: run.first_version, offset: offsets[run.first_event] });
-            compact_index(&mut rec.index);
+            if let Some(rec) = self.scratch.get_mut(&run.stream) {
+                rec.index.push(IndexEntry { version: run.first_version, offset: offsets[run.first_event] });
+                compact_index(&mut rec.index);
+            }
         }
         for (i, e) in self.events.iter().enumerate() {
-            let rec = self.scratch.get_mut(e.event.stream.as_str()).expect("an event's stream is touched");
-            rec.last_offset = rec.last_offset.max(offsets[i]);
+            if let Some(rec) = self.scratch.get_mut(e.event.stream.as_str()) {
+                rec.last_offset = rec.last_offset.max(offsets[i]);
+            }
         }
         let position =
             |category: &str, offset: i64| Position { category: category.to_owned(), partition, offset }.to_string();
+        let result_of = |stream: &str,
+                         first_version: u64,
+                         last_version: u64,
+                         last_event: Option<usize>,
+                         scratch: &HashMap<String, StreamRecord>,
+                         loaded: &HashMap<String, Option<StreamRecord>>| {
+            let category = stream.split_once('-').map_or("", |(c, _)| c);
+            let offset = match last_event {
+                Some(i) => offsets[i],
+                None => scratch
+                    .get(stream)
+                    .or_else(|| loaded.get(stream).and_then(Option::as_ref))
+                    .map_or(-1, |r| r.last_offset),
+            };
+            Appended { stream: stream.to_owned(), first_version, last_version, position: position(category, offset) }
+        };
         let mut replies = Vec::with_capacity(self.replies.len());
-        for (part, request_id, pending) in std::mem::take(&mut self.replies) {
+        for (part, request_id, attempt, pending) in std::mem::take(&mut self.replies) {
             let outcome = match pending {
                 PendingReply::Ready(o) => o,
-                PendingReply::Appended { stream, first_version, last_version, last_event } => {
-                    let category = stream.split_once('-').map_or("", |(c, _)| c);
-                    let offset = match last_event {
-                        Some(i) => offsets[i],
-                        None => self.record(&stream).map_or(-1, |r| r.last_offset),
-                    };
-                    let result = Appended {
-                        stream: stream.clone(),
-                        first_version,
-                        last_version,
-                        position: position(category, offset),
-                    };
-                    if let Some(rec) = self.scratch.get_mut(&stream)
-                        && let Some(a) = rec.answered.iter_mut().find(|a| a.request_id == request_id)
-                    {
-                        a.result = result.clone();
-                    }
-                    ReplyOutcome::Appended(result)
-                }
+                PendingReply::Appended { stream, first_version, last_version, last_event } => ReplyOutcome::Appended(
+                    result_of(&stream, first_version, last_version, last_event, &self.scratch, &self.loaded),
+                ),
                 PendingReply::Head { stream } => {
                     let rec = self.record(&stream);
                     ReplyOutcome::Head(StreamHead {
@@ -756,13 +1016,43 @@ impl<'s> Batch<'s> {
                     })
                 }
             };
-            replies.push((part, request_id.clone(), Reply { request_id, outcome }));
+            let reply = Reply { request_id, attempt, outcome };
+            let value =
+                serde_json::to_vec(&reply).map_err(|e| Oversized(format!("a reply does not serialize: {e}")))?;
+            replies.push((part, reply.request_id, value));
         }
-        let mut records: Vec<StreamRecord> =
-            self.touched.iter().map(|s| self.scratch.remove(s).expect("touched streams are in scratch")).collect();
+        let mut memories = Vec::with_capacity(self.in_batch.len() + self.decisions.len());
+        for InBatch { mut answer, last_event } in std::mem::take(&mut self.in_batch) {
+            let r = &answer.result;
+            answer.result =
+                result_of(&r.stream, r.first_version, r.last_version, last_event, &self.scratch, &self.loaded);
+            memories.push(Memory::Answer { stream: answer.result.stream.clone(), answer });
+        }
+        for (stream, decided) in std::mem::take(&mut self.decisions) {
+            memories.push(Memory::Decision { stream, decided });
+        }
+        let memories = memories
+            .into_iter()
+            .map(|m| serde_json::to_vec(&m).map(|v| (m, v)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Oversized(format!("an answer does not serialize: {e}")))?;
+        let mut records = Vec::with_capacity(self.touched.len());
+        for stream in std::mem::take(&mut self.touched) {
+            let Some(rec) = self.scratch.remove(&stream) else { continue };
+            let value = serde_json::to_vec(&rec).map_err(|e| Oversized(format!("{stream}: {e}")))?;
+            if value.len() > ctx.limits.state_bytes() {
+                return Err(Oversized(format!(
+                    "the state of {stream} would be {} bytes, over the limit of {} (a record must fit the broker's \
+                     message.max.bytes); nothing was written",
+                    value.len(),
+                    ctx.limits.state_bytes()
+                )));
+            }
+            records.push((rec, value));
+        }
         // Replicas read positions from state records: keep them in event order.
-        records.sort_by_key(|r| r.last_offset);
-        Finished { records, replies }
+        records.sort_by_key(|(r, _)| r.last_offset);
+        Ok(Finished { records, replies, memories })
     }
 }
 

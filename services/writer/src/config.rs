@@ -32,10 +32,36 @@ pub struct Config {
     #[arg(long, env = "ESK_WRITER_MAX_BATCH", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub max_batch: u64,
-    /// Follow the whole state topic as a hot standby, so that taking a
-    /// partition over reads only what was written since (memory: every stream).
+    /// Follow the whole state and answers topics into the local store as a hot
+    /// standby, so that taking a partition over reads only what was written
+    /// since (disk: every stream and the answers of one horizon; memory: the
+    /// store's page cache).
     #[arg(long, env = "ESK_WRITER_STANDBY", default_value_t = true, action = clap::ArgAction::Set)]
     pub standby: bool,
+    /// Folder of the local stores (`<data-dir>/<prefix>-writer-<instance>`).
+    #[arg(long, env = "ESK_DATA_DIR", default_value = ".esk/data")]
+    pub data_dir: PathBuf,
+    /// This instance's name, for its local store. Unset, the first of 0, 1,
+    /// 2, ... whose store no other running writer holds.
+    #[arg(long, env = "ESK_WRITER_INSTANCE")]
+    pub instance: Option<String>,
+    /// How long a retried request or 2PC decision is answered with its first
+    /// result, e.g. 24h, 7d. Default: the installation's, which `esk topics
+    /// init --idempotency-horizon` set (the answers topic's retention). Never
+    /// shorter than the commands topic keeps requests, nor longer than the
+    /// answers topic keeps answers: the writer refuses to start otherwise.
+    #[arg(long, env = "ESK_WRITER_IDEMPOTENCY_HORIZON", value_parser = esk_runtime::parse_duration)]
+    pub idempotency_horizon: Option<Duration>,
+    /// Stream records kept in memory per owned partition (the rest are read
+    /// from the local store when needed).
+    #[arg(long, env = "ESK_WRITER_STREAM_CACHE", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub stream_cache: u64,
+    /// How long after its transaction's deadline a hold still open makes the
+    /// writer ask the coordinator for the decision (then again as often).
+    #[arg(long, env = "ESK_WRITER_HOLD_GRACE_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub hold_grace_ms: u64,
     /// Also load the JSON Schemas in this folder (`<category>/<Type>.v<N>.json`),
     /// beside the built-in ones: each category found becomes strict.
     #[arg(long, env = "ESK_SCHEMAS_DIR")]
@@ -54,5 +80,10 @@ impl Config {
 
     pub fn group_id(&self) -> String {
         format!("{}-writer", self.prefix)
+    }
+
+    /// The local store's folder for an instance name.
+    pub fn store_dir(&self, instance: &str) -> PathBuf {
+        self.data_dir.join(format!("{}-writer-{instance}", self.prefix))
     }
 }

@@ -23,7 +23,10 @@ pub struct Status {
 pub struct PartitionStatus {
     /// starting, restoring, serving, fenced
     pub phase: &'static str,
-    pub streams: usize,
+    /// Stream records held in memory (all are on disk, in the local store).
+    pub cached_streams: usize,
+    /// 2PC holds open on the partition's streams.
+    pub open_holds: usize,
     pub batches: u64,
     pub records: u64,
 }

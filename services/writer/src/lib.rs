@@ -1,9 +1,15 @@
 //! The esk writer: the single writer of each partition.
 //!
-//! Delivery guarantee: **exactly once**. A request is consumed, decided and
-//! answered in one Kafka transaction together with its events, the streams' new
-//! state records and the consumed offsets; a client sees a reply only after that
-//! transaction committed. A crash at any point either commits all of it or none.
+//! Delivery guarantee: **exactly once, for the idempotency horizon**. A
+//! request is consumed, decided and answered in one Kafka transaction together
+//! with its events, the streams' new state records, what the writer remembers
+//! of it (`<prefix>.answers`) and the consumed offsets; a client sees a reply
+//! only after that transaction committed. A crash at any point either commits
+//! all of it or none. A retry of a request (same request id, or same first
+//! event id at the same expected version) within the horizon is answered with
+//! the first result and writes nothing, however many requests came between,
+//! across restarts and takeovers; one older than the horizon is refused
+//! (`request_expired`), never applied a second time.
 //!
 //! # Layout
 //! - [`config`]: the command-line and environment configuration.
@@ -11,12 +17,16 @@
 //!   `esk_owner`'s (range assignor: partition p of all three together; a thread
 //!   per owned partition, stopped before a revoke completes).
 //! - [`worker`]: one thread per owned partition: fences the previous owner
-//!   (`transactional.id = <prefix>-writer-p<N>`), restores the partition from
-//!   `state`, then runs batches, each one Kafka transaction.
+//!   (`transactional.id = <prefix>-writer-p<N>`), restores the partition, then
+//!   runs batches, each one Kafka transaction; asks for the decisions of holds
+//!   open past their deadline.
 //! - [`batch`]: the decisions of a batch, pure and unit-tested.
-//! - [`restore`]: reading a partition of the compacted state topic.
-//! - [`standby`]: the hot standby, a follower of the whole state topic, so a
-//!   takeover reads only what its copy lacks (`--standby`, on by default).
+//! - [`memory`]: what a partition remembers, on disk (`esk_store`) with a
+//!   bounded cache of stream records.
+//! - [`restore`]: bringing a partition's store to the ends of its topics.
+//! - [`standby`]: the hot standby, a follower of the whole state and answers
+//!   topics into the store, so a takeover reads only what its copy lacks
+//!   (`--standby`, on by default).
 //! - [`http`]: `/health`, `/metrics`, `/status`.
 //!
 //! Crash tests: `ESK_FAULT=after-vote` kills the process right after the first
@@ -25,6 +35,7 @@
 pub mod batch;
 pub mod config;
 pub mod http;
+pub mod memory;
 pub mod restore;
 pub mod standby;
 pub mod worker;
@@ -37,6 +48,7 @@ use anyhow::{Context as _, Result, bail};
 use esk_domain::Registry;
 use esk_kafka::KafkaConfig;
 use esk_kafka::admin::Admin;
+use esk_wire::limits::Limits;
 use esk_wire::{SchemaRegistry, Topics};
 use tokio_util::sync::CancellationToken;
 
@@ -64,8 +76,14 @@ pub struct Shared {
     /// For high watermarks: a consumer client (read_uncommitted) that refreshes
     /// its metadata by itself, unlike a transactional producer's.
     pub watermarks: rdkafka::consumer::BaseConsumer,
-    /// The hot standby: a follower of the whole state topic and what it holds.
-    pub standby: Option<(esk_follower::Follower, Arc<Mutex<standby::Standby>>)>,
+    /// The local stores of every partition.
+    pub store: Arc<esk_store::Store>,
+    /// The hot standby: followers of the whole state and answers topics into the store.
+    pub standby: Option<(esk_follower::Follower, esk_follower::Follower)>,
+    /// Record sizes, from the smallest `max.message.bytes` of the topics written.
+    pub limits: Limits,
+    /// How long answers and decisions are remembered (ms).
+    pub horizon_ms: i64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -97,8 +115,59 @@ impl Shared {
             reply_partitions: self.reply_partitions,
             vote_partitions: self.vote_partitions,
             unusable: self.unusable.lock().expect("unusable lock").clone(),
+            limits: self.limits,
+            horizon_ms: self.horizon_ms,
         }
     }
+}
+
+/// `retention.ms` of a topic (`None`: forever).
+async fn retention(admin: &Admin, topic: &str) -> Result<Option<i64>> {
+    let ms = admin.topic_config(topic, "retention.ms").await?.and_then(|v| v.parse::<i64>().ok());
+    Ok(ms.filter(|ms| *ms >= 0))
+}
+
+/// The horizon: `--idempotency-horizon`, else the answers topic's retention.
+/// It must cover how long the commands topic keeps requests (a request still
+/// there could be read again), and the answers topic must keep answers that long.
+async fn horizon(config: &Config, admin: &Admin, topics: &Topics) -> Result<Duration> {
+    let answers = retention(admin, &topics.answers()).await?;
+    let commands = retention(admin, &topics.commands()).await?;
+    let show = |ms: Option<i64>| ms.map_or_else(|| "forever".to_owned(), |ms| format!("{} s", ms / 1000));
+    let horizon = match (config.idempotency_horizon, answers) {
+        (Some(h), _) => h,
+        (None, Some(ms)) => Duration::from_millis(ms as u64),
+        (None, None) => bail!(
+            "{} keeps answers forever (retention.ms=-1): give --idempotency-horizon, or create it with esk topics init",
+            topics.answers()
+        ),
+    };
+    let ms = horizon.as_millis() as i64;
+    match commands {
+        None => bail!(
+            "{} keeps requests forever (retention.ms=-1), longer than any idempotency horizon: a request read again \
+             after its answer expired would be applied twice. Give it a retention (esk topics init sets the horizon)",
+            topics.commands()
+        ),
+        Some(c) if c > ms => bail!(
+            "the idempotency horizon ({} s) is shorter than {} keeps requests ({}): a request read again after its \
+             answer expired would be applied twice; give a longer --idempotency-horizon",
+            ms / 1000,
+            topics.commands(),
+            show(commands)
+        ),
+        Some(_) => {}
+    }
+    if answers.is_some_and(|a| a < ms) {
+        bail!(
+            "the idempotency horizon ({} s) is longer than {} keeps answers ({}): the writer would forget them \
+             before it; give a shorter --idempotency-horizon or raise that topic's retention.ms",
+            ms / 1000,
+            topics.answers(),
+            show(answers)
+        );
+    }
+    Ok(horizon)
 }
 
 /// Runs the writer until `shutdown` is cancelled.
@@ -109,12 +178,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let kafka = KafkaConfig::new(&config.bootstrap_servers, config.kafka_timeout())?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);
-    let schemas = match &config.schemas_dir {
-        Some(dir) => {
-            SchemaRegistry::load_dir(dir).with_context(|| format!("loading schemas from {}", dir.display()))?
-        }
-        None => SchemaRegistry::builtin(),
-    };
+    let schemas = SchemaRegistry::with_dir(config.schemas_dir.as_deref())
+        .with_context(|| format!("loading schemas from {:?}", config.schemas_dir))?;
     let admin = Admin::new(&kafka)?;
     let count = |name: String| {
         let admin = &admin;
@@ -127,7 +192,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
     };
     let partitions = count(topics.commands()).await?;
-    for t in [topics.tx_prepare(), topics.tx_commit(), topics.state()] {
+    for t in [topics.tx_prepare(), topics.tx_commit(), topics.state(), topics.answers()] {
         let n = count(t.clone()).await?;
         if n != partitions {
             bail!(
@@ -139,19 +204,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let reply_partitions = count(topics.replies()).await?;
     let vote_partitions = count(topics.tx_votes()).await?;
     count(topics.dlq("writer")).await?;
+    let horizon = horizon(&config, &admin, &topics).await?;
+    let written = [
+        topics.commands(),
+        topics.state(),
+        topics.answers(),
+        topics.replies(),
+        topics.tx_votes(),
+        topics.dlq("writer"),
+    ];
+    let mut max_bytes = usize::MAX;
+    for t in &written {
+        max_bytes = max_bytes.min(admin.max_message_bytes(t).await?);
+    }
+    let limits = Limits::for_broker(max_bytes);
+    let store = Arc::new(esk_store::Store::open_instance(|i| config.store_dir(i), config.instance.as_deref())?);
     let http = http::bind(&config.http_addr).await?;
     let watermarks = kafka.client().set("group.id", format!("{}-watermarks", config.group_id())).create()?;
+    let aggregates = Registry::builtin();
+    let horizon_ms = horizon.as_millis() as i64;
     let standby = if config.standby {
-        let held = Arc::new(Mutex::new(standby::Standby::default()));
         let group = format!("{}-standby", config.group_id());
-        let follower = esk_follower::spawn(&kafka, &topics.state(), &group, standby::StandbySink(held.clone()))?;
-        Some((follower, held))
+        Some(standby::spawn(&kafka, &topics, &group, &store, aggregates.clone(), horizon_ms)?)
     } else {
         None
     };
     tracing::info!(
         prefix = topics.prefix(),
         partitions,
+        horizon_s = horizon.as_secs(),
+        record_bytes = limits.record_bytes,
+        store = %store.dir().display(),
         http = %http.local_addr()?,
         "writer starting"
     );
@@ -160,7 +243,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         kafka,
         topics,
         schemas,
-        aggregates: Registry::builtin(),
+        aggregates,
         partitions,
         reply_partitions,
         vote_partitions,
@@ -170,7 +253,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         runtime: tokio::runtime::Handle::current(),
         status: Mutex::new(http::Status::default()),
         watermarks,
+        store,
         standby,
+        limits,
+        horizon_ms,
     });
     let server = tokio::spawn(http::serve(http, shared.clone(), shutdown.clone()));
     let spec = esk_owner::GroupSpec {

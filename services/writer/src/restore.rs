@@ -1,60 +1,57 @@
-//! Restoring one partition from the compacted state topic: each stream's last
-//! record. Cost grows with the number of streams, not events.
+//! Restoring one partition: the local store is brought up to the ends of the
+//! state and answers topics, from the positions it has.
+//!
+//! With the hot standby on (the default) the store is near the ends already
+//! and little is read; a store that is new (a first start, another machine)
+//! reads both partitions whole: the state topic is compacted (its cost grows
+//! with streams, not events), the answers topic keeps one idempotency horizon.
+//! Every record is checked on the way in (`memory::StateIntake`,
+//! `memory::AnswersIntake`): one that does not fit is refused, logged and
+//! counted, never a panic.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Result;
-use esk_wire::protocol::StreamRecord;
+use esk_follower::store::restore as read_into;
+use esk_store::PartitionStore;
 
 use crate::Shared;
-use crate::batch::PartitionState;
+use crate::memory::{AnswersIntake, StateIntake};
 
-/// `None` when `stop` was set meanwhile. With the hot standby on, starts from
-/// its copy of the partition and reads only what came after it.
-pub fn restore(shared: &Shared, partition: i32, stop: &AtomicBool) -> Result<Option<PartitionState>> {
+/// Brings `store` to the ends of partition `partition` of the state and
+/// answers topics. `false` when `stop` was set meanwhile.
+pub fn restore(shared: &Shared, partition: i32, store: &mut PartitionStore, stop: &AtomicBool) -> Result<bool> {
     let started = Instant::now();
-    // Where the standby's consumer stood when last idle: past transaction
-    // markers. Read before the snapshot, so the snapshot holds all before it.
-    let caught_up = shared.standby.as_ref().map_or(-1, |(f, _)| f.idle_position(partition));
-    let standby = shared.standby.as_ref().and_then(|(_, s)| s.lock().expect("standby lock").snapshot(partition));
-    let from_standby = standby.is_some();
-    let (mut state, from) = standby.unwrap_or_else(|| (PartitionState::new(partition), 0));
-    let topic = shared.topics.state();
-    if from_standby && caught_up >= from && caught_up >= shared.high_watermark(&topic, partition)? {
-        tracing::info!(
-            partition,
-            streams = state.streams.len(),
-            ms = started.elapsed().as_millis() as u64,
-            "partition taken from the standby as it is"
-        );
-        return Ok(Some(state));
-    }
-    let mut skipped = 0u64;
     let group = format!("{}-restore", shared.config.group_id());
-    let done = esk_owner::restore::read_partition(&shared.kafka, &group, &topic, partition, from, stop, |_, value| {
-        match value.map(serde_json::from_slice::<StreamRecord>) {
-            Some(Ok(rec)) => {
-                state.streams.insert(rec.stream.clone(), rec);
-            }
-            // A tombstone or a record of another shape: not the writer's, skip it.
-            _ => skipped += 1,
+    let (state, answers) = (shared.topics.state(), shared.topics.answers());
+    // A store ahead of a topic's end belongs to an earlier topic of the same
+    // name (deleted and created again): start it afresh.
+    for topic in [&state, &answers] {
+        let from = store.position(topic)?;
+        let high = shared.high_watermark(topic, partition)?;
+        if from > high {
+            tracing::warn!(partition, topic, from, high, "the local store is ahead of the topic; starting it afresh");
+            store.clear()?;
+            break;
         }
-    })?;
-    if !done {
-        return Ok(None);
     }
-    if skipped > 0 {
-        tracing::warn!(partition, skipped, "restore skipped records that are not stream records");
-    }
+    let (kafka, n) = (&shared.kafka, shared.partitions);
+    let mut intake = StateIntake::new(shared.aggregates.clone());
+    let Some(states) = read_into(kafka, &group, &state, partition, n, store, &mut intake, stop)? else {
+        return Ok(false);
+    };
+    let mut intake = AnswersIntake { horizon_ms: shared.horizon_ms };
+    let Some(remembered) = read_into(kafka, &group, &answers, partition, n, store, &mut intake, stop)? else {
+        return Ok(false);
+    };
     metrics::histogram!("esk_writer_restore_seconds").record(started.elapsed().as_secs_f64());
     tracing::info!(
         partition,
-        from_standby,
-        from_offset = from,
-        streams = state.streams.len(),
+        state_records = states,
+        answers = remembered,
         ms = started.elapsed().as_millis() as u64,
         "partition restored"
     );
-    Ok(Some(state))
+    Ok(true)
 }

@@ -1,50 +1,38 @@
-//! The hot standby: every writer instance follows the whole state topic (with
-//! the replicas' follower code), so that when it takes a partition over it
-//! already holds that partition's streams and reads only what was written since.
+//! The hot standby: every writer instance follows the whole state and
+//! answers topics into its local store (with the replicas' follower code), so
+//! that when it takes a partition over the store is near the topics' ends and
+//! the restore reads only what was written since. It holds nothing in memory
+//! but the store's page cache: the streams and answers are on disk.
+//!
+//! An owner writes its own partition's file after each commit, and the
+//! standby writes it too as it follows: a row is replaced only by one from a
+//! later offset, so the order does not matter.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use esk_follower::{Followed, Progress, Sink};
+use anyhow::Result;
+use esk_domain::Registry;
+use esk_follower::Follower;
+use esk_follower::store::StoreSink;
+use esk_kafka::KafkaConfig;
+use esk_store::Store;
+use esk_wire::Topics;
 
-use crate::batch::PartitionState;
+use crate::memory::{AnswersIntake, StateIntake};
 
-/// What the standby holds: each partition's streams and the next offset to read.
-#[derive(Debug, Default)]
-pub struct Standby {
-    partitions: HashMap<i32, (PartitionState, i64)>,
-}
-
-impl Standby {
-    /// A copy of a partition's streams and the offset the copy reaches, if followed.
-    pub fn snapshot(&self, partition: i32) -> Option<(PartitionState, i64)> {
-        self.partitions.get(&partition).map(|(state, next)| {
-            let copy = PartitionState { partition, streams: state.streams.clone() };
-            (copy, *next)
-        })
-    }
-}
-
-/// The follower's sink: memory only (a restart follows from the beginning).
-#[derive(Debug, Clone, Default)]
-pub struct StandbySink(pub Arc<Mutex<Standby>>);
-
-impl Sink for StandbySink {
-    fn load(&mut self) -> anyhow::Result<Progress> {
-        Ok(Progress::default())
-    }
-
-    fn apply(&mut self, batch: &[Followed], progress: &Progress) -> anyhow::Result<()> {
-        let mut standby = self.0.lock().expect("standby lock");
-        for f in batch {
-            let (state, _) =
-                standby.partitions.entry(f.partition).or_insert_with(|| (PartitionState::new(f.partition), 0));
-            state.streams.insert(f.record.stream.clone(), f.record.clone());
-        }
-        for (p, next) in &progress.positions {
-            let entry = standby.partitions.entry(*p).or_insert_with(|| (PartitionState::new(*p), 0));
-            entry.1 = *next;
-        }
-        Ok(())
-    }
+/// Followers of the state and answers topics into `store`.
+pub fn spawn(
+    kafka: &KafkaConfig,
+    topics: &Topics,
+    group: &str,
+    store: &Arc<Store>,
+    aggregates: Registry,
+    horizon_ms: i64,
+) -> Result<(Follower, Follower)> {
+    let state = StoreSink::new(store.clone(), topics.state(), StateIntake::new(aggregates));
+    let answers = StoreSink::new(store.clone(), topics.answers(), AnswersIntake { horizon_ms });
+    Ok((
+        esk_follower::spawn(kafka, &topics.state(), &format!("{group}-state"), state)?,
+        esk_follower::spawn(kafka, &topics.answers(), &format!("{group}-answers"), answers)?,
+    ))
 }

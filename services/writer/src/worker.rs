@@ -15,15 +15,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 use chrono::Utc;
 use esk_kafka::admin::{Durability, TopicKind};
-use esk_kafka::record::{Origin, dead_letter_headers};
+use esk_kafka::record::{Origin, dead_letter};
 use esk_owner::txn::{self, TxnError, classify};
 use esk_owner::{Handler, PartitionIo, Phase};
-use esk_wire::protocol::{ParticipantMessage, StreamRecord};
+use esk_wire::protocol::ParticipantMessage;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::Shared;
-use crate::batch::{Batch, Incoming, PartitionState};
+use crate::batch::{Batch, Incoming};
+use crate::memory::{Committed, PartitionMemory};
 
 /// Serves the partitions the writer group assigns to this instance.
 #[derive(Debug)]
@@ -48,12 +49,20 @@ struct Run {
     io: PartitionIo,
 }
 
-/// A partition this worker owns: its fenced producer and its restored state.
+/// A partition this worker owns: its fenced producer and its memory.
 struct Owned {
     producer: FutureProducer,
-    state: PartitionState,
+    memory: PartitionMemory,
     /// Next offset of each events topic's partition, when known.
     next_offsets: HashMap<String, i64>,
+}
+
+/// What one transaction is made of.
+enum Work {
+    /// Records to decide, and holds to ask the coordinator about.
+    Decide(Vec<Incoming>, Vec<(String, String)>),
+    /// A record whose batch could not be written: refuse it with the reason.
+    Refuse(Incoming, String),
 }
 
 /// Why a batch did not commit.
@@ -62,11 +71,15 @@ enum Failure {
     Abortable(anyhow::Error),
     /// Failed before the transaction began: rewind and go on.
     BeforeBegin(anyhow::Error),
+    /// A record the batch made could not be written (too large, refused by
+    /// the broker): abort if the transaction began, then take the inputs one
+    /// at a time and refuse the one that makes it.
+    Rejected { error: anyhow::Error, began: bool },
     /// The events' offsets were not the predicted ones: abort, and go on with
     /// these next offsets (past the abort marker).
     Mispredicted(anyhow::Error, HashMap<String, i64>),
-    /// The producer is fenced or broken, or a commit's outcome is unknown:
-    /// acquire the partition anew.
+    /// The producer is fenced or broken, a commit's outcome is unknown, or
+    /// the local store failed: acquire the partition anew.
     Fatal(anyhow::Error),
 }
 
@@ -74,9 +87,21 @@ impl From<TxnError> for Failure {
     fn from(e: TxnError) -> Self {
         match e {
             TxnError::Abortable(e) => Failure::Abortable(e),
+            TxnError::Rejected(error) => Failure::Rejected { error, began: true },
             TxnError::Fatal(e) => Failure::Fatal(e),
         }
     }
+}
+
+/// What a committed batch did, for metrics.
+struct Done {
+    voted_yes: bool,
+    retries_answered: u64,
+    expired: u64,
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
 }
 
 impl Run {
@@ -121,11 +146,12 @@ impl Run {
             return Ok(None);
         }
         self.set_phase("restoring");
-        let Some(state) = crate::restore::restore(&self.shared, self.partition, self.io.stop_flag())? else {
+        let mut store = self.shared.store.partition(self.partition)?;
+        if !crate::restore::restore(&self.shared, self.partition, &mut store, self.io.stop_flag())? {
             return Ok(None);
-        };
-        self.shared.status.lock().expect("status lock").partitions.entry(self.partition).or_default().streams =
-            state.streams.len();
+        }
+        let mut memory = PartitionMemory::new(self.partition, store, c.stream_cache as usize, self.shared.horizon_ms);
+        let holds = memory.load_holds()?;
         let restored_ms = started.elapsed().as_millis() as u64;
         self.io.rewind(Duration::from_millis(c.transaction_timeout_ms))?;
         tracing::info!(
@@ -133,68 +159,168 @@ impl Run {
             ms = started.elapsed().as_millis() as u64,
             fenced_ms,
             restored_ms,
+            open_holds = holds,
             "partition taken over"
         );
-        Ok(Some(Owned { producer, state, next_offsets: HashMap::new() }))
+        Ok(Some(Owned { producer, memory, next_offsets: HashMap::new() }))
+    }
+
+    fn abort(&self, owned: &Owned) -> Result<()> {
+        metrics::counter!("esk_writer_aborts_total").increment(1);
+        owned
+            .producer
+            .abort_transaction(Duration::from_millis(self.shared.config.transaction_timeout_ms))
+            .map_err(|e| anyhow!("abort_transaction failed: {e}"))
+    }
+
+    fn rewind(&self) -> Result<()> {
+        self.io.rewind(Duration::from_millis(self.shared.config.transaction_timeout_ms))
+    }
+
+    /// What the clock asks for, at most once a second: decisions of holds
+    /// open past their deadline, expiry of what the horizon forgets, gauges.
+    fn tick(&self, owned: &mut Owned, last: &mut Instant, expired_at: &mut Instant) -> Vec<(String, String)> {
+        if last.elapsed() < Duration::from_secs(1) {
+            return Vec::new();
+        }
+        *last = Instant::now();
+        let grace = self.shared.config.hold_grace_ms as i64;
+        let asks = owned.memory.overdue(now_ms(), grace, grace);
+        if !asks.is_empty() {
+            tracing::info!(partition = self.partition, holds = asks.len(), "asking for the decisions of overdue holds");
+            metrics::counter!("esk_writer_hold_asks_total").increment(asks.len() as u64);
+        }
+        if expired_at.elapsed() > Duration::from_secs(60) {
+            *expired_at = Instant::now();
+            match owned.memory.expire(now_ms()) {
+                Ok(n) if n > 0 => tracing::debug!(partition = self.partition, n, "forgot answers past the horizon"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(partition = self.partition, "expiring answers: {e}"),
+            }
+        }
+        let p = self.partition.to_string();
+        metrics::gauge!("esk_writer_cached_streams", "partition" => p.clone()).set(owned.memory.cached() as f64);
+        metrics::gauge!("esk_writer_open_holds", "partition" => p).set(owned.memory.open_holds() as f64);
+        metrics::gauge!("esk_writer_store_bytes").set(self.shared.store.disk_bytes() as f64);
+        asks
     }
 
     /// Serves batches until told to stop (`Ok`) or the producer is lost (`Err`).
+    ///
+    /// A batch whose records cannot be written (`Failure::Rejected`) is taken
+    /// again one record at a time; the one record that fails alone is
+    /// refused (its client answered, or it is parked) and the partition goes
+    /// on: no input makes it retry for ever. Other failures retry with backoff.
     fn serve(&self, owned: &mut Owned) -> Result<()> {
         let mut failures = 0u32;
         let max = self.shared.config.max_batch as usize;
+        let mut one_at_a_time = 0usize;
+        let (mut ticked, mut expired) = (Instant::now() - Duration::from_secs(2), Instant::now());
         while !self.io.stopped() {
-            let records = self.io.collect(max, Duration::from_millis(100));
-            if records.is_empty() {
+            let asks = self.tick(owned, &mut ticked, &mut expired);
+            let records = self.io.collect(if one_at_a_time > 0 { 1 } else { max }, Duration::from_millis(100));
+            if records.is_empty() && asks.is_empty() {
                 continue;
             }
             let n = records.len();
+            let single = (n == 1).then(|| records[0].clone());
             let started = Instant::now();
-            match self.transact(owned, records) {
-                Ok((records, voted_yes)) => {
+            match self.transact(owned, Work::Decide(records, asks)) {
+                Ok(done) => {
                     failures = 0;
-                    owned.state.absorb(records);
-                    if voted_yes {
-                        esk_runtime::fault_point("after-vote");
-                    }
-                    metrics::counter!("esk_writer_batches_total").increment(1);
-                    metrics::counter!("esk_writer_records_total").increment(n as u64);
-                    metrics::histogram!("esk_writer_batch_size").record(n as f64);
-                    metrics::histogram!("esk_writer_transaction_seconds").record(started.elapsed().as_secs_f64());
-                    let mut status = self.shared.status.lock().expect("status lock");
-                    let s = status.partitions.entry(self.partition).or_default();
-                    s.batches += 1;
-                    s.records += n as u64;
-                    s.streams = owned.state.streams.len();
+                    one_at_a_time = one_at_a_time.saturating_sub(n);
+                    self.committed(owned, n, started, &done);
                 }
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(failure) => {
-                    failures += 1;
-                    let (Failure::Abortable(e)
-                    | Failure::BeforeBegin(e)
-                    | Failure::Mispredicted(e, _)
-                    | Failure::Fatal(e)) = &failure;
-                    tracing::warn!(partition = self.partition, failures, "batch failed, retrying: {e:#}");
-                    if let Failure::Abortable(_) | Failure::Mispredicted(..) = failure {
-                        metrics::counter!("esk_writer_aborts_total").increment(1);
-                        if let Err(e) = owned
-                            .producer
-                            .abort_transaction(Duration::from_millis(self.shared.config.transaction_timeout_ms))
-                        {
-                            return Err(anyhow!("abort_transaction failed: {e}"));
+                Err(Failure::Rejected { error, began }) => {
+                    if began {
+                        self.abort(owned)?;
+                    }
+                    self.rewind()?;
+                    match single {
+                        Some(record) => {
+                            let reason = format!("{error:#}");
+                            tracing::warn!(
+                                partition = self.partition,
+                                topic = record.topic,
+                                offset = record.offset,
+                                "refusing a record that cannot be written: {reason}"
+                            );
+                            metrics::counter!("esk_writer_refused_inputs_total").increment(1);
+                            self.refuse(owned, record, reason, &mut failures)?;
+                            one_at_a_time = one_at_a_time.saturating_sub(1);
+                        }
+                        None => {
+                            tracing::warn!(
+                                partition = self.partition,
+                                records = n,
+                                "a batch cannot be written ({error:#}): taking its records one at a time"
+                            );
+                            one_at_a_time = n;
                         }
                     }
-                    owned.next_offsets = match failure {
-                        Failure::Mispredicted(_, next) => next,
-                        _ => HashMap::new(),
-                    };
-                    self.io.rewind(Duration::from_millis(self.shared.config.transaction_timeout_ms))?;
-                    // The same records come again: back off so a persistent
-                    // failure does not spin.
-                    self.io.pause(Duration::from_millis(100 * u64::from(failures.min(50))));
                 }
+                Err(failure) => self.failed(owned, failure, &mut failures)?,
             }
         }
         Ok(())
+    }
+
+    /// Refuses one record in a transaction of its own, then rewinds past it.
+    fn refuse(&self, owned: &mut Owned, record: Incoming, reason: String, failures: &mut u32) -> Result<()> {
+        match self.transact(owned, Work::Refuse(record, reason)) {
+            Ok(_) => self.rewind(),
+            Err(Failure::Fatal(e)) => Err(e),
+            Err(Failure::Rejected { error, began }) => {
+                // A refusal is a small reply, vote or truncated dead letter: it
+                // cannot be too large, so this is the broker's doing. Retry.
+                if began {
+                    self.abort(owned)?;
+                }
+                self.failed(owned, Failure::BeforeBegin(error), failures)
+            }
+            Err(failure) => self.failed(owned, failure, failures),
+        }
+    }
+
+    /// After a failed batch: abort if needed, rewind, back off.
+    fn failed(&self, owned: &mut Owned, failure: Failure, failures: &mut u32) -> Result<()> {
+        *failures += 1;
+        let (Failure::Abortable(e)
+        | Failure::BeforeBegin(e)
+        | Failure::Rejected { error: e, .. }
+        | Failure::Mispredicted(e, _)
+        | Failure::Fatal(e)) = &failure;
+        tracing::warn!(partition = self.partition, failures, "batch failed, retrying: {e:#}");
+        if let Failure::Abortable(_) | Failure::Mispredicted(..) = failure {
+            self.abort(owned)?;
+        }
+        owned.next_offsets = match failure {
+            Failure::Mispredicted(_, next) => next,
+            _ => HashMap::new(),
+        };
+        self.rewind()?;
+        // The same records come again: back off so a persistent failure does not spin.
+        self.io.pause(Duration::from_millis(100 * u64::from((*failures).min(50))));
+        Ok(())
+    }
+
+    fn committed(&self, owned: &Owned, n: usize, started: Instant, done: &Done) {
+        if done.voted_yes {
+            esk_runtime::fault_point("after-vote");
+        }
+        metrics::counter!("esk_writer_batches_total").increment(1);
+        metrics::counter!("esk_writer_records_total").increment(n as u64);
+        metrics::counter!("esk_writer_retries_answered_total").increment(done.retries_answered);
+        metrics::counter!("esk_writer_expired_requests_total").increment(done.expired);
+        metrics::histogram!("esk_writer_batch_size").record(n as f64);
+        metrics::histogram!("esk_writer_transaction_seconds").record(started.elapsed().as_secs_f64());
+        let mut status = self.shared.status.lock().expect("status lock");
+        let s = status.partitions.entry(self.partition).or_default();
+        s.batches += 1;
+        s.records += n as u64;
+        s.cached_streams = owned.memory.cached();
+        s.open_holds = owned.memory.open_holds();
     }
 
     fn ensure_events_topics(&self, categories: &BTreeSet<String>) -> Result<()> {
@@ -243,15 +369,19 @@ impl Run {
     /// for its commit or abort marker) or asked from the broker on first use.
     /// `transact` checks them against the delivery reports before committing,
     /// so a wrong guess costs an aborted transaction, never a wrong position.
-    fn predict_offsets(&self, owned: &mut Owned, batch: &Batch<'_>) -> Result<Vec<i64>, Failure> {
+    fn predict_offsets(
+        &self,
+        next_offsets: &HashMap<String, i64>,
+        events: &[crate::batch::OutEvent],
+    ) -> Result<Vec<i64>, Failure> {
         let mut next: HashMap<&str, i64> = HashMap::new();
-        let mut predicted = Vec::with_capacity(batch.events.len());
-        for e in &batch.events {
+        let mut predicted = Vec::with_capacity(events.len());
+        for e in events {
             let offset = match next.get_mut(e.category.as_str()) {
                 Some(n) => n,
                 None => {
                     let topic = self.shared.topics.events(&e.category);
-                    let start = match owned.next_offsets.get(&topic) {
+                    let start = match next_offsets.get(&topic) {
                         Some(n) => *n,
                         None => self
                             .shared
@@ -267,81 +397,94 @@ impl Run {
         Ok(predicted)
     }
 
-    /// Returns the new stream records, and whether the batch voted yes on a prepare.
-    fn transact(&self, owned: &mut Owned, records: Vec<Incoming>) -> Result<(Vec<StreamRecord>, bool), Failure> {
+    /// Decides `work` and writes it in one Kafka transaction; after the
+    /// commit, the partition's memory takes the new records.
+    fn transact(&self, owned: &mut Owned, work: Work) -> Result<Done, Failure> {
         let shared = &self.shared;
         let p = self.partition;
         // Bounded by the transaction timeout: a handler stuck in a call holds up rebalances.
         let timeout = Duration::from_millis(shared.config.transaction_timeout_ms);
         let ctx = shared.batch_context();
         let now = Utc::now();
-        let state = std::mem::take(&mut owned.state);
-        let mut batch = Batch::new(&state);
-        for r in records {
-            batch.handle(&ctx, r, now);
+        owned.memory.set_now(now.timestamp_millis());
+        let Owned { producer, memory, next_offsets } = owned;
+        let mut batch = Batch::new(memory, now);
+        match work {
+            Work::Decide(records, asks) => {
+                for r in records {
+                    batch.handle(&ctx, r);
+                }
+                for (txid, stream) in &asks {
+                    batch.ask(&ctx, txid, stream);
+                }
+            }
+            Work::Refuse(record, reason) => batch.refuse(&ctx, record, &reason),
+        }
+        if let Some(e) = batch.store_failure.take() {
+            return Err(Failure::Fatal(anyhow!("the local store failed: {e}")));
         }
         let categories: BTreeSet<String> = batch.events.iter().map(|e| e.category.clone()).collect();
-        let prepared = self
-            .ensure_events_topics(&categories)
-            .map_err(Failure::BeforeBegin)
-            .and_then(|()| self.predict_offsets(owned, &batch));
-        let predicted = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                drop(batch);
-                owned.state = state;
-                return Err(e);
-            }
-        };
+        self.ensure_events_topics(&categories).map_err(Failure::BeforeBegin)?;
+        let predicted = self.predict_offsets(next_offsets, &batch.events)?;
         let events: Vec<(String, esk_wire::Event)> =
             batch.events.iter().map(|e| (shared.topics.events(&e.category), e.event.clone())).collect();
         let votes = std::mem::take(&mut batch.votes);
         let dead = std::mem::take(&mut batch.dead_letters);
         let consumed = std::mem::take(&mut batch.consumed);
-        let finished = batch.finish(p, &predicted);
-        owned.state = state;
+        let (retries_answered, expired) = (batch.retries_answered, batch.expired);
+        let finished =
+            batch.finish(&ctx, p, &predicted).map_err(|o| Failure::Rejected { error: anyhow!(o.0), began: false })?;
 
-        let producer = &owned.producer;
         let t_begin = Instant::now();
         producer.begin_transaction().map_err(|e| Failure::from(classify(e)))?;
-        let send =
-            |topic: &str, partition: i32, key: &[u8], value: &[u8], headers: Option<OwnedHeaders>, ts: Option<i64>| {
-                let mut record = FutureRecord::to(topic).partition(partition).key(key).payload(value);
-                if let Some(h) = headers {
-                    record = record.headers(h);
-                }
-                if let Some(ts) = ts {
-                    record = record.timestamp(ts);
-                }
-                producer.send_result(record).map_err(|(err, _)| Failure::from(classify(err)))
-            };
+        let send = |topic: &str,
+                    partition: i32,
+                    key: &[u8],
+                    value: Option<&[u8]>,
+                    headers: Option<OwnedHeaders>,
+                    ts: Option<i64>| {
+            let mut record = FutureRecord::to(topic).partition(partition).key(key);
+            if let Some(v) = value {
+                record = record.payload(v);
+            }
+            if let Some(h) = headers {
+                record = record.headers(h);
+            }
+            if let Some(ts) = ts {
+                record = record.timestamp(ts);
+            }
+            producer.send_result(record).map_err(|(err, _)| Failure::from(classify(err)))
+        };
         // The events, then what carries their positions: state records (in event
-        // order, which replicas rely on), replies, votes, dead letters. One
-        // transaction; nothing is visible to read_committed readers before commit.
-        let mut event_deliveries = Vec::with_capacity(events.len());
+        // order, which replicas rely on), what is remembered, replies, votes,
+        // dead letters. One transaction; nothing is visible to read_committed
+        // readers before commit.
+        let mut deliveries = Vec::with_capacity(events.len() + finished.records.len() + finished.replies.len());
         for (topic, e) in &events {
             let headers = e
                 .headers()
                 .iter()
                 .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: v.as_deref() }));
             let ts = e.time.timestamp_millis();
-            event_deliveries.push(send(topic, p, e.stream.as_str().as_bytes(), &e.value(), Some(headers), Some(ts))?);
+            let value = e.value();
+            deliveries.push(send(topic, p, e.stream.as_str().as_bytes(), Some(&value), Some(headers), Some(ts))?);
         }
-        let mut deliveries = Vec::new();
         let state_topic = shared.topics.state();
-        for r in &finished.records {
-            let value = serde_json::to_vec(r).expect("stream records serialize");
-            deliveries.push(send(&state_topic, p, r.stream.as_bytes(), &value, None, None)?);
+        for (r, value) in &finished.records {
+            deliveries.push(send(&state_topic, p, r.stream.as_bytes(), Some(value), None, None)?);
+        }
+        let answers_topic = shared.topics.answers();
+        for (m, value) in &finished.memories {
+            deliveries.push(send(&answers_topic, p, m.stream().as_bytes(), Some(value), None, None)?);
         }
         let replies_topic = shared.topics.replies();
-        for (part, id, reply) in &finished.replies {
-            let value = serde_json::to_vec(reply).expect("replies serialize");
-            deliveries.push(send(&replies_topic, *part, id.as_bytes(), &value, None, None)?);
+        for (part, id, value) in &finished.replies {
+            deliveries.push(send(&replies_topic, *part, id.as_bytes(), Some(value), None, None)?);
         }
         let votes_topic = shared.topics.tx_votes();
         for (part, txid, message) in &votes {
-            let value = serde_json::to_vec(message).expect("votes serialize");
-            deliveries.push(send(&votes_topic, *part, txid.as_bytes(), &value, None, None)?);
+            let value = serde_json::to_vec(message).map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
+            deliveries.push(send(&votes_topic, *part, txid.as_bytes(), Some(&value), None, None)?);
         }
         let dlq_topic = shared.topics.dlq("writer");
         for d in &dead {
@@ -354,32 +497,40 @@ impl Run {
                 "parked a record"
             );
             let origin = Origin { topic: &o.topic, partition: o.partition, offset: o.offset };
-            let h = dead_letter_headers(&o.headers, &d.reason, origin, "writer");
-            let key = o.key.as_deref().unwrap_or_default();
-            deliveries.push(send(&dlq_topic, p, key, o.payload.as_deref().unwrap_or_default(), Some(h), None)?);
+            let l = dead_letter(
+                o.key.as_deref(),
+                o.payload.as_deref(),
+                &o.headers,
+                &d.reason,
+                origin,
+                "writer",
+                shared.limits.record_bytes,
+            );
+            let key = l.key.unwrap_or_default();
+            deliveries.push(send(&dlq_topic, p, &key, l.value.as_deref(), Some(l.headers), None)?);
             metrics::counter!("esk_writer_dead_letters_total").increment(1);
         }
         // Wait for every delivery here: rdkafka's commit_transaction flushes
         // first, and its flush polls in 100 ms steps while anything is in flight.
         // `message.timeout.ms` bounds the wait.
-        let n_events = event_deliveries.len();
-        event_deliveries.extend(deliveries);
-        let mut delivered = txn::await_deliveries(event_deliveries)?;
+        let delivered = txn::await_deliveries(deliveries)?;
         let t_sent = Instant::now();
-        delivered.truncate(n_events);
-        if delivered != predicted {
+        let (event_offsets, rest) = delivered.split_at(events.len());
+        let (state_offsets, rest) = rest.split_at(finished.records.len());
+        let answer_offsets = &rest[..finished.memories.len()];
+        if event_offsets != predicted.as_slice() {
             metrics::counter!("esk_writer_offset_mispredictions_total").increment(1);
             // Every event was delivered: after the abort marker, each partition
             // goes on right after it.
             let mut after_abort = HashMap::new();
-            for ((topic, _), offset) in events.iter().zip(&delivered) {
+            for ((topic, _), offset) in events.iter().zip(event_offsets) {
                 let next = after_abort.entry(topic.clone()).or_insert(0);
                 *next = (*next).max(offset + 2);
             }
             return Err(Failure::Mispredicted(
                 anyhow!(
                     "events landed at other offsets than their positions say (first {:?}, predicted {:?}): retrying",
-                    delivered.first(),
+                    event_offsets.first(),
                     predicted.first()
                 ),
                 after_abort,
@@ -387,14 +538,27 @@ impl Run {
         }
         txn::commit(producer, p, &consumed, self.io.group_metadata(), timeout, self.io.stop_flag())?;
         // Each partition written gets one commit marker after its last record.
-        for ((topic, _), offset) in events.iter().zip(&delivered) {
-            let next = owned.next_offsets.entry(topic.clone()).or_insert(0);
+        for ((topic, _), offset) in events.iter().zip(event_offsets) {
+            let next = next_offsets.entry(topic.clone()).or_insert(0);
             *next = (*next).max(offset + 2);
         }
         metrics::counter!("esk_writer_events_total").increment(events.len() as u64);
+        metrics::counter!("esk_writer_answers_remembered_total").increment(finished.memories.len() as u64);
+        let mut committed = Committed::default();
+        if let Some(last) = state_offsets.iter().max() {
+            committed.positions.push((state_topic, last + 1));
+        }
+        if let Some(last) = answer_offsets.iter().max() {
+            committed.positions.push((answers_topic, last + 1));
+        }
+        committed.records = finished.records.into_iter().zip(state_offsets).map(|((r, v), o)| (r, v, *o)).collect();
+        committed.memories = finished.memories.into_iter().zip(answer_offsets).map(|((m, _), o)| (m, *o)).collect();
+        // The transaction is committed: a store that cannot take it is
+        // behind Kafka, so the partition is restored afresh from its topics.
+        memory.absorb(committed).map_err(|e| Failure::Fatal(anyhow!("the local store failed after a commit: {e}")))?;
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
         tracing::debug!(produce_ms = ms(t_begin, t_sent), commit_ms = ms(t_sent, Instant::now()), "committed");
         let voted_yes = votes.iter().any(|(_, _, m)| matches!(m, ParticipantMessage::Vote(v) if v.yes));
-        Ok((finished.records, voted_yes))
+        Ok(Done { voted_yes, retries_answered, expired })
     }
 }

@@ -39,6 +39,7 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     let expected: Vec<String> = [
         "commands",
         "state",
+        "answers",
         "replies",
         "tx.requests",
         "tx.prepare",
@@ -71,6 +72,11 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     assert_eq!(events["retention.ms"], "-1");
     assert_eq!(events["retention.bytes"], "-1");
     assert_eq!(topics[&format!("{p}.replies")].1["retention.ms"], "3600000");
+    // The idempotency horizon: requests and answers kept 7 days by default.
+    for t in ["commands", "answers", "tx.requests", "tx.votes"] {
+        assert_eq!(topics[&format!("{p}.{t}")].1["retention.ms"], "604800000", "{t}");
+    }
+    assert_eq!(first["idempotency_horizon_ms"], 604_800_000);
 
     // Idempotent: nothing new, nothing changed, same partition count kept by default.
     let second = env.esk().args(["topics", "init", "--json"]).run().ok().json();
@@ -82,6 +88,11 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     // A different partition count would break co-partitioning: refused, nothing changed.
     let run = env.esk().args(["topics", "init", "--partitions", "5"]).run().code(4);
     assert!(run.stderr.contains("already has 3 partitions"), "{}", run.stderr);
+    assert_eq!(read_back(&env).await, topics);
+    // So would another horizon: writers would forget answers sooner than requests go.
+    let run = env.esk().args(["topics", "init", "--idempotency-horizon", "1d"]).run().code(4);
+    assert!(run.stderr.contains("has 604800s"), "{}", run.stderr);
+    env.esk().args(["topics", "init", "--idempotency-horizon", "7d"]).run().ok();
     assert_eq!(read_back(&env).await, topics);
 
     // describe shows them all, none missing.

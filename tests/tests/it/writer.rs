@@ -115,7 +115,7 @@ async fn bad_input_gets_its_exit_code_and_writes_nothing() {
         (vec!["append", "order-1", "OrderShipped", "{}"], 4, "unknown event type 'OrderShipped'"),
         (vec!["append", "order-1", "OrderPlaced", r#"{"sku":"a","quantity":0}"#], 4, "/quantity"),
         (vec!["append", "blob-1", "Big", &big], 4, "limit is 262144"),
-        (vec!["append", "blob-1", "Huge", &huge], 4, "at most 1000000"),
+        (vec!["append", "blob-1", "Huge", &huge], 4, "the limit is 983616"),
         (
             vec!["append", "order-1", "OrderPlaced", r#"{"sku":"a","quantity":1}"#, "--expected-version", "5"],
             3,

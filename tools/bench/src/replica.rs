@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use esk_client::Client;
 use esk_kafka::KafkaConfig;
-use esk_kafka::admin::{Admin, Durability, platform_topics};
+use esk_kafka::admin::{Admin, DEFAULT_HORIZON, Durability, platform_topics};
 use esk_wire::Topics;
 use esk_wire::partition::partition_for;
-use esk_wire::protocol::{Answered, Appended, ExpectedVersion, IndexEntry, NewEvent, StreamRecord};
+use esk_wire::protocol::{Answered, Appended, ExpectedVersion, IndexEntry, Memory, NewEvent, StreamRecord};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -100,37 +100,53 @@ pub async fn lag(client: &Arc<Client>, bin: &Path, prefix: &str, bootstrap: &str
     Ok(())
 }
 
-/// Writes `n` stream records (as the writer writes them) into partition 0 of
-/// a one-partition installation's state topic.
-async fn fill_state(kafka: &KafkaConfig, topics: &Topics, n: usize) -> Result<()> {
+/// Writes `streams` stream records and `answers` remembered answers (as the
+/// writer writes them, spread over the streams) into partition 0 of a
+/// one-partition installation's state and answers topics.
+pub async fn fill_state(kafka: &KafkaConfig, topics: &Topics, streams: usize, answers: usize) -> Result<()> {
     let admin = Admin::new(kafka)?;
     let brokers = admin.broker_count().await?;
-    admin.ensure(&platform_topics(topics, ["note"], 1, Durability::for_brokers(brokers))).await?;
+    admin.ensure(&platform_topics(topics, ["note"], 1, Durability::for_brokers(brokers), DEFAULT_HORIZON)).await?;
     let producer: FutureProducer = kafka.client().set("linger.ms", "20").set("compression.type", "lz4").create()?;
-    let topic = topics.state();
+    let (state, remembered) = (topics.state(), topics.answers());
+    let now = chrono::Utc::now().timestamp_millis();
     let mut pending = Vec::new();
-    for i in 0..n {
-        let stream = format!("note-s{i}");
-        let record = StreamRecord {
-            stream: stream.clone(),
-            version: 3,
-            state: None,
-            last_offset: -1,
-            index: vec![IndexEntry { version: 1, offset: 0 }],
-            answered: vec![Answered {
-                request_id: format!("req-{i}"),
-                first_event_id: None,
-                expected_version: ExpectedVersion::Any,
-                result: Appended { stream, first_version: 3, last_version: 3, position: "note:0:0".into() },
-            }],
-            decided: Vec::new(),
-        };
-        let value = serde_json::to_vec(&record)?;
-        pending.push(
-            producer
-                .send_result(FutureRecord::to(&topic).partition(0).key(&record.stream).payload(&value))
-                .map_err(|(e, _)| e)?,
-        );
+    for i in 0..streams.max(answers) {
+        let stream = format!("note-s{}", i % streams.max(1));
+        let mut sends = Vec::new();
+        if i < streams {
+            let mut record = StreamRecord::new(&stream, None);
+            record.version = 3;
+            record.last_offset = 0;
+            record.index = vec![IndexEntry { version: 1, offset: 0 }];
+            sends.push((&state, serde_json::to_vec(&record)?));
+        }
+        if i < answers {
+            let memory = Memory::Answer {
+                stream: stream.clone(),
+                answer: Answered {
+                    request_id: format!("req-{i}"),
+                    first_event_id: None,
+                    expected_version: ExpectedVersion::Any,
+                    result: Appended {
+                        stream: stream.clone(),
+                        first_version: 3,
+                        last_version: 3,
+                        position: "note:0:0".into(),
+                    },
+                    fingerprint: 1,
+                    answered_ms: now,
+                },
+            };
+            sends.push((&remembered, serde_json::to_vec(&memory)?));
+        }
+        for (topic, value) in sends {
+            pending.push(
+                producer
+                    .send_result(FutureRecord::to(topic).partition(0).key(&stream).payload(&value))
+                    .map_err(|(e, _)| e)?,
+            );
+        }
         if pending.len() >= 20_000 {
             for d in futures::future::join_all(pending.drain(..)).await {
                 d?.map_err(|(e, _)| e)?;
@@ -184,7 +200,7 @@ pub async fn failover(bootstrap: &str, bin: &Path, streams: usize) -> Result<()>
     let kafka = KafkaConfig::new(bootstrap, Duration::from_secs(120))?;
     for standby in [false, true] {
         let prefix = format!("bench-takeover-{}-{}", u8::from(standby), std::process::id());
-        fill_state(&kafka, &Topics::new(&prefix), streams).await?;
+        fill_state(&kafka, &Topics::new(&prefix), streams, 0).await?;
         let took = takeover(&kafka, bin, &prefix, standby).await?;
         println!(
             "{:<22} SIGKILL of the owner -> next append answered: {:>6.2} s",

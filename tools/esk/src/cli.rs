@@ -34,6 +34,18 @@ pub struct Global {
     /// The replicas' HTTP addresses, comma-separated, for `esk replica status`.
     #[arg(long, global = true, env = "ESK_REPLICA_URLS", default_value = "http://127.0.0.1:8703")]
     pub replica_urls: String,
+    /// Also the JSON Schemas in this folder (`<category>/<Type>.v<N>.json`),
+    /// beside the built-in ones, as the writer and projector take them.
+    #[arg(long, global = true, env = "ESK_SCHEMAS_DIR")]
+    pub schemas_dir: Option<std::path::PathBuf>,
+}
+
+impl Global {
+    /// The built-in schemas and `--schemas-dir`'s.
+    pub fn schemas(&self) -> Result<esk_wire::SchemaRegistry, crate::exit::Failure> {
+        esk_wire::SchemaRegistry::with_dir(self.schemas_dir.as_deref())
+            .map_err(|e| crate::exit::Failure::invalid(format!("--schemas-dir: {e}")))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -234,26 +246,20 @@ pub struct InitArgs {
     /// Replicas per partition (default: 3, or the number of brokers if fewer).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=100))]
     pub replication_factor: Option<i32>,
+    /// How long a retried request or transaction is answered with its first
+    /// result (e.g. 24h, 7d; default 7d, or what the installation has): the
+    /// request topics keep requests this long, the writer's answers too.
+    #[arg(long, value_parser = esk_runtime::parse_duration)]
+    pub idempotency_horizon: Option<Duration>,
 }
 
-/// `10s`, `500ms`, `2m` or a bare number of seconds.
+/// A wait: `10s`, `500ms`, `2m` or a bare number of seconds, less than a day.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = number.parse().map_err(|_| format!("'{s}' is not a duration; use e.g. 10s, 500ms, 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("'{s}' has unknown unit '{unit}'; use ms, s or m")),
-    };
-    if !(secs > 0.0 && secs < 86_400.0) {
-        return Err(format!("'{s}' is out of range; give more than 0 and less than a day"));
+    let d = esk_runtime::parse_duration(s)?;
+    if d >= Duration::from_secs(86_400) {
+        return Err(format!("'{}' is out of range; give more than 0 and less than a day", s.trim()));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -268,7 +274,7 @@ mod tests {
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("0").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("25h").is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use esk_kafka::KafkaConfig;
 use esk_kafka::admin::Admin;
 use esk_wire::protocol::{Appended, CommandData, ExpectedVersion, NewEvent};
 use esk_wire::stream::is_valid_category;
-use esk_wire::{SchemaRegistry, StreamName, Topics};
+use esk_wire::{StreamName, Topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
@@ -119,7 +119,7 @@ fn print_event(g: &Global, e: &ReadEvent, with_stream: bool) {
 pub async fn read(g: &Global, args: ReadArgs) -> Result<(), Failure> {
     let stream = parse_stream(&args.stream)?;
     let client = connect(g, false).await?;
-    let events = read_stream(&client, stream.as_str(), args.from_version, Arc::new(SchemaRegistry::builtin())).await?;
+    let events = read_stream(&client, stream.as_str(), args.from_version, Arc::new(g.schemas()?)).await?;
     for e in &events {
         print_event(g, e, false);
     }
@@ -154,6 +154,7 @@ pub async fn tail(g: &Global, args: TailArgs) -> Result<(), Failure> {
     };
     let prefix = topics.events_prefix();
     let g2 = g.clone();
+    let schemas = g.schemas()?;
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || -> Result<(), Failure> {
         let consumer: BaseConsumer = config
@@ -164,7 +165,6 @@ pub async fn tail(g: &Global, args: TailArgs) -> Result<(), Failure> {
             .set("fetch.wait.max.ms", "50")
             .create()
             .map_err(esk_kafka::Error::from)?;
-        let schemas = SchemaRegistry::builtin();
         let mut assigned: Vec<String> = Vec::new();
         let mut tpl = TopicPartitionList::new();
         let mut last_refresh: Option<std::time::Instant> = None;

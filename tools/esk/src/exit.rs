@@ -22,6 +22,9 @@ pub enum Kind {
     Aborted,
     /// 7: the domain refused the command.
     Refused,
+    /// 4: the request is older than the idempotency horizon and not
+    /// remembered (it may have been applied); nothing was written.
+    Expired,
 }
 
 impl Kind {
@@ -30,7 +33,7 @@ impl Kind {
             Kind::Internal => 1,
             Kind::Usage => 2,
             Kind::WrongExpectedVersion => 3,
-            Kind::InvalidInput => 4,
+            Kind::InvalidInput | Kind::Expired => 4,
             Kind::Unavailable => 5,
             Kind::Aborted => 6,
             Kind::Refused => 7,
@@ -47,6 +50,7 @@ impl Kind {
             Kind::Unavailable => "unavailable",
             Kind::Aborted => "aborted",
             Kind::Refused => "domain_refused",
+            Kind::Expired => "request_expired",
         }
     }
 }
@@ -110,6 +114,7 @@ impl From<esk_client::ClientError> for Failure {
             E::Refused(m) => Failure::new(Kind::Refused, m),
             E::Unavailable(m) => Failure::unavailable(m),
             E::Internal(m) => Failure::new(Kind::Internal, m),
+            E::Expired(m) => Failure::new(Kind::Expired, m),
         }
     }
 }
@@ -144,6 +149,7 @@ mod tests {
             (Kind::Unavailable, 5, "unavailable"),
             (Kind::Aborted, 6, "aborted"),
             (Kind::Refused, 7, "domain_refused"),
+            (Kind::Expired, 4, "request_expired"),
         ];
         for (kind, code, name) in all {
             assert_eq!((kind.exit_code(), kind.code()), (code, name));

@@ -58,8 +58,7 @@ fn read_input(file: &str) -> Result<Vec<(usize, String)>, Failure> {
     Ok(lines)
 }
 
-fn check(lines: Vec<(usize, String)>) -> Result<Vec<Checked>, Failure> {
-    let schemas = SchemaRegistry::builtin();
+fn check(lines: Vec<(usize, String)>, schemas: &SchemaRegistry) -> Result<Vec<Checked>, Failure> {
     let aggregates = Registry::builtin();
     let mut ok = Vec::with_capacity(lines.len());
     let mut bad = Vec::new();
@@ -104,11 +103,12 @@ fn kind_of(e: &ClientError) -> Kind {
         ClientError::Refused(_) => Kind::Refused,
         ClientError::Unavailable(_) => Kind::Unavailable,
         ClientError::Internal(_) => Kind::Internal,
+        ClientError::Expired(_) => Kind::Expired,
     }
 }
 
 pub async fn produce(g: &Global, args: ProduceArgs) -> Result<(), Failure> {
-    let checked = check(read_input(&args.file)?)?;
+    let checked = check(read_input(&args.file)?, &g.schemas()?)?;
     let total = checked.len();
     let client = connect(g, true).await?;
     let bar = if std::io::stderr().is_terminal() && !g.json {

@@ -2,7 +2,7 @@
 
 use esk_kafka::KafkaConfig;
 use esk_kafka::admin::{self, Admin, DEFAULT_PARTITIONS, Durability, Outcome, TopicInfo};
-use esk_wire::{SchemaRegistry, Topics};
+use esk_wire::Topics;
 use serde_json::json;
 
 use crate::cli::{Global, InitArgs};
@@ -39,8 +39,25 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
         Some(r) => Durability::new(r),
         None => Durability::for_brokers(brokers),
     };
-    let schemas = SchemaRegistry::builtin();
-    let specs = admin::platform_topics(&topics, schemas.categories(), partitions, durability);
+    let installed_horizon = [topics.answers(), topics.commands()]
+        .iter()
+        .find_map(|name| existing.iter().find(|t| t.name == *name))
+        .and_then(|t| t.configs.get("retention.ms")?.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis);
+    let horizon = match (args.idempotency_horizon, installed_horizon) {
+        (Some(asked), Some(have)) if asked != have => {
+            return Err(Failure::invalid(format!(
+                "--idempotency-horizon {}s: this installation ('{}') has {}s; to change it, alter retention.ms of its \
+                 requests and answers topics and restart the writers and coordinators",
+                asked.as_secs(),
+                topics.prefix(),
+                have.as_secs()
+            )));
+        }
+        (asked, have) => asked.or(have).unwrap_or(admin::DEFAULT_HORIZON),
+    };
+    let schemas = g.schemas()?;
+    let specs = admin::platform_topics(&topics, schemas.categories(), partitions, durability, horizon);
     let outcomes = admin.ensure(&specs).await?;
 
     if g.json {
@@ -51,6 +68,7 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
             "prefix": topics.prefix(),
             "partitions": partitions,
             "replication_factor": durability.replication_factor,
+            "idempotency_horizon_ms": horizon.as_millis() as u64,
             "created": list(Outcome::Created),
             "existing": list(Outcome::Existing),
             "topics": outcomes.iter().map(|(s, o)| json!({
@@ -69,9 +87,10 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
         }
         let created = outcomes.iter().filter(|(_, o)| *o == Outcome::Created).count();
         println!(
-            "{created} created, {} already there; {partitions} partitions, replication {}",
+            "{created} created, {} already there; {partitions} partitions, replication {}, idempotency horizon {}",
             outcomes.len() - created,
-            durability.replication_factor
+            durability.replication_factor,
+            show_duration(horizon)
         );
     }
     Ok(())
@@ -81,7 +100,8 @@ pub async fn describe(g: &Global) -> Result<(), Failure> {
     let (admin, topics) = connect(g)?;
     let names = admin.list(&format!("{}.", topics.prefix())).await?;
     let found: Vec<TopicInfo> = admin.describe(&names).await?;
-    let expected = admin::platform_topics(&topics, SchemaRegistry::builtin().categories(), 1, Durability::new(1));
+    let expected =
+        admin::platform_topics(&topics, g.schemas()?.categories(), 1, Durability::new(1), admin::DEFAULT_HORIZON);
     let missing: Vec<&str> =
         expected.iter().map(|s| s.name.as_str()).filter(|n| !found.iter().any(|t| t.name == *n)).collect();
     if g.json {
@@ -102,4 +122,15 @@ pub async fn describe(g: &Global) -> Result<(), Failure> {
         println!("{m:width$}  missing: run `esk topics init`");
     }
     Ok(())
+}
+
+/// `7d`, `24h`, `90s`: the largest whole unit.
+fn show_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s > 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 => format!("{s}s"),
+        _ => format!("{}ms", d.as_millis()),
+    }
 }

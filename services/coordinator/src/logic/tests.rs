@@ -1,11 +1,30 @@
+use std::collections::HashMap;
+
+use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::*;
 
 const P: i32 = 4;
 
+const HORIZON_MS: i64 = 3_600_000;
+
 fn ctx(aggregates: &Registry) -> Context<'_> {
-    Context { aggregates, partitions: P, reply_partitions: 2, resend_after_ms: 1000 }
+    Context {
+        aggregates,
+        partitions: P,
+        reply_partitions: 2,
+        resend_after_ms: 1000,
+        limits: Limits::default(),
+        horizon_ms: HORIZON_MS,
+    }
+}
+
+/// The partition: live transactions in memory, ended ones "on disk".
+#[derive(Default)]
+struct World {
+    txs: Txs,
+    done: HashMap<String, TxRecord>,
 }
 
 fn msg(input: usize, key: &str, payload: Value) -> Incoming {
@@ -39,17 +58,28 @@ fn ack(txid: &str, stream: &str, decision: &str) -> Incoming {
     msg(1, txid, json!({"kind": "ack", "txid": txid, "stream": stream, "decision": decision}))
 }
 
-/// Runs one step and commits it into `txs`.
-fn step(txs: &mut Txs, inputs: Vec<Incoming>, now: i64) -> Step {
+/// Runs one step and commits it into the world.
+fn step(w: &mut World, inputs: Vec<Incoming>, now: i64) -> Step {
     let aggregates = Registry::builtin();
     let c = ctx(&aggregates);
     let mut s = Step::default();
     for i in inputs {
-        s.handle(&c, txs, i, now);
+        s.handle(&c, &w.txs, &mut w.done, i, now);
     }
-    s.tick(&c, txs, now);
-    txs.absorb(s.records(), s.sent.clone());
+    s.tick(&c, &w.txs, now);
+    for r in s.records() {
+        if r.is_done() {
+            w.done.insert(r.txid.clone(), r);
+        }
+    }
+    w.txs.absorb(s.records(), s.sent.clone());
     s
+}
+
+impl World {
+    fn state(&self, txid: &str) -> TxState {
+        self.txs.records.get(txid).or_else(|| self.done.get(txid)).map_or(TxState::Unknown, |r| r.state)
+    }
 }
 
 fn outcome(s: &Step, i: usize) -> &ReplyOutcome {
@@ -62,12 +92,12 @@ fn transfer() -> Incoming {
 
 #[test]
 fn all_yes_commits_everywhere_and_tells_the_client() {
-    let mut txs = Txs::default();
+    let mut txs = World::default();
     let s = step(&mut txs, vec![transfer()], 0);
     assert_eq!(s.prepares.len(), 2);
     assert_eq!(s.prepares[0].0, partition_for(b"account-a", P));
     assert!(s.replies.is_empty(), "no answer before the decision");
-    assert_eq!(txs.records["t1"].state, TxState::Preparing);
+    assert_eq!(txs.state("t1"), TxState::Preparing);
     let s = step(&mut txs, vec![vote("t1", "account-a", true)], 10);
     assert!(s.decisions.is_empty());
     let s = step(&mut txs, vec![vote("t1", "account-b", true), vote("t1", "account-b", true)], 20);
@@ -75,16 +105,18 @@ fn all_yes_commits_everywhere_and_tells_the_client() {
     assert!(s.decisions.iter().all(|d| d.2.decision == Verdict::Commit));
     assert!(matches!(outcome(&s, 0), ReplyOutcome::Tx(t) if t.outcome == "committed"));
     assert_eq!(s.replies[0].0, 1);
-    assert_eq!(txs.records["t1"].state, TxState::Committing);
+    assert_eq!(txs.state("t1"), TxState::Committing);
     step(&mut txs, vec![ack("t1", "account-a", "commit")], 30);
-    assert_eq!(txs.records["t1"].state, TxState::Committing);
+    assert_eq!(txs.state("t1"), TxState::Committing);
     step(&mut txs, vec![ack("t1", "account-b", "commit"), ack("t1", "account-b", "commit")], 40);
-    assert_eq!(txs.records["t1"].state, TxState::Committed);
+    assert_eq!(txs.state("t1"), TxState::Committed);
+    assert!(txs.txs.records.is_empty(), "an ended transaction leaves memory");
+    assert_eq!(txs.done["t1"].done_ms, Some(40));
 }
 
 #[test]
 fn one_no_aborts_everywhere_with_the_reason() {
-    let mut txs = Txs::default();
+    let mut txs = World::default();
     step(&mut txs, vec![transfer(), vote("t1", "account-b", true)], 0);
     let s = step(&mut txs, vec![vote("t1", "account-a", false)], 5);
     assert_eq!(s.decisions.len(), 2);
@@ -96,20 +128,85 @@ fn one_no_aborts_everywhere_with_the_reason() {
         }
         other => panic!("{other:?}"),
     }
-    // A late yes changes nothing.
+    // A late yes from a participant that has not acknowledged is answered
+    // with the decision; nothing else changes.
     let s = step(&mut txs, vec![vote("t1", "account-b", true)], 6);
-    assert!(s.decisions.is_empty() && s.replies.is_empty());
+    assert!(s.replies.is_empty() && s.records().is_empty());
+    assert_eq!(s.decisions.len(), 1);
+    assert_eq!((s.decisions[0].1.as_str(), s.decisions[0].2.decision), ("account-b", Verdict::Abort));
+}
+
+#[test]
+fn a_yes_after_the_participant_applied_the_decision_releases_the_stray_hold() {
+    let mut txs = World::default();
+    step(&mut txs, vec![transfer(), vote("t1", "account-a", true), vote("t1", "account-b", true)], 0);
+    step(&mut txs, vec![ack("t1", "account-a", "commit")], 1);
+    // account-a applied the commit; a yes from it now is a hold placed by a
+    // late prepare: it is released, not committed a second time.
+    let s = step(&mut txs, vec![vote("t1", "account-a", true)], 2);
+    assert_eq!(s.decisions.len(), 1);
+    assert_eq!((s.decisions[0].1.as_str(), s.decisions[0].2.decision), ("account-a", Verdict::Abort));
+    assert!(s.decisions[0].2.reason.as_deref().unwrap().contains("late prepare"));
+    step(&mut txs, vec![ack("t1", "account-b", "commit")], 3);
+    assert_eq!(txs.state("t1"), TxState::Committed);
+    // Ended too: the same for every participant, and for streams that never were one.
+    for stream in ["account-b", "account-z"] {
+        let s = step(&mut txs, vec![vote("t1", stream, true)], 4);
+        assert_eq!(s.decisions.len(), 1, "{stream}");
+        assert_eq!(s.decisions[0].2.decision, Verdict::Abort);
+    }
+    let s = step(&mut txs, vec![vote("t1", "account-b", false)], 5);
+    assert!(s.decisions.is_empty(), "a no holds nothing");
+}
+
+#[test]
+fn prepares_carry_the_deadline_and_replies_the_attempt() {
+    let mut txs = World::default();
+    let mut b = transfer();
+    let mut v: Value = serde_json::from_slice(b.payload.as_deref().unwrap()).unwrap();
+    v["attempt"] = json!("a-1");
+    b.payload = Some(serde_json::to_vec(&v).unwrap());
+    let s = step(&mut txs, vec![b], 100);
+    assert!(s.prepares.iter().all(|(_, _, p)| p.deadline_ms == Some(5100)));
+    let s = step(&mut txs, vec![vote("t1", "account-a", true), vote("t1", "account-b", true)], 200);
+    assert_eq!(s.replies[0].2.attempt.as_deref(), Some("a-1"));
+}
+
+#[test]
+fn a_transaction_older_than_the_horizon_is_refused_unless_remembered() {
+    let mut txs = World::default();
+    let old = 10 * HORIZON_MS;
+    let mut b = begin("late", &[("account-a", "Withdraw", 1)]);
+    let mut v: Value = serde_json::from_slice(b.payload.as_deref().unwrap()).unwrap();
+    v["sent_ms"] = json!(old - HORIZON_MS - 1);
+    b.payload = Some(serde_json::to_vec(&v).unwrap());
+    let s = step(&mut txs, vec![b.clone()], old);
+    assert!(s.prepares.is_empty());
+    assert!(matches!(outcome(&s, 0), ReplyOutcome::Error(e) if e.code == ErrorCode::RequestExpired));
+    // Known, the same old request gets its outcome.
+    let mut b2 = b.clone();
+    b2.payload = Some(
+        serde_json::to_vec(&{
+            let mut v2 = v.clone();
+            v2["sent_ms"] = json!(old);
+            v2
+        })
+        .unwrap(),
+    );
+    step(&mut txs, vec![b2], old);
+    let s = step(&mut txs, vec![b], old + 1);
+    assert!(s.replies.is_empty() && s.prepares.is_empty(), "a retry while it prepares waits for the decision");
 }
 
 #[test]
 fn the_deadline_aborts_and_decisions_are_sent_again_until_acknowledged() {
-    let mut txs = Txs::default();
+    let mut txs = World::default();
     step(&mut txs, vec![transfer(), vote("t1", "account-a", true)], 0);
     let s = step(&mut txs, vec![], 4999);
     assert!(s.decisions.is_empty(), "not before the deadline");
     let s = step(&mut txs, vec![], 5000);
     assert_eq!(s.decisions.len(), 2);
-    assert!(txs.records["t1"].reason.as_deref().unwrap().contains("votes of account-b"));
+    assert!(txs.txs.records["t1"].reason.as_deref().unwrap().contains("votes of account-b"));
     step(&mut txs, vec![ack("t1", "account-a", "abort")], 5100);
     let s = step(&mut txs, vec![], 5500);
     assert!(s.decisions.is_empty(), "not before resend_after_ms");
@@ -117,14 +214,14 @@ fn the_deadline_aborts_and_decisions_are_sent_again_until_acknowledged() {
     assert_eq!(s.decisions.len(), 1, "only to the participant that did not acknowledge");
     assert_eq!(s.decisions[0].1, "account-b");
     // After a takeover nothing was sent yet: unacknowledged decisions go at once.
-    txs.sent_ms.clear();
+    txs.txs.sent_ms.clear();
     let s = step(&mut txs, vec![], 6001);
     assert_eq!(s.decisions.len(), 1);
 }
 
 #[test]
 fn retries_and_status_answer_from_the_log() {
-    let mut txs = Txs::default();
+    let mut txs = World::default();
     step(&mut txs, vec![transfer()], 0);
     // A retry while preparing adds nothing but waits for the same decision.
     let s = step(&mut txs, vec![transfer()], 1);
@@ -136,7 +233,15 @@ fn retries_and_status_answer_from_the_log() {
     let s = step(&mut txs, vec![other], 4);
     assert!(matches!(outcome(&s, 0), ReplyOutcome::Error(e) if e.message.contains("already used")));
     let s = step(&mut txs, vec![msg(0, "zz", json!({"kind": "status", "txid": "zz", "reply_partition": 0}))], 5);
-    assert!(matches!(outcome(&s, 0), ReplyOutcome::Tx(t) if t.state == TxState::Unknown));
+    assert!(matches!(outcome(&s, 0), ReplyOutcome::Tx(t) if t.state == TxState::Unknown
+        && t.reason.as_deref().unwrap().contains("idempotency horizon")));
+    // Ended, it is still known: retries and status get its outcome.
+    step(&mut txs, vec![ack("t1", "account-a", "commit"), ack("t1", "account-b", "commit")], 6);
+    assert!(txs.txs.records.is_empty());
+    let s = step(&mut txs, vec![transfer()], 7);
+    assert!(matches!(outcome(&s, 0), ReplyOutcome::Tx(t) if t.state == TxState::Committed));
+    let s = step(&mut txs, vec![msg(0, "t1", json!({"kind": "status", "txid": "t1", "reply_partition": 0}))], 8);
+    assert!(matches!(outcome(&s, 0), ReplyOutcome::Tx(t) if t.outcome == "committed"));
 }
 
 #[test]
@@ -151,15 +256,15 @@ fn bad_transactions_are_refused_before_anything_is_logged() {
         (begin("bad txid", &[("account-a", "Withdraw", 1)]), "txid"),
     ];
     for (input, wanted) in cases {
-        let mut txs = Txs::default();
+        let mut txs = World::default();
         let s = step(&mut txs, vec![input], 0);
-        assert!(s.prepares.is_empty() && txs.records.is_empty(), "{wanted}");
+        assert!(s.prepares.is_empty() && txs.txs.records.is_empty(), "{wanted}");
         match outcome(&s, 0) {
             ReplyOutcome::Error(e) => assert!(e.message.contains(wanted), "wanted '{wanted}' in '{}'", e.message),
             other => panic!("{other:?}"),
         }
     }
-    let mut txs = Txs::default();
+    let mut txs = World::default();
     let mut garbage = transfer();
     garbage.payload = Some(b"{{{".to_vec());
     let s = step(&mut txs, vec![garbage], 0);
@@ -168,7 +273,7 @@ fn bad_transactions_are_refused_before_anything_is_logged() {
 
 #[test]
 fn a_yes_for_an_unknown_transaction_is_answered_with_an_abort() {
-    let mut txs = Txs::default();
+    let mut txs = World::default();
     let s = step(&mut txs, vec![vote("ghost", "account-a", true)], 0);
     assert_eq!(s.decisions.len(), 1);
     assert_eq!(s.decisions[0].2.decision, Verdict::Abort);
@@ -178,7 +283,7 @@ fn a_yes_for_an_unknown_transaction_is_answered_with_an_abort() {
 
 #[test]
 fn inventory_and_accounts_in_one_transaction() {
-    let mut txs = Txs::default();
+    let mut txs = World::default();
     let s = step(&mut txs, vec![begin("buy", &[("account-a", "Withdraw", 5)])], 0);
     assert_eq!(s.prepares.len(), 1);
     let reserve = msg(
@@ -190,4 +295,38 @@ fn inventory_and_accounts_in_one_transaction() {
     );
     let s = step(&mut txs, vec![reserve], 0);
     assert_eq!(s.prepares.len(), 2);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// No record on tx.requests or tx.votes makes the coordinator panic.
+    #[test]
+    fn arbitrary_records_never_panic(
+        inputs in prop::collection::vec(
+            (0usize..2, prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..64),
+                prop_oneof![Just("begin"), Just("status"), Just("vote"), Just("ack"), Just("x")]
+                    .prop_flat_map(|kind| (Just(kind), "\\PC{0,8}", any::<bool>(), -2i64..3))
+                    .prop_map(|(kind, txid, yes, part)| serde_json::to_vec(&json!({
+                        "kind": kind, "txid": txid, "stream": "account-a", "yes": yes, "decision": "commit",
+                        "reply_partition": part, "timeout_ms": 1000,
+                        "participants": [{"stream": "account-a", "command": {"type": "Withdraw", "data": {"amount": part}}}],
+                    })).unwrap()),
+            ]),
+            1..10),
+    ) {
+        let mut txs = World::default();
+        step(&mut txs, vec![transfer()], 0);
+        let batch: Vec<Incoming> = inputs
+            .into_iter()
+            .map(|(input, payload)| {
+                let mut m = msg(input, "k", json!(null));
+                m.payload = Some(payload);
+                m
+            })
+            .collect();
+        step(&mut txs, batch, 10);
+        step(&mut txs, vec![], 100_000);
+    }
 }
