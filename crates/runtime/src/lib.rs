@@ -8,6 +8,10 @@
 //! - [`service_main`]: the body of every service's `main`.
 //! - [`metrics`]: the process's Prometheus recorder, installed once, rendered at
 //!   `/metrics` by every service.
+//! - [`http`]: every service's HTTP server, with its bounds (header and
+//!   request timeouts, body size, connections).
+
+pub mod http;
 
 use std::sync::OnceLock;
 

@@ -104,8 +104,7 @@ impl Store {
 
     /// Bytes on disk of every partition file (with their logs).
     pub fn disk_bytes(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
-            .map_or(0, |d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        std::fs::read_dir(&self.dir).map_or(0, |d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
     }
 }
 

@@ -52,6 +52,9 @@ pub struct Config {
     /// a partition over reads only what was written since.
     #[arg(long, env = "ESK_COORDINATOR_STANDBY", default_value_t = true, action = clap::ArgAction::Set)]
     pub standby: bool,
+    /// Bounds of the HTTP server.
+    #[command(flatten)]
+    pub http: esk_runtime::http::HttpLimits,
 }
 
 impl Config {

@@ -19,6 +19,7 @@ use crate::Shared;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handle = esk_runtime::metrics();
+    let limits = shared.config.http.clone();
     let app = Router::new()
         .route("/health", get(health))
         .route("/status", get(status))
@@ -28,7 +29,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
             (StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "message": "no such endpoint"})))
         })
         .with_state(shared);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    esk_runtime::http::serve(listener, app, shutdown, &limits).await?;
     Ok(())
 }
 

@@ -34,6 +34,9 @@ pub struct Config {
     /// Also load the JSON Schemas in this folder, beside the built-in ones.
     #[arg(long, env = "ESK_SCHEMAS_DIR")]
     pub schemas_dir: Option<PathBuf>,
+    /// Bounds of the HTTP server.
+    #[command(flatten)]
+    pub http: esk_runtime::http::HttpLimits,
 }
 
 impl Config {

@@ -59,6 +59,7 @@ impl IntoResponse for ApiError {
 type Params = Query<HashMap<String, String>>;
 
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let limits = app.config.http.clone();
     let router = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
@@ -70,7 +71,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationT
         .route("/projections/{name}/replay", post(replay))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(app);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    esk_runtime::http::serve(listener, router, shutdown, &limits).await?;
     Ok(())
 }
 

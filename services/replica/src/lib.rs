@@ -55,6 +55,9 @@ pub struct Config {
     /// Longest a query waits for a token, in ms.
     #[arg(long, env = "ESK_REPLICA_MAX_WAIT_MS", default_value_t = 30_000)]
     pub max_wait_ms: u64,
+    /// Bounds of the HTTP server.
+    #[command(flatten)]
+    pub http: esk_runtime::http::HttpLimits,
 }
 
 impl Config {
@@ -91,7 +94,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .route("/streams/{stream}", get(stream))
         .fallback(|| async { err(StatusCode::NOT_FOUND, "not_found", "no such endpoint".into()) })
         .with_state(app.clone());
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    let limits = app.config.http.clone();
+    esk_runtime::http::serve(listener, router, shutdown, &limits).await?;
     if let Some(app) = Arc::into_inner(app) {
         tokio::task::spawn_blocking(move || app.follower.stop()).await?;
     }

@@ -66,6 +66,9 @@ pub struct Config {
     /// beside the built-in ones: each category found becomes strict.
     #[arg(long, env = "ESK_SCHEMAS_DIR")]
     pub schemas_dir: Option<PathBuf>,
+    /// Bounds of the HTTP server.
+    #[command(flatten)]
+    pub http: esk_runtime::http::HttpLimits,
 }
 
 impl Config {

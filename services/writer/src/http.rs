@@ -37,12 +37,13 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handle = esk_runtime::metrics();
+    let limits = shared.config.http.clone();
     let app = Router::new()
         .route("/health", get(health))
         .route("/status", get(status))
         .route("/metrics", get(move || std::future::ready(handle.render())))
         .with_state(shared);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    esk_runtime::http::serve(listener, app, shutdown, &limits).await?;
     Ok(())
 }
 
