@@ -268,5 +268,6 @@ async fn replay(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result
     let report = tokio::task::block_in_place(|| runner.replay())
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
     Ok(Json(json!({"projection": name, "replayed": report.replayed,
-        "already_replayed": report.already_replayed, "still_failing": report.still_failing})))
+        "already_replayed": report.already_replayed, "not_parked_here": report.not_parked_here,
+        "still_failing": report.still_failing})))
 }

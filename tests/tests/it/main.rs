@@ -4,6 +4,7 @@
 mod broker;
 mod cluster;
 mod coordinator;
+mod guarantees;
 mod platform;
 mod projector;
 mod replica;

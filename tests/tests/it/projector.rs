@@ -339,6 +339,16 @@ async fn poison_events_are_parked_counted_and_replayed_once_after_a_fix() {
     assert_eq!(again["replayed"], 0);
     assert_eq!(again["already_replayed"], 1);
     assert_eq!(balance(&p), 107);
+    // A rebuild applies the fixed event in order and parks the other again;
+    // a replay after it applies nothing twice.
+    let run = env.esk().args(["projection", "rebuild", "accounts", "--json", "--projector-url", &url]).run().ok();
+    assert_eq!(run.json()["phase"], "switched", "{}", run.stdout);
+    assert_eq!(balance(&p), 107, "the rebuilt model applied the fixed event once");
+    let after = env.esk().args(["dlq", "replay", "accounts", "--json", "--projector-url", &url]).run().ok().json();
+    assert_eq!(after["replayed"], 0, "{after}");
+    assert_eq!(after["not_parked_here"], 1, "{after}");
+    assert_eq!(after["still_failing"].as_array().unwrap().len(), 1, "the rebuild parked the undecodable one: {after}");
+    assert_eq!(balance(&p), 107);
 }
 
 #[tokio::test(flavor = "multi_thread")]

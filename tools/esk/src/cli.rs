@@ -148,13 +148,14 @@ pub enum ReplicaCommand {
 pub enum DlqCommand {
     /// The parked records, with their origin and the reason.
     List {
-        /// writer, or a projection's name.
+        /// writer, coordinator, or a projection's name.
         consumer: String,
     },
-    /// Apply parked events again, each at most once (projections), or send
-    /// parked requests to the writer again (writer).
+    /// Apply parked events again (a projection: each once per model version,
+    /// only those the model parked), or send parked requests to their topic
+    /// again (writer, coordinator: each once, across runs).
     Replay {
-        /// writer, or a projection's name.
+        /// writer, coordinator, or a projection's name.
         consumer: String,
     },
 }

@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use esk_kafka::record::{DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC, HeaderList, headers_of, to_headers};
+use esk_kafka::record::{
+    DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC, DLQ_TRUNCATED, HeaderList, headers_of, to_headers,
+};
 use esk_wire::Topics;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::json;
 
@@ -117,6 +118,7 @@ pub async fn list(g: &Global, consumer: &str) -> Result<(), Failure> {
             "offset": p.header(DLQ_OFFSET).and_then(|v| v.parse::<i64>().ok()),
             "key": text(&p.key),
             "value": text(&p.value),
+            "truncated_from_bytes": p.header(DLQ_TRUNCATED).and_then(|v| v.parse::<u64>().ok()),
         });
         if g.json {
             println!("{doc}");
@@ -139,8 +141,8 @@ pub async fn list(g: &Global, consumer: &str) -> Result<(), Failure> {
 
 pub async fn replay(g: &Global, consumer: &str) -> Result<(), Failure> {
     check_consumer(consumer)?;
-    if consumer == "writer" {
-        return replay_writer(g).await;
+    if consumer == "writer" || consumer == "coordinator" {
+        return replay_service(g, consumer).await;
     }
     let (code, body) =
         call(&g.projector_url, "POST", &format!("/projections/{consumer}/replay"), g.timeout * 6).await?;
@@ -155,9 +157,10 @@ pub async fn replay(g: &Global, consumer: &str) -> Result<(), Failure> {
         println!("{body}");
     } else {
         println!(
-            "{consumer}: {} replayed, {} replayed before, {} still failing",
+            "{consumer}: {} replayed, {} replayed before, {} applied in order by this model version, {} still failing",
             body["replayed"],
             body["already_replayed"],
+            body["not_parked_here"],
             body["still_failing"].as_array().map_or(0, Vec::len)
         );
         for f in body["still_failing"].as_array().into_iter().flatten() {
@@ -167,25 +170,139 @@ pub async fn replay(g: &Global, consumer: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The writer's parked records are requests: send them to their topic again.
-/// The writer answers a request it already answered from memory, so this is
-/// safe to repeat.
-async fn replay_writer(g: &Global) -> Result<(), Failure> {
+/// A service's parked records (the writer's, the coordinator's) are
+/// requests: each is sent to its topic again, **once**. The records sent and
+/// the dead-letter offsets read are one Kafka transaction (a consumer group
+/// per consumer keeps the offsets, a transactional id fences a concurrent
+/// replay), so a replay sends only what was parked since the last one, and a
+/// crash mid-replay sends nothing twice. A cut copy (`esk_dlq_truncated`)
+/// cannot be sent again: it is reported and passed.
+async fn replay_service(g: &Global, consumer: &str) -> Result<(), Failure> {
     let g2 = g.clone();
-    let (_, parked) = tokio::task::spawn_blocking(move || read_parked(&g2, "writer"))
+    let name = consumer.to_owned();
+    let report = tokio::task::spawn_blocking(move || replay_once(&g2, &name))
         .await
         .map_err(|e| Failure::new(Kind::Internal, e))??;
-    let (config, _) = kafka(g)?;
-    let producer: FutureProducer =
-        config.client().set("enable.idempotence", "true").create().map_err(esk_kafka::Error::from)?;
-    let mut sent = 0;
-    for p in &parked {
-        let Some(topic) = p.header(DLQ_TOPIC) else {
+    if g.json {
+        println!(
+            "{}",
+            json!({"consumer": consumer, "resent": report.resent, "truncated": report.truncated,
+                   "without_origin": report.without_origin})
+        );
+    } else {
+        println!(
+            "{consumer}: {} parked record(s) sent again, {} cut copies passed, {} without an origin passed",
+            report.resent, report.truncated, report.without_origin
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Resent {
+    resent: u64,
+    truncated: u64,
+    without_origin: u64,
+}
+
+fn replay_once(g: &Global, consumer: &str) -> Result<Resent, Failure> {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let (config, topics): (_, Topics) = kafka(g)?;
+    let topic = topics.dlq(consumer);
+    let group = format!("{}-dlq-replay-{consumer}", topics.prefix());
+    let c: BaseConsumer = config
+        .client()
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(esk_kafka::Error::from)?;
+    let md = c
+        .fetch_metadata(Some(&topic), g.timeout)
+        .map_err(|e| Failure::unavailable(format!("Kafka at {}: {e}", config.bootstrap)))?;
+    let Some(t) = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
+        return Ok(Resent::default());
+    };
+    let mut wanted = TopicPartitionList::new();
+    for p in t.partitions() {
+        wanted.add_partition(&topic, p.id());
+    }
+    let committed = c.committed_offsets(wanted, g.timeout).map_err(esk_kafka::Error::from)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for p in t.partitions() {
+        let (_, high) =
+            c.fetch_watermarks(&topic, p.id(), g.timeout).map_err(|e| Failure::unavailable(e.to_string()))?;
+        let from = committed.find_partition(&topic, p.id()).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0);
+        if high > from.unwrap_or(0) {
+            ends.push((p.id(), high));
+            let offset = from.map_or(Offset::Beginning, Offset::Offset);
+            tpl.add_partition_offset(&topic, p.id(), offset).map_err(esk_kafka::Error::from)?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(Resent::default());
+    }
+    c.assign(&tpl).map_err(esk_kafka::Error::from)?;
+    let producer: ThreadedProducer<DefaultProducerContext> = config
+        .client()
+        .set("transactional.id", &group)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .map_err(esk_kafka::Error::from)?;
+    let kafka_failure = |e: rdkafka::error::KafkaError| Failure::unavailable(format!("replaying {topic}: {e}"));
+    producer.init_transactions(g.timeout).map_err(kafka_failure)?;
+    let mut report = Resent::default();
+    let deadline = std::time::Instant::now() + g.timeout * 6;
+    let mut consumed: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    let mut in_txn = 0usize;
+    producer.begin_transaction().map_err(kafka_failure)?;
+    loop {
+        let pos = c.position().map_err(esk_kafka::Error::from)?;
+        let done = ends.iter().all(|(p, high)| {
+            pos.find_partition(&topic, *p).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *high)
+        });
+        if done || in_txn >= 500 {
+            if !consumed.is_empty() {
+                let mut offsets = TopicPartitionList::new();
+                for (p, o) in &consumed {
+                    offsets.add_partition_offset(&topic, *p, Offset::Offset(o + 1)).map_err(esk_kafka::Error::from)?;
+                }
+                let meta = c.group_metadata().ok_or_else(|| Failure::unavailable("no consumer group metadata"))?;
+                producer.send_offsets_to_transaction(&offsets, &meta, g.timeout).map_err(kafka_failure)?;
+            }
+            producer.commit_transaction(g.timeout).map_err(kafka_failure)?;
+            if done {
+                break;
+            }
+            in_txn = 0;
+            producer.begin_transaction().map_err(kafka_failure)?;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = producer.abort_transaction(g.timeout);
+            return Err(Failure::unavailable(format!("reading {topic} did not reach its end")));
+        }
+        let Some(Ok(m)) = c.poll(Duration::from_millis(20)) else { continue };
+        let p = Parked {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: headers_of(&m),
+        };
+        consumed.insert(p.partition, p.offset);
+        in_txn += 1;
+        if p.header(DLQ_TRUNCATED).is_some() {
+            report.truncated += 1;
+            continue;
+        }
+        let Some(origin) = p.header(DLQ_TOPIC) else {
+            report.without_origin += 1;
             continue;
         };
         let original: HeaderList = p.headers.iter().filter(|(k, _)| !k.starts_with("esk_dlq_")).cloned().collect();
-        let h = to_headers(&original);
-        let mut record = FutureRecord::to(&topic).headers(h);
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&origin).headers(to_headers(&original));
         if let Some(partition) = p.header(DLQ_PARTITION).and_then(|v| v.parse().ok()) {
             record = record.partition(partition);
         }
@@ -195,16 +312,8 @@ async fn replay_writer(g: &Global) -> Result<(), Failure> {
         if let Some(v) = &p.value {
             record = record.payload(v.as_slice());
         }
-        producer
-            .send(record, g.timeout)
-            .await
-            .map_err(|(e, _)| Failure::unavailable(format!("sending to {topic}: {e}")))?;
-        sent += 1;
+        producer.send(record).map_err(|(e, _)| kafka_failure(e))?;
+        report.resent += 1;
     }
-    if g.json {
-        println!("{}", json!({"consumer": "writer", "resent": sent}));
-    } else {
-        println!("writer: {sent} parked request(s) sent again");
-    }
-    Ok(())
+    Ok(report)
 }
