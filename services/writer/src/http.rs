@@ -55,6 +55,18 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     )
 }
 
-async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
-    Json(shared.status.lock().expect("status lock").clone())
+/// The partitions this instance owns, and how far behind its hot standby is
+/// on the state and answers topics (records not yet in the local store).
+async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let status = shared.status.lock().expect("status lock").clone();
+    let standby = tokio::task::spawn_blocking(move || {
+        shared.standby.as_ref().map(|(state, answers)| {
+            let lag = |f: &esk_follower::Follower| f.lag().iter().map(|l| l.lag_records).sum::<i64>();
+            serde_json::json!({"state_lag_records": lag(state), "answers_lag_records": lag(answers)})
+        })
+    })
+    .await
+    .ok()
+    .flatten();
+    Json(serde_json::json!({"partitions": status.partitions, "standby": standby}))
 }

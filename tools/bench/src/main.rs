@@ -4,7 +4,11 @@
 //! - append: throughput and p50/p99 latency with 1 request in flight (low load)
 //!   and with 64 in flight (high load), one event of `--record-size` bytes each;
 //! - read: `esk read` of one stream among `--read-events` events in its
-//!   category, which must not scan the category topic.
+//!   category, which must not scan the category topic;
+//! - takeover: SIGKILL of a partition's owner with `--takeover-streams`
+//!   streams and `--takeover-answers` remembered requests, with and without
+//!   hot standby;
+//! - memory: a writer's RSS with `--memory-streams` streams in its partition.
 
 mod projector;
 mod replica;
@@ -60,6 +64,12 @@ struct Args {
     /// Streams in the partition a takeover restores.
     #[arg(long, default_value_t = 100_000)]
     takeover_streams: usize,
+    /// Requests remembered (within the idempotency horizon) in that partition.
+    #[arg(long, default_value_t = 1_000_000)]
+    takeover_answers: usize,
+    /// Streams in the partition whose writer's memory is measured (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    memory_streams: usize,
     /// 2PC transfers per concurrency level (needs a running esk-coordinator; 0 skips).
     #[arg(long, default_value_t = 0)]
     transfers: usize,
@@ -134,7 +144,10 @@ async fn main() -> Result<()> {
         replica::lag(&client, bin, &args.prefix, &args.bootstrap_servers).await?;
     }
     if let Some(bin) = &args.writer_bin {
-        replica::failover(&args.bootstrap_servers, bin, args.takeover_streams).await?;
+        replica::failover(&args.bootstrap_servers, bin, args.takeover_streams, args.takeover_answers).await?;
+        if args.memory_streams > 0 {
+            replica::memory(&args.bootstrap_servers, bin, args.memory_streams).await?;
+        }
     }
     if args.transfers > 0 {
         tx::run(&client, args.transfers).await?;

@@ -163,6 +163,80 @@ async fn serving(http: &str) -> u64 {
     get(http, "/health").and_then(|(_, h)| h["partitions_serving"].as_u64()).unwrap_or(0)
 }
 
+/// Waits until a writer's hot standby has every record of the state and
+/// answers topics in its local store (at most `limit`).
+async fn standby_caught_up(http: &str, limit: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let lag = get(http, "/status").and_then(|(_, s)| {
+            let sb = s.get("standby")?;
+            Some(sb["state_lag_records"].as_i64()? + sb["answers_lag_records"].as_i64()?)
+        });
+        if lag == Some(0) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            bail!("the standby at {http} did not catch up in {limit:?} (lag {lag:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Resident memory of a process, from /proc (kB), 0 where it cannot be read.
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Memory of a writer holding `streams` streams: one partition, its owner
+/// (which also follows the whole state as a hot standby), then after appends
+/// to 20,000 of the streams.
+pub async fn memory(bootstrap: &str, bin: &Path, streams: usize) -> Result<()> {
+    println!("\n## writer memory with {streams} streams in its partition (owner and hot standby)");
+    let kafka = KafkaConfig::new(bootstrap, Duration::from_secs(120))?;
+    let prefix = format!("bench-memory-{}", std::process::id());
+    let t = Instant::now();
+    fill_state(&kafka, &Topics::new(&prefix), streams, 0).await?;
+    println!("fill: {streams} stream records in {:.1}s", t.elapsed().as_secs_f64());
+    let (w, http) = spawn(bin, &kafka.bootstrap, &prefix, "ESK_WRITER_HTTP", &[])?;
+    let t = Instant::now();
+    while serving(&http).await != 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let serving_after = t.elapsed();
+    let caught_up = standby_caught_up(&http, Duration::from_secs(600)).await?;
+    let idle = rss_kb(w.0.id());
+    let client = Client::connect_pipelined(kafka.clone(), Topics::new(&prefix))?;
+    let touched = 20_000.min(streams);
+    let mut replies = futures::stream::iter((0..touched).map(|i| {
+        let client = &client;
+        async move { client.append(&format!("note-s{}", i * (streams / touched)), ExpectedVersion::Exact(3), note(i), None).await }
+    }))
+    .buffer_unordered(64);
+    while let Some(r) = replies.next().await {
+        r.context("an append to a filled stream")?;
+    }
+    let busy = rss_kb(w.0.id());
+    let metrics = esk_client::http::get(&http, "/metrics", Duration::from_secs(10)).map(|(_, b)| b).unwrap_or_default();
+    let store_mb = metrics
+        .lines()
+        .find(|l| l.starts_with("esk_writer_store_bytes"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1e6;
+    println!(
+        "serving after {:.1}s, standby caught up after {:.1}s; RSS {:.0} MB idle, {:.0} MB after appends to {touched} \
+         streams (cache 10,000 a partition); local store {store_mb:.0} MB on disk",
+        serving_after.as_secs_f64(),
+        caught_up.as_secs_f64(),
+        idle as f64 / 1024.0,
+        busy as f64 / 1024.0
+    );
+    Ok(())
+}
+
 /// Kill the owner of the one partition; time until the other writer answers.
 async fn takeover(kafka: &KafkaConfig, bin: &Path, prefix: &str, standby: bool) -> Result<Duration> {
     let flag = if standby { "true" } else { "false" };
@@ -176,7 +250,11 @@ async fn takeover(kafka: &KafkaConfig, bin: &Path, prefix: &str, standby: bool) 
     while get(&b_http, "/health").is_none() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_secs(if standby { 15 } else { 5 })).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    if standby {
+        standby_caught_up(&a_http, Duration::from_secs(600)).await?;
+        standby_caught_up(&b_http, Duration::from_secs(600)).await?;
+    }
     // The group gives the one partition to either writer: kill whichever owns it.
     let mut owner = loop {
         match (serving(&a_http).await, serving(&b_http).await) {
@@ -195,12 +273,15 @@ async fn takeover(kafka: &KafkaConfig, bin: &Path, prefix: &str, standby: bool) 
     Ok(killed.elapsed())
 }
 
-pub async fn failover(bootstrap: &str, bin: &Path, streams: usize) -> Result<()> {
-    println!("\n## writer takeover of a partition holding {streams} streams (session timeout 6 s)");
+pub async fn failover(bootstrap: &str, bin: &Path, streams: usize, answers: usize) -> Result<()> {
+    println!(
+        "\n## writer takeover of a partition holding {streams} streams and {answers} remembered requests \
+         (session timeout 6 s)"
+    );
     let kafka = KafkaConfig::new(bootstrap, Duration::from_secs(120))?;
     for standby in [false, true] {
         let prefix = format!("bench-takeover-{}-{}", u8::from(standby), std::process::id());
-        fill_state(&kafka, &Topics::new(&prefix), streams, 0).await?;
+        fill_state(&kafka, &Topics::new(&prefix), streams, answers).await?;
         let took = takeover(&kafka, bin, &prefix, standby).await?;
         println!(
             "{:<22} SIGKILL of the owner -> next append answered: {:>6.2} s",
