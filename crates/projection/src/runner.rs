@@ -1193,3 +1193,38 @@ impl<S: Store, P: Projection<S>> Rebuild<S, P> {
 fn near(positions: &Positions, live: &Positions) -> bool {
     live.iter().all(|(k, want)| positions.get(k).copied().unwrap_or(0) + 500 >= *want)
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// No record of an events topic makes a projection's decoding panic.
+        #[test]
+        fn arbitrary_event_records_never_panic(
+            headers in prop::collection::vec(
+                (prop_oneof![
+                    Just("ce_specversion".to_owned()), Just("ce_id".to_owned()), Just("ce_time".to_owned()),
+                    Just("ce_subject".to_owned()), Just("ce_streamversion".to_owned()), Just("ce_type".to_owned()),
+                    Just("ce_source".to_owned()), Just("ce_dataschema".to_owned()), Just("content-type".to_owned()),
+                    "\\PC{0,12}",
+                ], proptest::option::of(prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..24),
+                    prop_oneof![Just("1.0"), Just("account-1"), Just("Deposited"), Just("2026-11-26T10:00:00Z"),
+                                Just("3"), Just("urn:esk:schema:account:Deposited:v1"), Just("application/json")]
+                        .prop_map(|s| s.as_bytes().to_vec()),
+                ])),
+                0..12),
+            value in proptest::option::of(prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..64),
+                Just(br#"{"amount": 5}"#.to_vec()),
+                Just(br#"{"amount": "x"}"#.to_vec()),
+            ]),
+        ) {
+            let rec = Rec { topic: "t.events.account".into(), partition: 0, offset: 1, key: None, value, headers };
+            let _ = decode(&rec, &SchemaRegistry::builtin());
+        }
+    }
+}

@@ -433,3 +433,37 @@ impl Run {
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// No record of tx.log makes a restore or the standby panic.
+        #[test]
+        fn arbitrary_log_records_never_panic(
+            records in prop::collection::vec(
+                (proptest::option::of(prop_oneof![Just(b"t1".to_vec()), prop::collection::vec(any::<u8>(), 0..12)]),
+                 proptest::option::of(prop_oneof![
+                     prop::collection::vec(any::<u8>(), 0..80),
+                     Just(br#"{"txid":"t1","state":"committed","participants":[],"deadline_ms":1,"created_ms":1}"#.to_vec()),
+                     Just(br#"{"txid":"t1","state":"preparing","participants":[{"stream":"account-a","command":{"type":"Withdraw","data":{}}}],"deadline_ms":1,"created_ms":1}"#.to_vec()),
+                 ])),
+                1..12),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = esk_store::Store::open(dir.path()).unwrap();
+            let mut p = store.partition(0).unwrap();
+            let mut changes = Changes::default();
+            for (i, (key, value)) in records.into_iter().enumerate() {
+                let f = Followed { partition: 0, offset: i as i64, partitions: 1, timestamp_ms: None, key, value };
+                TxLogIntake.take(&p, &f, &mut changes).unwrap();
+            }
+            p.apply(&changes).unwrap();
+            let mut done = StoreDone { store: &p, horizon_ms: 1000, now_ms: 10 };
+            let _ = done.done("t1");
+        }
+    }
+}

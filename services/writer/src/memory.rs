@@ -467,3 +467,65 @@ mod tests {
         assert_eq!(reloaded.decided("account-1", "t0").unwrap().unwrap().decision, Verdict::Abort);
     }
 }
+
+#[cfg(test)]
+mod intake_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn followed(key: Option<Vec<u8>>, value: Option<Vec<u8>>, offset: i64) -> Followed {
+        Followed { partition: 0, offset, partitions: 1, timestamp_ms: Some(1), key, value }
+    }
+
+    proptest! {
+        /// No record of the state or answers topics makes a restore or the
+        /// standby panic, whatever its bytes.
+        #[test]
+        fn arbitrary_state_and_answers_records_never_panic(
+            records in prop::collection::vec(
+                (proptest::option::of(prop_oneof![Just(b"account-1".to_vec()), prop::collection::vec(any::<u8>(), 0..12)]),
+                 proptest::option::of(prop_oneof![
+                     prop::collection::vec(any::<u8>(), 0..80),
+                     Just(br#"{"stream":"account-1","version":2,"last_offset":3,"index":[{"version":1,"offset":0}],"state":{"open":true,"owner":"a","balance":1}}"#.to_vec()),
+                     Just(br#"{"stream":"account-1","version":1,"last_offset":0,"index":[{"version":1,"offset":0}],"state":{"balance":"x"}}"#.to_vec()),
+                     Just(br#"{"kind":"answer","stream":"account-1","answer":{"request_id":"r","expected_version":"any","result":{"stream":"account-1","first_version":1,"last_version":1,"position":"a:0:0"}}}"#.to_vec()),
+                 ])),
+                1..12),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = esk_store::Store::open(dir.path()).unwrap();
+            let mut p = store.partition(0).unwrap();
+            let mut state = StateIntake::new(Registry::builtin());
+            let mut answers = AnswersIntake { horizon_ms: 1000 };
+            let mut changes = Changes::default();
+            for (i, (key, value)) in records.into_iter().enumerate() {
+                let f = followed(key, value, i as i64);
+                state.take(&p, &f, &mut changes).unwrap();
+                answers.take(&p, &f, &mut changes).unwrap();
+            }
+            p.apply(&changes).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_stream_whose_only_record_is_refused_is_quarantined_until_a_good_one_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = esk_store::Store::open(dir.path()).unwrap();
+        let mut p = store.partition(0).unwrap();
+        let mut intake = StateIntake::new(Registry::builtin());
+        let bad = br#"{"stream":"account-1","version":1,"last_offset":0,"index":[{"version":1,"offset":0}],"state":{"balance":"x"}}"#;
+        let mut c = Changes::default();
+        intake.take(&p, &followed(Some(b"account-1".to_vec()), Some(bad.to_vec()), 0), &mut c).unwrap();
+        p.apply(&c).unwrap();
+        let mut m = PartitionMemory::new(0, store.partition(0).unwrap(), 10, 1000);
+        assert!(matches!(m.stream("account-1"), Err(LookupError::Unservable(why)) if why.contains("refused")));
+        let good = br#"{"stream":"account-1","version":1,"last_offset":0,"index":[{"version":1,"offset":0}],"state":{"open":true,"owner":"a","balance":0}}"#;
+        let mut c = Changes::default();
+        intake.begin();
+        intake.take(&p, &followed(Some(b"account-1".to_vec()), Some(good.to_vec()), 1), &mut c).unwrap();
+        p.apply(&c).unwrap();
+        let mut m = PartitionMemory::new(0, store.partition(0).unwrap(), 10, 1000);
+        assert_eq!(m.stream("account-1").unwrap().unwrap().version, 1);
+    }
+}
