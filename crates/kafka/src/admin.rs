@@ -253,6 +253,16 @@ impl Admin {
             .unwrap_or(esk_wire::limits::BROKER_DEFAULT_MAX_MESSAGE_BYTES))
     }
 
+    /// The limits of records written to all of `topics`: from the smallest
+    /// `max.message.bytes` among them.
+    pub async fn limits(&self, topics: &[String]) -> Result<esk_wire::limits::Limits, Error> {
+        let mut smallest = usize::MAX;
+        for t in topics {
+            smallest = smallest.min(self.max_message_bytes(t).await?);
+        }
+        Ok(esk_wire::limits::Limits::for_broker(smallest))
+    }
+
     /// The names of all topics starting with `prefix`.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, Error> {
         let metadata = self.metadata().await?;

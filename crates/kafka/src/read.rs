@@ -96,3 +96,66 @@ pub fn read_partition<E>(
         }
     }
 }
+
+/// Calls `each` for every record of every partition of `topic`, from
+/// `from(partition)` (`None`: the beginning) up to the high watermark each had
+/// when the read began, with `read_committed`, within `limit`. A topic that
+/// does not exist has nothing to read. Short polls: the end is often a
+/// transaction marker, which a poll serves without returning a record.
+pub fn read_topic<E>(
+    kafka: &KafkaConfig,
+    group: &str,
+    topic: &str,
+    from: impl Fn(i32) -> Option<i64>,
+    limit: Duration,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), E>,
+) -> Result<(), ReadError<E>> {
+    let kafka_error = |e: rdkafka::error::KafkaError| ReadError::Kafka(e.into());
+    let consumer: BaseConsumer = kafka
+        .client()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .map_err(kafka_error)?;
+    let md = consumer.fetch_metadata(Some(topic), kafka.timeout).map_err(|e| ReadError::Kafka(kafka.unavailable(e)))?;
+    let Some(t) = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
+        return Ok(());
+    };
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for p in t.partitions() {
+        let (_, high) = consumer.fetch_watermarks(topic, p.id(), kafka.timeout).map_err(kafka_error)?;
+        let start = from(p.id());
+        if high > start.unwrap_or(0) {
+            ends.push((p.id(), high));
+            tpl.add_partition_offset(topic, p.id(), start.map_or(Offset::Beginning, Offset::Offset))
+                .map_err(kafka_error)?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&tpl).map_err(kafka_error)?;
+    let deadline = Instant::now() + limit;
+    loop {
+        let pos = consumer.position().map_err(kafka_error)?;
+        let done = ends.iter().all(|(p, high)| {
+            pos.find_partition(topic, *p).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *high)
+        });
+        if done {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(ReadError::Kafka(Error::Invalid(format!(
+                "reading {topic} did not reach its end in {limit:?}"
+            ))));
+        }
+        match consumer.poll(Duration::from_millis(20)) {
+            Some(Ok(m)) => each(&m).map_err(ReadError::Each)?,
+            Some(Err(e)) => tracing::debug!(topic, "read: {e}"),
+            None => {}
+        }
+    }
+}

@@ -1001,51 +1001,21 @@ fn send_parked(producer: &FutureProducer, topic: &str, consumer: &str, parked: &
 
 /// Every record of a topic up to its end.
 fn read_all(config: &RunnerConfig, topic: &str) -> Result<Vec<Rec>, String> {
-    let consumer: BaseConsumer = config
-        .kafka
-        .client()
-        .set("group.id", format!("{}-replay", config.group_id))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .map_err(|e| e.to_string())?;
-    let timeout = config.kafka.timeout;
-    let md = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string())?;
-    let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
-        return Ok(Vec::new());
-    };
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = Vec::new();
-    for p in t.partitions() {
-        let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout).map_err(|e| e.to_string())?;
-        if high > 0 {
-            ends.push((p.id(), high));
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).map_err(|e| e.to_string())?;
-        }
-    }
-    if ends.is_empty() {
-        return Ok(Vec::new());
-    }
-    consumer.assign(&tpl).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let pos = consumer.position().map_err(|e| e.to_string())?;
-        let done = ends.iter().all(|(p, high)| {
-            pos.find_partition(topic, *p).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *high)
-        });
-        if done {
-            return Ok(out);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("reading {topic} did not reach its end"));
-        }
-        // Short polls: the end is often a transaction marker, which a poll
-        // serves without returning, waiting out its timeout.
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
-            out.push(Rec::of(&m));
-        }
-    }
+    let group = format!("{}-replay", config.group_id);
+    esk_kafka::read::read_topic(
+        &config.kafka,
+        &group,
+        topic,
+        |_| None,
+        Duration::from_secs(120),
+        |m| {
+            out.push(Rec::of(m));
+            Ok::<(), String>(())
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// Builds the next version of a model from offset 0, then hands it to the live loop.

@@ -137,11 +137,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .ensure(&[TopicKind::DeadLetters.spec(topics.dlq("coordinator"), partitions, Durability::for_brokers(brokers))])
         .await?;
     let horizon = horizon(&config, &admin, &topics).await?;
-    let mut max_bytes = usize::MAX;
-    for t in [topics.tx_log(), topics.tx_prepare(), topics.tx_commit(), topics.replies(), topics.dlq("coordinator")] {
-        max_bytes = max_bytes.min(admin.max_message_bytes(&t).await?);
-    }
-    let limits = Limits::for_broker(max_bytes);
+    let written =
+        [topics.tx_log(), topics.tx_prepare(), topics.tx_commit(), topics.replies(), topics.dlq("coordinator")];
+    let limits = admin.limits(&written).await?;
     let store = Arc::new(esk_store::Store::open_instance(|i| config.store_dir(i), config.instance.as_deref())?);
     let listener = tokio::net::TcpListener::bind(&config.http_addr)
         .await

@@ -213,11 +213,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         topics.tx_votes(),
         topics.dlq("writer"),
     ];
-    let mut max_bytes = usize::MAX;
-    for t in &written {
-        max_bytes = max_bytes.min(admin.max_message_bytes(t).await?);
-    }
-    let limits = Limits::for_broker(max_bytes);
+    let limits = admin.limits(&written).await?;
     let store = Arc::new(esk_store::Store::open_instance(|i| config.store_dir(i), config.instance.as_deref())?);
     let http = http::bind(&config.http_addr).await?;
     let watermarks = kafka.client().set("group.id", format!("{}-watermarks", config.group_id())).create()?;

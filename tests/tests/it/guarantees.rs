@@ -34,6 +34,27 @@ async fn coordinating(c: &Service, partitions: u64) {
     .await;
 }
 
+/// A writer and a coordinator serving every partition, and `accounts` opened
+/// with `deposit` in each.
+async fn platform(
+    env: &TestEnv,
+    partitions: u32,
+    accounts: &[&str],
+    deposit: i64,
+) -> (Service, Service, esk_client::Client) {
+    env.init_topics(partitions);
+    let w = writer(env, true);
+    let c = coordinator(env);
+    wait_serving(&[&w], u64::from(partitions), Duration::from_secs(60)).await;
+    coordinating(&c, u64::from(partitions)).await;
+    let client = env.client(Duration::from_secs(30), true);
+    for s in accounts {
+        client.command(s, ExpectedVersion::NoStream, cmd("OpenAccount", json!({"owner": "o"})), None).await.unwrap();
+        client.command(s, ExpectedVersion::Any, cmd("Deposit", json!({"amount": deposit})), None).await.unwrap();
+    }
+    (w, c, client)
+}
+
 fn cmd(ty: &str, data: Value) -> CommandData {
     CommandData { command_type: ty.into(), data }
 }
@@ -154,16 +175,7 @@ async fn esk_produce_twice_on_one_file_with_ids_writes_nothing_the_second_time()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transfer_retried_after_a_hundred_others_and_a_coordinator_kill_runs_once() {
     let env = TestEnv::new();
-    env.init_topics(2);
-    let w = writer(&env, true);
-    let c = coordinator(&env);
-    wait_serving(&[&w], 2, Duration::from_secs(60)).await;
-    coordinating(&c, 2).await;
-    let client = env.client(Duration::from_secs(30), true);
-    for s in ["account-ta", "account-tb"] {
-        client.command(s, ExpectedVersion::NoStream, cmd("OpenAccount", json!({"owner": "t"})), None).await.unwrap();
-        client.command(s, ExpectedVersion::Any, cmd("Deposit", json!({"amount": 1000})), None).await.unwrap();
-    }
+    let (_w, c, client) = platform(&env, 2, &["account-ta", "account-tb"], 1000).await;
     let run = |txid: &str| {
         env.esk().args(["tx", "transfer", "account-ta", "account-tb", "10", "--txid", txid, "--json"]).run().ok().json()
     };
@@ -250,18 +262,9 @@ fn garbage() -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_near_the_broker_limit_is_parked_and_every_partition_serves_on() {
     let env = TestEnv::new();
-    env.init_topics(2);
-    let w = writer(&env, true);
-    let c = coordinator(&env);
-    wait_serving(&[&w], 2, Duration::from_secs(60)).await;
-    coordinating(&c, 2).await;
+    let (w, _c, client) = platform(&env, 2, &["account-g1", "account-g2"], 100).await;
     let data = tempfile::tempdir().unwrap();
     let p = Service::start(&env, "projector", &[("ESK_DATA_DIR", data.path().to_str().unwrap())]);
-    let client = env.client(Duration::from_secs(30), false);
-    for s in ["account-g1", "account-g2"] {
-        client.command(s, ExpectedVersion::NoStream, cmd("OpenAccount", json!({"owner": "g"})), None).await.unwrap();
-        client.command(s, ExpectedVersion::Any, cmd("Deposit", json!({"amount": 100})), None).await.unwrap();
-    }
     let t = env.topics();
     let raw = raw_producer(&env);
     let part = partition_for(b"account-g1", 2);
@@ -332,16 +335,7 @@ async fn requests_over_the_limits_get_exit_4_before_anything_is_sent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn forged_records_on_state_and_tx_log_are_refused_and_no_process_dies() {
     let env = TestEnv::new();
-    env.init_topics(1);
-    let w = writer(&env, true);
-    let c = coordinator(&env);
-    wait_serving(&[&w], 1, Duration::from_secs(60)).await;
-    coordinating(&c, 1).await;
-    let client = env.client(Duration::from_secs(30), false);
-    for s in ["account-f1", "account-f2"] {
-        client.command(s, ExpectedVersion::NoStream, cmd("OpenAccount", json!({"owner": "f"})), None).await.unwrap();
-        client.command(s, ExpectedVersion::Any, cmd("Deposit", json!({"amount": 100})), None).await.unwrap();
-    }
+    let (w, c, client) = platform(&env, 1, &["account-f1", "account-f2"], 100).await;
     let t = env.topics();
     let raw = raw_producer(&env);
     // A state record whose state does not read as an account's, for a stream
@@ -399,16 +393,7 @@ async fn forged_records_on_state_and_tx_log_are_refused_and_no_process_dies() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_prepare_for_a_decided_transaction_leaves_no_hold() {
     let env = TestEnv::new();
-    env.init_topics(2);
-    let w = writer(&env, true);
-    let c = coordinator(&env);
-    wait_serving(&[&w], 2, Duration::from_secs(60)).await;
-    coordinating(&c, 2).await;
-    let client = env.client(Duration::from_secs(30), false);
-    for s in ["account-la", "account-lb", "account-lc"] {
-        client.command(s, ExpectedVersion::NoStream, cmd("OpenAccount", json!({"owner": "l"})), None).await.unwrap();
-        client.command(s, ExpectedVersion::Any, cmd("Deposit", json!({"amount": 100})), None).await.unwrap();
-    }
+    let (_w, _c, client) = platform(&env, 2, &["account-la", "account-lb", "account-lc"], 100).await;
     let status =
         client.transact("tx-late", transfer("account-la", "account-lb", 10), Duration::from_secs(10)).await.unwrap();
     assert_eq!(status.outcome, "committed");

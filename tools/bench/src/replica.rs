@@ -212,7 +212,9 @@ pub async fn memory(bootstrap: &str, bin: &Path, streams: usize) -> Result<()> {
     let touched = 20_000.min(streams);
     let mut replies = futures::stream::iter((0..touched).map(|i| {
         let client = &client;
-        async move { client.append(&format!("note-s{}", i * (streams / touched)), ExpectedVersion::Exact(3), note(i), None).await }
+        async move {
+            client.append(&format!("note-s{}", i * (streams / touched)), ExpectedVersion::Exact(3), note(i), None).await
+        }
     }))
     .buffer_unordered(64);
     while let Some(r) = replies.next().await {

@@ -45,58 +45,28 @@ fn check_consumer(name: &str) -> Result<(), Failure> {
 fn read_parked(g: &Global, consumer: &str) -> Result<(String, Vec<Parked>), Failure> {
     let (config, topics): (_, Topics) = kafka(g)?;
     let topic = topics.dlq(consumer);
-    let c: BaseConsumer = config
-        .client()
-        .set("group.id", "esk-dlq")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .map_err(esk_kafka::Error::from)?;
-    let md = c
-        .fetch_metadata(Some(&topic), g.timeout)
-        .map_err(|e| Failure::unavailable(format!("Kafka at {}: {e}", config.bootstrap)))?;
-    let Some(t) = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
-        return Ok((topic, Vec::new()));
-    };
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = Vec::new();
-    for p in t.partitions() {
-        let (_, high) =
-            c.fetch_watermarks(&topic, p.id(), g.timeout).map_err(|e| Failure::unavailable(e.to_string()))?;
-        if high > 0 {
-            ends.push((p.id(), high));
-            tpl.add_partition_offset(&topic, p.id(), Offset::Beginning).map_err(esk_kafka::Error::from)?;
-        }
-    }
     let mut out = Vec::new();
-    if ends.is_empty() {
-        return Ok((topic, out));
-    }
-    c.assign(&tpl).map_err(esk_kafka::Error::from)?;
-    let deadline = std::time::Instant::now() + g.timeout * 6;
-    loop {
-        let pos = c.position().map_err(esk_kafka::Error::from)?;
-        let done = ends.iter().all(|(p, high)| {
-            pos.find_partition(&topic, *p).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *high)
-        });
-        if done {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(Failure::unavailable(format!("reading {topic} did not reach its end")));
-        }
-        // Short polls: a transaction marker at the end is served without a
-        // record, and the poll would wait out its timeout.
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
+    esk_kafka::read::read_topic(
+        &config,
+        "esk-dlq",
+        &topic,
+        |_| None,
+        g.timeout * 6,
+        |m| {
             out.push(Parked {
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().map(<[u8]>::to_vec),
-                headers: headers_of(&m),
+                headers: headers_of(m),
             });
-        }
-    }
+            Ok::<(), Failure>(())
+        },
+    )
+    .map_err(|e| match e {
+        esk_kafka::read::ReadError::Kafka(e) => Failure::from(e),
+        esk_kafka::read::ReadError::Each(f) => f,
+    })?;
     out.sort_by_key(|p| (p.partition, p.offset));
     Ok((topic, out))
 }
@@ -176,7 +146,9 @@ pub async fn replay(g: &Global, consumer: &str) -> Result<(), Failure> {
 /// per consumer keeps the offsets, a transactional id fences a concurrent
 /// replay), so a replay sends only what was parked since the last one, and a
 /// crash mid-replay sends nothing twice. A cut copy (`esk_dlq_truncated`)
-/// cannot be sent again: it is reported and passed.
+/// cannot be sent again: it is reported and passed. (It reads with a consumer
+/// of its own rather than `esk_kafka::read::read_topic`: the offsets it
+/// commits in each transaction are that consumer group's.)
 async fn replay_service(g: &Global, consumer: &str) -> Result<(), Failure> {
     let g2 = g.clone();
     let name = consumer.to_owned();
