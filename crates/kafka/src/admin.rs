@@ -90,8 +90,12 @@ impl TopicKind {
     /// The topic's spec: topics that keep requests or answers keep them for `horizon`.
     pub fn spec_for(self, name: String, partitions: i32, d: Durability, horizon: Duration) -> TopicSpec {
         let horizon_ms = horizon.as_millis().to_string();
+        // Answers are kept a clock margin longer than requests (see `limits::kept_ms`).
+        let kept_ms = esk_wire::limits::kept_ms(horizon.as_millis() as i64);
+        let kept = kept_ms.to_string();
         let (cleanup, retention) = match self {
-            TopicKind::Commands | TopicKind::TxTraffic | TopicKind::Answers => ("delete", horizon_ms.as_str()),
+            TopicKind::Commands | TopicKind::TxTraffic => ("delete", horizon_ms.as_str()),
+            TopicKind::Answers => ("delete", kept.as_str()),
             TopicKind::Events | TopicKind::DeadLetters => ("delete", "-1"),
             TopicKind::Replies => ("delete", HOUR_MS),
             TopicKind::State | TopicKind::TxLog => ("compact", "-1"),
@@ -107,7 +111,7 @@ impl TopicKind {
         if self == TopicKind::Answers {
             // Segments roll often enough that expired answers are deleted
             // within an eighth of the horizon after it (a segment goes whole).
-            let segment = (horizon.as_millis() / 8).clamp(60_000, 86_400_000);
+            let segment = (kept_ms / 8).clamp(60_000, 86_400_000);
             configs.insert("segment.ms".into(), segment.to_string());
             configs.insert("retention.bytes".into(), "-1".into());
         }
@@ -386,13 +390,13 @@ mod tests {
         assert_eq!(get("x.events.account").configs["retention.bytes"], "-1");
         assert_eq!(get("x.commands").configs["cleanup.policy"], "delete");
         assert_eq!(get("x.commands").configs["retention.ms"], "604800000");
-        assert_eq!(get("x.answers").configs["retention.ms"], "604800000");
-        assert_eq!(get("x.answers").configs["segment.ms"], "75600000");
+        assert_eq!(get("x.answers").configs["retention.ms"], "665280000", "the horizon and a tenth");
+        assert_eq!(get("x.answers").configs["segment.ms"], "83160000");
         let short = platform_topics(&Topics::new("x"), [], 1, Durability::new(1), Duration::from_secs(30));
         let answers = short.iter().find(|s| s.name == "x.answers").unwrap();
         assert_eq!(
             (answers.configs["retention.ms"].as_str(), answers.configs["segment.ms"].as_str()),
-            ("30000", "60000")
+            ("33000", "60000")
         );
         assert!(specs.iter().all(|s| s.partitions == 6 && s.replication_factor == 3));
         assert!(specs.iter().all(|s| s.configs["min.insync.replicas"] == "2"));

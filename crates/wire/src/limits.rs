@@ -83,6 +83,44 @@ impl Limits {
     }
 }
 
+/// How far a client's clock may be ahead of the writer's without harm: a
+/// tenth of the idempotency horizon. Answers are kept that much longer than
+/// the horizon, so that a request dated by a fast clock cannot look younger
+/// than the horizon after its answer was forgotten; a request dated further
+/// ahead than this is refused.
+pub fn clock_margin_ms(horizon_ms: i64) -> i64 {
+    horizon_ms / 10
+}
+
+/// How long answers (and ended transactions) are kept: the horizon and the
+/// clock margin.
+pub fn kept_ms(horizon_ms: i64) -> i64 {
+    horizon_ms + clock_margin_ms(horizon_ms)
+}
+
+/// Why a request that is not remembered may not be decided now, if it may not:
+/// first sent longer ago than the horizon, or dated too far ahead.
+pub fn too_old(origin_ms: Option<i64>, now_ms: i64, horizon_ms: i64) -> Option<String> {
+    let origin = origin_ms?;
+    if origin < now_ms - horizon_ms {
+        let sent = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(origin)
+            .map_or_else(|| origin.to_string(), |t| t.to_rfc3339());
+        return Some(format!(
+            "it was first sent at {sent}, longer ago than the idempotency horizon ({} s)",
+            horizon_ms / 1000
+        ));
+    }
+    if origin > now_ms + clock_margin_ms(horizon_ms) {
+        return Some(format!(
+            "it says it was first sent {} s from now: the sender's clock is ahead by more than the {} s the \
+             idempotency horizon allows",
+            (origin - now_ms) / 1000,
+            clock_margin_ms(horizon_ms) / 1000
+        ));
+    }
+    None
+}
+
 /// Checks a request id: 1 to [`MAX_REQUEST_ID_BYTES`] visible ASCII characters.
 pub fn check_request_id(id: &str) -> Result<(), String> {
     check_id("request id", id, MAX_REQUEST_ID_BYTES)
@@ -155,6 +193,17 @@ mod tests {
         assert_eq!(shorten("abc", 5), "abc");
         assert_eq!(shorten("abcdef", 3), "abc…");
         assert_eq!(shorten("ééé", 3), "é…");
+    }
+
+    #[test]
+    fn requests_are_dated_within_the_horizon_and_the_clock_margin() {
+        let h = 1_000_000;
+        assert_eq!(too_old(None, 5_000_000, h), None, "undated: decided now");
+        assert_eq!(too_old(Some(4_500_000), 5_000_000, h), None);
+        assert!(too_old(Some(3_999_999), 5_000_000, h).unwrap().contains("longer ago"));
+        assert_eq!(too_old(Some(5_100_000), 5_000_000, h), None, "a clock ahead by less than the margin");
+        assert!(too_old(Some(5_100_001), 5_000_000, h).unwrap().contains("ahead"));
+        assert_eq!(kept_ms(h), 1_100_000);
     }
 
     #[test]

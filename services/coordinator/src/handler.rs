@@ -105,7 +105,7 @@ pub struct StoreDone<'a> {
 impl Done for StoreDone<'_> {
     fn done(&mut self, txid: &str) -> Result<Option<TxRecord>, String> {
         let Some(row) = self.store.get(txid).map_err(|e| e.to_string())? else { return Ok(None) };
-        if row.time_ms != 0 && row.time_ms < self.now_ms - self.horizon_ms {
+        if row.time_ms != 0 && row.time_ms < self.now_ms - esk_wire::limits::kept_ms(self.horizon_ms) {
             return Ok(None);
         }
         Ok(serde_json::from_slice(&row.value).ok())
@@ -213,7 +213,7 @@ impl Run {
             return Vec::new();
         }
         *last = Instant::now();
-        let before = now_ms() - self.shared.horizon_ms;
+        let before = now_ms() - esk_wire::limits::kept_ms(self.shared.horizon_ms);
         match owned.store.older_than(before, 1000) {
             Ok(rows) => rows.into_iter().filter(|(_, r)| r.tag != TAG_LIVE).map(|(k, _)| k).collect(),
             Err(e) => {

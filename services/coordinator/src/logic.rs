@@ -258,15 +258,14 @@ impl Step {
                     return;
                 }
                 let origin = sent_ms.or_else(|| limits::uuid_v7_ms(&txid));
-                if origin.is_some_and(|o| o < now_ms - ctx.horizon_ms) {
+                if let Some(why) = limits::too_old(origin, now_ms, ctx.horizon_ms) {
                     self.expired += 1;
                     let outcome = ReplyOutcome::Error(ReplyError {
                         code: ErrorCode::RequestExpired,
                         message: format!(
-                            "transaction {txid} was first sent longer ago than the idempotency horizon ({} s): it may \
-                             have run, and the coordinator no longer remembers it; nothing was done. Check its \
-                             participants and run it again under a new txid if it is missing",
-                            ctx.horizon_ms / 1000
+                            "transaction {txid} is not remembered and {why}: it may have run, and the coordinator \
+                             no longer knows; nothing was done. Check its participants and run it again under a new \
+                             txid if it is missing"
                         ),
                         actual_version: None,
                     });

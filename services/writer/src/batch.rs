@@ -560,19 +560,14 @@ impl<'s> Batch<'s> {
     /// A request not remembered must be younger than the horizon: an older
     /// one may have been applied and forgotten.
     fn not_expired(&mut self, ctx: &Context<'_>, request: &Request, stream: &str) -> Result<(), ReplyOutcome> {
-        let Some(origin) = request.origin_ms() else { return Ok(()) };
-        if origin >= self.now_ms() - ctx.horizon_ms {
-            return Ok(());
-        }
+        let Some(why) = limits::too_old(request.origin_ms(), self.now_ms(), ctx.horizon_ms) else { return Ok(()) };
         self.expired += 1;
-        let sent =
-            DateTime::<Utc>::from_timestamp_millis(origin).map_or_else(|| origin.to_string(), |t| t.to_rfc3339());
         Err(error(
             ErrorCode::RequestExpired,
             format!(
-                "request '{}' on {stream} was first sent at {sent}, longer ago than the idempotency horizon: it may \
-                 have been applied, and the writer no longer remembers it; nothing was written. Read the stream \
-                 (esk read) and send it again with a new request id if it is missing",
+                "request '{}' on {stream} is not remembered and {why}: it may have been applied, and the writer no \
+                 longer knows; nothing was written. Read the stream (esk read) and send it again with a new \
+                 request id if it is missing",
                 request.request_id
             ),
         ))

@@ -47,9 +47,10 @@ pub struct Config {
     pub instance: Option<String>,
     /// How long a retried request or 2PC decision is answered with its first
     /// result, e.g. 24h, 7d. Default: the installation's, which `esk topics
-    /// init --idempotency-horizon` set (the answers topic's retention). Never
-    /// shorter than the commands topic keeps requests, nor longer than the
-    /// answers topic keeps answers: the writer refuses to start otherwise.
+    /// init --idempotency-horizon` set (the commands topic's retention). Never
+    /// shorter than the commands topic keeps requests, and the answers topic
+    /// must keep answers a tenth longer (the clock margin): the writer refuses
+    /// to start otherwise.
     #[arg(long, env = "ESK_WRITER_IDEMPOTENCY_HORIZON", value_parser = esk_runtime::parse_duration)]
     pub idempotency_horizon: Option<Duration>,
     /// Stream records kept in memory per owned partition (the rest are read

@@ -127,44 +127,40 @@ async fn retention(admin: &Admin, topic: &str) -> Result<Option<i64>> {
     Ok(ms.filter(|ms| *ms >= 0))
 }
 
-/// The horizon: `--idempotency-horizon`, else the answers topic's retention.
-/// It must cover how long the commands topic keeps requests (a request still
-/// there could be read again), and the answers topic must keep answers that long.
+/// The horizon: `--idempotency-horizon`, else how long the commands topic
+/// keeps requests (what `esk topics init --idempotency-horizon` set). Never
+/// shorter than that (a request still there could be read again after its
+/// answer was forgotten), and the answers topic must keep answers for the
+/// horizon and its clock margin.
 async fn horizon(config: &Config, admin: &Admin, topics: &Topics) -> Result<Duration> {
     let answers = retention(admin, &topics.answers()).await?;
-    let commands = retention(admin, &topics.commands()).await?;
-    let show = |ms: Option<i64>| ms.map_or_else(|| "forever".to_owned(), |ms| format!("{} s", ms / 1000));
-    let horizon = match (config.idempotency_horizon, answers) {
-        (Some(h), _) => h,
-        (None, Some(ms)) => Duration::from_millis(ms as u64),
-        (None, None) => bail!(
-            "{} keeps answers forever (retention.ms=-1): give --idempotency-horizon, or create it with esk topics init",
-            topics.answers()
-        ),
-    };
-    let ms = horizon.as_millis() as i64;
-    match commands {
-        None => bail!(
+    let Some(commands) = retention(admin, &topics.commands()).await? else {
+        bail!(
             "{} keeps requests forever (retention.ms=-1), longer than any idempotency horizon: a request read again \
              after its answer expired would be applied twice. Give it a retention (esk topics init sets the horizon)",
             topics.commands()
-        ),
-        Some(c) if c > ms => bail!(
-            "the idempotency horizon ({} s) is shorter than {} keeps requests ({}): a request read again after its \
+        );
+    };
+    let horizon = config.idempotency_horizon.unwrap_or(Duration::from_millis(commands as u64));
+    let ms = horizon.as_millis() as i64;
+    if commands > ms {
+        bail!(
+            "the idempotency horizon ({} s) is shorter than {} keeps requests ({} s): a request read again after its \
              answer expired would be applied twice; give a longer --idempotency-horizon",
             ms / 1000,
             topics.commands(),
-            show(commands)
-        ),
-        Some(_) => {}
+            commands / 1000
+        );
     }
-    if answers.is_some_and(|a| a < ms) {
+    let kept = esk_wire::limits::kept_ms(ms);
+    if answers.is_some_and(|a| a < kept) {
         bail!(
-            "the idempotency horizon ({} s) is longer than {} keeps answers ({}): the writer would forget them \
-             before it; give a shorter --idempotency-horizon or raise that topic's retention.ms",
-            ms / 1000,
+            "{} keeps answers {} s, less than the idempotency horizon ({} s) and its clock margin ({} s): the writer \
+             would forget them too soon; give a shorter --idempotency-horizon or raise that topic's retention.ms",
             topics.answers(),
-            show(answers)
+            answers.unwrap_or_default() / 1000,
+            ms / 1000,
+            (kept - ms) / 1000
         );
     }
     Ok(horizon)

@@ -159,7 +159,8 @@ impl Intake for AnswersIntake {
     }
 
     fn tidy(&mut self, store: &mut PartitionStore) -> Result<(), StoreError> {
-        store.expire(chrono::Utc::now().timestamp_millis() - self.horizon_ms, 100_000).map(|_| ())
+        let before = chrono::Utc::now().timestamp_millis() - esk_wire::limits::kept_ms(self.horizon_ms);
+        store.expire(before, 100_000).map(|_| ())
     }
 }
 
@@ -331,13 +332,14 @@ impl PartitionMemory {
         self.holds.len()
     }
 
-    /// Removes answers and decisions older than the horizon; how many went.
+    /// Removes answers and decisions older than the horizon and its clock
+    /// margin; how many went.
     pub fn expire(&mut self, now_ms: i64) -> Result<usize, StoreError> {
-        self.store.expire(now_ms - self.horizon_ms, 10_000)
+        self.store.expire(now_ms - esk_wire::limits::kept_ms(self.horizon_ms), 10_000)
     }
 
     fn expired(&self, time_ms: i64) -> bool {
-        time_ms != 0 && time_ms < self.now_ms - self.horizon_ms
+        time_ms != 0 && time_ms < self.now_ms - esk_wire::limits::kept_ms(self.horizon_ms)
     }
 
     fn remembered<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, LookupError> {
@@ -436,9 +438,11 @@ mod tests {
         assert!(m.answer_by_event("note-5", "e-r5", ExpectedVersion::Any).unwrap().is_some());
         assert!(m.answer_by_event("note-5", "e-r5", ExpectedVersion::NoStream).unwrap().is_none());
         assert!(m.answer("note-5", "r6").unwrap().is_none());
-        m.set_now(11_001);
-        assert!(m.answer("note-5", "r5").unwrap().is_none(), "past the horizon");
-        assert_eq!(m.expire(11_001).unwrap(), 200);
+        m.set_now(11_050);
+        assert!(m.answer("note-5", "r5").unwrap().is_some(), "within the clock margin after the horizon");
+        m.set_now(11_101);
+        assert!(m.answer("note-5", "r5").unwrap().is_none(), "past the horizon and its margin");
+        assert_eq!(m.expire(11_101).unwrap(), 200);
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
         Some(r) => Durability::new(r),
         None => Durability::for_brokers(brokers),
     };
-    let installed_horizon = [topics.answers(), topics.commands()]
+    let installed_horizon = [topics.commands(), topics.tx_requests()]
         .iter()
         .find_map(|name| existing.iter().find(|t| t.name == *name))
         .and_then(|t| t.configs.get("retention.ms")?.parse::<u64>().ok())
