@@ -83,10 +83,13 @@ impl Intake for StateIntake {
         let stream = f.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
         let previous = match self.pending.get(&stream) {
             Some(p) => *p,
-            None => store
-                .get(&stream_key(&stream))?
-                .and_then(|row| serde_json::from_slice::<Head>(&row.value).ok())
-                .map(|h| (h.version, h.last_offset)),
+            None => match store.get(&stream_key(&stream))? {
+                // The store has this stream from a later record already (the
+                // owner and the standby write one file): this one is old news.
+                Some(row) if row.offset >= f.offset => return Ok(()),
+                Some(row) => serde_json::from_slice::<Head>(&row.value).ok().map(|h| (h.version, h.last_offset)),
+                None => None,
+            },
         };
         let checked = f.stream_record(previous).and_then(|r| {
             let category = r.stream.split_once('-').map_or("", |(c, _)| c);
