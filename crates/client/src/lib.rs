@@ -81,8 +81,24 @@ impl From<rdkafka::error::KafkaError> for ClientError {
     }
 }
 
-/// Waiting sends, by attempt id.
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
+/// Waiting sends, by attempt id, with their request id (or txid).
+type Pending = Arc<Mutex<HashMap<String, Waiting>>>;
+
+#[derive(Debug)]
+struct Waiting {
+    request_id: String,
+    tx: oneshot::Sender<Reply>,
+}
+
+/// The send a reply answers: by its attempt; a reply from a service that
+/// names no attempt (one from before attempts) goes to a send of its request id.
+fn waiting_for(pending: &mut HashMap<String, Waiting>, reply: &Reply) -> Option<Waiting> {
+    if let Some(attempt) = &reply.attempt {
+        return pending.remove(attempt);
+    }
+    let key = pending.iter().find(|(_, w)| w.request_id == reply.request_id).map(|(k, _)| k.clone())?;
+    pending.remove(&key)
+}
 
 /// A connection to an esk installation.
 pub struct Client {
@@ -274,7 +290,7 @@ impl Client {
         let payload = serde_json::to_vec(&request).map_err(|e| ClientError::Invalid(e.to_string()))?;
         self.check_size("request (all its events)", &payload)?;
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending lock").insert(attempt.clone(), tx);
+        self.pending.lock().expect("pending lock").insert(attempt.clone(), Waiting { request_id: id.clone(), tx });
 
         let topic = self.topics.commands();
         let record = FutureRecord::to(&topic)
@@ -426,11 +442,9 @@ fn read_replies(consumer: &BaseConsumer, pending: &Pending, stop: &AtomicBool) {
                 let Some(reply) = m.payload().and_then(|p| serde_json::from_slice::<Reply>(p).ok()) else {
                     continue;
                 };
-                // A reply names its attempt; one from a service that does not
-                // is matched by request id.
-                let key = reply.attempt.clone().unwrap_or_else(|| reply.request_id.clone());
-                if let Some(tx) = pending.lock().expect("pending lock").remove(&key) {
-                    let _ = tx.send(reply);
+                let waiting = waiting_for(&mut pending.lock().expect("pending lock"), &reply);
+                if let Some(w) = waiting {
+                    let _ = w.tx.send(reply);
                 }
             }
             Some(Err(e)) => tracing::debug!("replies: {e}"),
@@ -445,5 +459,31 @@ impl Drop for Client {
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use esk_wire::protocol::{ErrorCode, ReplyError};
+
+    fn reply(request_id: &str, attempt: Option<&str>) -> Reply {
+        let outcome =
+            ReplyOutcome::Error(ReplyError { code: ErrorCode::Internal, message: String::new(), actual_version: None });
+        Reply { request_id: request_id.into(), attempt: attempt.map(str::to_owned), outcome }
+    }
+
+    #[test]
+    fn replies_go_to_their_attempt_or_to_their_request_id_from_older_services() {
+        let mut pending = HashMap::new();
+        for (attempt, id) in [("a1", "r"), ("a2", "r"), ("a3", "s")] {
+            let (tx, _rx) = oneshot::channel();
+            pending.insert(attempt.to_owned(), Waiting { request_id: id.into(), tx });
+        }
+        assert!(waiting_for(&mut pending, &reply("r", Some("a2"))).is_some());
+        assert!(pending.contains_key("a1") && !pending.contains_key("a2"), "the other attempt still waits");
+        assert!(waiting_for(&mut pending, &reply("r", Some("zz"))).is_none(), "an answer to no attempt of ours");
+        assert_eq!(waiting_for(&mut pending, &reply("s", None)).map(|w| w.request_id), Some("s".into()));
+        assert!(waiting_for(&mut pending, &reply("q", None)).is_none());
     }
 }

@@ -80,7 +80,10 @@ impl Client {
         let payload = serde_json::to_vec(&request).map_err(|e| ClientError::Invalid(e.to_string()))?;
         self.check_size("transaction", &payload)?;
         let (tx, rx) = oneshot::channel::<Reply>();
-        self.pending.lock().expect("pending lock").insert(attempt.clone(), tx);
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .insert(attempt.clone(), crate::Waiting { request_id: txid.clone(), tx });
         let topic = self.topics.tx_requests();
         let record = FutureRecord::to(&topic)
             .partition(partition_for(txid.as_bytes(), self.tx_partitions))

@@ -414,11 +414,13 @@ async fn a_late_prepare_for_a_decided_transaction_leaves_no_hold() {
         )
         .await;
     }
+    // Open holds as the writer last recorded them: the account's own and the writer's.
     let holds = |stream: &str| -> Option<usize> {
         let records = env.read_topic(&env.topics().state(), true);
         let last = records.iter().rev().find(|r| r.key.as_deref() == Some(stream.as_bytes()))?;
         let rec: StreamRecord = serde_json::from_slice(last.value.as_deref()?).ok()?;
-        Some(rec.holds.len())
+        let account = rec.state.as_ref()?.get("holds").and_then(Value::as_object).map_or(0, |h| h.len());
+        Some(account + rec.holds.len())
     };
     // The stray hold is placed, then released on the coordinator's answer.
     poll_until(Duration::from_secs(30), "no hold left on account-lc", || async {
