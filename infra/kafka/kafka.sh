@@ -67,7 +67,22 @@ kafka_java() {
     -cp "$(classpath)" "$@"
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# Whether process PID runs, and (given WHAT) runs a command line containing
+# WHAT. A zombie does not count: a killed broker stays one until init reaps
+# it, which on some machines takes a second or two, and `kill -0` succeeds on
+# a zombie. Nor does a pid that a pid file outlived and another program now has.
+pid_runs() { # pid [what]
+  local pid=$1 what=${2:-} ps_out
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  ps_out=$(ps -ww -o stat= -o args= -p "$pid" 2>/dev/null) || return 1
+  ps_out=${ps_out#"${ps_out%%[![:space:]]*}"}
+  [[ -n $ps_out && $ps_out != Z* ]] || return 1
+  [[ -z $what || $ps_out == *"$what"* ]]
+}
+
+# Whether the broker of pid file $1 runs.
+alive() { [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)" kafka.Kafka; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -156,12 +171,12 @@ stop_pidfiles() {
   done
   for ((i = 0; i < 300; i++)); do
     local left=0 pid
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+    for pid in "${pids[@]}"; do pid_runs "$pid" && left=1; done
     ((left)) || break
     sleep 0.1
   done
   for pid in "${pids[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then
+    if pid_runs "$pid"; then
       log "pid $pid did not stop in 30 s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi
