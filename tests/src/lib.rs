@@ -260,6 +260,12 @@ pub fn exclusive() -> Pass {
     Pass::take(true)
 }
 
+/// A place beside other tests for a test without a [`TestEnv`] (one that runs
+/// its own broker and services, say), so that no exclusive test runs beside it.
+pub fn shared() -> Pass {
+    Pass::take(false)
+}
+
 /// Per-test isolation: a topic prefix, and ids derived from it.
 #[derive(Debug, Clone)]
 pub struct TestEnv {
