@@ -43,19 +43,42 @@ need_java() {
 }
 
 # Jars are fetched once per pom: the stamp holds the pom's checksum, so a second
-# start does not touch the network and a changed pom fetches afresh.
+# start does not touch the network and a changed pom fetches afresh. One fetch
+# at a time: brokers started side by side (the tests' broker and their 3-node
+# cluster, on a fresh clone) each found no jars, and one's `rm -rf lib` pulled
+# the jars from under the other's copy or JVM. The others wait for the lock,
+# then find the jars; the jars land in lib/ only complete (fetched beside it,
+# then moved).
 fetch() {
-  local stamp=$lib/.fetched sum
+  local stamp=$lib/.fetched sum lock=$here/.fetch.lock part=$lib.part.$$ holder i
   sum=$(sha256sum "$here/pom.xml" | cut -d' ' -f1)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ]; then
-    return 0
+  fetched() { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ]; }
+  fetched && return 0
+  for ((i = 0; ; i++)); do
+    mkdir "$lock" 2>/dev/null && break
+    holder=$(cat "$lock/pid" 2>/dev/null || true)
+    if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null; then
+      rm -rf "$lock" # its holder died
+      continue
+    fi
+    ((i < 6000)) || die "another fetch has held $lock for 10 minutes"
+    ((i % 50 == 1)) && log "waiting for another fetch of the Kafka jars (pid ${holder:-?})"
+    sleep 0.2
+  done
+  echo $$ >"$lock/pid"
+  trap 'rm -rf "$lock" "$part"' EXIT
+  if ! fetched; then
+    command -v mvn >/dev/null || die "mvn not found: it fetches the Kafka jars from Maven Central"
+    log "fetching Kafka jars from Maven Central into $lib"
+    rm -rf "$part"
+    mvn -q -B -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
+      -DincludeScope=runtime -DoutputDirectory="$part" >&2 || die "fetching the Kafka jars failed"
+    echo "$sum" >"$part/.fetched"
+    rm -rf "$lib"
+    mv "$part" "$lib"
   fi
-  command -v mvn >/dev/null || die "mvn not found: it fetches the Kafka jars from Maven Central"
-  log "fetching Kafka jars from Maven Central into $lib"
-  rm -rf "$lib"
-  mvn -q -B -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$lib" >&2
-  echo "$sum" >"$stamp"
+  rm -rf "$lock"
+  trap - EXIT
 }
 
 classpath() { printf '%s/*' "$lib"; }
@@ -100,6 +123,13 @@ wait_ready() { # addr secs min_brokers [pidfile...]
     sleep 0.3
   done
   python3 "$here/metadata_probe.py" "$addr" "$want"
+}
+
+# ": a port was taken (...)" when a broker log says a listener could not bind.
+port_taken() { # log...
+  local line
+  line=$(grep -h -m 1 -E 'BindException|Address already in use' "$@" 2>/dev/null | head -n 1) || true
+  [ -z "$line" ] || printf ': a port was taken (%s)' "$(echo "$line" | cut -c1-200)"
 }
 
 # write_config FILE NODE_ID PORT DIR VOTERS|"" EXTRA...
@@ -217,8 +247,12 @@ single_start() {
   start_node kafka "$dir/server.properties" "$dir" "$watch" "$cid" --standalone
   if ! wait_ready "127.0.0.1:$single_port" "$start_timeout" 1 "$pf"; then
     tail -n 30 "$ESK_HOME/log/kafka.log" >&2 || true
-    stop_pidfiles "$pf"
-    die "broker did not answer on 127.0.0.1:$single_port within ${start_timeout}s"
+    if alive "$pf"; then
+      stop_pidfiles "$pf"
+      die "broker did not answer on 127.0.0.1:$single_port within ${start_timeout}s$(port_taken "$ESK_HOME/log/kafka.log")"
+    fi
+    rm -f "$pf"
+    die "broker exited during start$(port_taken "$ESK_HOME/log/kafka.log"); see $ESK_HOME/log/kafka.log"
   fi
   log "ready on 127.0.0.1:$single_port in $((SECONDS - t0))s (pid $(cat "$pf"), data $dir, log $ESK_HOME/log/kafka.log)"
 }
@@ -297,8 +331,14 @@ cluster() {
     # A quorum needs two of three controllers, so wait for all three together.
     for n in 1 2 3; do
       if ! wait_ready "127.0.0.1:${cluster_ports[n - 1]}" "$start_timeout" 3 "$ESK_HOME/run/kafka-node$n.pid"; then
+        local m
+        for m in 1 2 3; do
+          alive "$ESK_HOME/run/kafka-node$m.pid" && continue
+          tail -n 30 "$ESK_HOME/log/kafka-node$m.log" >&2 || true
+          die "node $m exited during start$(port_taken "$ESK_HOME/log/kafka-node$m.log"); see $ESK_HOME/log/kafka-node$m.log"
+        done
         tail -n 30 "$ESK_HOME/log/kafka-node$n.log" >&2 || true
-        die "node $n did not answer with 3 brokers within ${start_timeout}s"
+        die "node $n did not answer with 3 brokers within ${start_timeout}s$(port_taken "$ESK_HOME"/log/kafka-node{1,2,3}.log)"
       fi
     done
     log "cluster ready on $(cluster_bootstrap) in $((SECONDS - t0))s"
