@@ -496,18 +496,17 @@ impl TestEnv {
             .create()
             .expect("a consumer");
         let timeout = Duration::from_secs(15);
-        let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) else {
-            return Vec::new();
-        };
-        let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
+        let Some(partitions) = topic_partitions(&consumer, topic, timeout) else {
             return Vec::new();
         };
         let mut tpl = TopicPartitionList::new();
         let mut ends = Vec::new();
-        for p in t.partitions() {
-            let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout).expect("watermarks");
-            ends.push((p.id(), high));
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+        for p in partitions {
+            // Retries transient errors (a new topic's leader not ready yet) within the timeout.
+            let (_, high) = esk_kafka::watermarks(consumer.client(), topic, p, timeout)
+                .unwrap_or_else(|e| panic!("watermarks of {topic} partition {p}: {e}"));
+            ends.push((p, high));
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
         }
         consumer.assign(&tpl).unwrap();
         let mut out = Vec::new();
@@ -535,6 +534,38 @@ impl TestEnv {
         }
         out.sort_by_key(|r| (r.partition, r.offset));
         out
+    }
+}
+
+/// The partitions of `topic`, or `None` if it does not exist. Transient errors
+/// (a new topic whose leaders are being elected, a broker not answering yet)
+/// are retried until `timeout`, then panic: a broker error is not an empty topic.
+pub fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Option<Vec<i32>> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::error::RDKafkaErrorCode;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let transient = match consumer.fetch_metadata(Some(topic), left) {
+            Ok(md) => match md.topics().first() {
+                None => return None,
+                Some(t) => match t.error().map(RDKafkaErrorCode::from) {
+                    None if !t.partitions().is_empty() => return Some(t.partitions().iter().map(|p| p.id()).collect()),
+                    None => "no partitions yet".to_owned(),
+                    Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return None,
+                    Some(code) if esk_kafka::error::is_transient_code(Some(code)) => code.to_string(),
+                    Some(code) => panic!("metadata of {topic}: {code}"),
+                },
+            },
+            Err(e) if esk_kafka::error::is_transient_code(e.rdkafka_error_code()) => e.to_string(),
+            Err(e) => panic!("metadata of {topic}: {e}"),
+        };
+        assert!(Instant::now() < deadline, "metadata of {topic}: still {transient} after {timeout:?}");
+        std::thread::sleep(esk_kafka::config::TRANSIENT_RETRY_PAUSE);
     }
 }
 
