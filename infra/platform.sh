@@ -54,6 +54,11 @@ alive() {
   [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)" "esk-$name"
 }
 
+# Whether the process of pid file $1, just started, still runs. Not what it
+# runs: until the forked shell has exec'd the service, its command line is
+# this script's.
+started() { [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)"; }
+
 bin_dir() {
   if [ -n "${ESK_BIN_DIR:-}" ]; then
     echo "$ESK_BIN_DIR"
@@ -77,10 +82,32 @@ http_addr() { # name port
   echo "${!var:-127.0.0.1:$2}"
 }
 
+# How a service this script started, which no longer runs, ended. It is this
+# shell's child, so `wait` has its status (at once: it has exited).
+exit_reason() { # pid
+  local pid=$1 state rc
+  state=$(ps -o stat= -p "$pid" 2>/dev/null | tr -d ' ' || true)
+  if [ -n "$state" ] && [[ $state != Z* ]]; then
+    echo "pid $pid in state $state"
+    return
+  fi
+  wait "$pid" 2>/dev/null && rc=0 || rc=$?
+  if ((rc == 127)); then
+    echo "pid $pid, not a child of this script"
+  elif ((rc > 128)); then
+    echo "pid $pid killed by signal $((rc - 128))"
+  else
+    echo "pid $pid exit status $rc"
+  fi
+}
+
 wait_healthy() { # name addr pidfile
   local name=$1 addr=$2 pf=$3 i
   for ((i = 0; i < 300; i++)); do
-    alive "$pf" || die "$name exited during start; see $logs/$name.log"
+    if ! started "$pf"; then
+      sleep 0.2 # a second look before calling it dead
+      started "$pf" || die "$name exited during start ($(exit_reason "$(cat "$pf")")); see $logs/$name.log"
+    fi
     if curl -fsS "http://$addr/health" >/dev/null 2>&1; then
       return 0
     fi

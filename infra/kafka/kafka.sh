@@ -107,6 +107,10 @@ pid_runs() { # pid [what]
 # Whether the broker of pid file $1 runs.
 alive() { [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)" kafka.Kafka; }
 
+# Whether the process of pid file $1, just started, still runs. Not what it
+# runs: until the forked shell has exec'd java, its command line is this script's.
+started() { [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)"; }
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 wait_ready() { # addr secs min_brokers [pidfile...]
@@ -115,7 +119,8 @@ wait_ready() { # addr secs min_brokers [pidfile...]
   deadline=$((SECONDS + secs))
   while ((SECONDS < deadline)); do
     for pf in "$@"; do
-      alive "$pf" || return 1
+      # A second look before calling it dead.
+      started "$pf" || { sleep 0.3 && started "$pf"; } || return 1
     done
     if python3 "$here/metadata_probe.py" "$addr" "$want" 2>/dev/null; then
       return 0
@@ -247,7 +252,7 @@ single_start() {
   start_node kafka "$dir/server.properties" "$dir" "$watch" "$cid" --standalone
   if ! wait_ready "127.0.0.1:$single_port" "$start_timeout" 1 "$pf"; then
     tail -n 30 "$ESK_HOME/log/kafka.log" >&2 || true
-    if alive "$pf"; then
+    if started "$pf"; then
       stop_pidfiles "$pf"
       die "broker did not answer on 127.0.0.1:$single_port within ${start_timeout}s$(port_taken "$ESK_HOME/log/kafka.log")"
     fi
@@ -333,7 +338,7 @@ cluster() {
       if ! wait_ready "127.0.0.1:${cluster_ports[n - 1]}" "$start_timeout" 3 "$ESK_HOME/run/kafka-node$n.pid"; then
         local m
         for m in 1 2 3; do
-          alive "$ESK_HOME/run/kafka-node$m.pid" && continue
+          started "$ESK_HOME/run/kafka-node$m.pid" && continue
           tail -n 30 "$ESK_HOME/log/kafka-node$m.log" >&2 || true
           die "node $m exited during start$(port_taken "$ESK_HOME/log/kafka-node$m.log"); see $ESK_HOME/log/kafka-node$m.log"
         done
