@@ -93,7 +93,7 @@ exit_reason() { # pid
   fi
   wait "$pid" 2>/dev/null && rc=0 || rc=$?
   if ((rc == 127)); then
-    echo "pid $pid, not a child of this script"
+    echo "pid $pid gone, its exit status unknown"
   elif ((rc > 128)); then
     echo "pid $pid killed by signal $((rc - 128))"
   else
