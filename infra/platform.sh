@@ -31,7 +31,33 @@ SERVICES=("writer:8701" "projector:8702" "replica:8703" "coordinator:8704")
 
 say() { printf 'esk: %s\n' "$*"; }
 die() { printf 'esk: %s\n' "$*" >&2; exit 1; }
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# Whether process PID runs, and (given WHAT) runs a command line containing
+# WHAT. A zombie does not count: a killed service stays one until init reaps
+# it, which on some machines takes a second or two, and `kill -0` succeeds on a
+# zombie (`make up` right after a crash then waited on the dead process instead
+# of starting a new one). Nor does a pid that a pid file outlived and another
+# program now has.
+pid_runs() { # pid [what]
+  local pid=$1 what=${2:-} ps_out
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  ps_out=$(ps -ww -o stat= -o args= -p "$pid" 2>/dev/null) || return 1
+  ps_out=${ps_out#"${ps_out%%[![:space:]]*}"}
+  [[ -n $ps_out && $ps_out != Z* ]] || return 1
+  [[ -z $what || $ps_out == *"$what"* ]]
+}
+
+# Whether the service of pid file $1 runs (esk-<name> for $1 = .../<name>.pid).
+alive() {
+  local name
+  name=$(basename "$1" .pid)
+  [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)" "esk-$name"
+}
+
+# Whether the process of pid file $1, just started, still runs. Not what it
+# runs: until the forked shell has exec'd the service, its command line is
+# this script's.
+started() { [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)"; }
 
 bin_dir() {
   if [ -n "${ESK_BIN_DIR:-}" ]; then
@@ -56,10 +82,32 @@ http_addr() { # name port
   echo "${!var:-127.0.0.1:$2}"
 }
 
+# How a service this script started, which no longer runs, ended. It is this
+# shell's child, so `wait` has its status (at once: it has exited).
+exit_reason() { # pid
+  local pid=$1 state rc
+  state=$(ps -o stat= -p "$pid" 2>/dev/null | tr -d ' ' || true)
+  if [ -n "$state" ] && [[ $state != Z* ]]; then
+    echo "pid $pid in state $state"
+    return
+  fi
+  wait "$pid" 2>/dev/null && rc=0 || rc=$?
+  if ((rc == 127)); then
+    echo "pid $pid gone, its exit status unknown"
+  elif ((rc > 128)); then
+    echo "pid $pid killed by signal $((rc - 128))"
+  else
+    echo "pid $pid exit status $rc"
+  fi
+}
+
 wait_healthy() { # name addr pidfile
   local name=$1 addr=$2 pf=$3 i
   for ((i = 0; i < 300; i++)); do
-    alive "$pf" || die "$name exited during start; see $logs/$name.log"
+    if ! started "$pf"; then
+      sleep 0.2 # a second look before calling it dead
+      started "$pf" || die "$name exited during start ($(exit_reason "$(cat "$pf")")); see $logs/$name.log"
+    fi
     if curl -fsS "http://$addr/health" >/dev/null 2>&1; then
       return 0
     fi
@@ -130,10 +178,10 @@ stop_service() {
   pid=$(cat "$pf")
   kill -TERM "$pid" 2>/dev/null || true
   for ((i = 0; i < 150; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
+    pid_runs "$pid" || break
     sleep 0.1
   done
-  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  if pid_runs "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
   rm -f "$pf"
   say "$name stopped"
 }

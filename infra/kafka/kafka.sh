@@ -43,19 +43,42 @@ need_java() {
 }
 
 # Jars are fetched once per pom: the stamp holds the pom's checksum, so a second
-# start does not touch the network and a changed pom fetches afresh.
+# start does not touch the network and a changed pom fetches afresh. One fetch
+# at a time: brokers started side by side (the tests' broker and their 3-node
+# cluster, on a fresh clone) each found no jars, and one's `rm -rf lib` pulled
+# the jars from under the other's copy or JVM. The others wait for the lock,
+# then find the jars; the jars land in lib/ only complete (fetched beside it,
+# then moved).
 fetch() {
-  local stamp=$lib/.fetched sum
+  local stamp=$lib/.fetched sum lock=$here/.fetch.lock part=$lib.part.$$ holder i
   sum=$(sha256sum "$here/pom.xml" | cut -d' ' -f1)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ]; then
-    return 0
+  fetched() { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ]; }
+  fetched && return 0
+  for ((i = 0; ; i++)); do
+    mkdir "$lock" 2>/dev/null && break
+    holder=$(cat "$lock/pid" 2>/dev/null || true)
+    if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null; then
+      rm -rf "$lock" # its holder died
+      continue
+    fi
+    ((i < 6000)) || die "another fetch has held $lock for 10 minutes"
+    ((i % 50 == 1)) && log "waiting for another fetch of the Kafka jars (pid ${holder:-?})"
+    sleep 0.2
+  done
+  echo $$ >"$lock/pid"
+  trap 'rm -rf "$lock" "$part"' EXIT
+  if ! fetched; then
+    command -v mvn >/dev/null || die "mvn not found: it fetches the Kafka jars from Maven Central"
+    log "fetching Kafka jars from Maven Central into $lib"
+    rm -rf "$part"
+    mvn -q -B -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
+      -DincludeScope=runtime -DoutputDirectory="$part" >&2 || die "fetching the Kafka jars failed"
+    echo "$sum" >"$part/.fetched"
+    rm -rf "$lib"
+    mv "$part" "$lib"
   fi
-  command -v mvn >/dev/null || die "mvn not found: it fetches the Kafka jars from Maven Central"
-  log "fetching Kafka jars from Maven Central into $lib"
-  rm -rf "$lib"
-  mvn -q -B -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$lib" >&2
-  echo "$sum" >"$stamp"
+  rm -rf "$lock"
+  trap - EXIT
 }
 
 classpath() { printf '%s/*' "$lib"; }
@@ -67,7 +90,26 @@ kafka_java() {
     -cp "$(classpath)" "$@"
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# Whether process PID runs, and (given WHAT) runs a command line containing
+# WHAT. A zombie does not count: a killed broker stays one until init reaps
+# it, which on some machines takes a second or two, and `kill -0` succeeds on
+# a zombie. Nor does a pid that a pid file outlived and another program now has.
+pid_runs() { # pid [what]
+  local pid=$1 what=${2:-} ps_out
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  ps_out=$(ps -ww -o stat= -o args= -p "$pid" 2>/dev/null) || return 1
+  ps_out=${ps_out#"${ps_out%%[![:space:]]*}"}
+  [[ -n $ps_out && $ps_out != Z* ]] || return 1
+  [[ -z $what || $ps_out == *"$what"* ]]
+}
+
+# Whether the broker of pid file $1 runs.
+alive() { [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)" kafka.Kafka; }
+
+# Whether the process of pid file $1, just started, still runs. Not what it
+# runs: until the forked shell has exec'd java, its command line is this script's.
+started() { [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)"; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -77,7 +119,8 @@ wait_ready() { # addr secs min_brokers [pidfile...]
   deadline=$((SECONDS + secs))
   while ((SECONDS < deadline)); do
     for pf in "$@"; do
-      alive "$pf" || return 1
+      # A second look before calling it dead.
+      started "$pf" || { sleep 0.3 && started "$pf"; } || return 1
     done
     if python3 "$here/metadata_probe.py" "$addr" "$want" 2>/dev/null; then
       return 0
@@ -85,6 +128,13 @@ wait_ready() { # addr secs min_brokers [pidfile...]
     sleep 0.3
   done
   python3 "$here/metadata_probe.py" "$addr" "$want"
+}
+
+# ": a port was taken (...)" when a broker log says a listener could not bind.
+port_taken() { # log...
+  local line
+  line=$(grep -h -m 1 -E 'BindException|Address already in use' "$@" 2>/dev/null | head -n 1) || true
+  [ -z "$line" ] || printf ': a port was taken (%s)' "$(echo "$line" | cut -c1-200)"
 }
 
 # write_config FILE NODE_ID PORT DIR VOTERS|"" EXTRA...
@@ -156,12 +206,12 @@ stop_pidfiles() {
   done
   for ((i = 0; i < 300; i++)); do
     local left=0 pid
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+    for pid in "${pids[@]}"; do pid_runs "$pid" && left=1; done
     ((left)) || break
     sleep 0.1
   done
   for pid in "${pids[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then
+    if pid_runs "$pid"; then
       log "pid $pid did not stop in 30 s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi
@@ -202,8 +252,12 @@ single_start() {
   start_node kafka "$dir/server.properties" "$dir" "$watch" "$cid" --standalone
   if ! wait_ready "127.0.0.1:$single_port" "$start_timeout" 1 "$pf"; then
     tail -n 30 "$ESK_HOME/log/kafka.log" >&2 || true
-    stop_pidfiles "$pf"
-    die "broker did not answer on 127.0.0.1:$single_port within ${start_timeout}s"
+    if started "$pf"; then
+      stop_pidfiles "$pf"
+      die "broker did not answer on 127.0.0.1:$single_port within ${start_timeout}s$(port_taken "$ESK_HOME/log/kafka.log")"
+    fi
+    rm -f "$pf"
+    die "broker exited during start$(port_taken "$ESK_HOME/log/kafka.log"); see $ESK_HOME/log/kafka.log"
   fi
   log "ready on 127.0.0.1:$single_port in $((SECONDS - t0))s (pid $(cat "$pf"), data $dir, log $ESK_HOME/log/kafka.log)"
 }
@@ -282,8 +336,14 @@ cluster() {
     # A quorum needs two of three controllers, so wait for all three together.
     for n in 1 2 3; do
       if ! wait_ready "127.0.0.1:${cluster_ports[n - 1]}" "$start_timeout" 3 "$ESK_HOME/run/kafka-node$n.pid"; then
+        local m
+        for m in 1 2 3; do
+          started "$ESK_HOME/run/kafka-node$m.pid" && continue
+          tail -n 30 "$ESK_HOME/log/kafka-node$m.log" >&2 || true
+          die "node $m exited during start$(port_taken "$ESK_HOME/log/kafka-node$m.log"); see $ESK_HOME/log/kafka-node$m.log"
+        done
         tail -n 30 "$ESK_HOME/log/kafka-node$n.log" >&2 || true
-        die "node $n did not answer with 3 brokers within ${start_timeout}s"
+        die "node $n did not answer with 3 brokers within ${start_timeout}s$(port_taken "$ESK_HOME"/log/kafka-node{1,2,3}.log)"
       fi
     done
     log "cluster ready on $(cluster_bootstrap) in $((SECONDS - t0))s"

@@ -14,7 +14,6 @@
 //! - [`Esk`]: runs the real `esk` binary with the test's broker and prefix.
 //! - [`poll_until`]: deadlines instead of sleeps.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -42,11 +41,16 @@ pub struct Broker {
     pub kind: BrokerKind,
 }
 
-static BROKER: OnceLock<Broker> = OnceLock::new();
+static BROKER: OnceLock<Result<Broker, String>> = OnceLock::new();
 
-/// The broker of this test run, started on first use.
+/// The broker of this test run, started on first use. A failed start fails
+/// every test that needs the broker with the same message (and its log),
+/// rather than each trying again for minutes.
 pub fn broker() -> &'static Broker {
-    BROKER.get_or_init(|| start_broker().unwrap_or_else(|e| panic!("no Kafka broker for the tests: {e:#}")))
+    match BROKER.get_or_init(|| start_broker().map_err(|e| format!("{e:#}"))) {
+        Ok(broker) => broker,
+        Err(e) => panic!("no Kafka broker for the tests: {e}"),
+    }
 }
 
 fn start_broker() -> Result<Broker> {
@@ -105,34 +109,188 @@ fn kafka_sh() -> PathBuf {
 }
 
 /// Runs `infra/kafka/kafka.sh` with a state dir of its own; the broker is tied
-/// to this process (`--watch-pid`) and its data removed when it dies.
+/// to this process (`--watch-pid`) and its data removed when it dies. A start
+/// that failed because a port was taken is tried once more on fresh ports.
 fn start_local() -> Result<Broker> {
-    let home = tempfile::Builder::new().prefix("esk-test-kafka-").tempdir()?.keep();
-    let port = free_port_pair()?;
-    let status = Command::new(kafka_sh())
-        .args(["start", "--watch-pid", &std::process::id().to_string()])
-        .env("ESK_HOME", &home)
-        .env("ESK_KAFKA_PORT", port.to_string())
-        .env("ESK_KAFKA_EPHEMERAL", "1")
-        .stdout(Stdio::null())
-        .status()
-        .context("running infra/kafka/kafka.sh")?;
-    if !status.success() {
-        bail!("infra/kafka/kafka.sh start failed ({status}); see {}/log/kafka.log", home.display());
-    }
-    Ok(Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Local })
-}
-
-/// A port p with p and p + 1 free (a KRaft node's client and controller ports).
-pub fn free_port_pair() -> Result<u16> {
-    for _ in 0..50 {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let p = l.local_addr()?.port();
-        if p < 65000 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return Ok(p);
+    let mut failures = Vec::new();
+    for attempt in 1..=START_ATTEMPTS {
+        let home = tempfile::Builder::new().prefix("esk-test-kafka-").tempdir()?.keep();
+        let port = free_port_pair()?;
+        let out = Command::new(kafka_sh())
+            .args(["start", "--watch-pid", &std::process::id().to_string()])
+            .env("ESK_HOME", &home)
+            .env("ESK_KAFKA_PORT", port.to_string())
+            .env("ESK_KAFKA_EPHEMERAL", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .context("running infra/kafka/kafka.sh")?;
+        if out.status.success() {
+            return Ok(Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Local });
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let kept = keep_logs(&home, &format!("kafka-{port}"));
+        let clash = port_clash(&stderr, &home);
+        // Stop a broker that may still run (a start timeout), and remove its state.
+        let _ = Command::new(kafka_sh()).arg("stop").env("ESK_HOME", &home).stderr(Stdio::null()).status();
+        let _ = std::fs::remove_dir_all(&home);
+        failures.push(format!(
+            "attempt {attempt}: infra/kafka/kafka.sh start on port {port} failed ({}){}; its log: {kept}\n{}",
+            out.status,
+            if clash { ", a port was taken" } else { "" },
+            tail_lines(&stderr, 15)
+        ));
+        if !clash {
+            break;
         }
     }
-    bail!("no two adjacent free ports found")
+    bail!("{}", failures.join("\n"))
+}
+
+/// How often a broker or cluster start is tried when a port clash failed it.
+const START_ATTEMPTS: usize = 2;
+
+/// Whether a failed broker start says that a port was taken.
+fn port_clash(stderr: &str, home: &Path) -> bool {
+    let logs = std::fs::read_dir(home.join("log"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok());
+    std::iter::once(stderr.to_owned())
+        .chain(logs)
+        .any(|t| t.contains("Address already in use") || t.contains("BindException") || t.contains("is taken by"))
+}
+
+/// Copies the logs of a failed broker start (`<home>/log/*.log`) to
+/// `target/test-logs/<name>-<time>-<file>`, before the temp dir goes: returns
+/// where they went, for the failure message.
+fn keep_logs(home: &Path, name: &str) -> String {
+    let dir = repo_root().join("target/test-logs");
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S");
+    let mut kept = Vec::new();
+    if std::fs::create_dir_all(&dir).is_ok() {
+        for entry in std::fs::read_dir(home.join("log")).into_iter().flatten().flatten() {
+            let to = dir.join(format!("{name}-{stamp}-{}", entry.file_name().to_string_lossy()));
+            if std::fs::copy(entry.path(), &to).is_ok() {
+                kept.push(to.display().to_string());
+            }
+        }
+    }
+    if kept.is_empty() { format!("none found in {}/log", home.display()) } else { kept.join(", ") }
+}
+
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Ports for the brokers and services of tests.
+///
+/// Taken outside the kernel's ephemeral port range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`): a port found free by binding
+/// port 0 comes from that range, and once released, any outgoing connection
+/// (of a broker, a service, a client) may take it as its local port before
+/// the broker or service that was to listen on it has started (seconds, for
+/// a JVM), which then fails with "Address already in use". Each is handed out
+/// once per run, and locked for the run (a lock file per port pair in
+/// `<tmp>/esk-test-ports/`) so that test runs side by side on one machine do
+/// not pick the same. Ports esk uses by default (`make up`, `kafka.sh
+/// cluster`) are never picked.
+mod ports {
+    use std::fs::File;
+    use std::net::TcpListener;
+    use std::ops::Range;
+    use std::sync::{Mutex, OnceLock};
+
+    use anyhow::{Result, bail};
+
+    /// esk's default ports: make up's broker and services, kafka.sh's cluster.
+    const DEFAULTS: [Range<u32>; 5] = [8701..8705, 9092..9094, 19092..19094, 29092..29094, 39092..39094];
+
+    struct Pool {
+        /// Even port numbers p: p and p + 1 are a pair.
+        range: Range<u32>,
+        next: u32,
+        /// The lock files of the pairs handed out, held until the process ends.
+        held: Vec<File>,
+    }
+
+    static POOL: OnceLock<Mutex<Pool>> = OnceLock::new();
+
+    /// The kernel's ephemeral range, or one that covers Linux's and macOS's defaults.
+    pub(super) fn ephemeral() -> (u32, u32) {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| {
+                let mut it = s.split_whitespace().map(str::parse::<u32>);
+                Some((it.next()?.ok()?, it.next()?.ok()?))
+            })
+            .unwrap_or((32768, 65535))
+    }
+
+    /// The larger stretch outside the ephemeral range (above 10000, where fewer
+    /// well-known services listen); the whole range if that stretch is small.
+    pub(super) fn range() -> Range<u32> {
+        let (low, high) = ephemeral();
+        let below = 10_000..low.max(10_000);
+        let above = (high + 1).min(65_535)..65_535;
+        let best = if below.len() >= above.len() { below } else { above };
+        if best.len() >= 2_000 { best } else { 10_000..65_535 }
+    }
+
+    fn pool() -> &'static Mutex<Pool> {
+        POOL.get_or_init(|| {
+            let range = range();
+            // Start somewhere random, so runs side by side rarely probe the same ports.
+            let start = (uuid::Uuid::new_v4().as_u128() % u128::from(range.len() as u32)) as u32;
+            Mutex::new(Pool { next: start, range, held: Vec::new() })
+        })
+    }
+
+    /// A lock on the pair at p for this process's life, if no other process holds it.
+    fn lock(p: u32) -> Option<File> {
+        let dir = std::env::temp_dir().join("esk-test-ports");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            use std::os::unix::fs::PermissionsExt;
+            // Shared by every user's test runs; each file stays its creator's.
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777));
+        }
+        let file = File::options().create(true).truncate(false).write(true).open(dir.join(format!("{p}.lock"))).ok()?;
+        file.try_lock().ok()?;
+        Some(file)
+    }
+
+    fn bindable(p: u32) -> bool {
+        u16::try_from(p).is_ok_and(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+    }
+
+    /// A port p with p and p + 1 free, never handed out before in this run.
+    pub fn pair() -> Result<u16> {
+        let mut pool = pool().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pairs = pool.range.len() as u32 / 2;
+        let base = pool.range.start.next_multiple_of(2);
+        for _ in 0..pairs {
+            let p = base + (pool.next % pairs) * 2;
+            pool.next = pool.next.wrapping_add(1);
+            if p + 1 >= pool.range.end || DEFAULTS.iter().any(|r| r.contains(&p) || r.contains(&(p + 1))) {
+                continue;
+            }
+            let Some(file) = lock(p) else { continue };
+            if bindable(p) && bindable(p + 1) {
+                pool.held.push(file);
+                return Ok(p as u16);
+            }
+        }
+        bail!("no free port pair in {:?} (outside the ephemeral range {:?})", pool.range, ephemeral())
+    }
+}
+
+/// A port p with p and p + 1 free (a KRaft node's client and controller
+/// ports; a service uses p): outside the kernel's ephemeral range, and never
+/// the same twice in a test run (see the `ports` module).
+pub fn free_port_pair() -> Result<u16> {
+    ports::pair()
 }
 
 /// A 3-node KRaft cluster on one host, in a temp dir, on free ports. Stopped
@@ -144,35 +302,46 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Starts the three nodes; a start that failed because a port was taken is
+    /// tried once more on fresh ports. The logs of a failed start are kept in
+    /// `target/test-logs/`.
     pub fn start() -> Result<Self> {
-        let home = tempfile::Builder::new().prefix("esk-test-cluster-").tempdir()?.keep();
-        let mut ports = [0u16; 3];
-        for i in 0..3 {
-            // Step past the ports already picked and their controller neighbours.
-            loop {
-                let candidate = free_port_pair()?;
-                if !ports.iter().any(|q| candidate.abs_diff(*q) <= 1) {
-                    ports[i] = candidate;
-                    break;
-                }
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let home = tempfile::Builder::new().prefix("esk-test-cluster-").tempdir()?.keep();
+            let ports = [free_port_pair()?, free_port_pair()?, free_port_pair()?];
+            let cluster = Self { home, ports };
+            let Err(e) = cluster.script(&["cluster", "start", "--watch-pid", &std::process::id().to_string()]) else {
+                return Ok(cluster);
+            };
+            let kept = keep_logs(&cluster.home, &format!("cluster-{}", ports[0]));
+            let clash = port_clash(&format!("{e:#}"), &cluster.home);
+            // Drop stops the nodes and removes the temp dir.
+            drop(cluster);
+            failures.push(format!(
+                "attempt {attempt} on ports {ports:?}: {e:#}{}; logs: {kept}",
+                if clash { " (a port was taken)" } else { "" }
+            ));
+            if !clash {
+                break;
             }
         }
-        let cluster = Self { home, ports };
-        cluster.script(&["cluster", "start", "--watch-pid", &std::process::id().to_string()])?;
-        Ok(cluster)
+        bail!("{}", failures.join("\n"))
     }
 
     fn script(&self, args: &[&str]) -> Result<()> {
         let ports = self.ports.map(|p| p.to_string()).join(" ");
-        let status = Command::new(kafka_sh())
+        let out = Command::new(kafka_sh())
             .args(args)
             .env("ESK_HOME", &self.home)
             .env("ESK_KAFKA_CLUSTER_PORTS", ports)
             .env("ESK_KAFKA_EPHEMERAL", "1")
             .stdout(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("kafka.sh {args:?} failed ({status}); logs in {}/log", self.home.display());
+            .stderr(Stdio::piped())
+            .output()?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            bail!("kafka.sh {args:?} failed ({}):\n{}", out.status, tail_lines(&stderr, 15));
         }
         Ok(())
     }
@@ -191,9 +360,13 @@ impl Cluster {
         self.script(&["cluster", "kill", &n.to_string()])
     }
 
-    /// Start node `n` again on its old data; returns once it answers.
+    /// Start node `n` again on its old data; returns once it answers. The logs
+    /// of a failed restart are kept in `target/test-logs/`.
     pub fn restart(&self, n: usize) -> Result<()> {
-        self.script(&["cluster", "restart", &n.to_string()])
+        self.script(&["cluster", "restart", &n.to_string()]).map_err(|e| {
+            let kept = keep_logs(&self.home, &format!("cluster-{}-restart", self.ports[0]));
+            e.context(format!("restarting node {n}; logs: {kept}"))
+        })
     }
 }
 
@@ -258,6 +431,12 @@ impl Drop for Pass {
 /// cluster: waits until no other test runs, and keeps others out until dropped.
 pub fn exclusive() -> Pass {
     Pass::take(true)
+}
+
+/// A place beside other tests for a test without a [`TestEnv`] (one that runs
+/// its own broker and services, say), so that no exclusive test runs beside it.
+pub fn shared() -> Pass {
+    Pass::take(false)
 }
 
 /// Per-test isolation: a topic prefix, and ids derived from it.
@@ -490,18 +669,17 @@ impl TestEnv {
             .create()
             .expect("a consumer");
         let timeout = Duration::from_secs(15);
-        let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) else {
-            return Vec::new();
-        };
-        let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
+        let Some(partitions) = topic_partitions(&consumer, topic, timeout) else {
             return Vec::new();
         };
         let mut tpl = TopicPartitionList::new();
         let mut ends = Vec::new();
-        for p in t.partitions() {
-            let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout).expect("watermarks");
-            ends.push((p.id(), high));
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+        for p in partitions {
+            // Retries transient errors (a new topic's leader not ready yet) within the timeout.
+            let (_, high) = esk_kafka::watermarks(consumer.client(), topic, p, timeout)
+                .unwrap_or_else(|e| panic!("watermarks of {topic} partition {p}: {e}"));
+            ends.push((p, high));
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
         }
         consumer.assign(&tpl).unwrap();
         let mut out = Vec::new();
@@ -529,6 +707,38 @@ impl TestEnv {
         }
         out.sort_by_key(|r| (r.partition, r.offset));
         out
+    }
+}
+
+/// The partitions of `topic`, or `None` if it does not exist. Transient errors
+/// (a new topic whose leaders are being elected, a broker not answering yet)
+/// are retried until `timeout`, then panic: a broker error is not an empty topic.
+pub fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Option<Vec<i32>> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::error::RDKafkaErrorCode;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let transient = match consumer.fetch_metadata(Some(topic), left) {
+            Ok(md) => match md.topics().first() {
+                None => return None,
+                Some(t) => match t.error().map(RDKafkaErrorCode::from) {
+                    None if !t.partitions().is_empty() => return Some(t.partitions().iter().map(|p| p.id()).collect()),
+                    None => "no partitions yet".to_owned(),
+                    Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return None,
+                    Some(code) if esk_kafka::error::is_transient_code(Some(code)) => code.to_string(),
+                    Some(code) => panic!("metadata of {topic}: {code}"),
+                },
+            },
+            Err(e) if esk_kafka::error::is_transient_code(e.rdkafka_error_code()) => e.to_string(),
+            Err(e) => panic!("metadata of {topic}: {e}"),
+        };
+        assert!(Instant::now() < deadline, "metadata of {topic}: still {transient} after {timeout:?}");
+        std::thread::sleep(esk_kafka::config::TRANSIENT_RETRY_PAUSE);
     }
 }
 
@@ -653,4 +863,40 @@ pub async fn wait_serving(writers: &[&Service], partitions: u64, timeout: Durati
         (total == partitions).then_some(())
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_outside_the_ephemeral_range_and_handed_out_once() {
+        let (low, high) = ports::ephemeral();
+        let outside = ports::range().end <= low || ports::range().start > high;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..40 {
+            let p = u32::from(free_port_pair().unwrap());
+            assert!(seen.insert(p) && seen.insert(p + 1), "{p} handed out twice");
+            assert!(!outside || p + 1 < low || p > high, "{p} is in the ephemeral range {low}-{high}");
+            for q in [p, p + 1] {
+                std::net::TcpListener::bind(("127.0.0.1", q as u16)).unwrap_or_else(|e| panic!("port {q}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_listener_that_could_not_bind_is_a_port_clash() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join("log")).unwrap();
+        let log = home.path().join("log/kafka.log");
+        std::fs::write(&log, "INFO starting\nERROR Exiting Kafka\n").unwrap();
+        assert!(!port_clash("kafka: broker exited during start", home.path()));
+        std::fs::write(
+            &log,
+            "KafkaException: Socket server failed to bind to 127.0.0.1:17001: Address already in use.\n",
+        )
+        .unwrap();
+        assert!(port_clash("", home.path()));
+        assert!(port_clash("kafka: port 17000 is taken by another process; stop it", Path::new("/nonexistent")));
+    }
 }

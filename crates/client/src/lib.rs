@@ -172,8 +172,8 @@ impl Client {
         );
         let reply_partition = (uuid::Uuid::new_v4().as_u128() % reply_partitions as u128) as i32;
         // Read from the current end: any reply to a request sent after this lands later.
-        let (_, high) = consumer
-            .fetch_watermarks(&replies, reply_partition, timeout)
+        // Retries a transient error (a new topic's leader not ready yet) within the timeout.
+        let (_, high) = esk_kafka::watermarks(consumer.client(), &replies, reply_partition, timeout)
             .map_err(|e| ClientError::Unavailable(format!("reading {replies}: {e}")))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&replies, reply_partition, Offset::Offset(high))?;

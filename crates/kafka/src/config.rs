@@ -6,7 +6,7 @@ use rdkafka::ClientConfig;
 use rdkafka::client::{Client, ClientContext};
 use rdkafka::error::KafkaResult;
 
-use crate::error::Error;
+use crate::error::{Error, is_transient_code};
 
 /// Where the cluster is and how long to wait for it.
 #[derive(Debug, Clone)]
@@ -59,6 +59,11 @@ impl KafkaConfig {
 /// watermarks at once, a new client that is not connected yet looks for the
 /// leader again only after 100 to 700 ms, and a long-lived one may call the
 /// partition unknown.
+///
+/// A transient error (see [`is_transient_code`]: a leader being elected or
+/// moved, `NotLeaderForPartition` from a broker that the metadata names
+/// leader before it has taken the partition on, as right after a topic's
+/// creation) is retried, metadata first, until `timeout` runs out.
 pub fn watermarks<C: ClientContext>(
     client: &Client<C>,
     topic: &str,
@@ -66,9 +71,22 @@ pub fn watermarks<C: ClientContext>(
     timeout: Duration,
 ) -> KafkaResult<(i64, i64)> {
     let deadline = Instant::now() + timeout;
-    client.fetch_metadata(Some(topic), timeout)?;
-    client.fetch_watermarks(topic, partition, deadline.saturating_duration_since(Instant::now()))
+    let left = || deadline.saturating_duration_since(Instant::now());
+    loop {
+        let result =
+            client.fetch_metadata(Some(topic), left()).and_then(|_| client.fetch_watermarks(topic, partition, left()));
+        match result {
+            Err(e) if is_transient_code(e.rdkafka_error_code()) && left() > TRANSIENT_RETRY_PAUSE => {
+                tracing::debug!(topic, partition, "watermarks: {e}; again");
+                std::thread::sleep(TRANSIENT_RETRY_PAUSE);
+            }
+            result => return result,
+        }
+    }
 }
+
+/// The pause before a call that failed with a transient error is tried again.
+pub const TRANSIENT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// `host:port[,host:port...]` with a port from 1 to 65535.
 pub fn validate_bootstrap(bootstrap: &str) -> Result<(), String> {

@@ -49,7 +49,7 @@ async fn transactional_produce_and_read_committed_consume() {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, 0, Offset::Beginning).unwrap();
         consumer.assign(&tpl).unwrap();
-        let (_, high) = consumer.fetch_watermarks(&topic, 0, timeout).unwrap();
+        let (_, high) = esk_kafka::watermarks(consumer.client(), &topic, 0, timeout).unwrap();
         let mut seen = Vec::new();
         let deadline = std::time::Instant::now() + timeout;
         // Offsets are not contiguous (transaction markers take some): caught up

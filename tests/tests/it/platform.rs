@@ -1,10 +1,12 @@
 //! `make up` / `make down`: the broker and topics come up once, a second `up`
-//! changes nothing, `down` leaves no process and the port closed.
+//! changes nothing, `down` leaves no process and the port closed; `up` after a
+//! service was SIGKILLed starts it again.
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use esk_tests::{bin, free_port_pair, repo_root};
+use esk_tests::{bin, free_port_pair, http_get, repo_root};
 
 /// The ports one `make up` of this test uses: the broker's and the writer's.
 #[derive(Clone, Copy)]
@@ -42,24 +44,27 @@ fn port_open(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
+/// Whether `pid` is a process that still runs: neither gone nor a zombie (a
+/// killed service's parent is init, which may reap it only seconds later).
 fn pid_alive(pid: &str) -> bool {
-    Command::new("kill")
-        .args(["-0", pid.trim()])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    match std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+        // The state follows the command name in parentheses: "1234 (esk-writer) S ...".
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) if Path::new("/proc/self/stat").exists() => false,
+        Err(_) => Command::new("kill")
+            .args(["-0", pid.trim()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+    }
 }
 
 #[test]
 fn make_up_is_idempotent_and_make_down_leaves_nothing() {
+    // Its own broker and services: no exclusive test (timing, the cluster) beside it.
+    let _pass = esk_tests::shared();
     let home = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        kafka: free_port_pair().unwrap(),
-        writer: free_port_pair().unwrap(),
-        projector: free_port_pair().unwrap(),
-        coordinator: free_port_pair().unwrap(),
-        replica: free_port_pair().unwrap(),
-    };
+    let ports = Ports::free();
 
     let port = ports.kafka;
     let (ok, out) = make("up", home.path(), ports);
@@ -106,4 +111,105 @@ impl Drop for Down {
         let (ok, out) = make("down", &self.0, self.1);
         assert!(ok || std::thread::panicking(), "make down failed:\n{out}");
     }
+}
+
+impl Ports {
+    fn free() -> Self {
+        Self {
+            kafka: free_port_pair().unwrap(),
+            writer: free_port_pair().unwrap(),
+            projector: free_port_pair().unwrap(),
+            coordinator: free_port_pair().unwrap(),
+            replica: free_port_pair().unwrap(),
+        }
+    }
+
+    fn http(&self, service: &str) -> String {
+        let port = match service {
+            "writer" => self.writer,
+            "projector" => self.projector,
+            "coordinator" => self.coordinator,
+            "replica" => self.replica,
+            other => panic!("no service {other}"),
+        };
+        format!("127.0.0.1:{port}")
+    }
+}
+
+const RESTARTS: usize = 20;
+
+/// `make up` right after a service was SIGKILLed starts it again, every time,
+/// for every service: the killed process is a zombie until init reaps it (on
+/// some machines a second or two later), and `up` took it for a running one.
+/// Each round: SIGKILL, wait until the process no longer runs (a zombie or
+/// gone, never longer), `make up`, then the service answers `/health` from a
+/// new pid, and a command through the writer succeeds. A writer's round takes
+/// about 6 s, its group's session timeout: the new writer gets the partitions
+/// when the killed one's session expires (the broker's minimum session
+/// timeout is 6 s, so a shorter one is refused).
+#[test]
+fn make_up_restarts_every_service_after_sigkill() {
+    let _pass = esk_tests::shared();
+    let home = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let up = || make("up", home.path(), ports);
+    let (ok, out) = up();
+    let _guard = Down(home.path().to_owned(), ports);
+    assert!(ok, "make up failed:\n{out}");
+    let bootstrap = format!("127.0.0.1:{}", ports.kafka);
+    let command = |stream: &str| {
+        Command::new(bin("esk"))
+            .args(["--bootstrap-servers", &bootstrap, "--prefix", "esk", "--timeout", "20s"])
+            .args(["command", stream, "OpenAccount", r#"{"owner": "ann"}"#])
+            .env_remove("ESK_TIMEOUT")
+            .output()
+            .unwrap()
+    };
+    let log =
+        |service: &str| std::fs::read_to_string(home.path().join(format!("log/{service}.log"))).unwrap_or_default();
+    for service in ["writer", "projector", "replica", "coordinator"] {
+        let started = Instant::now();
+        let mut slowest = Duration::ZERO;
+        for round in 1..=RESTARTS {
+            let t0 = Instant::now();
+            let pid_file = home.path().join(format!("run/{service}.pid"));
+            let pid = std::fs::read_to_string(&pid_file).unwrap();
+            assert!(pid_alive(&pid), "{service} pid {pid} not running before round {round}");
+            let killed = Command::new("kill").args(["-KILL", pid.trim()]).status().unwrap();
+            assert!(killed.success(), "kill -KILL {pid}");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pid_alive(&pid) {
+                assert!(Instant::now() < deadline, "{service} pid {pid} still runs 10 s after SIGKILL");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+
+            let (ok, out) = up();
+            let ctx = || format!("{service}, round {round}:\n{out}\n{service}.log:\n{}", tail(&log(service)));
+            assert!(ok, "make up after SIGKILL failed: {}", ctx());
+            assert!(out.contains(&format!("{service} started")), "make up did not start a new {}", ctx());
+            let new_pid = std::fs::read_to_string(&pid_file).unwrap();
+            assert_ne!(pid, new_pid, "the pid file still names the killed process: {}", ctx());
+            assert!(pid_alive(&new_pid), "{service} pid {new_pid} not running after make up: {}", ctx());
+            let health = http_get(&ports.http(service), "/health");
+            assert!(health.as_ref().is_some_and(|(code, _)| *code == 200), "/health: {health:?}: {}", ctx());
+            if service == "writer" {
+                let out = command(&format!("account-r{round}"));
+                assert!(
+                    out.status.success(),
+                    "a command after the writer's restart: {} {}{}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    ctx()
+                );
+            }
+            slowest = slowest.max(t0.elapsed());
+        }
+        eprintln!("{service}: {RESTARTS} restarts in {:.1?}, slowest {slowest:.1?}", started.elapsed());
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
