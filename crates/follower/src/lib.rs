@@ -209,7 +209,7 @@ impl Follower {
         t.partitions()
             .iter()
             .filter_map(|p| {
-                let (_, high) = consumer.fetch_watermarks(&self.topic, p.id(), self.timeout).ok()?;
+                let (_, high) = esk_kafka::watermarks(consumer.client(), &self.topic, p.id(), self.timeout).ok()?;
                 // Transaction markers take offsets: where the consumer stands
                 // when idle counts as caught up.
                 let next = progress

@@ -126,7 +126,7 @@ pub fn read_topic<E>(
     let mut tpl = TopicPartitionList::new();
     let mut ends = Vec::new();
     for p in t.partitions() {
-        let (_, high) = consumer.fetch_watermarks(topic, p.id(), kafka.timeout).map_err(kafka_error)?;
+        let (_, high) = crate::watermarks(consumer.client(), topic, p.id(), kafka.timeout).map_err(kafka_error)?;
         let start = from(p.id());
         if high > start.unwrap_or(0) {
             ends.push((p.id(), high));

@@ -260,7 +260,7 @@ impl RunnerHandle {
                 continue;
             };
             for p in t.partitions() {
-                let Ok((_, high)) = consumer.fetch_watermarks(topic, p.id(), timeout) else {
+                let Ok((_, high)) = esk_kafka::watermarks(consumer.client(), topic, p.id(), timeout) else {
                     continue;
                 };
                 let next = positions.get(&(topic.clone(), p.id())).copied().unwrap_or(0);

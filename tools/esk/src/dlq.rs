@@ -203,8 +203,8 @@ fn replay_once(g: &Global, consumer: &str) -> Result<Resent, Failure> {
     let mut tpl = TopicPartitionList::new();
     let mut ends = Vec::new();
     for p in t.partitions() {
-        let (_, high) =
-            c.fetch_watermarks(&topic, p.id(), g.timeout).map_err(|e| Failure::unavailable(e.to_string()))?;
+        let (_, high) = esk_kafka::watermarks(c.client(), &topic, p.id(), g.timeout)
+            .map_err(|e| Failure::unavailable(e.to_string()))?;
         let from = committed.find_partition(&topic, p.id()).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0);
         if high > from.unwrap_or(0) {
             ends.push((p.id(), high));
