@@ -127,9 +127,13 @@ impl<I: Intake> Sink for StoreSink<I> {
         for (p, records) in by_partition {
             self.partition(p)?;
             let store = self.partitions.get_mut(&p).expect("opened above");
+            // What the store has from its position on was written by a
+            // restore or the owner: taking an older record again could bring
+            // back a row a later tombstone removed.
+            let position = store.position(&self.topic)?;
             let mut changes = Changes::default();
             self.intake.begin();
-            for f in records {
+            for f in records.into_iter().filter(|f| f.offset >= position) {
                 self.intake.take(store, f, &mut changes)?;
             }
             if let Some(next) = progress.positions.get(&p) {

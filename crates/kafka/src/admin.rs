@@ -200,6 +200,16 @@ impl Admin {
         result.map_err(|e| self.config.unavailable(format!("no metadata within {timeout:?} ({e})")))
     }
 
+    /// The cluster's id, as its brokers report it.
+    pub async fn cluster_id(&self) -> Result<String, Error> {
+        let timeout = self.config.timeout;
+        let client = self.client.clone();
+        tokio::task::spawn_blocking(move || client.inner().fetch_cluster_id(timeout))
+            .await
+            .map_err(|e| self.config.unavailable(format!("cluster id task failed: {e}")))?
+            .ok_or_else(|| self.config.unavailable(format!("no cluster id within {timeout:?}")))
+    }
+
     /// The number of brokers the cluster reports.
     pub async fn broker_count(&self) -> Result<usize, Error> {
         Ok(self.metadata().await?.brokers().len())

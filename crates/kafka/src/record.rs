@@ -69,7 +69,9 @@ pub fn dead_letter(
     use esk_wire::limits::{MAX_REASON_BYTES, TRUNCATED_VALUE_BYTES, shorten};
     let reason = shorten(reason, MAX_REASON_BYTES);
     let size = record_bytes(key, value, original);
-    let whole = size + reason.len() + 512 <= limit;
+    // Room for the added headers and for what compression adds to
+    // incompressible bytes (lz4 and zstd: well under 1%).
+    let whole = size + reason.len() + 4096 + size / 100 <= limit;
     let (key, value, kept, truncated) = if whole {
         (key.map(<[u8]>::to_vec), value.map(<[u8]>::to_vec), original.clone(), None)
     } else {

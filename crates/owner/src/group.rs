@@ -129,6 +129,7 @@ impl ConsumerContext for GroupContext {
                 queues,
                 stop: stop.clone(),
                 wake: wake.clone(),
+                first: std::sync::atomic::AtomicUsize::new(0),
             };
             let handler = self.handler.clone();
             let thread = std::thread::Builder::new()

@@ -55,6 +55,9 @@ pub struct PartitionIo {
     pub(crate) queues: Vec<(usize, String, PartitionQueue<GroupContext>)>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) wake: Arc<Wake>,
+    /// The queue `collect` polls first, moved on each call: taken one record
+    /// at a time, every input still gets its turn.
+    pub(crate) first: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for PartitionIo {
@@ -88,15 +91,20 @@ impl PartitionIo {
     }
 
     /// Takes what the queues hold, up to `max`, one record of each queue a turn
-    /// (a flood on one input cannot starve another); waits up to `wait` for the
-    /// first record. A lone record is never held back.
+    /// (a flood on one input cannot starve another), beginning with another
+    /// queue each call; waits up to `wait` for the first record. A lone record
+    /// is never held back.
     pub fn collect(&self, max: usize, wait: Duration) -> Vec<Incoming> {
         let mut out = Vec::new();
         let deadline = Instant::now() + wait;
+        let n = self.queues.len().max(1);
+        let first = self.first.fetch_add(1, Ordering::Relaxed) % n;
         loop {
             let mut open = vec![true; self.queues.len()];
             while out.len() < max && open.iter().any(|o| *o) {
-                for (i, (input, topic, q)) in self.queues.iter().enumerate() {
+                for k in 0..self.queues.len() {
+                    let i = (first + k) % n;
+                    let (input, topic, q) = &self.queues[i];
                     if !open[i] || out.len() >= max {
                         continue;
                     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -93,9 +93,12 @@ pub async fn serve(
             continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        // HTTP/1 alone: a server that sniffs for HTTP/2 first reads with no
+        // timer, and a client that sends nothing would hold its slot.
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -160,6 +163,19 @@ mod tests {
                 .await
                 .starts_with("HTTP/1.1 200")
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_nothing_is_cut_off() {
+        let (addr, _stop) =
+            start(HttpLimits { header_timeout_ms: 200, max_connections: 1, ..HttpLimits::default() }).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "the server closed the silent connection");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answer = exchange(addr, b"GET /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "its slot is free again: {answer}");
     }
 
     #[tokio::test]

@@ -84,6 +84,36 @@ impl Store {
         &self.dir
     }
 
+    /// Ties the store to one Kafka cluster: files kept for another (a reset
+    /// cluster, another cluster with the same prefix and data directory) are
+    /// removed, so that nothing is served from them. Call it before opening
+    /// any partition. Returns whether files were removed.
+    pub fn bind_cluster(&self, cluster_id: &str) -> Result<bool, StoreError> {
+        let io = |e: std::io::Error| StoreError::Io { path: self.dir.clone(), reason: e.to_string() };
+        let marker = self.dir.join("CLUSTER");
+        let known = match std::fs::read_to_string(&marker) {
+            Ok(id) => Some(id.trim().to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(e)),
+        };
+        if known.as_deref() == Some(cluster_id) {
+            return Ok(false);
+        }
+        let mut removed = false;
+        for entry in std::fs::read_dir(&self.dir).map_err(io)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('p') && name.contains(".sqlite") {
+                std::fs::remove_file(entry.path()).map_err(io)?;
+                removed = true;
+            }
+        }
+        if removed {
+            tracing::warn!(dir = %self.dir.display(), ?known, cluster_id, "the local store was another cluster's; starting it afresh");
+        }
+        std::fs::write(&marker, cluster_id).map_err(io)?;
+        Ok(removed)
+    }
+
     /// A connection to partition `p`'s file. An unreadable file (a power
     /// loss mid-write, a disk error) is removed and started afresh: its
     /// positions go with it, so the owner restores it from Kafka.
@@ -362,7 +392,14 @@ mod tests {
         p.apply(&c).unwrap();
         assert_eq!(p.position("t").unwrap(), 1);
         drop((p, store));
-        assert!(Store::open(dir.path()).is_ok(), "the lock goes with the store");
+        let again = Store::open(dir.path()).expect("the lock goes with the store");
+        assert!(again.bind_cluster("c1").unwrap(), "files of no known cluster go");
+        assert!(!dir.path().join("p1.sqlite").exists());
+        again.partition(2).unwrap();
+        assert!(!again.bind_cluster("c1").unwrap(), "same cluster");
+        assert!(again.bind_cluster("c2").unwrap(), "another cluster's files go");
+        assert!(!dir.path().join("p2.sqlite").exists());
+        drop(again);
         let of = |i: &str| dir.path().join(format!("w-{i}"));
         let first = Store::open_instance(of, None).unwrap();
         let second = Store::open_instance(of, None).unwrap();

@@ -28,6 +28,8 @@ pub const MAX_TXID_BYTES: usize = 100;
 pub const MAX_PARTICIPANTS: usize = 64;
 /// Bytes of one participant's command data in a transaction.
 pub const MAX_TX_COMMAND_BYTES: usize = 8 * 1024;
+/// 2PC holds one stream may have open at once.
+pub const MAX_OPEN_HOLDS: usize = 256;
 /// Bytes of a reason (a vote's, an abort's, an error message): longer ones are cut.
 pub const MAX_REASON_BYTES: usize = 1024;
 

@@ -513,6 +513,16 @@ impl TxRecord {
         if self.state == TxState::Unknown {
             return Err("state 'unknown' is never logged".into());
         }
+        let size = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if size > crate::limits::Limits::default().request_bytes() {
+            return Err(format!("{size} bytes, over what the coordinator writes"));
+        }
+        if self.participants.iter().any(|p| {
+            crate::StreamName::parse(&p.stream).is_err()
+                || p.reason.as_ref().is_some_and(|r| r.len() > 4 * crate::limits::MAX_REASON_BYTES)
+        }) {
+            return Err("a participant with a bad stream name or an overlong reason".into());
+        }
         if self.state.is_decided() && self.decided_ms.is_none() {
             return Err("a decided transaction without its decision time".into());
         }
@@ -698,6 +708,14 @@ impl StreamRecord {
         }
         if self.last_offset < -1 {
             return Err(format!("last_offset {} is negative", self.last_offset));
+        }
+        if self.version > i64::MAX as u64 {
+            return Err(format!("version {} is beyond any a stream reaches", self.version));
+        }
+        if self.holds.len() > crate::limits::MAX_OPEN_HOLDS
+            || self.holds.iter().any(|h| h.txid.is_empty() || h.txid.len() > crate::limits::MAX_TXID_BYTES)
+        {
+            return Err("its open holds are too many or have a txid over the limit".into());
         }
         if self.version > 0 && self.index.is_empty() {
             return Err(format!("version {} with an empty index", self.version));

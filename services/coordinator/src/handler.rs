@@ -6,7 +6,7 @@
 //! held in memory; ended ones are in the local store for the idempotency
 //! horizon, then tombstoned in the log and forgotten.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,8 +26,11 @@ use crate::logic::{Done, Step, Txs};
 
 /// How often the clock is checked for deadlines and resends.
 const TICK: Duration = Duration::from_millis(200);
-/// How often ended transactions past the horizon are looked for.
+/// How often ended transactions past the horizon are looked for (at once
+/// again while a full page of them was found).
 const TOMBSTONE_EVERY: Duration = Duration::from_secs(10);
+/// Tombstones in one transaction at most.
+const TOMBSTONE_PAGE: usize = 1000;
 
 /// Rows of live transactions in the local store.
 pub const TAG_LIVE: i64 = 1;
@@ -105,7 +108,9 @@ pub struct StoreDone<'a> {
 impl Done for StoreDone<'_> {
     fn done(&mut self, txid: &str) -> Result<Option<TxRecord>, String> {
         let Some(row) = self.store.get(txid).map_err(|e| e.to_string())? else { return Ok(None) };
-        if row.time_ms != 0 && row.time_ms < self.now_ms - esk_wire::limits::kept_ms(self.horizon_ms) {
+        // Live transactions of an owned partition are in memory; a live row
+        // is the store's copy of one, not an ended transaction.
+        if row.tag == TAG_LIVE || row.time_ms < self.now_ms - esk_wire::limits::kept_ms(self.horizon_ms) {
             return Ok(None);
         }
         Ok(serde_json::from_slice(&row.value).ok())
@@ -214,7 +219,7 @@ impl Run {
         }
         *last = Instant::now();
         let before = now_ms() - esk_wire::limits::kept_ms(self.shared.horizon_ms);
-        match owned.store.older_than(before, 1000) {
+        match owned.store.older_than(before, TOMBSTONE_PAGE) {
             Ok(rows) => rows.into_iter().filter(|(_, r)| r.tag != TAG_LIVE).map(|(k, _)| k).collect(),
             Err(e) => {
                 tracing::warn!(partition = self.io.partition, "looking for ended transactions: {e}");
@@ -224,20 +229,21 @@ impl Run {
     }
 
     /// Serves steps until told to stop (`Ok`) or the producer is lost (`Err`).
-    /// A step whose records cannot be written is taken again one record at a
-    /// time, and the one that fails alone is refused: no input makes the
-    /// partition retry for ever.
+    /// A step whose records cannot be written makes them suspects: they are
+    /// taken again one at a time, without the clock's output, and the one
+    /// that fails alone is refused: no input makes the partition retry for ever.
     fn serve(&self, owned: &mut Owned) -> Result<()> {
         let mut failures = 0u32;
         let max = self.shared.config.max_batch as usize;
-        let mut one_at_a_time = 0usize;
+        let mut suspects: HashSet<(String, i64)> = HashSet::new();
         let mut tombstoned = Instant::now();
         while !self.io.stopped() {
-            let batch = self.io.collect(if one_at_a_time > 0 { 1 } else { max }, TICK);
-            let n = batch.len();
-            let single = (n == 1).then(|| batch[0].clone());
-            let tombstones = self.expired(owned, &mut tombstoned);
-            let step = self.decide(owned, batch, tombstones, None);
+            let isolating = !suspects.is_empty();
+            let batch = self.io.collect(if isolating { 1 } else { max }, TICK);
+            let keys: Vec<(String, i64)> = batch.iter().map(|r| (r.topic.clone(), r.offset)).collect();
+            let alone = (isolating && batch.len() == 1).then(|| batch[0].clone());
+            let tombstones = if isolating { Vec::new() } else { self.expired(owned, &mut tombstoned) };
+            let step = self.decide(owned, batch, tombstones, !isolating);
             if let Some(e) = &step.store_failure {
                 return Err(anyhow!("the local store failed: {e}"));
             }
@@ -248,34 +254,46 @@ impl Run {
             match self.transact(owned, &step) {
                 Ok(()) => {
                     failures = 0;
-                    one_at_a_time = one_at_a_time.saturating_sub(n);
+                    for k in &keys {
+                        suspects.remove(k);
+                    }
+                    if step.tombstones.len() >= TOMBSTONE_PAGE {
+                        // More are due: look again at once.
+                        tombstoned = Instant::now() - TOMBSTONE_EVERY;
+                    }
                     self.committed(step, started)?;
                 }
                 Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),
                 Err(Failure::Txn(TxnError::Rejected(e))) => {
                     self.abort(owned)?;
                     self.rewind()?;
-                    match single {
-                        Some(record) => {
-                            tracing::warn!(
-                                partition = self.io.partition,
-                                topic = record.topic,
-                                offset = record.offset,
-                                "refusing a record that cannot be written: {e:#}"
-                            );
-                            metrics::counter!("esk_coordinator_refused_inputs_total").increment(1);
-                            let step = self.decide(owned, Vec::new(), Vec::new(), Some((record, format!("{e:#}"))));
-                            match self.transact(owned, &step) {
-                                Ok(()) => {
-                                    self.committed(step, started)?;
-                                    one_at_a_time = one_at_a_time.saturating_sub(1);
-                                    self.rewind()?;
-                                }
-                                Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),
-                                Err(f) => self.failed(owned, f, &mut failures)?,
+                    if let Some(record) = alone {
+                        tracing::warn!(
+                            partition = self.io.partition,
+                            topic = record.topic,
+                            offset = record.offset,
+                            "refusing a record that cannot be written: {e:#}"
+                        );
+                        metrics::counter!("esk_coordinator_refused_inputs_total").increment(1);
+                        suspects.remove(&(record.topic.clone(), record.offset));
+                        let step = self.refusal(record, &format!("{e:#}"));
+                        match self.transact(owned, &step) {
+                            Ok(()) => {
+                                self.committed(step, started)?;
+                                self.rewind()?;
                             }
+                            Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),
+                            Err(f) => self.failed(owned, f, &mut failures)?,
                         }
-                        None => one_at_a_time = n,
+                    } else if keys.is_empty() {
+                        // Only the clock's output: no input is to blame.
+                        tracing::error!(
+                            partition = self.io.partition,
+                            "the clock's decisions cannot be written: {e:#}"
+                        );
+                        self.io.pause(Duration::from_secs(1));
+                    } else {
+                        suspects.extend(keys);
                     }
                 }
                 Err(f) => self.failed(owned, f, &mut failures)?,
@@ -284,28 +302,28 @@ impl Run {
         Ok(())
     }
 
-    /// A step over `batch` and the clock, or the refusal of one record.
-    fn decide(
-        &self,
-        owned: &Owned,
-        batch: Vec<Incoming>,
-        tombstones: Vec<String>,
-        refuse: Option<(Incoming, String)>,
-    ) -> Step {
+    /// A step over `batch`, and the clock's deadlines and resends when
+    /// `with_clock`.
+    fn decide(&self, owned: &Owned, batch: Vec<Incoming>, tombstones: Vec<String>, with_clock: bool) -> Step {
         let ctx = self.shared.context();
         let now = now_ms();
         let txs = self.view.lock().expect("view lock");
         let mut done = StoreDone { store: &owned.store, horizon_ms: self.shared.horizon_ms, now_ms: now };
         let mut step = Step::default();
-        if let Some((record, reason)) = refuse {
-            step.refuse(&ctx, record, &reason);
-            return step;
-        }
         for m in batch {
             step.handle(&ctx, &txs, &mut done, m, now);
         }
-        step.tick(&ctx, &txs, now);
+        if with_clock {
+            step.tick(&ctx, &txs, now);
+        }
         step.tombstones = tombstones.into_iter().filter(|t| !txs.records.contains_key(t)).collect();
+        step
+    }
+
+    /// A step that only refuses one record (its step could not be written).
+    fn refusal(&self, record: Incoming, reason: &str) -> Step {
+        let mut step = Step::default();
+        step.refuse(&self.shared.context(), record, reason);
         step
     }
 

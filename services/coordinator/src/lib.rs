@@ -141,6 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         [topics.tx_log(), topics.tx_prepare(), topics.tx_commit(), topics.replies(), topics.dlq("coordinator")];
     let limits = admin.limits(&written).await?;
     let store = Arc::new(esk_store::Store::open_instance(|i| config.store_dir(i), config.instance.as_deref())?);
+    store.bind_cluster(&admin.cluster_id().await?)?;
     let listener = tokio::net::TcpListener::bind(&config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;

@@ -215,6 +215,9 @@ impl Step {
         if request.attempt().is_some_and(|a| limits::check_request_id(a).is_err()) {
             return self.dead_letters.push((msg, "the request's attempt is not 1 to 128 visible characters".into()));
         }
+        if let Err(reason) = owned_txid(ctx, &msg, &txid) {
+            return self.refuse(ctx, msg, &reason);
+        }
         let attempt = request.attempt().map(str::to_owned);
         match request {
             TxRequest::Status { txid, .. } => {
@@ -334,6 +337,9 @@ impl Step {
         if txid.is_empty() || txid.len() > limits::MAX_TXID_BYTES || esk_wire::StreamName::parse(stream).is_err() {
             return self.dead_letters.push((msg, "a participant message with a bad txid or stream".into()));
         }
+        if let Err(reason) = owned_txid(ctx, &msg, txid) {
+            return self.dead_letters.push((msg, reason));
+        }
         match message {
             ParticipantMessage::Vote(v) => {
                 let known = self.get(base, done, &v.txid);
@@ -423,7 +429,7 @@ impl Step {
         for w in &r.waiters {
             self.reply(w.partition, &r.txid, w.attempt.clone(), ReplyOutcome::Tx(status.clone()));
         }
-        self.decided.push((verdict == Verdict::Commit, now_ms - r.created_ms));
+        self.decided.push((verdict == Verdict::Commit, now_ms.saturating_sub(r.created_ms)));
         self.put(r);
     }
 
@@ -452,7 +458,7 @@ impl Step {
             .filter(|r| match r.state {
                 TxState::Preparing => r.deadline_ms <= now_ms,
                 TxState::Committing | TxState::Aborting => {
-                    base.sent_ms.get(&r.txid).is_none_or(|sent| now_ms - sent >= ctx.resend_after_ms)
+                    base.sent_ms.get(&r.txid).is_none_or(|sent| now_ms.saturating_sub(*sent) >= ctx.resend_after_ms)
                 }
                 _ => false,
             })
@@ -464,7 +470,7 @@ impl Step {
                     r.participants.iter().filter(|p| p.vote.is_none()).map(|p| p.stream.as_str()).collect();
                 let reason = format!(
                     "timed out after {} ms waiting for the votes of {}",
-                    r.deadline_ms - r.created_ms,
+                    r.deadline_ms.saturating_sub(r.created_ms),
                     missing.join(", ")
                 );
                 self.decide(ctx, r, Verdict::Abort, Some(reason), now_ms);
@@ -481,6 +487,22 @@ fn invalid(message: String) -> ReplyOutcome {
         message: shorten(&message, MAX_REASON_BYTES),
         actual_version: None,
     })
+}
+
+/// A transaction belongs to the partition its txid hashes to, keyed by it:
+/// one arriving elsewhere would be decided by two coordinators.
+fn owned_txid(ctx: &Context<'_>, msg: &Incoming, txid: &str) -> Result<(), String> {
+    let home = partition_for(txid.as_bytes(), ctx.partitions);
+    if home != msg.partition || msg.key.as_deref() != Some(txid.as_bytes()) {
+        return Err(format!(
+            "transaction '{}' belongs to partition {home} of {}, keyed by its txid; this record came on partition {} \
+             with another key: produce with key = txid and Kafka's default (murmur2) partitioner",
+            shorten(txid, 100),
+            msg.topic,
+            msg.partition
+        ));
+    }
+    Ok(())
 }
 
 /// Where to answer a request that is not valid, if it says and the values are small.

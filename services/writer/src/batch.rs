@@ -19,7 +19,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use esk_domain::{DomainError, DynError, EventData, Registry};
 use esk_wire::limits::{
-    self, Limits, MAX_EVENT_ID_BYTES, MAX_EVENTS_PER_REQUEST, MAX_REASON_BYTES, MAX_TXID_BYTES, MAX_TYPE_BYTES, shorten,
+    self, Limits, MAX_EVENT_ID_BYTES, MAX_EVENTS_PER_REQUEST, MAX_OPEN_HOLDS, MAX_REASON_BYTES, MAX_TXID_BYTES,
+    MAX_TYPE_BYTES, shorten,
 };
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{
@@ -32,8 +33,8 @@ use serde_json::Value;
 
 /// Index entries per stream; older runs are merged beyond this.
 pub const MAX_INDEX: usize = 32;
-/// 2PC holds one stream may have open at once.
-pub const MAX_OPEN_HOLDS: usize = 256;
+/// The highest version a stream may reach (versions travel as JSON numbers).
+pub const MAX_VERSION: u64 = i64::MAX as u64;
 /// The CloudEvents source of everything the writer appends.
 pub const SOURCE: &str = "esk/writer";
 /// A hold placed by a prepare without a deadline is asked about this long after.
@@ -128,6 +129,8 @@ pub struct OutEvent {
 pub struct DeadLetter {
     pub original: Incoming,
     pub reason: String,
+    /// Park a cut copy even if the whole would fit.
+    pub cut: bool,
 }
 
 #[derive(Debug)]
@@ -408,7 +411,16 @@ impl<'s> Batch<'s> {
     }
 
     fn dead_letter(&mut self, msg: Incoming, reason: impl Into<String>) {
-        self.dead_letters.push(DeadLetter { original: msg, reason: shorten(&reason.into(), MAX_REASON_BYTES) });
+        let reason = shorten(&reason.into(), MAX_REASON_BYTES);
+        self.dead_letters.push(DeadLetter { original: msg, reason, cut: false });
+    }
+
+    /// Parks a cut copy of one consumed record (its refusal could not be written).
+    pub fn park_cut(&mut self, msg: Incoming, reason: &str) {
+        let next = self.consumed.entry(msg.topic.clone()).or_insert(msg.offset);
+        *next = (*next).max(msg.offset);
+        let reason = shorten(reason, MAX_REASON_BYTES);
+        self.dead_letters.push(DeadLetter { original: msg, reason, cut: true });
     }
 
     /// Checks that a stream name is valid and belongs to the record's partition.
@@ -745,6 +757,9 @@ impl<'s> Batch<'s> {
         if events.is_empty() {
             return Ok((current, current, None));
         }
+        if current.checked_add(events.len() as u64).is_none_or(|v| v > MAX_VERSION) {
+            return Err(format!("{stream} is at version {current}, the most a stream may reach"));
+        }
         let aggregate = ctx.aggregates.get(stream.category()).cloned();
         // Fold first: an event the aggregate cannot apply writes nothing.
         let mut state = self
@@ -898,7 +913,10 @@ impl<'s> Batch<'s> {
         })?;
         let current = self.record(stream.as_str()).map_or(0, |r| r.version);
         self.write_events(ctx, &stream, current, data, &prepare.txid, &prepare.txid)?;
-        let deadline_ms = prepare.deadline_ms.unwrap_or(self.now_ms() + DEFAULT_HOLD_DEADLINE_MS);
+        // A deadline is at most what a transaction may ask for: a hold placed
+        // by a prepare that says otherwise is asked about by then.
+        let latest = self.now_ms().saturating_add(DEFAULT_HOLD_DEADLINE_MS);
+        let deadline_ms = prepare.deadline_ms.map_or(latest, |d| d.min(latest));
         let rec = self.record_mut(&stream, ctx);
         rec.holds.retain(|h| h.txid != prepare.txid);
         rec.holds.push(OpenHold { txid: prepare.txid.clone(), deadline_ms });

@@ -54,9 +54,8 @@ fn decided_key(stream: &str, txid: &str) -> String {
 #[derive(Debug)]
 pub struct StateIntake {
     pub aggregates: Registry,
-    /// (version, last offset) of records taken but not in the store yet;
-    /// `None` for a stream quarantined in this batch.
-    pending: HashMap<String, Option<(u64, i64)>>,
+    /// (version, last offset) of records taken but not in the store yet.
+    pending: HashMap<String, (u64, i64)>,
 }
 
 impl StateIntake {
@@ -82,7 +81,7 @@ impl Intake for StateIntake {
     fn take(&mut self, store: &PartitionStore, f: &Followed, changes: &mut Changes) -> Result<(), StoreError> {
         let stream = f.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
         let previous = match self.pending.get(&stream) {
-            Some(p) => *p,
+            Some(p) => Some(*p),
             None => match store.get(&stream_key(&stream))? {
                 // The store has this stream from a later record already (the
                 // owner and the standby write one file): this one is old news.
@@ -112,20 +111,22 @@ impl Intake for StateIntake {
                     decided.decided_ms = time_ms;
                     put_memory(changes, f.offset, &Memory::Decision { stream: stream.clone(), decided });
                 }
-                self.pending.insert(stream.clone(), Some((record.version, record.last_offset)));
+                self.pending.insert(stream.clone(), (record.version, record.last_offset));
                 put_record(changes, f.offset, &record);
                 changes.deletes.push((quarantine_key(&stream), f.offset + 1));
             }
+            // The stream's latest record does not fit: serving it from an
+            // older one could number its events wrong, so it is quarantined
+            // (answered with the reason) until a good record follows.
             Err(reason) => {
                 esk_follower::refused("state", f, &reason);
-                if previous.is_none() && esk_wire::StreamName::parse(&stream).is_ok() {
+                if esk_wire::StreamName::parse(&stream).is_ok() {
                     let why = format!(
                         "the state record of {stream} at offset {} of partition {} was refused ({reason}); the \
-                         stream has no record the writer can trust",
+                         stream is not served until a record the writer can trust follows",
                         f.offset, f.partition
                     );
                     changes.put(quarantine_key(&stream), f.offset, why.into_bytes(), 0, 0);
-                    self.pending.insert(stream, None);
                 }
             }
         }
@@ -201,7 +202,6 @@ pub fn put_memory(changes: &mut Changes, offset: i64, memory: &Memory) {
 /// An open hold, as the partition's worker tracks it to ask for its decision.
 #[derive(Debug, Clone)]
 struct Hold {
-    stream: String,
     deadline_ms: i64,
     asked_ms: i64,
 }
@@ -246,7 +246,8 @@ pub struct PartitionMemory {
     cache: Cache,
     horizon_ms: i64,
     now_ms: i64,
-    holds: HashMap<String, Hold>,
+    /// By (txid, stream): one transaction may hold several streams of a partition.
+    holds: HashMap<(String, String), Hold>,
 }
 
 /// What a committed transaction wrote, with the offsets it got.
@@ -291,23 +292,20 @@ impl PartitionMemory {
     }
 
     fn note_holds(&mut self, record: &StreamRecord) {
-        self.holds.retain(|txid, h| h.stream != record.stream || record.holds.iter().any(|o| o.txid == *txid));
+        self.holds.retain(|(txid, stream), _| *stream != record.stream || record.holds.iter().any(|o| o.txid == *txid));
         for o in &record.holds {
-            self.holds.entry(o.txid.clone()).or_insert_with(|| Hold {
-                stream: record.stream.clone(),
-                deadline_ms: o.deadline_ms,
-                asked_ms: 0,
-            });
+            self.holds
+                .entry((o.txid.clone(), record.stream.clone()))
+                .or_insert(Hold { deadline_ms: o.deadline_ms, asked_ms: 0 });
         }
     }
 
-    /// Makes a committed transaction's records the partition's memory.
+    /// Makes a committed transaction's records the partition's memory: the
+    /// store first, so that a failure leaves nothing in memory ahead of it.
     pub fn absorb(&mut self, committed: Committed) -> Result<(), StoreError> {
         let mut changes = Changes::default();
-        for (record, value, offset) in committed.records {
-            put_record_bytes(&mut changes, offset, &record, value);
-            self.note_holds(&record);
-            self.cache.put(record);
+        for (record, value, offset) in &committed.records {
+            put_record_bytes(&mut changes, *offset, record, value.clone());
         }
         for (memory, offset) in &committed.memories {
             put_memory(&mut changes, *offset, memory);
@@ -315,17 +313,22 @@ impl PartitionMemory {
         for (topic, next) in &committed.positions {
             changes.position(topic, *next);
         }
-        self.store.apply(&changes)
+        self.store.apply(&changes)?;
+        for (record, _, _) in committed.records {
+            self.note_holds(&record);
+            self.cache.put(record);
+        }
+        Ok(())
     }
 
     /// Holds open `grace_ms` past their deadline, not asked about for
     /// `every_ms`: (txid, stream), noted as asked now.
     pub fn overdue(&mut self, now_ms: i64, grace_ms: i64, every_ms: i64) -> Vec<(String, String)> {
         let mut due = Vec::new();
-        for (txid, h) in &mut self.holds {
-            if now_ms >= h.deadline_ms + grace_ms && now_ms - h.asked_ms >= every_ms {
+        for ((txid, stream), h) in &mut self.holds {
+            if now_ms >= h.deadline_ms.saturating_add(grace_ms) && now_ms.saturating_sub(h.asked_ms) >= every_ms {
                 h.asked_ms = now_ms;
-                due.push((txid.clone(), h.stream.clone()));
+                due.push((txid.clone(), stream.clone()));
             }
         }
         due
@@ -360,17 +363,19 @@ impl Lookup for PartitionMemory {
             return Ok(Some(r.clone()));
         }
         let store = |e: StoreError| LookupError::Store(e.to_string());
-        if let Some(row) = self.store.get(&stream_key(stream)).map_err(store)? {
-            let record: StreamRecord = serde_json::from_slice(&row.value).map_err(|e| {
-                LookupError::Unservable(format!("the writer's stored record of {stream} is unreadable: {e}"))
-            })?;
-            self.cache.put(record.clone());
-            return Ok(Some(record));
+        let record = self.store.get(&stream_key(stream)).map_err(store)?;
+        // Quarantined by a refused record later than the last good one.
+        if let Some(q) = self.store.get(&quarantine_key(stream)).map_err(store)?
+            && record.as_ref().is_none_or(|r| q.offset > r.offset)
+        {
+            return Err(LookupError::Unservable(String::from_utf8_lossy(&q.value).into_owned()));
         }
-        match self.store.get(&quarantine_key(stream)).map_err(store)? {
-            Some(row) => Err(LookupError::Unservable(String::from_utf8_lossy(&row.value).into_owned())),
-            None => Ok(None),
-        }
+        let Some(row) = record else { return Ok(None) };
+        let record: StreamRecord = serde_json::from_slice(&row.value).map_err(|e| {
+            LookupError::Unservable(format!("the writer's stored record of {stream} is unreadable: {e}"))
+        })?;
+        self.cache.put(record.clone());
+        Ok(Some(record))
     }
 
     fn answer(&mut self, stream: &str, request_id: &str) -> Result<Option<Answered>, LookupError> {
@@ -464,12 +469,19 @@ mod tests {
         assert!(m.overdue(1500, 1000, 1000).is_empty(), "not yet");
         assert_eq!(m.overdue(2000, 1000, 1000).len(), 2);
         assert!(m.overdue(2500, 1000, 1000).is_empty(), "asked a moment ago");
+        // One transaction holding two streams of the partition: both are asked about.
+        let other = record("account-2", 1, &["t1"]);
+        let v = serde_json::to_vec(&other).unwrap();
+        m.absorb(Committed { records: vec![(other, v, 2)], ..Committed::default() }).unwrap();
+        assert_eq!(m.open_holds(), 3);
+        let asked = m.overdue(10_000, 1000, 1000);
+        assert_eq!(asked.iter().filter(|(t, _)| t == "t1").count(), 2, "{asked:?}");
         let mut reloaded = PartitionMemory::new(0, store.partition(0).unwrap(), 10, 1_000);
-        assert_eq!(reloaded.load_holds().unwrap(), 2);
+        assert_eq!(reloaded.load_holds().unwrap(), 3);
         let r = record("account-1", 3, &["t2"]);
         let v = serde_json::to_vec(&r).unwrap();
-        reloaded.absorb(Committed { records: vec![(r, v, 2)], ..Committed::default() }).unwrap();
-        assert_eq!(reloaded.open_holds(), 1);
+        reloaded.absorb(Committed { records: vec![(r, v, 3)], ..Committed::default() }).unwrap();
+        assert_eq!(reloaded.open_holds(), 2, "account-1 holds t2 only, account-2 still t1");
         reloaded.set_now(10);
         assert_eq!(reloaded.decided("account-1", "t0").unwrap().unwrap().decision, Verdict::Abort);
     }
@@ -534,5 +546,13 @@ mod intake_tests {
         p.apply(&c).unwrap();
         let mut m = PartitionMemory::new(0, store.partition(0).unwrap(), 10, 1000);
         assert_eq!(m.stream("account-1").unwrap().unwrap().version, 1);
+        // A good record, then a refused later one: quarantined again, not
+        // served from the older record.
+        let mut c = Changes::default();
+        intake.begin();
+        intake.take(&p, &followed(Some(b"account-1".to_vec()), Some(bad.to_vec()), 2), &mut c).unwrap();
+        p.apply(&c).unwrap();
+        let mut m = PartitionMemory::new(0, store.partition(0).unwrap(), 10, 1000);
+        assert!(matches!(m.stream("account-1"), Err(LookupError::Unservable(_))));
     }
 }

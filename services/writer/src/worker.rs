@@ -8,7 +8,7 @@
 //! carries the consumer group's metadata (`send_offsets_to_transaction`), so a
 //! zombie whose group generation is stale cannot commit either.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,8 @@ enum Work {
     Decide(Vec<Incoming>, Vec<(String, String)>),
     /// A record whose batch could not be written: refuse it with the reason.
     Refuse(Incoming, String),
+    /// A record whose refusal could not be written: park a cut copy of it.
+    Park(Incoming, String),
 }
 
 /// Why a batch did not commit.
@@ -190,12 +192,26 @@ impl Run {
             tracing::info!(partition = self.partition, holds = asks.len(), "asking for the decisions of overdue holds");
             metrics::counter!("esk_writer_hold_asks_total").increment(asks.len() as u64);
         }
-        if expired_at.elapsed() > Duration::from_secs(60) {
+        if expired_at.elapsed() > Duration::from_secs(10) {
             *expired_at = Instant::now();
-            match owned.memory.expire(now_ms()) {
-                Ok(n) if n > 0 => tracing::debug!(partition = self.partition, n, "forgot answers past the horizon"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(partition = self.partition, "expiring answers: {e}"),
+            // Pages of 10,000 for up to 200 ms every 10 s: whatever came in
+            // an horizon ago goes, at far more rows a second than a
+            // partition takes in.
+            let deadline = Instant::now() + Duration::from_millis(200);
+            while Instant::now() < deadline {
+                match owned.memory.expire(now_ms()) {
+                    Ok(n) if n >= 10_000 => continue,
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::debug!(partition = self.partition, n, "forgot answers past the horizon");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(partition = self.partition, "expiring answers: {e}");
+                        break;
+                    }
+                }
             }
         }
         let p = self.partition.to_string();
@@ -207,29 +223,34 @@ impl Run {
 
     /// Serves batches until told to stop (`Ok`) or the producer is lost (`Err`).
     ///
-    /// A batch whose records cannot be written (`Failure::Rejected`) is taken
-    /// again one record at a time; the one record that fails alone is
-    /// refused (its client answered, or it is parked) and the partition goes
-    /// on: no input makes it retry for ever. Other failures retry with backoff.
+    /// A batch whose records cannot be written (`Failure::Rejected`) makes its
+    /// records suspects: they are taken again one at a time, without the
+    /// clock's asks, until each has been written or refused alone (its client
+    /// answered, or it is parked), and the partition goes on: no input makes
+    /// it retry for ever. Other failures retry with backoff.
     fn serve(&self, owned: &mut Owned) -> Result<()> {
         let mut failures = 0u32;
         let max = self.shared.config.max_batch as usize;
-        let mut one_at_a_time = 0usize;
+        let mut suspects: HashSet<(String, i64)> = HashSet::new();
         let (mut ticked, mut expired) = (Instant::now() - Duration::from_secs(2), Instant::now());
         while !self.io.stopped() {
-            let asks = self.tick(owned, &mut ticked, &mut expired);
-            let records = self.io.collect(if one_at_a_time > 0 { 1 } else { max }, Duration::from_millis(100));
+            let isolating = !suspects.is_empty();
+            let asks = if isolating { Vec::new() } else { self.tick(owned, &mut ticked, &mut expired) };
+            let records = self.io.collect(if isolating { 1 } else { max }, Duration::from_millis(100));
             if records.is_empty() && asks.is_empty() {
                 continue;
             }
-            let n = records.len();
-            let single = (n == 1).then(|| records[0].clone());
+            let keys: Vec<(String, i64)> = records.iter().map(|r| (r.topic.clone(), r.offset)).collect();
+            let alone = (records.len() == 1 && asks.is_empty()).then(|| records[0].clone());
+            let clock_only = records.is_empty();
             let started = Instant::now();
             match self.transact(owned, Work::Decide(records, asks)) {
                 Ok(done) => {
                     failures = 0;
-                    one_at_a_time = one_at_a_time.saturating_sub(n);
-                    self.committed(owned, n, started, &done);
+                    for k in &keys {
+                        suspects.remove(k);
+                    }
+                    self.committed(owned, keys.len(), started, &done);
                 }
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Rejected { error, began }) => {
@@ -237,27 +258,31 @@ impl Run {
                         self.abort(owned)?;
                     }
                     self.rewind()?;
-                    match single {
-                        Some(record) => {
-                            let reason = format!("{error:#}");
-                            tracing::warn!(
-                                partition = self.partition,
-                                topic = record.topic,
-                                offset = record.offset,
-                                "refusing a record that cannot be written: {reason}"
-                            );
-                            metrics::counter!("esk_writer_refused_inputs_total").increment(1);
-                            self.refuse(owned, record, reason, &mut failures)?;
-                            one_at_a_time = one_at_a_time.saturating_sub(1);
-                        }
-                        None => {
-                            tracing::warn!(
-                                partition = self.partition,
-                                records = n,
-                                "a batch cannot be written ({error:#}): taking its records one at a time"
-                            );
-                            one_at_a_time = n;
-                        }
+                    if let Some(record) = alone {
+                        let reason = format!("{error:#}");
+                        tracing::warn!(
+                            partition = self.partition,
+                            topic = record.topic,
+                            offset = record.offset,
+                            "refusing a record that cannot be written: {reason}"
+                        );
+                        metrics::counter!("esk_writer_refused_inputs_total").increment(1);
+                        suspects.remove(&(record.topic.clone(), record.offset));
+                        self.refuse(owned, record, reason, &mut failures)?;
+                    } else if clock_only {
+                        // Only the clock's asks: no input is to blame.
+                        tracing::error!(
+                            partition = self.partition,
+                            "the asks for overdue holds cannot be written: {error:#}"
+                        );
+                        self.io.pause(Duration::from_secs(1));
+                    } else {
+                        tracing::warn!(
+                            partition = self.partition,
+                            records = keys.len(),
+                            "a batch cannot be written ({error:#}): taking its records one at a time"
+                        );
+                        suspects.extend(keys);
                     }
                 }
                 Err(failure) => self.failed(owned, failure, &mut failures)?,
@@ -267,20 +292,24 @@ impl Run {
     }
 
     /// Refuses one record in a transaction of its own, then rewinds past it.
+    /// A refusal that cannot be written either is parked as a cut copy.
     fn refuse(&self, owned: &mut Owned, record: Incoming, reason: String, failures: &mut u32) -> Result<()> {
-        match self.transact(owned, Work::Refuse(record, reason)) {
-            Ok(_) => self.rewind(),
-            Err(Failure::Fatal(e)) => Err(e),
-            Err(Failure::Rejected { error, began }) => {
-                // A refusal is a small reply, vote or truncated dead letter: it
-                // cannot be too large, so this is the broker's doing. Retry.
-                if began {
-                    self.abort(owned)?;
+        for work in [Work::Refuse(record.clone(), reason.clone()), Work::Park(record, reason)] {
+            match self.transact(owned, work) {
+                Ok(_) => return self.rewind(),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Rejected { error, began }) => {
+                    if began {
+                        self.abort(owned)?;
+                    }
+                    tracing::warn!(partition = self.partition, "the refusal cannot be written either ({error:#})");
+                    self.rewind()?;
                 }
-                self.failed(owned, Failure::BeforeBegin(error), failures)
+                Err(failure) => return self.failed(owned, failure, failures),
             }
-            Err(failure) => self.failed(owned, failure, failures),
         }
+        // Not even a cut copy: the broker refuses whatever the record is.
+        self.failed(owned, Failure::BeforeBegin(anyhow!("a cut dead letter was refused")), failures)
     }
 
     /// After a failed batch: abort if needed, rewind, back off.
@@ -419,6 +448,7 @@ impl Run {
                 }
             }
             Work::Refuse(record, reason) => batch.refuse(&ctx, record, &reason),
+            Work::Park(record, reason) => batch.park_cut(record, &reason),
         }
         if let Some(e) = batch.store_failure.take() {
             return Err(Failure::Fatal(anyhow!("the local store failed: {e}")));
@@ -497,15 +527,9 @@ impl Run {
                 "parked a record"
             );
             let origin = Origin { topic: &o.topic, partition: o.partition, offset: o.offset };
-            let l = dead_letter(
-                o.key.as_deref(),
-                o.payload.as_deref(),
-                &o.headers,
-                &d.reason,
-                origin,
-                "writer",
-                shared.limits.record_bytes,
-            );
+            // A cut copy is forced by asking for a limit nothing fits.
+            let limit = if d.cut { 0 } else { shared.limits.record_bytes };
+            let l = dead_letter(o.key.as_deref(), o.payload.as_deref(), &o.headers, &d.reason, origin, "writer", limit);
             let key = l.key.unwrap_or_default();
             deliveries.push(send(&dlq_topic, p, &key, l.value.as_deref(), Some(l.headers), None)?);
             metrics::counter!("esk_writer_dead_letters_total").increment(1);

@@ -31,7 +31,7 @@ fn msg(input: usize, key: &str, payload: Value) -> Incoming {
     Incoming {
         input,
         topic: if input == 0 { "requests".into() } else { "votes".into() },
-        partition: 0,
+        partition: partition_for(key.as_bytes(), P),
         offset: 0,
         key: Some(key.as_bytes().to_vec()),
         payload: Some(serde_json::to_vec(&payload).unwrap()),
@@ -279,6 +279,20 @@ fn a_yes_for_an_unknown_transaction_is_answered_with_an_abort() {
     assert_eq!(s.decisions[0].2.decision, Verdict::Abort);
     let s = step(&mut txs, vec![vote("ghost", "account-a", false)], 0);
     assert!(s.decisions.is_empty());
+}
+
+#[test]
+fn a_transaction_on_another_partition_than_its_txid_is_refused() {
+    let mut txs = World::default();
+    let mut b = transfer();
+    b.partition = (b.partition + 1) % P;
+    let s = step(&mut txs, vec![b], 0);
+    assert!(s.prepares.is_empty());
+    assert!(matches!(outcome(&s, 0), ReplyOutcome::Error(e) if e.message.contains("belongs to partition")));
+    let mut v = vote("t1", "account-a", true);
+    v.key = Some(b"other".to_vec());
+    let s = step(&mut txs, vec![v], 1);
+    assert_eq!(s.dead_letters.len(), 1);
 }
 
 #[test]
