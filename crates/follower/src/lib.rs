@@ -92,6 +92,10 @@ pub struct Progress {
     pub events: BTreeMap<(String, i32), i64>,
     /// Timestamp of the last record applied per partition.
     pub last_ms: BTreeMap<i32, i64>,
+    /// Set by a sink: read these partitions again from these offsets (it
+    /// passed over records it must now take). Not kept.
+    #[serde(skip)]
+    pub rewind: BTreeMap<i32, i64>,
 }
 
 impl Progress {
@@ -368,6 +372,15 @@ impl<S: Sink> Loop<S> {
                 }
             };
             tracing::trace!(records = batch.len(), ms = started.elapsed().as_millis() as u64, "followed");
+            let mut next = next;
+            for (p, offset) in std::mem::take(&mut next.rewind) {
+                match self.consumer.seek(&self.topic, p, Offset::Offset(offset), self.timeout) {
+                    Ok(()) => {
+                        next.positions.insert(p, offset);
+                    }
+                    Err(e) => tracing::warn!(topic = self.topic, partition = p, "rewinding: {e}"),
+                }
+            }
             self.progress = next;
             self.tx.send_replace(self.progress.clone());
         }

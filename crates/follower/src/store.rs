@@ -3,7 +3,7 @@
 //! for a hot standby (a follower of every partition), so both check and keep
 //! records alike.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -78,19 +78,37 @@ pub fn restore(
     Ok(Some(read))
 }
 
-/// A follower's sink that writes every partition of a topic into its store.
+/// The partitions this process owns, whose stores their owner writes.
+pub type Owned = Arc<std::sync::RwLock<BTreeSet<i32>>>;
+
+/// A follower's sink that writes every partition of a topic into its store,
+/// but those this process owns: their owner writes them, and a standby
+/// writing them too would only contend for the file. When a partition stops
+/// being owned, the follower reads it again from where its store stands, so
+/// nothing passed over while it was owned is missed.
 #[derive(Debug)]
 pub struct StoreSink<I> {
     store: Arc<Store>,
     topic: String,
     intake: I,
     partitions: HashMap<i32, PartitionStore>,
+    owned: Owned,
+    /// Partitions whose records were passed over while owned.
+    passed: BTreeSet<i32>,
     tidied: Instant,
 }
 
 impl<I: Intake> StoreSink<I> {
-    pub fn new(store: Arc<Store>, topic: String, intake: I) -> Self {
-        Self { store, topic, intake, partitions: HashMap::new(), tidied: Instant::now() }
+    pub fn new(store: Arc<Store>, topic: String, intake: I, owned: Owned) -> Self {
+        Self {
+            store,
+            topic,
+            intake,
+            partitions: HashMap::new(),
+            owned,
+            passed: BTreeSet::new(),
+            tidied: Instant::now(),
+        }
     }
 
     fn partition(&mut self, p: i32) -> Result<&mut PartitionStore> {
@@ -124,8 +142,19 @@ impl<I: Intake> Sink for StoreSink<I> {
         for f in batch {
             by_partition.entry(f.partition).or_default().push(f);
         }
+        let owned = self.owned.read().expect("owned lock").clone();
         for (p, records) in by_partition {
+            if owned.contains(&p) {
+                self.passed.insert(p);
+                continue;
+            }
             self.partition(p)?;
+            if self.passed.remove(&p) {
+                // Owned until a moment ago: read it again from the store's position.
+                let from = self.partitions[&p].position(&self.topic)?;
+                progress.rewind.insert(p, from);
+                continue;
+            }
             let store = self.partitions.get_mut(&p).expect("opened above");
             // What the store has from its position on was written by a
             // restore or the owner: taking an older record again could bring
@@ -148,5 +177,76 @@ impl<I: Intake> Sink for StoreSink<I> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// Keeps each record as a row named by its offset.
+    struct Rows;
+
+    impl Intake for Rows {
+        fn take(&mut self, _store: &PartitionStore, f: &Followed, changes: &mut Changes) -> Result<(), StoreError> {
+            changes.put(format!("r{}", f.offset), f.offset, Vec::new(), 0, 0);
+            Ok(())
+        }
+    }
+
+    fn records(from: i64, to: i64) -> Vec<Followed> {
+        (from..to)
+            .map(|offset| Followed {
+                partition: 0,
+                offset,
+                partitions: 1,
+                timestamp_ms: Some(0),
+                key: None,
+                value: Some(Vec::new()),
+            })
+            .collect()
+    }
+
+    fn apply(sink: &mut StoreSink<Rows>, from: i64, to: i64) -> Progress {
+        let mut progress = Progress::default();
+        progress.positions.insert(0, to);
+        sink.apply(&records(from, to), &mut progress).unwrap();
+        progress
+    }
+
+    #[test]
+    fn an_owned_partition_is_passed_over_and_read_again_from_its_store_once_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let owned = Owned::default();
+        let mut sink = StoreSink::new(store.clone(), "t".into(), Rows, owned.clone());
+        let rows =
+            |p: &PartitionStore| (0..8).filter(|o| p.get(&format!("r{o}")).unwrap().is_some()).collect::<Vec<_>>();
+
+        owned.write().unwrap().insert(0);
+        let progress = apply(&mut sink, 0, 3);
+        assert!(progress.rewind.is_empty());
+        let mut owner = store.partition(0).unwrap();
+        assert_eq!(rows(&owner), Vec::<i64>::new(), "the owner writes an owned partition, not the standby");
+        // The owner commits records 0 and 1 into its store, then gives the partition up.
+        let mut changes = Changes::default();
+        changes.put("r0".into(), 0, Vec::new(), 0, 0);
+        changes.put("r1".into(), 1, Vec::new(), 0, 0);
+        changes.position("t", 2);
+        owner.apply(&changes).unwrap();
+        owned.write().unwrap().clear();
+
+        // The next batch (3..5) would skip record 2: the follower is sent back to the store's position.
+        let progress = apply(&mut sink, 3, 5);
+        assert_eq!(progress.rewind, BTreeMap::from([(0, 2)]));
+        assert_eq!(owner.position("t").unwrap(), 2, "nothing taken past the gap");
+        assert_eq!(rows(&owner), vec![0, 1]);
+
+        let progress = apply(&mut sink, 2, 5);
+        assert!(progress.rewind.is_empty());
+        assert_eq!(rows(&owner), vec![0, 1, 2, 3, 4]);
+        assert_eq!(owner.position("t").unwrap(), 5);
     }
 }

@@ -131,18 +131,32 @@ impl From<TxnError> for Failure {
 }
 
 impl Run {
+    /// Owned, the partition's store is this handler's to write (see the writer's).
+    fn own_store(&self, owned: bool) {
+        let mut set = self.shared.owned_stores.write().expect("owned lock");
+        if owned {
+            set.insert(self.io.partition);
+        } else {
+            set.remove(&self.io.partition);
+        }
+    }
+
     fn main(self) {
         esk_owner::own(
             &self.io,
             Duration::from_millis(self.shared.config.session_timeout_ms),
             || self.acquire(),
             |owned| self.serve(owned),
-            |phase| {
-                if phase == Phase::Lost {
+            |phase| match phase {
+                Phase::Starting => self.own_store(true),
+                Phase::Serving => {}
+                Phase::Lost => {
+                    self.own_store(false);
                     metrics::counter!("esk_coordinator_fenced_total").increment(1);
                 }
             },
         );
+        self.own_store(false);
     }
 
     /// Fences the previous owner, brings the local store to the end of the

@@ -58,6 +58,8 @@ pub struct Shared {
     pub horizon_ms: i64,
     /// The standby: a follower of the whole log into the store.
     pub standby: Option<esk_follower::Follower>,
+    /// The partitions this instance owns (their stores are their handlers').
+    pub owned_stores: esk_follower::store::Owned,
 }
 
 impl std::fmt::Debug for Shared {
@@ -145,8 +147,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    let owned_stores = esk_follower::store::Owned::default();
     let standby = if config.standby {
-        let sink = esk_follower::store::StoreSink::new(store.clone(), topics.tx_log(), handler::TxLogIntake);
+        let sink = esk_follower::store::StoreSink::new(
+            store.clone(),
+            topics.tx_log(),
+            handler::TxLogIntake,
+            owned_stores.clone(),
+        );
         Some(esk_follower::spawn(&kafka, &topics.tx_log(), &format!("{}-standby", config.group_id()), sink)?)
     } else {
         None
@@ -171,6 +179,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         limits,
         horizon_ms: horizon.as_millis() as i64,
         standby,
+        owned_stores,
     });
     let server = tokio::spawn(http::serve(listener, shared.clone(), shutdown.clone()));
     let spec = esk_owner::GroupSpec {

@@ -80,6 +80,8 @@ pub struct Shared {
     pub store: Arc<esk_store::Store>,
     /// The hot standby: followers of the whole state and answers topics into the store.
     pub standby: Option<(esk_follower::Follower, esk_follower::Follower)>,
+    /// The partitions this instance owns (their stores are their workers').
+    pub owned: esk_follower::store::Owned,
     /// Record sizes, from the smallest `max.message.bytes` of the topics written.
     pub limits: Limits,
     /// How long answers and decisions are remembered (ms).
@@ -216,9 +218,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let watermarks = kafka.client().set("group.id", format!("{}-watermarks", config.group_id())).create()?;
     let aggregates = Registry::builtin();
     let horizon_ms = horizon.as_millis() as i64;
+    let owned = esk_follower::store::Owned::default();
     let standby = if config.standby {
         let group = format!("{}-standby", config.group_id());
-        Some(standby::spawn(&kafka, &topics, &group, &store, aggregates.clone(), horizon_ms)?)
+        Some(standby::spawn(&kafka, &topics, &group, &store, aggregates.clone(), horizon_ms, &owned)?)
     } else {
         None
     };
@@ -248,6 +251,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         watermarks,
         store,
         standby,
+        owned,
         limits,
         horizon_ms,
     });

@@ -4,16 +4,16 @@
 //! the restore reads only what was written since. It holds nothing in memory
 //! but the store's page cache: the streams and answers are on disk.
 //!
-//! An owner writes its own partition's file after each commit, and the
-//! standby writes it too as it follows: a row is replaced only by one from a
-//! later offset, so the order does not matter.
+//! An owner writes its own partition's file after each commit; the standby
+//! passes the partitions this instance owns over, and reads one again from
+//! its store's position once it is given up.
 
 use std::sync::Arc;
 
 use anyhow::Result;
 use esk_domain::Registry;
 use esk_follower::Follower;
-use esk_follower::store::StoreSink;
+use esk_follower::store::{Owned, StoreSink};
 use esk_kafka::KafkaConfig;
 use esk_store::Store;
 use esk_wire::Topics;
@@ -28,9 +28,10 @@ pub fn spawn(
     store: &Arc<Store>,
     aggregates: Registry,
     horizon_ms: i64,
+    owned: &Owned,
 ) -> Result<(Follower, Follower)> {
-    let state = StoreSink::new(store.clone(), topics.state(), StateIntake::new(aggregates));
-    let answers = StoreSink::new(store.clone(), topics.answers(), AnswersIntake { horizon_ms });
+    let state = StoreSink::new(store.clone(), topics.state(), StateIntake::new(aggregates), owned.clone());
+    let answers = StoreSink::new(store.clone(), topics.answers(), AnswersIntake { horizon_ms }, owned.clone());
     Ok((
         esk_follower::spawn(kafka, &topics.state(), &format!("{group}-state"), state)?,
         esk_follower::spawn(kafka, &topics.answers(), &format!("{group}-answers"), answers)?,

@@ -115,6 +115,18 @@ impl Run {
         metrics::gauge!("esk_writer_partitions").set(owned as f64);
     }
 
+    /// Owned, the partition's store is this worker's to write: the hot
+    /// standby passes it over (and reads it again from the store's position
+    /// once the partition is given up).
+    fn own_store(&self, owned: bool) {
+        let mut set = self.shared.owned.write().expect("owned lock");
+        if owned {
+            set.insert(self.partition);
+        } else {
+            set.remove(&self.partition);
+        }
+    }
+
     fn main(self) {
         esk_owner::own(
             &self.io,
@@ -122,14 +134,19 @@ impl Run {
             || self.acquire(),
             |owned| self.serve(owned),
             |phase| match phase {
-                Phase::Starting => self.set_phase("starting"),
+                Phase::Starting => {
+                    self.own_store(true);
+                    self.set_phase("starting");
+                }
                 Phase::Serving => self.set_phase("serving"),
                 Phase::Lost => {
+                    self.own_store(false);
                     self.set_phase("fenced");
                     metrics::counter!("esk_writer_fenced_total").increment(1);
                 }
             },
         );
+        self.own_store(false);
     }
 
     /// Fences the previous owner, restores the partition and rewinds the input
