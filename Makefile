@@ -26,9 +26,11 @@ test: build
 bench:
 	@infra/bench.sh
 
-## lint: formatting and clippy, warnings are errors
+## lint: formatting and clippy, warnings are errors; Kafka clients built only in crates/kafka
 lint:
 	$(CARGO) fmt --all --check
+	infra/lint/kafka-clients.sh --self-test
+	infra/lint/kafka-clients.sh
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 fmt:

@@ -661,13 +661,14 @@ impl TestEnv {
     pub fn read_topic(&self, topic: &str, committed: bool) -> Vec<Record> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::{Message, Offset, TopicPartitionList};
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", self.id("reader"))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", if committed { "read_committed" } else { "read_uncommitted" })
-            .create()
-            .expect("a consumer");
+        let kafka = self.kafka();
+        let group = self.id("reader");
+        let config = if committed {
+            kafka.committed_reader(&group, Duration::from_millis(50))
+        } else {
+            kafka.uncommitted_reader(&group)
+        };
+        let consumer: BaseConsumer = config.create().expect("a consumer");
         let timeout = Duration::from_secs(15);
         let Some(partitions) = topic_partitions(&consumer, topic, timeout) else {
             return Vec::new();
@@ -824,6 +825,21 @@ impl Service {
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Waits up to `timeout` for the process to end: its exit code (`None`
+    /// when it still runs or was killed by a signal).
+    pub fn exit_code(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Whether the process is still running.

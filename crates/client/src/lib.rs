@@ -156,13 +156,8 @@ impl Client {
     fn open(config: KafkaConfig, topics: Topics, pipelined: bool) -> Result<Self, ClientError> {
         let timeout = config.timeout;
         let replies = topics.replies();
-        let consumer: BaseConsumer = config
-            .client()
-            .set("group.id", format!("{}-client", topics.prefix()))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "10")
-            .create()?;
+        let consumer: BaseConsumer =
+            config.committed_reader(&format!("{}-client", topics.prefix()), Duration::from_millis(10)).create()?;
         let partitions = partition_count(&consumer, &topics.commands(), timeout, &config.bootstrap)?;
         let reply_partitions = partition_count(&consumer, &replies, timeout, &config.bootstrap)?;
         let tx_partitions = partition_count(&consumer, &topics.tx_requests(), timeout, &config.bootstrap)?;
@@ -178,17 +173,12 @@ impl Client {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&replies, reply_partition, Offset::Offset(high))?;
         consumer.assign(&tpl)?;
-        let producer: FutureProducer = config
-            .client()
-            .set("acks", "all")
-            .set("linger.ms", "0")
-            // Idempotence keeps pipelined requests of one stream in order across
-            // retries, at the price of about half a second to get a producer id.
-            // A lone request needs no order: a duplicate of it is answered by the
-            // writer from its memory of request ids and writes nothing.
-            .set("enable.idempotence", if pipelined { "true" } else { "false" })
-            .set("message.timeout.ms", timeout.as_millis().max(1000).to_string())
-            .create()?;
+        // Idempotence keeps pipelined requests of one stream in order across
+        // retries, at the price of about half a second to get a producer id.
+        // A lone request needs no order: a duplicate of it is answered by the
+        // writer from its memory of request ids and writes nothing.
+        let producer: FutureProducer =
+            config.producer(esk_kafka::Sending::Requests { idempotent: pipelined, timeout }).create()?;
         if pipelined {
             // Connect now so the producer gets its id at once (see the writer's worker).
             producer

@@ -51,13 +51,7 @@ pub async fn read_stream(
     let config = client.kafka().clone();
     let stream = stream.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = config
-            .client()
-            .set("group.id", "esk-read")
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "10")
-            .create()?;
+        let consumer: BaseConsumer = config.committed_reader("esk-read", Duration::from_millis(10)).create()?;
         fetch_runs(
             &consumer,
             &topic,

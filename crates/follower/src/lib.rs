@@ -248,14 +248,8 @@ impl Drop for Follower {
 pub fn spawn<S: Sink>(kafka: &KafkaConfig, topic: &str, group: &str, mut sink: S) -> Result<Follower> {
     let initial = sink.load()?;
     let (tx, rx) = watch::channel(initial.clone());
-    let consumer: BaseConsumer = kafka
-        .client()
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "20")
-        .create()?;
-    let watermarks: BaseConsumer = kafka.client().set("group.id", format!("{group}-watermarks")).create()?;
+    let consumer: BaseConsumer = kafka.committed_reader(group, Duration::from_millis(20)).create()?;
+    let watermarks: BaseConsumer = kafka.metadata(&format!("{group}-watermarks")).create()?;
     let stop = Arc::new(AtomicBool::new(false));
     let fetched = Arc::new(Mutex::new(BTreeMap::new()));
     let run = Loop {

@@ -181,7 +181,7 @@ impl std::fmt::Debug for Admin {
 
 impl Admin {
     pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
-        let client = Arc::new(config.client().create()?);
+        let client = Arc::new(config.admin().create()?);
         Ok(Self { client, config: config.clone() })
     }
 
@@ -353,7 +353,7 @@ impl Admin {
 /// when it cannot be read), asked without an async runtime: what a client
 /// needs once when it connects.
 pub fn max_message_bytes_blocking(config: &KafkaConfig, topic: &str) -> Result<usize, Error> {
-    let client: AdminClient<DefaultClientContext> = config.client().create()?;
+    let client: AdminClient<DefaultClientContext> = config.admin().create()?;
     let options = AdminOptions::new().request_timeout(Some(config.timeout)).operation_timeout(Some(config.timeout));
     let results = futures::executor::block_on(client.describe_configs(&[ResourceSpecifier::Topic(topic)], &options))?;
     let value = results

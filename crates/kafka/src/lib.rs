@@ -1,8 +1,14 @@
 //! Kafka adapters for esk: everything that speaks to a broker goes through here.
 //!
 //! # Layout
-//! - [`config`]: client settings shared by every esk producer and consumer
-//!   (murmur2 partitioning, bounded timeouts), bootstrap-address checks.
+//! - [`config`]: the only place esk builds Kafka clients: named profiles
+//!   (committed reader, group member, transactional producer, admin, ...)
+//!   over settings every client shares (murmur2 partitioning, bounded
+//!   timeouts), bootstrap-address checks. `make lint` fails on a client
+//!   config built or set anywhere else.
+//! - [`properties`]: the user's own client properties (a file and
+//!   `ESK_KAFKA_<PROPERTY>` variables) on top of every profile; those a
+//!   guarantee rests on are refused.
 //! - [`admin`]: the platform topics and their configs; idempotent creation and
 //!   description through the admin API.
 //! - [`read`]: reading a partition to its end (restores).
@@ -13,8 +19,10 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod properties;
 pub mod read;
 pub mod record;
 
-pub use config::{KafkaConfig, watermarks};
+pub use config::{GroupMember, KafkaConfig, Sending, watermarks};
 pub use error::{Error, refuses_the_record};
+pub use properties::Properties;

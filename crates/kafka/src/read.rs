@@ -42,15 +42,7 @@ pub fn read_partition<E>(
     stop: &AtomicBool,
     mut each: impl FnMut(Read<'_>) -> Result<(), E>,
 ) -> Result<Option<i64>, ReadError<E>> {
-    let consumer: BaseConsumer = kafka
-        .client()
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.max.bytes", "52428800")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .map_err(|e| ReadError::Kafka(e.into()))?;
+    let consumer: BaseConsumer = kafka.bulk_reader(group).create().map_err(|e| ReadError::Kafka(e.into()))?;
     let kafka_error = |e: rdkafka::error::KafkaError| ReadError::Kafka(e.into());
     let (low, high) = crate::watermarks(consumer.client(), topic, partition, kafka.timeout).map_err(kafka_error)?;
     if high <= low.max(from) {
@@ -111,14 +103,8 @@ pub fn read_topic<E>(
     mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), E>,
 ) -> Result<(), ReadError<E>> {
     let kafka_error = |e: rdkafka::error::KafkaError| ReadError::Kafka(e.into());
-    let consumer: BaseConsumer = kafka
-        .client()
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .map_err(kafka_error)?;
+    let consumer: BaseConsumer =
+        kafka.committed_reader(group, Duration::from_millis(20)).create().map_err(kafka_error)?;
     let md = consumer.fetch_metadata(Some(topic), kafka.timeout).map_err(|e| ReadError::Kafka(kafka.unavailable(e)))?;
     let Some(t) = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
         return Ok(());

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use esk_kafka::KafkaConfig;
+use esk_kafka::{GroupMember, KafkaConfig};
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use tokio_util::sync::CancellationToken;
@@ -182,27 +182,13 @@ pub fn run_group(spec: GroupSpec, handler: Arc<dyn Handler>, shutdown: &Cancella
     let session = spec.session_timeout_ms;
     let consumer: Arc<GroupConsumer> = Arc::new(
         spec.kafka
-            .client()
-            .set("group.id", &spec.group_id)
-            .set("partition.assignment.strategy", "range")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
-            .set("session.timeout.ms", session.to_string())
-            // Frequent heartbeats: a survivor learns of a rebalance sooner, so a
-            // takeover costs little more than the session timeout.
-            .set("heartbeat.interval.ms", (session / 20).max(100).to_string())
-            // librdkafka sends a heartbeat only when its main loop wakes, which
-            // with nothing else to do is every 500 ms: the statistics timer
-            // wakes it often enough for the interval above to hold (the
-            // statistics themselves are dropped, see `GroupContext`).
-            .set("statistics.interval.ms", "100")
-            // One fetch is in flight per broker: a partition assigned while a
-            // long poll waits is first fetched when that poll returns, so the
-            // poll is kept short (librdkafka's 500 ms default added up to half
-            // a second to every takeover).
-            .set("fetch.wait.max.ms", "50")
+            // The statistics that keep heartbeats on time are dropped, see `GroupContext`.
+            .group_member(&GroupMember {
+                group: &spec.group_id,
+                instance: None,
+                session: Some(Duration::from_millis(session)),
+                co_partitioned: true,
+            })
             .create_with_context(GroupContext {
                 spec: spec.clone(),
                 handler,

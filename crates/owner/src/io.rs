@@ -177,17 +177,8 @@ pub fn fence(
     transaction_timeout_ms: u64,
     probe_topic: &str,
 ) -> Result<FutureProducer> {
-    let producer: FutureProducer = kafka
-        .client()
-        .set("transactional.id", transactional_id)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("transaction.timeout.ms", transaction_timeout_ms.to_string())
-        .set("message.timeout.ms", transaction_timeout_ms.to_string())
-        // A batch is sent and awaited at once: lingering only delays it.
-        .set("linger.ms", "0")
-        .set("compression.type", "lz4")
-        .create()?;
+    let producer: FutureProducer =
+        kafka.transactional_producer(transactional_id, Duration::from_millis(transaction_timeout_ms)).create()?;
     // Connect to a broker first: librdkafka looks for the transaction
     // coordinator through a broker it learned from metadata (the bootstrap
     // connection does not count), and if none is up yet it looks again only

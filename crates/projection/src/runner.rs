@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use esk_kafka::KafkaConfig;
 use esk_kafka::admin::{Admin, Durability, TopicKind};
 use esk_kafka::record::{DLQ_OFFSET, DLQ_PARTITION, DLQ_TOPIC, DLQ_TRUNCATED, Origin, dead_letter, headers_of};
+use esk_kafka::{GroupMember, KafkaConfig, Sending};
 use esk_wire::{Event, SchemaRegistry, Topics};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -365,8 +365,7 @@ where
     let topics: Vec<String> = projection.categories().iter().map(|c| config.topics.events(c)).collect();
     let watermarks: BaseConsumer = config
         .kafka
-        .client()
-        .set("group.id", format!("{}-watermarks", config.group_id))
+        .metadata(&format!("{}-watermarks", config.group_id))
         .create()
         .map_err(|e| StoreError::Other(e.to_string()))?;
     let (control_tx, control_rx) = mpsc::channel();
@@ -549,19 +548,16 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
         let consumer: BaseConsumer<SeekToCheckpoints> = self
             .config
             .kafka
-            .client()
-            .set("group.id", &self.config.group_id)
             // The group is this instance's alone (ADR 5). As a static member
             // a restarted instance takes its place at once; otherwise its
             // join waited for the killed one's session to expire (45 s), and
             // the partitions were first split with that ghost.
-            .set("group.instance.id", &self.config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .set("topic.metadata.refresh.interval.ms", "5000")
-            .set("fetch.wait.max.ms", "50")
+            .group_member(&GroupMember {
+                group: &self.config.group_id,
+                instance: Some(&self.config.group_id),
+                session: None,
+                co_partitioned: false,
+            })
             .create_with_context(SeekToCheckpoints { positions: self.committed.clone() })?;
         let pattern = subscription(&self.config.topics, &self.projection.categories());
         consumer.subscribe(&[&pattern])?;
@@ -570,14 +566,8 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
 
     fn dlq_producer(&self) -> Result<(FutureProducer, String), String> {
         let topic = self.config.topics.dlq(self.projection.name());
-        let producer: FutureProducer = self
-            .config
-            .kafka
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .create()
-            .map_err(|e| e.to_string())?;
+        let producer: FutureProducer =
+            self.config.kafka.producer(Sending::Parked).create().map_err(|e| e.to_string())?;
         Ok((producer, topic))
     }
 
@@ -912,10 +902,7 @@ fn replay_one<S: Store, P: Projection<S>>(
 fn read_one(config: &RunnerConfig, topic: &str, partition: i32, offset: i64) -> Result<Option<Rec>, String> {
     let consumer: BaseConsumer = config
         .kafka
-        .client()
-        .set("group.id", format!("{}-replay", config.group_id))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+        .committed_reader(&format!("{}-replay", config.group_id), Duration::from_millis(50))
         .create()
         .map_err(|e| e.to_string())?;
     let (low, high) =
@@ -1048,22 +1035,11 @@ impl<S: Store, P: Projection<S>> Rebuild<S, P> {
     fn build(&mut self) -> Result<(), String> {
         let started = Instant::now();
         let dlq_topic = self.config.topics.dlq(self.projection.name());
-        let dlq: FutureProducer = self
-            .config
-            .kafka
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .create()
-            .map_err(|e| e.to_string())?;
+        let dlq: FutureProducer = self.config.kafka.producer(Sending::Parked).create().map_err(|e| e.to_string())?;
         let consumer: BaseConsumer = self
             .config
             .kafka
-            .client()
-            .set("group.id", format!("{}-rebuild", self.config.group_id))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "50")
+            .committed_reader(&format!("{}-rebuild", self.config.group_id), Duration::from_millis(50))
             .create()
             .map_err(|e| e.to_string())?;
         let mut assigned: BTreeSet<(String, i32)> = BTreeSet::new();

@@ -110,7 +110,7 @@ async fn horizon(config: &Config, admin: &Admin, topics: &Topics) -> Result<std:
 /// Runs the coordinator until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     esk_runtime::metrics();
-    let kafka = KafkaConfig::new(&config.bootstrap_servers, config.kafka_timeout())?;
+    let kafka = KafkaConfig::load(&config.bootstrap_servers, config.kafka_timeout(), config.kafka_config.as_deref())?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);
     let admin = Admin::new(&kafka)?;

@@ -10,6 +10,14 @@ pub struct Config {
     /// Kafka bootstrap servers, host:port[,host:port...].
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
     pub bootstrap_servers: String,
+    /// Kafka client properties (librdkafka names: TLS, SASL, tuning) from a
+    /// Java-style properties file, as Kafka's tools take `--command-config`.
+    /// Each `ESK_KAFKA_<PROPERTY>` variable applies on top (`_` for `.`, `__`
+    /// for `_`: `ESK_KAFKA_SECURITY_PROTOCOL=SASL_SSL`). Properties esk's
+    /// guarantees rest on (isolation.level, enable.idempotence,
+    /// transactional.id, partitioner, acks, group.id, ...) are refused.
+    #[arg(long, env = "ESK_KAFKA_CONFIG")]
+    pub kafka_config: Option<PathBuf>,
     /// Prefix of every platform topic.
     #[arg(long, env = "ESK_TOPIC_PREFIX", default_value = "esk")]
     pub prefix: String,

@@ -59,7 +59,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // Install the recorder before anything counts.
     esk_runtime::metrics();
 
-    let kafka = KafkaConfig::new(&config.bootstrap_servers, std::time::Duration::from_secs(30))?;
+    let kafka = KafkaConfig::load(
+        &config.bootstrap_servers,
+        std::time::Duration::from_secs(30),
+        config.kafka_config.as_deref(),
+    )?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);
     let schemas = SchemaRegistry::with_dir(config.schemas_dir.as_deref())

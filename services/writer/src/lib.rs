@@ -173,7 +173,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // Install the recorder before anything counts.
     esk_runtime::metrics();
 
-    let kafka = KafkaConfig::new(&config.bootstrap_servers, config.kafka_timeout())?;
+    let kafka = KafkaConfig::load(&config.bootstrap_servers, config.kafka_timeout(), config.kafka_config.as_deref())?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);
     let schemas = SchemaRegistry::with_dir(config.schemas_dir.as_deref())
@@ -215,7 +215,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let store = Arc::new(esk_store::Store::open_instance(|i| config.store_dir(i), config.instance.as_deref())?);
     store.bind_cluster(&admin.cluster_id().await?)?;
     let http = http::bind(&config.http_addr).await?;
-    let watermarks = kafka.client().set("group.id", format!("{}-watermarks", config.group_id())).create()?;
+    let watermarks = kafka.metadata(&format!("{}-watermarks", config.group_id())).create()?;
     let aggregates = Registry::builtin();
     let horizon_ms = horizon.as_millis() as i64;
     let owned = esk_follower::store::Owned::default();

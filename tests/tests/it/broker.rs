@@ -8,7 +8,7 @@ use esk_tests::TestEnv;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn transactional_produce_and_read_committed_consume() {
@@ -17,12 +17,8 @@ async fn transactional_produce_and_read_committed_consume() {
     let admin = Admin::new(&env.kafka()).unwrap();
     admin.ensure(&[TopicKind::Events.spec(topic.clone(), 1, Durability::new(1))]).await.unwrap();
 
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &env.bootstrap)
-        .set("transactional.id", env.id("tx"))
-        .set("transaction.timeout.ms", "10000")
-        .create()
-        .unwrap();
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        env.kafka().transactional_producer(&env.id("tx"), Duration::from_secs(10)).create().unwrap();
     let timeout = Duration::from_secs(30);
     tokio::task::block_in_place(|| {
         producer.init_transactions(timeout).expect("init_transactions: is the transaction log at replication 1?");
@@ -39,13 +35,13 @@ async fn transactional_produce_and_read_committed_consume() {
     });
 
     let read = |isolation: &str| -> Vec<String> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &env.bootstrap)
-            .set("group.id", env.id(isolation))
-            .set("isolation.level", isolation)
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
+        let kafka = env.kafka();
+        let group = env.id(isolation);
+        let config = match isolation {
+            "read_committed" => kafka.committed_reader(&group, Duration::from_millis(50)),
+            _ => kafka.uncommitted_reader(&group),
+        };
+        let consumer: BaseConsumer = config.create().unwrap();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, 0, Offset::Beginning).unwrap();
         consumer.assign(&tpl).unwrap();

@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use esk_kafka::admin::{Admin, Durability, TopicKind};
+use esk_kafka::{GroupMember, KafkaConfig, Sending};
 use esk_tests::{Cluster, TestEnv, poll_until};
+use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message};
 
 const PARTITIONS: i32 = 3;
 
@@ -30,13 +31,14 @@ async fn produce(producer: &FutureProducer, topic: &str, range: std::ops::Range<
 }
 
 fn isr_sizes(bootstrap: &str, topic: &str) -> Option<Vec<usize>> {
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().ok()?;
+    let c: BaseConsumer = KafkaConfig::new(bootstrap, Duration::from_secs(5)).ok()?.metadata("isr").create().ok()?;
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
     Some(md.topics().first()?.partitions().iter().map(|p| p.isr().len()).collect())
 }
 
 fn leader_of_partition_0(bootstrap: &str, topic: &str) -> i32 {
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let c: BaseConsumer =
+        KafkaConfig::new(bootstrap, Duration::from_secs(10)).unwrap().metadata("leader").create().unwrap();
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
     md.topics()[0].partitions().iter().find(|p| p.id() == 0).unwrap().leader()
 }
@@ -53,11 +55,9 @@ async fn replicated_topic_survives_a_killed_node_and_the_node_rejoins() {
         .await
         .unwrap();
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap())
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("message.timeout.ms", "60000")
+    let producer: FutureProducer = KafkaConfig::new(&cluster.bootstrap(), Duration::from_secs(60))
+        .unwrap()
+        .producer(Sending::Requests { idempotent: true, timeout: Duration::from_secs(60) })
         .create()
         .unwrap();
     produce(&producer, &topic, 0..100).await;
@@ -82,11 +82,9 @@ async fn replicated_topic_survives_a_killed_node_and_the_node_rejoins() {
     produce(&producer, &topic, 300..350).await;
 
     // Every acknowledged record is there exactly once.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap())
-        .set("group.id", env.id("check"))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
+    let consumer: BaseConsumer = KafkaConfig::new(&cluster.bootstrap(), Duration::from_secs(10))
+        .unwrap()
+        .group_member(&GroupMember { group: &env.id("check"), instance: None, session: None, co_partitioned: false })
         .create()
         .unwrap();
     consumer.subscribe(&[&topic]).unwrap();

@@ -69,12 +69,7 @@ fn transfer(from: &str, to: &str, amount: i64) -> Vec<Participant> {
 /// A producer that sends records up to the broker's limit (librdkafka's own
 /// default stops at 1,000,000 bytes).
 fn raw_producer(env: &TestEnv) -> FutureProducer {
-    rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &env.bootstrap)
-        .set("partitioner", "murmur2_random")
-        .set("message.max.bytes", "2000000")
-        .create()
-        .unwrap()
+    env.kafka().producer(esk_kafka::Sending::Foreign { max_message_bytes: 2_000_000 }).create().unwrap()
 }
 
 async fn produce(p: &FutureProducer, topic: &str, partition: i32, key: &str, value: &[u8]) {

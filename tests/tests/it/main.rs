@@ -5,6 +5,7 @@ mod broker;
 mod cluster;
 mod coordinator;
 mod guarantees;
+mod kafka_config;
 mod platform;
 mod projector;
 mod replica;

@@ -269,11 +269,8 @@ async fn poison_events_are_parked_counted_and_replayed_once_after_a_fix() {
     // A foreign producer writes two poison records into the account log: one
     // with no CloudEvents headers, one whose data its schema does not allow.
     let topic = env.topics().events("account");
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &env.bootstrap)
-        .set("partitioner", "murmur2_random")
-        .create()
-        .unwrap();
+    let producer: FutureProducer =
+        env.kafka().producer(esk_kafka::Sending::Foreign { max_message_bytes: 1_000_000 }).create().unwrap();
     producer
         .send(FutureRecord::to(&topic).key("account-p").payload("not an event"), Duration::from_secs(10))
         .await

@@ -124,12 +124,8 @@ async fn tokens_give_monotonic_reads_on_every_replica_and_aborted_writes_never_s
     let (r1, r2) = (replica(&env, d1.path(), "a"), replica(&env, d2.path(), "b"));
     let client = env.client(Duration::from_secs(30), false);
     // A transaction on the leader topic that aborts: no replica may show it.
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &env.bootstrap)
-        .set("transactional.id", env.id("aborter"))
-        .set("partitioner", "murmur2_random")
-        .create()
-        .unwrap();
+    let producer: FutureProducer =
+        env.kafka().transactional_producer(&env.id("aborter"), Duration::from_secs(30)).create().unwrap();
     let fake = json!({"stream": "note-m", "version": 999, "last_offset": 999_999});
     tokio::task::block_in_place(|| {
         producer.init_transactions(Duration::from_secs(30)).unwrap();

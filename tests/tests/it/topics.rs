@@ -4,14 +4,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use esk_tests::TestEnv;
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 
 /// Every topic under the prefix with (partitions, configs), read without esk's code.
 async fn read_back(env: &TestEnv) -> BTreeMap<String, (usize, BTreeMap<String, String>)> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &env.bootstrap).create().unwrap();
+    let admin: AdminClient<DefaultClientContext> = env.kafka().admin().create().unwrap();
     let md = admin.inner().fetch_metadata(None, Duration::from_secs(10)).unwrap();
     let prefix = format!("{}.", env.prefix);
     let mut out = BTreeMap::new();

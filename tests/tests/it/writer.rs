@@ -166,11 +166,8 @@ async fn malformed_records_from_foreign_producers_are_parked_and_the_writer_goes
     env.init_topics(2);
     let w = writer(&env);
     wait_serving(&[&w], 2, Duration::from_secs(60)).await;
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &env.bootstrap)
-        .set("partitioner", "murmur2_random")
-        .create()
-        .unwrap();
+    let producer: FutureProducer =
+        env.kafka().producer(esk_kafka::Sending::Foreign { max_message_bytes: 1_000_000 }).create().unwrap();
     let commands = env.topics().commands();
     let foreign = [
         ("note-1", b"\x00\xffgarbage".to_vec()),

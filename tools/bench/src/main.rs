@@ -32,6 +32,14 @@ use serde_json::json;
 struct Args {
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
     bootstrap_servers: String,
+    /// Kafka client properties (librdkafka names: TLS, SASL, tuning) from a
+    /// Java-style properties file, as Kafka's tools take `--command-config`.
+    /// Each `ESK_KAFKA_<PROPERTY>` variable applies on top (`_` for `.`, `__`
+    /// for `_`: `ESK_KAFKA_SECURITY_PROTOCOL=SASL_SSL`). Properties esk's
+    /// guarantees rest on (isolation.level, enable.idempotence,
+    /// transactional.id, partitioner, acks, group.id, ...) are refused.
+    #[arg(long, env = "ESK_KAFKA_CONFIG")]
+    kafka_config: Option<std::path::PathBuf>,
     #[arg(long, env = "ESK_TOPIC_PREFIX", default_value = "esk")]
     prefix: String,
     /// Bytes of event data per append.
@@ -123,9 +131,11 @@ async fn appends(
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let config = KafkaConfig::new(&args.bootstrap_servers, Duration::from_secs(60))?;
+    let config = KafkaConfig::load(&args.bootstrap_servers, Duration::from_secs(60), args.kafka_config.as_deref())?;
+    // The services the bench starts take the same client properties.
+    projector::KAFKA_CONFIG.get_or_init(|| args.kafka_config.clone());
     let topics = Topics::new(&args.prefix);
-    let client = Arc::new(Client::connect_pipelined(config, topics)?);
+    let client = Arc::new(Client::connect_pipelined(config.clone(), topics)?);
     println!("## esk append (writer at {}, prefix {})", args.bootstrap_servers, args.prefix);
     // Warm up: create the category topic, fill the writer's caches.
     appends(&client, &args, "warm", 500, 32).await?;
@@ -144,9 +154,9 @@ async fn main() -> Result<()> {
         replica::lag(&client, bin, &args.prefix, &args.bootstrap_servers).await?;
     }
     if let Some(bin) = &args.writer_bin {
-        replica::failover(&args.bootstrap_servers, bin, args.takeover_streams, args.takeover_answers).await?;
+        replica::failover(&config, bin, args.takeover_streams, args.takeover_answers).await?;
         if args.memory_streams > 0 {
-            replica::memory(&args.bootstrap_servers, bin, args.memory_streams).await?;
+            replica::memory(&config, bin, args.memory_streams).await?;
         }
     }
     if args.transfers > 0 {

@@ -27,6 +27,9 @@ impl Drop for Spawned {
     }
 }
 
+/// The bench's `--kafka-config`, given to every service it starts.
+pub static KAFKA_CONFIG: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
 /// Starts `bin` with the installation's environment plus `env`; its HTTP on a free port.
 pub fn spawn(
     bin: &Path,
@@ -45,6 +48,9 @@ pub fn spawn(
         .env("ESK_DATA_DIR", data.path())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());
+    if let Some(Some(file)) = KAFKA_CONFIG.get() {
+        cmd.env("ESK_KAFKA_CONFIG", file);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -66,14 +72,7 @@ async fn backlog(client: &Client, total: usize, size: usize) -> Result<String> {
     let admin = Admin::new(client.kafka())?;
     let brokers = admin.broker_count().await?;
     admin.ensure(&[TopicKind::Events.spec(topic.clone(), partitions, Durability::for_brokers(brokers))]).await?;
-    let producer: FutureProducer = client
-        .kafka()
-        .client()
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "20")
-        .set("batch.size", "1000000")
-        .set("compression.type", "lz4")
-        .create()?;
+    let producer: FutureProducer = client.kafka().producer(esk_kafka::Sending::Bulk { idempotent: true }).create()?;
     let accounts = 1000;
     let per_account = total / accounts;
     let pad = "x".repeat(size.saturating_sub(40));

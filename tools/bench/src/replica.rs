@@ -107,7 +107,7 @@ pub async fn fill_state(kafka: &KafkaConfig, topics: &Topics, streams: usize, an
     let admin = Admin::new(kafka)?;
     let brokers = admin.broker_count().await?;
     admin.ensure(&platform_topics(topics, ["note"], 1, Durability::for_brokers(brokers), DEFAULT_HORIZON)).await?;
-    let producer: FutureProducer = kafka.client().set("linger.ms", "20").set("compression.type", "lz4").create()?;
+    let producer: FutureProducer = kafka.producer(esk_kafka::Sending::Bulk { idempotent: false }).create()?;
     let (state, remembered) = (topics.state(), topics.answers());
     let now = chrono::Utc::now().timestamp_millis();
     let mut pending = Vec::new();
@@ -193,9 +193,9 @@ fn rss_kb(pid: u32) -> u64 {
 /// Memory of a writer holding `streams` streams: one partition, its owner
 /// (which also follows the whole state as a hot standby), then after appends
 /// to 20,000 of the streams.
-pub async fn memory(bootstrap: &str, bin: &Path, streams: usize) -> Result<()> {
+pub async fn memory(kafka: &KafkaConfig, bin: &Path, streams: usize) -> Result<()> {
     println!("\n## writer memory with {streams} streams in its partition (owner and hot standby)");
-    let kafka = KafkaConfig::new(bootstrap, Duration::from_secs(120))?;
+    let kafka = kafka.clone().with_timeout(Duration::from_secs(120));
     let prefix = format!("bench-memory-{}", std::process::id());
     let t = Instant::now();
     fill_state(&kafka, &Topics::new(&prefix), streams, 0).await?;
@@ -288,12 +288,12 @@ async fn takeover(kafka: &KafkaConfig, bin: &Path, prefix: &str, standby: bool) 
     Ok(killed.elapsed())
 }
 
-pub async fn failover(bootstrap: &str, bin: &Path, streams: usize, answers: usize) -> Result<()> {
+pub async fn failover(kafka: &KafkaConfig, bin: &Path, streams: usize, answers: usize) -> Result<()> {
     println!(
         "\n## writer takeover of a partition holding {streams} streams and {answers} remembered requests \
          (session timeout 6 s)"
     );
-    let kafka = KafkaConfig::new(bootstrap, Duration::from_secs(120))?;
+    let kafka = kafka.clone().with_timeout(Duration::from_secs(120));
     for standby in [false, true] {
         let prefix = format!("bench-takeover-{}-{}", u8::from(standby), std::process::id());
         fill_state(&kafka, &Topics::new(&prefix), streams, answers).await?;

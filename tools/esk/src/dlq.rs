@@ -182,13 +182,8 @@ fn replay_once(g: &Global, consumer: &str) -> Result<Resent, Failure> {
     let (config, topics): (_, Topics) = kafka(g)?;
     let topic = topics.dlq(consumer);
     let group = format!("{}-dlq-replay-{consumer}", topics.prefix());
-    let c: BaseConsumer = config
-        .client()
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .map_err(esk_kafka::Error::from)?;
+    let c: BaseConsumer =
+        config.committed_reader(&group, Duration::from_millis(50)).create().map_err(esk_kafka::Error::from)?;
     let md = c
         .fetch_metadata(Some(&topic), g.timeout)
         .map_err(|e| Failure::unavailable(format!("Kafka at {}: {e}", config.bootstrap)))?;
@@ -216,11 +211,9 @@ fn replay_once(g: &Global, consumer: &str) -> Result<Resent, Failure> {
         return Ok(Resent::default());
     }
     c.assign(&tpl).map_err(esk_kafka::Error::from)?;
+    // The transaction spans the whole replay (bounded below by six timeouts).
     let producer: ThreadedProducer<DefaultProducerContext> = config
-        .client()
-        .set("transactional.id", &group)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
+        .transactional_producer(&group, (g.timeout * 6).max(Duration::from_secs(60)))
         .create()
         .map_err(esk_kafka::Error::from)?;
     let kafka_failure = |e: rdkafka::error::KafkaError| Failure::unavailable(format!("replaying {topic}: {e}"));

@@ -19,7 +19,7 @@ use crate::exit::Failure;
 
 pub fn kafka(g: &Global) -> Result<(KafkaConfig, Topics), Failure> {
     Topics::validate_prefix(&g.prefix).map_err(Failure::invalid)?;
-    Ok((KafkaConfig::new(&g.bootstrap_servers, g.timeout)?, Topics::new(&g.prefix)))
+    Ok((KafkaConfig::load(&g.bootstrap_servers, g.timeout, g.kafka_config.as_deref())?, Topics::new(&g.prefix)))
 }
 
 pub async fn connect(g: &Global, pipelined: bool) -> Result<Client, Failure> {
@@ -157,14 +157,8 @@ pub async fn tail(g: &Global, args: TailArgs) -> Result<(), Failure> {
     let schemas = g.schemas()?;
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || -> Result<(), Failure> {
-        let consumer: BaseConsumer = config
-            .client()
-            .set("group.id", "esk-tail")
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "50")
-            .create()
-            .map_err(esk_kafka::Error::from)?;
+        let consumer: BaseConsumer =
+            config.committed_reader("esk-tail", Duration::from_millis(50)).create().map_err(esk_kafka::Error::from)?;
         let mut assigned: Vec<String> = Vec::new();
         let mut tpl = TopicPartitionList::new();
         let mut last_refresh: Option<std::time::Instant> = None;

@@ -10,7 +10,7 @@ use crate::exit::Failure;
 
 pub fn connect(g: &Global) -> Result<(Admin, Topics), Failure> {
     Topics::validate_prefix(&g.prefix).map_err(Failure::invalid)?;
-    let config = KafkaConfig::new(&g.bootstrap_servers, g.timeout)?;
+    let config = KafkaConfig::load(&g.bootstrap_servers, g.timeout, g.kafka_config.as_deref())?;
     Ok((Admin::new(&config)?, Topics::new(&g.prefix)))
 }
 
