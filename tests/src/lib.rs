@@ -544,6 +544,11 @@ impl Esk {
         self
     }
 
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.cmd.env_remove(key);
+        self
+    }
+
     /// Starts the command without waiting.
     pub fn spawn(mut self) -> Spawned {
         let started = Instant::now();

@@ -40,6 +40,12 @@ pub struct HttpLimits {
     #[arg(long = "http-max-connections", env = "ESK_HTTP_MAX_CONNECTIONS", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_connections: u64,
+    /// The bearer token every request but GET and HEAD must carry
+    /// (`Authorization: Bearer <token>`; 401 without it): rebuilds, replays.
+    /// Needed to listen beyond loopback; a service refuses to start there
+    /// without one.
+    #[arg(long = "admin-token", env = "ESK_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 impl Default for HttpLimits {
@@ -49,8 +55,76 @@ impl Default for HttpLimits {
             request_timeout_ms: 60_000,
             max_body_bytes: 1024 * 1024,
             max_connections: 256,
+            admin_token: None,
         }
     }
+}
+
+/// Binds a service's HTTP address: a clear error when it cannot, and a
+/// refusal to listen beyond loopback without an admin token.
+pub async fn bind(addr: &str, limits: &HttpLimits) -> std::io::Result<TcpListener> {
+    // Checked before binding: nothing listens beyond loopback, even for a moment.
+    let resolved = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    for a in resolved {
+        exposure(a, limits)?;
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    check_exposure(&listener, limits)?;
+    Ok(listener)
+}
+
+fn check_exposure(listener: &TcpListener, limits: &HttpLimits) -> std::io::Result<()> {
+    exposure(listener.local_addr()?, limits)
+}
+
+fn exposure(local: std::net::SocketAddr, limits: &HttpLimits) -> std::io::Result<()> {
+    if !local.ip().is_loopback() && limits.admin_token.as_deref().is_none_or(str::is_empty) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{local} is beyond loopback: set an admin token (ESK_ADMIN_TOKEN or --admin-token) so that \
+                 rebuilds, replays and every other request but GET need it, or listen on 127.0.0.1"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether two tokens are equal, in time that does not depend on where they differ.
+fn same_token(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// 401 for a request that changes something (not GET or HEAD) without the admin token.
+async fn require_token(
+    token: Option<Arc<str>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::Method;
+    use axum::response::IntoResponse;
+    let Some(token) = token else { return next.run(request).await };
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| same_token(g.trim().as_bytes(), token.as_bytes())) {
+        return next.run(request).await;
+    }
+    metrics::counter!("esk_http_unauthorized_total").increment(1);
+    let body = serde_json::json!({
+        "error": "unauthorized",
+        "message": "this request needs the admin token: Authorization: Bearer <ESK_ADMIN_TOKEN>",
+    });
+    (StatusCode::UNAUTHORIZED, [(axum::http::header::WWW_AUTHENTICATE, "Bearer")], axum::Json(body)).into_response()
 }
 
 /// What a connection over the limit gets before it is closed.
@@ -65,9 +139,15 @@ pub async fn serve(
     shutdown: CancellationToken,
     limits: &HttpLimits,
 ) -> std::io::Result<()> {
-    let app = app.layer(RequestBodyLimitLayer::new(limits.max_body_bytes as usize)).layer(
-        TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_millis(limits.request_timeout_ms)),
-    );
+    check_exposure(&listener, limits)?;
+    let token: Option<Arc<str>> = limits.admin_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
+    let app = app
+        .layer(axum::middleware::from_fn(move |request, next| require_token(token.clone(), request, next)))
+        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes as usize))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_millis(limits.request_timeout_ms),
+        ));
     let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
     let graceful = GracefulShutdown::new();
     let header_timeout = Duration::from_millis(limits.header_timeout_ms);
@@ -144,6 +224,37 @@ mod tests {
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn with_an_admin_token_only_reads_go_without_it() {
+        let (addr, _stop) = start(HttpLimits { admin_token: Some("t0ken".into()), ..HttpLimits::default() }).await;
+        let post = |auth: &str| {
+            format!("POST /echo HTTP/1.1\r\nhost: x\r\n{auth}content-length: 2\r\nconnection: close\r\n\r\nhi")
+        };
+        let answer = exchange(addr, post("").as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 401") && answer.contains("ESK_ADMIN_TOKEN"), "{answer}");
+        let answer = exchange(addr, post("authorization: Bearer t0kem\r\n").as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        let answer = exchange(addr, post("authorization: Bearer t0ken\r\n").as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with('2'), "{answer}");
+        let answer = exchange(addr, b"GET /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // Without a token on loopback, anything goes (the default for `make up`).
+        let (addr, _stop) = start(HttpLimits::default()).await;
+        assert!(exchange(addr, post("").as_bytes()).await.starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_an_admin_token() {
+        let beyond: std::net::SocketAddr = "10.1.2.3:8701".parse().unwrap();
+        let e = exposure(beyond, &HttpLimits::default()).unwrap_err().to_string();
+        assert!(e.contains("ESK_ADMIN_TOKEN") && e.contains("10.1.2.3:8701"), "{e}");
+        let empty = HttpLimits { admin_token: Some(String::new()), ..HttpLimits::default() };
+        assert!(exposure(beyond, &empty).is_err());
+        assert!(exposure(beyond, &HttpLimits { admin_token: Some("t".into()), ..HttpLimits::default() }).is_ok());
+        assert!(exposure("[::1]:8701".parse().unwrap(), &HttpLimits::default()).is_ok());
+        assert!(exposure("127.0.0.1:8701".parse().unwrap(), &HttpLimits::default()).is_ok());
     }
 
     #[tokio::test]

@@ -32,7 +32,7 @@ pub mod logic;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use esk_domain::Registry;
 use esk_kafka::KafkaConfig;
 use esk_kafka::admin::{Admin, Durability, TopicKind};
@@ -144,9 +144,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let limits = admin.limits(&written).await?;
     let store = Arc::new(esk_store::Store::open_instance(|i| config.store_dir(i), config.instance.as_deref())?);
     store.bind_cluster(&admin.cluster_id().await?)?;
-    let listener = tokio::net::TcpListener::bind(&config.http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    let listener = esk_runtime::http::bind(&config.http_addr, &config.http).await?;
     let owned_stores = esk_follower::store::Owned::default();
     let standby = if config.standby {
         let sink = esk_follower::store::StoreSink::new(

@@ -69,9 +69,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let schemas = SchemaRegistry::with_dir(config.schemas_dir.as_deref())
         .with_context(|| format!("loading schemas from {:?}", config.schemas_dir))?;
     let schemas = Arc::new(schemas);
-    let listener = tokio::net::TcpListener::bind(&config.http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    let listener = esk_runtime::http::bind(&config.http_addr, &config.http).await?;
 
     let projection = Arc::new(accounts::Accounts);
     let name = "accounts";

@@ -88,9 +88,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let topics = Topics::new(&config.prefix);
     let path = config.store();
     let sink = SqliteSink::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let listener = tokio::net::TcpListener::bind(&config.http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    let listener = esk_runtime::http::bind(&config.http_addr, &config.http).await?;
     let group = format!("{}-replica-{}", config.prefix, config.instance);
     let follower = esk_follower::spawn(&kafka, &topics.state(), &group, sink)?;
     tracing::info!(http = %listener.local_addr()?, store = %path.display(), "replica following {}", topics.state());

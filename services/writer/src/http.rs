@@ -31,10 +31,6 @@ pub struct PartitionStatus {
     pub records: u64,
 }
 
-pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
-}
-
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handle = esk_runtime::metrics();
     let limits = shared.config.http.clone();

@@ -214,7 +214,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let limits = admin.limits(&written).await?;
     let store = Arc::new(esk_store::Store::open_instance(|i| config.store_dir(i), config.instance.as_deref())?);
     store.bind_cluster(&admin.cluster_id().await?)?;
-    let http = http::bind(&config.http_addr).await?;
+    let http = esk_runtime::http::bind(&config.http_addr, &config.http).await?;
     let watermarks = kafka.metadata(&format!("{}-watermarks", config.group_id())).create()?;
     let aggregates = Registry::builtin();
     let horizon_ms = horizon.as_millis() as i64;

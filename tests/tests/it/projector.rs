@@ -490,3 +490,35 @@ async fn every_projector_instance_keeps_a_full_copy_and_honours_tokens() {
     assert_eq!(model(&p1), model(&p2));
     assert_eq!(model(&p1).len(), 12);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_an_admin_token_rebuild_and_replay_need_it_and_no_service_listens_beyond_loopback_without_one() {
+    let (env, _w) = platform(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = projector(&env, dir.path(), "a", &[("ESK_ADMIN_TOKEN", "s3cret")]);
+    let url = format!("http://{}", p.http);
+    for args in [["projection", "rebuild", "accounts"], ["dlq", "replay", "accounts"]] {
+        let run = env.esk().args(args).args(["--projector-url", &url]).env_remove("ESK_ADMIN_TOKEN").run().code(4);
+        assert!(run.stderr.contains("ESK_ADMIN_TOKEN is not set"), "{args:?}: {run:#?}");
+        let run = env.esk().args(args).args(["--projector-url", &url]).env("ESK_ADMIN_TOKEN", "wrong").run().code(4);
+        assert!(run.stderr.contains("is not the service's"), "{args:?}: {run:#?}");
+    }
+    env.esk().args(["dlq", "replay", "accounts", "--projector-url", &url]).env("ESK_ADMIN_TOKEN", "s3cret").run().ok();
+    env.esk()
+        .args(["projection", "rebuild", "accounts", "--no-wait", "--projector-url", &url])
+        .env("ESK_ADMIN_TOKEN", "s3cret")
+        .run()
+        .ok();
+    // Reads need no token.
+    assert_eq!(p.get("/status").unwrap().0, 200);
+
+    // Beyond loopback without a token: refused before anything listens.
+    for service in ["writer", "coordinator", "projector", "replica"] {
+        let var = format!("ESK_{}_HTTP", service.to_uppercase());
+        let mut s =
+            Service::start(&env, service, &[(&var, "0.0.0.0:18999"), ("ESK_DATA_DIR", dir.path().to_str().unwrap())]);
+        let code = tokio::task::block_in_place(|| s.exit_code(Duration::from_secs(30)));
+        assert_eq!(code, Some(1), "esk-{service} on 0.0.0.0 did not stop: {}", s.log_tail());
+        assert!(s.log_tail().contains("ESK_ADMIN_TOKEN"), "esk-{service}: {}", s.log_tail());
+    }
+}

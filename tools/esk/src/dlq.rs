@@ -118,6 +118,7 @@ pub async fn replay(g: &Global, consumer: &str) -> Result<(), Failure> {
         call(&g.projector_url, "POST", &format!("/projections/{consumer}/replay"), g.timeout * 6).await?;
     match code {
         200 => {}
+        401 => return Err(Failure::invalid(crate::http::unauthorized(&body))),
         404 => return Err(Failure::invalid(message(&body))),
         _ => {
             return Err(Failure::unavailable(format!("replay {consumer}: {code} {}", message(&body))));

@@ -26,8 +26,13 @@ pub async fn call(base: &str, method: &str, path: &str, timeout: Duration) -> Re
     let unreachable = |e: String| Failure::unavailable(format!("{base}{path}: {e} (is the service running?)"));
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+        // Requests that change something carry the admin token when one is set.
+        let auth = match std::env::var("ESK_ADMIN_TOKEN") {
+            Ok(t) if !t.is_empty() && method != "GET" => format!("Authorization: Bearer {t}\r\n"),
+            _ => String::new(),
+        };
         let req = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\nContent-Length: 0\r\n\r\n"
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n{auth}Content-Length: 0\r\n\r\n"
         );
         s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
@@ -47,6 +52,12 @@ pub async fn call(base: &str, method: &str, path: &str, timeout: Duration) -> Re
         .ok_or_else(|| unreachable("not an HTTP response".into()))?;
     let json = serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()));
     Ok((status, json))
+}
+
+/// What a 401 of a service means for the CLI's user (exit 4).
+pub fn unauthorized(body: &Value) -> String {
+    let set = if std::env::var_os("ESK_ADMIN_TOKEN").is_some() { "is not the service's" } else { "is not set" };
+    format!("{} (ESK_ADMIN_TOKEN {set})", message(body))
 }
 
 /// The message of an esk JSON error body, or the body itself.

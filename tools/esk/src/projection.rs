@@ -66,6 +66,7 @@ pub async fn rebuild(g: &Global, name: &str, no_wait: bool) -> Result<(), Failur
     let (code, body) = call(&g.projector_url, "POST", &format!("/projections/{name}/rebuild"), g.timeout).await?;
     match code {
         202 => {}
+        401 => return Err(Failure::invalid(crate::http::unauthorized(&body))),
         404 => return Err(Failure::invalid(message(&body))),
         409 => return Err(Failure::new(Kind::Internal, message(&body))),
         _ => {
