@@ -635,8 +635,13 @@ cluster() {
     local n=${1:?which node: 1, 2 or 3} pf
     pf=$ESK_HOME/run/kafka-node$n.pid
     alive "$pf" || die "node $n is not running"
-    kill -KILL "$(cat "$pf")"
-    log "node $n killed (SIGKILL, pid $(cat "$pf"))"
+    local pid i
+    pid=$(cat "$pf")
+    kill -KILL "$pid"
+    # Gone, not just signalled: until it is, its ports still accept, and a
+    # restart right after the kill found its port "taken by another process".
+    for ((i = 0; i < 100; i++)); do pid_runs "$pid" || break; sleep 0.05; done
+    log "node $n killed (SIGKILL, pid $pid)"
     rm -f "$pf"
     ;;
   restart)
