@@ -428,6 +428,7 @@ start_node() {
     # The watchdog: when process $watch ends, the broker is killed (and with
     # ESK_KAFKA_EPHEMERAL=1 its state dir removed). A broker that dies first
     # (say, killed by a fault test) just ends the watchdog.
+    # shellcheck disable=SC2016 # the inner bash expands them
     setsid nohup bash -c '
       watch=$1 broker=$2 pidfile=$3 home=$4
       while kill -0 "$watch" 2>/dev/null && kill -0 "$broker" 2>/dev/null; do sleep 1; done
