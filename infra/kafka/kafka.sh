@@ -641,7 +641,12 @@ cluster() {
     kill -KILL "$pid"
     # Gone, not just signalled: until it is, its ports still accept, and a
     # restart right after the kill found its port "taken by another process".
-    for ((i = 0; i < 100; i++)); do pid_runs "$pid" || break; sleep 0.05; done
+    # Its main thread is a zombie before the other threads (and the sockets)
+    # are, so the ports are what to wait for.
+    for ((i = 0; i < 100; i++)); do
+      pid_runs "$pid" || port_open "${cluster_ports[n - 1]}" || port_open "$((cluster_ports[n - 1] + 1))" || break
+      sleep 0.05
+    done
     log "node $n killed (SIGKILL, pid $pid)"
     rm -f "$pf"
     ;;
