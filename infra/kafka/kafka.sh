@@ -27,7 +27,7 @@
 # --watch-pid P ties the broker's life to process P: when P exits the broker is
 # killed. The test harness uses it so that no broker outlives a test run.
 #
-# Secured mode, ESK_KAFKA_SECURITY=sasl_ssl (docs/adr/0009-secured-test-broker.md):
+# Secured mode, ESK_KAFKA_SECURITY=sasl_ssl (docs/adr/0010-secured-test-broker.md):
 #   client port(s)    SASL_SSL, SCRAM-SHA-512, on 127.0.0.1 only; the brokers replicate
 #                     over it too, as user admin (no extra port)
 #   controller port   (client port + 1) PLAINTEXT on 127.0.0.1, principal User:ANONYMOUS
