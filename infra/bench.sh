@@ -93,6 +93,6 @@ done
     --num-records "$records" --timeout 60000 2>&1 | tail -n 2
   echo
   echo "## writer metrics"
-  curl -fsS "http://$writer_http/metrics" | grep -E "^esk_writer_(batches_total|records_total|events_total|aborts_total|batch_size_(sum|count)|transaction_seconds_(sum|count))"
+  curl -fsS "http://$writer_http/metrics" | grep -E "^esk_writer_(batches_total|records_total|events_total|aborts_total|batch_records_(sum|count)|transaction_seconds_(sum|count))"
 } 2>&1 | tee "$report"
 echo "report: $report" >&2

@@ -101,26 +101,29 @@ exit_reason() { # pid
   fi
 }
 
-wait_healthy() { # name addr pidfile
-  local name=$1 addr=$2 pf=$3 i
-  for ((i = 0; i < 300; i++)); do
+# Waits for a service's /ready (it owns and serves its partitions, has caught
+# up, and reaches Kafka): 120 s at most, then says why not from /ready.
+wait_ready() { # name addr pidfile
+  local name=$1 addr=$2 pf=$3 i why
+  for ((i = 0; i < 600; i++)); do
     if ! started "$pf"; then
       sleep 0.2 # a second look before calling it dead
       started "$pf" || die "$name exited during start ($(exit_reason "$(cat "$pf")")); see $logs/$name.log"
     fi
-    if curl -fsS "http://$addr/health" >/dev/null 2>&1; then
+    if curl -fsS "http://$addr/ready" >/dev/null 2>&1; then
       return 0
     fi
     sleep 0.2
   done
-  die "$name did not become healthy on $addr in 60 s; see $logs/$name.log"
+  why=$(curl -sS "http://$addr/ready" 2>&1 || true)
+  die "$name did not become ready on $addr in 120 s (${why:-no answer}); see $logs/$name.log"
 }
 
 start_service() { # name port bin_dir bootstrap
   local name=$1 bins=$3 bs=$4 pf=$run/$1.pid addr
   addr=$(http_addr "$1" "$2")
   if alive "$pf"; then
-    wait_healthy "$name" "$addr" "$pf"
+    wait_ready "$name" "$addr" "$pf"
     say "$name already running (pid $(cat "$pf"), http://$addr)"
     return
   fi
@@ -128,7 +131,7 @@ start_service() { # name port bin_dir bootstrap
     "ESK_${name^^}_HTTP=$addr" ESK_DATA_DIR="$ESK_HOME/data" \
     "$bins/esk-$name" >>"$logs/$name.log" 2>&1 </dev/null &
   echo $! >"$pf"
-  wait_healthy "$name" "$addr" "$pf"
+  wait_ready "$name" "$addr" "$pf"
   say "$name started (pid $(cat "$pf"), http://$addr)"
 }
 

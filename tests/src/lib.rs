@@ -112,6 +112,11 @@ fn kafka_sh() -> PathBuf {
 /// to this process (`--watch-pid`) and its data removed when it dies. A start
 /// that failed because a port was taken is tried once more on fresh ports.
 fn start_local() -> Result<Broker> {
+    start_local_home().map(|(broker, _)| broker)
+}
+
+/// [`start_local`], and the broker's state dir.
+fn start_local_home() -> Result<(Broker, PathBuf)> {
     let mut failures = Vec::new();
     for attempt in 1..=START_ATTEMPTS {
         let home = tempfile::Builder::new().prefix("esk-test-kafka-").tempdir()?.keep();
@@ -126,7 +131,7 @@ fn start_local() -> Result<Broker> {
             .output()
             .context("running infra/kafka/kafka.sh")?;
         if out.status.success() {
-            return Ok(Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Local });
+            return Ok((Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Local }, home));
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
         let kept = keep_logs(&home, &format!("kafka-{port}"));
@@ -145,6 +150,46 @@ fn start_local() -> Result<Broker> {
         }
     }
     bail!("{}", failures.join("\n"))
+}
+
+/// A single-node broker of a test's own (the run's broker is shared), which
+/// the test may freeze: stopped and removed on drop.
+#[derive(Debug)]
+pub struct OwnBroker {
+    pub bootstrap: String,
+    home: PathBuf,
+}
+
+impl OwnBroker {
+    pub fn start() -> Result<Self> {
+        let (broker, home) = start_local_home()?;
+        Ok(Self { bootstrap: broker.bootstrap, home })
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let pid = std::fs::read_to_string(self.home.join("run/kafka.pid"))?;
+        let ok = Command::new("kill").args([sig, pid.trim()]).status()?.success();
+        anyhow::ensure!(ok, "kill {sig} {pid} failed");
+        Ok(())
+    }
+
+    /// SIGSTOP: the broker holds its connections and answers nothing.
+    pub fn freeze(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT after [`OwnBroker::freeze`].
+    pub fn thaw(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = self.thaw();
+        let _ = Command::new(kafka_sh()).arg("stop").env("ESK_HOME", &self.home).stderr(Stdio::null()).status();
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
 }
 
 /// How often a broker or cluster start is tried when a port clash failed it.

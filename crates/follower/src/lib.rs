@@ -153,9 +153,10 @@ pub struct Follower {
     fetched: Arc<Mutex<BTreeMap<i32, i64>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    watermarks: Mutex<BaseConsumer>,
+    /// Lag against the high watermarks, sampled every second: reading it
+    /// never waits on Kafka.
+    lag: esk_runtime::sample::Sampled<Option<Vec<Lag>>>,
     topic: String,
-    timeout: Duration,
 }
 
 impl std::fmt::Debug for Follower {
@@ -202,32 +203,11 @@ impl Follower {
         let _ = tokio::time::timeout(timeout, rx.changed()).await;
     }
 
-    /// Applied position against the high watermark, per partition.
-    pub fn lag(&self) -> Vec<Lag> {
-        let progress = self.progress();
-        let fetched = self.fetched.lock().expect("fetched lock").clone();
-        let consumer = self.watermarks.lock().expect("watermarks lock");
-        let Ok(md) = consumer.fetch_metadata(Some(&self.topic), self.timeout) else { return Vec::new() };
-        let Some(t) = md.topics().first() else { return Vec::new() };
-        let now = now_ms();
-        t.partitions()
-            .iter()
-            .filter_map(|p| {
-                let (_, high) = esk_kafka::watermarks(consumer.client(), &self.topic, p.id(), self.timeout).ok()?;
-                // Transaction markers take offsets: where the consumer stands
-                // when idle counts as caught up.
-                let next = progress
-                    .positions
-                    .get(&p.id())
-                    .copied()
-                    .unwrap_or(0)
-                    .max(fetched.get(&p.id()).copied().unwrap_or(0));
-                let lag_records = (high - next).max(0);
-                let lag_ms =
-                    if lag_records == 0 { 0 } else { progress.last_ms.get(&p.id()).map_or(0, |t| (now - t).max(0)) };
-                Some(Lag { partition: p.id(), next_offset: next, high_watermark: high, lag_records, lag_ms })
-            })
-            .collect()
+    /// Applied position against the high watermark, per partition, as last
+    /// sampled (about a second ago at most while Kafka answers); `None`
+    /// before the first sample or when the last one could not reach Kafka.
+    pub fn lag(&self) -> Option<Vec<Lag>> {
+        self.lag.latest().and_then(|(lag, _)| lag)
     }
 
     pub fn stop(mut self) {
@@ -264,15 +244,39 @@ pub fn spawn<S: Sink>(kafka: &KafkaConfig, topic: &str, group: &str, mut sink: S
         fetched: fetched.clone(),
     };
     let thread = std::thread::Builder::new().name(format!("follow-{topic}")).spawn(move || run.run())?;
-    Ok(Follower {
-        progress: rx,
-        fetched,
-        stop,
-        thread: Some(thread),
-        watermarks: Mutex::new(watermarks),
-        topic: topic.to_owned(),
-        timeout: kafka.timeout,
-    })
+    let (progress, f, t, timeout) = (rx.clone(), fetched.clone(), topic.to_owned(), kafka.timeout);
+    let lag = esk_runtime::sample::spawn(&format!("lag-{topic}"), Duration::from_secs(1), move || {
+        measure_lag(&watermarks, &t, timeout, &progress.borrow().clone(), &f.lock().expect("fetched lock").clone())
+    });
+    Ok(Follower { progress: rx, fetched, stop, thread: Some(thread), lag, topic: topic.to_owned() })
+}
+
+/// Applied position against the high watermark, per partition; `None` when
+/// Kafka does not answer.
+fn measure_lag(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+    progress: &Progress,
+    fetched: &BTreeMap<i32, i64>,
+) -> Option<Vec<Lag>> {
+    let md = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+    let t = md.topics().first()?;
+    let now = now_ms();
+    t.partitions()
+        .iter()
+        .map(|p| {
+            let (_, high) = esk_kafka::watermarks(consumer.client(), topic, p.id(), timeout).ok()?;
+            // Transaction markers take offsets: where the consumer stands
+            // when idle counts as caught up.
+            let next =
+                progress.positions.get(&p.id()).copied().unwrap_or(0).max(fetched.get(&p.id()).copied().unwrap_or(0));
+            let lag_records = (high - next).max(0);
+            let lag_ms =
+                if lag_records == 0 { 0 } else { progress.last_ms.get(&p.id()).map_or(0, |t| (now - t).max(0)) };
+            Some(Lag { partition: p.id(), next_offset: next, high_watermark: high, lag_records, lag_ms })
+        })
+        .collect()
 }
 
 struct Loop<S> {

@@ -297,6 +297,16 @@ pub fn watermarks<C: ClientContext>(
     }
 }
 
+/// Whether the cluster answers: metadata of `topic` from a broker within
+/// `timeout`, sampled for readiness (see `esk_runtime::sample`).
+pub fn probe<C: ClientContext>(client: &Client<C>, topic: &str, timeout: Duration) -> Result<(), String> {
+    match client.fetch_metadata(Some(topic), timeout) {
+        Ok(md) if !md.brokers().is_empty() => Ok(()),
+        Ok(_) => Err("the metadata names no broker".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The pause before a call that failed with a transient error is tried again.
 pub const TRANSIENT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 

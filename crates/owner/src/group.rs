@@ -34,6 +34,9 @@ pub trait Handler: Send + Sync + 'static {
     fn run(&self, io: PartitionIo);
     /// Every partition was revoked (all handlers have returned).
     fn revoked(&self) {}
+    /// The group assigned these partitions (handlers are starting on them):
+    /// what readiness waits for.
+    fn assigned(&self, _partitions: &[i32]) {}
 }
 
 struct Worker {
@@ -106,6 +109,7 @@ impl ConsumerContext for GroupContext {
         let partitions: Vec<i32> =
             tpl.elements().iter().filter(|e| e.topic() == self.spec.inputs[0]).map(|e| e.partition()).collect();
         tracing::info!(?partitions, "partitions assigned");
+        self.handler.assigned(&partitions);
         let mut workers = self.workers.lock().expect("workers lock");
         for p in partitions {
             let stop = Arc::new(AtomicBool::new(false));

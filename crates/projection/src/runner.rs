@@ -168,7 +168,9 @@ pub struct RunnerHandle {
     published: Arc<Published>,
     control: Sender<Control>,
     thread: Option<JoinHandle<()>>,
-    watermarks: Mutex<BaseConsumer>,
+    /// Lag against the high watermarks, sampled every second: reading it
+    /// never waits on Kafka.
+    lag: esk_runtime::sample::Sampled<Vec<Lag>>,
     topics: Vec<String>,
 }
 
@@ -242,38 +244,11 @@ impl RunnerHandle {
     }
 
     /// Checkpoints against high watermarks, per partition of the projection's topics.
-    pub fn lag(&self, timeout: Duration) -> Vec<Lag> {
-        let mut positions = self.positions();
-        // Transaction markers take offsets: where the consumer stands when idle
-        // counts as caught up (position >= high watermark).
-        for (k, v) in self.published.fetched.lock().expect("fetched lock").iter() {
-            let p = positions.entry(k.clone()).or_insert(0);
-            *p = (*p).max(*v);
-        }
-        let consumer = self.watermarks.lock().expect("watermarks lock");
-        let mut out = Vec::new();
-        for topic in &self.topics {
-            let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) else {
-                continue;
-            };
-            let Some(t) = md.topics().first() else {
-                continue;
-            };
-            for p in t.partitions() {
-                let Ok((_, high)) = esk_kafka::watermarks(consumer.client(), topic, p.id(), timeout) else {
-                    continue;
-                };
-                let next = positions.get(&(topic.clone(), p.id())).copied().unwrap_or(0);
-                out.push(Lag {
-                    topic: topic.clone(),
-                    partition: p.id(),
-                    next_offset: next,
-                    high_watermark: high,
-                    lag: (high - next).max(0),
-                });
-            }
-        }
-        out
+    /// Per partition, as last sampled (about a second ago at most while
+    /// Kafka answers; partitions it did not answer for are left out);
+    /// `None` before the first sample.
+    pub fn lag(&self) -> Option<Vec<Lag>> {
+        self.lag.latest().map(|(lag, _)| lag)
     }
 
     /// Starts a rebuild; returns the version being built.
@@ -369,6 +344,7 @@ where
         .create()
         .map_err(|e| StoreError::Other(e.to_string()))?;
     let (control_tx, control_rx) = mpsc::channel();
+    let timeout = config.kafka.timeout.min(Duration::from_secs(5));
     let live = Live {
         config,
         projection,
@@ -386,14 +362,50 @@ where
         .name(format!("projection-{name}"))
         .spawn(move || live.run())
         .map_err(StoreError::Io)?;
-    Ok(RunnerHandle {
-        positions: rx,
-        published,
-        control: control_tx,
-        thread: Some(thread),
-        watermarks: Mutex::new(watermarks),
-        topics,
-    })
+    let (positions, p, t) = (rx.clone(), published.clone(), topics.clone());
+    let lag = esk_runtime::sample::spawn(&format!("lag-{name}"), Duration::from_secs(1), move || {
+        measure_lag(&watermarks, &t, timeout, positions.borrow().clone(), &p)
+    });
+    Ok(RunnerHandle { positions: rx, published, control: control_tx, thread: Some(thread), lag, topics })
+}
+
+/// Where the projection stands against each partition's high watermark.
+fn measure_lag(
+    consumer: &BaseConsumer,
+    topics: &[String],
+    timeout: Duration,
+    mut positions: Positions,
+    published: &Published,
+) -> Vec<Lag> {
+    // Transaction markers take offsets: where the consumer stands when idle
+    // counts as caught up (position >= high watermark).
+    for (k, v) in published.fetched.lock().expect("fetched lock").iter() {
+        let p = positions.entry(k.clone()).or_insert(0);
+        *p = (*p).max(*v);
+    }
+    let mut out = Vec::new();
+    for topic in topics {
+        let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) else {
+            continue;
+        };
+        let Some(t) = md.topics().first() else {
+            continue;
+        };
+        for p in t.partitions() {
+            let Ok((_, high)) = esk_kafka::watermarks(consumer.client(), topic, p.id(), timeout) else {
+                continue;
+            };
+            let next = positions.get(&(topic.clone(), p.id())).copied().unwrap_or(0);
+            out.push(Lag {
+                topic: topic.clone(),
+                partition: p.id(),
+                next_offset: next,
+                high_watermark: high,
+                lag: (high - next).max(0),
+            });
+        }
+    }
+    out
 }
 
 struct Live<S: Store, P> {

@@ -60,6 +60,16 @@ impl Default for HttpLimits {
     }
 }
 
+/// A `/ready` answer: 200 when nothing stands in the way, else 503 with
+/// every reason.
+pub fn readiness(reasons: Vec<String>) -> (StatusCode, axum::Json<serde_json::Value>) {
+    if reasons.is_empty() {
+        (StatusCode::OK, axum::Json(serde_json::json!({"ready": true})))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"ready": false, "reasons": reasons})))
+    }
+}
+
 /// Binds a service's HTTP address: a clear error when it cannot, and a
 /// refusal to listen beyond loopback without an admin token.
 pub async fn bind(addr: &str, limits: &HttpLimits) -> std::io::Result<TcpListener> {

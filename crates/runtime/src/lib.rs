@@ -11,7 +11,9 @@
 //! - [`http`]: every service's HTTP server, with its bounds (header and
 //!   request timeouts, body size, connections).
 
+pub mod described;
 pub mod http;
+pub mod sample;
 
 use std::sync::OnceLock;
 
@@ -95,7 +97,7 @@ async fn wait_for_signal() {
 }
 
 /// The process-wide Prometheus recorder. Histograms named `*_seconds` get
-/// latency buckets from 0.5 ms to 10 s, `*_size` ones powers of two to 4096.
+/// latency buckets from 0.5 ms to 10 s, `*_records` ones powers of two to 4096.
 pub fn metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -104,7 +106,7 @@ pub fn metrics() -> PrometheusHandle {
             let sizes: Vec<f64> = (0..13).map(|i| f64::from(1u32 << i)).collect();
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), &sizes))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_records".into()), &sizes))
                 .expect("bucket lists are not empty")
                 .build_recorder();
             let handle = recorder.handle();

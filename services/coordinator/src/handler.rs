@@ -49,6 +49,14 @@ impl Handler for CoordinatorHandler {
         Run { shared: self.shared.clone(), io, view }.main();
         self.shared.owned.lock().expect("owned lock").remove(&p);
     }
+
+    fn revoked(&self) {
+        *self.shared.assigned.lock().expect("assigned lock") = None;
+    }
+
+    fn assigned(&self, partitions: &[i32]) {
+        *self.shared.assigned.lock().expect("assigned lock") = Some(partitions.to_vec());
+    }
 }
 
 struct Run {
@@ -149,13 +157,17 @@ impl Run {
             |owned| self.serve(owned),
             |phase| match phase {
                 Phase::Starting => self.own_store(true),
-                Phase::Serving => {}
+                Phase::Serving => {
+                    self.shared.serving.lock().expect("serving lock").insert(self.io.partition);
+                }
                 Phase::Lost => {
+                    self.shared.serving.lock().expect("serving lock").remove(&self.io.partition);
                     self.own_store(false);
                     metrics::counter!("esk_coordinator_fenced_total").increment(1);
                 }
             },
         );
+        self.shared.serving.lock().expect("serving lock").remove(&self.io.partition);
         self.own_store(false);
     }
 
@@ -376,8 +388,8 @@ impl Run {
         txs.absorb(step.records(), step.sent);
         let (open, in_doubt) = txs.counts(now_ms());
         drop(txs);
-        metrics::gauge!("esk_coordinator_open").set(open as f64);
-        metrics::gauge!("esk_coordinator_in_doubt").set(in_doubt as f64);
+        metrics::gauge!("esk_coordinator_open_transactions").set(open as f64);
+        metrics::gauge!("esk_coordinator_in_doubt_transactions").set(in_doubt as f64);
         Ok(())
     }
 

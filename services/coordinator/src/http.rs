@@ -22,6 +22,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     let limits = shared.config.http.clone();
     let app = Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/tx/{txid}", get(tx))
         .route("/metrics", get(move || std::future::ready(handle.render())))
@@ -40,6 +41,26 @@ fn now_ms() -> i64 {
 async fn health(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let owned = shared.owned.lock().expect("owned lock").len();
     Json(json!({"status": "ok", "partitions_owned": owned}))
+}
+
+/// Ready when Kafka answers and every partition the group assigned is
+/// served (restored); 503 with the reasons before. No Kafka call here.
+async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<Value>) {
+    let mut reasons = Vec::new();
+    if let Err(e) = esk_runtime::sample::reachable(&shared.probe, esk_runtime::sample::PROBE_FRESH) {
+        reasons.push(e);
+    }
+    let assigned = shared.assigned.lock().expect("assigned lock").clone();
+    let serving = shared.serving.lock().expect("serving lock").clone();
+    match assigned {
+        None => reasons.push("the coordinator group has not assigned partitions to this instance yet".into()),
+        Some(partitions) => {
+            reasons.extend(
+                partitions.iter().filter(|p| !serving.contains(p)).map(|p| format!("partition {p} is starting")),
+            );
+        }
+    }
+    esk_runtime::http::readiness(reasons)
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<Value> {

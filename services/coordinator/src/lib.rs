@@ -60,6 +60,12 @@ pub struct Shared {
     pub standby: Option<esk_follower::Follower>,
     /// The partitions this instance owns (their stores are their handlers').
     pub owned_stores: esk_follower::store::Owned,
+    /// The partitions the group last assigned (`None` before the first
+    /// assignment and during a rebalance), and those served: what `/ready` waits for.
+    pub assigned: Mutex<Option<Vec<i32>>>,
+    pub serving: Mutex<std::collections::BTreeSet<i32>>,
+    /// Whether Kafka answers, sampled every second.
+    pub probe: esk_runtime::sample::Sampled<Result<(), String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -110,6 +116,7 @@ async fn horizon(config: &Config, admin: &Admin, topics: &Topics) -> Result<std:
 /// Runs the coordinator until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     esk_runtime::metrics();
+    esk_runtime::described::describe("coordinator");
     let kafka = KafkaConfig::load(&config.bootstrap_servers, config.kafka_timeout(), config.kafka_config.as_deref())?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);
@@ -146,6 +153,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     store.bind_cluster(&admin.cluster_id().await?)?;
     let listener = esk_runtime::http::bind(&config.http_addr, &config.http).await?;
     let owned_stores = esk_follower::store::Owned::default();
+    let probe = esk_runtime::sample::kafka_probe(&kafka, &config.group_id(), &topics.tx_requests())?;
     let standby = if config.standby {
         let sink = esk_follower::store::StoreSink::new(
             store.clone(),
@@ -178,6 +186,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         horizon_ms: horizon.as_millis() as i64,
         standby,
         owned_stores,
+        assigned: Mutex::new(None),
+        serving: Mutex::default(),
+        probe,
     });
     let server = tokio::spawn(http::serve(listener, shared.clone(), shutdown.clone()));
     let spec = esk_owner::GroupSpec {

@@ -62,6 +62,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationT
     let limits = app.config.http.clone();
     let router = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/projections", get(status))
@@ -208,12 +209,10 @@ async fn list(State(app): State<Arc<App>>, Query(params): Params) -> Result<Json
 
 async fn model_status(model: &Model) -> Value {
     let status = model.runner.status();
-    let lag = {
-        let runner = &model.runner;
-        tokio::task::block_in_place(|| runner.lag(Duration::from_secs(5)))
-    };
-    for l in &lag {
-        metrics::gauge!("esk_projection_lag", "projection" => model.name.clone(), "partition" => l.partition.to_string())
+    // As last sampled: no Kafka call here.
+    let lag = model.runner.lag();
+    for l in lag.iter().flatten() {
+        metrics::gauge!("esk_projection_lag_records", "projection" => model.name.clone(), "partition" => l.partition.to_string())
             .set(l.lag as f64);
     }
     json!({
@@ -222,10 +221,26 @@ async fn model_status(model: &Model) -> Value {
         "applied": status.applied,
         "parked": status.parked,
         "events_per_second": status.events_per_second,
-        "lag": lag.iter().map(|l| l.lag).sum::<i64>(),
+        "lag": lag.as_ref().map(|l| l.iter().map(|l| l.lag).sum::<i64>()),
         "partitions": lag,
         "rebuild": status.rebuild,
     })
+}
+
+/// Ready when Kafka answers and every read model has caught up once; 503
+/// with the reasons before. No Kafka call here.
+async fn ready(State(app): State<Arc<App>>) -> (StatusCode, Json<Value>) {
+    let mut reasons = Vec::new();
+    if let Err(e) = esk_runtime::sample::reachable(&app.probe, esk_runtime::sample::PROBE_FRESH) {
+        reasons.push(e);
+    }
+    for m in app.models() {
+        let lag = m.runner.lag().map(|l| l.iter().map(|l| l.lag).sum());
+        if let Err(e) = m.caught_up.check(&format!("projection {}", m.name), lag) {
+            reasons.push(e);
+        }
+    }
+    esk_runtime::http::readiness(reasons)
 }
 
 async fn status(State(app): State<Arc<App>>) -> Json<Value> {

@@ -34,6 +34,8 @@ pub struct Model {
     pub categories: Vec<String>,
     pub runner: RunnerHandle,
     pub readers: Readers,
+    /// Set once the model has caught up with its categories (for `/ready`).
+    pub caught_up: esk_runtime::sample::CaughtUp,
 }
 
 /// What the HTTP handlers share.
@@ -42,6 +44,8 @@ pub struct App {
     pub config: Config,
     pub topics: Topics,
     pub accounts: Model,
+    /// Whether Kafka answers, sampled every second.
+    pub probe: esk_runtime::sample::Sampled<Result<(), String>>,
 }
 
 impl App {
@@ -58,6 +62,7 @@ impl App {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // Install the recorder before anything counts.
     esk_runtime::metrics();
+    esk_runtime::described::describe("projector");
 
     let kafka = KafkaConfig::load(
         &config.bootstrap_servers,
@@ -79,7 +84,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let switch = readers.clone();
     let runner = runner::spawn(
         RunnerConfig {
-            kafka,
+            kafka: kafka.clone(),
             topics: topics.clone(),
             group_id: config.group_id(name),
             max_batch: config.max_batch as usize,
@@ -95,10 +100,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         group = config.group_id(name),
         "projector running"
     );
+    let probe = esk_runtime::sample::kafka_probe(&kafka, &config.group_id(name), &topics.events("account"))?;
     let app = Arc::new(App {
         config,
         topics,
-        accounts: Model { name: name.into(), categories: vec!["account".into()], runner, readers },
+        accounts: Model {
+            name: name.into(),
+            categories: vec!["account".into()],
+            runner,
+            readers,
+            caught_up: Default::default(),
+        },
+        probe,
     });
     // A projection that stopped for good (fenced by another instance with
     // this id) ends the service: serving a model that no longer follows the

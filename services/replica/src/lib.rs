@@ -78,11 +78,14 @@ struct App {
     config: Config,
     follower: Follower,
     reader: Reader,
+    probe: esk_runtime::sample::Sampled<Result<(), String>>,
+    caught_up: esk_runtime::sample::CaughtUp,
 }
 
 /// Runs the replica until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     esk_runtime::metrics();
+    esk_runtime::described::describe("replica");
     let kafka = KafkaConfig::load(&config.bootstrap_servers, Duration::from_secs(30), config.kafka_config.as_deref())?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);
@@ -92,9 +95,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let group = format!("{}-replica-{}", config.prefix, config.instance);
     let follower = esk_follower::spawn(&kafka, &topics.state(), &group, sink)?;
     tracing::info!(http = %listener.local_addr()?, store = %path.display(), "replica following {}", topics.state());
-    let app = Arc::new(App { reader: Reader::new(&path), config, follower });
+    let probe = esk_runtime::sample::kafka_probe(&kafka, &group, &topics.state())?;
+    let app = Arc::new(App { reader: Reader::new(&path), config, follower, probe, caught_up: Default::default() });
     let router = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/streams/{stream}", get(stream))
@@ -184,8 +189,12 @@ async fn stream(
     }
 }
 
+/// The lag as last sampled (never a Kafka call here); `null`s before the
+/// first sample or while Kafka does not answer.
 fn lag_doc(app: &App) -> Value {
-    let lag = tokio::task::block_in_place(|| app.follower.lag());
+    let Some(lag) = app.follower.lag() else {
+        return json!({"instance": app.config.instance, "lag_records": null, "lag_ms": null, "partitions": null});
+    };
     for l in &lag {
         let p = l.partition.to_string();
         metrics::gauge!("esk_replica_lag_records", "partition" => p.clone()).set(l.lag_records as f64);
@@ -197,6 +206,20 @@ fn lag_doc(app: &App) -> Value {
         "lag_ms": lag.iter().map(|l| l.lag_ms).max().unwrap_or(0),
         "partitions": lag,
     })
+}
+
+/// Ready when Kafka answers and the replica has caught up with the state
+/// topic once; 503 with the reasons before. No Kafka call here.
+async fn ready(State(app): State<Arc<App>>) -> (StatusCode, Json<Value>) {
+    let mut reasons = Vec::new();
+    if let Err(e) = esk_runtime::sample::reachable(&app.probe, esk_runtime::sample::PROBE_FRESH) {
+        reasons.push(e);
+    }
+    let lag = app.follower.lag().map(|l| l.iter().map(|l| l.lag_records).sum());
+    if let Err(e) = app.caught_up.check("the replica", lag) {
+        reasons.push(e);
+    }
+    esk_runtime::http::readiness(reasons)
 }
 
 async fn status(State(app): State<Arc<App>>) -> Json<Value> {

@@ -36,6 +36,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     let limits = shared.config.http.clone();
     let app = Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/metrics", get(move || std::future::ready(handle.render())))
         .with_state(shared);
@@ -53,16 +54,37 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
 
 /// The partitions this instance owns, and how far behind its hot standby is
 /// on the state and answers topics (records not yet in the local store).
+/// Ready when Kafka answers and every partition the group assigned is
+/// served; 503 with the reasons before that (restoring, a rebalance, the
+/// broker unreachable). No Kafka call here: the probe is sampled.
+async fn ready(State(shared): State<Arc<Shared>>) -> (axum::http::StatusCode, Json<serde_json::Value>) {
+    let mut reasons = Vec::new();
+    if let Err(e) = esk_runtime::sample::reachable(&shared.probe, esk_runtime::sample::PROBE_FRESH) {
+        reasons.push(e);
+    }
+    let assigned = shared.assigned.lock().expect("assigned lock").clone();
+    let status = shared.status.lock().expect("status lock").clone();
+    match assigned {
+        None => reasons.push("the writer group has not assigned partitions to this instance yet".into()),
+        Some(partitions) => {
+            for p in partitions {
+                let phase = status.partitions.get(&p).map_or("starting", |s| s.phase);
+                if phase != "serving" {
+                    reasons.push(format!("partition {p} is {phase}"));
+                }
+            }
+        }
+    }
+    esk_runtime::http::readiness(reasons)
+}
+
+/// As last sampled (no Kafka call here): a lag is `null` before the first
+/// sample or while Kafka does not answer.
 async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let status = shared.status.lock().expect("status lock").clone();
-    let standby = tokio::task::spawn_blocking(move || {
-        shared.standby.as_ref().map(|(state, answers)| {
-            let lag = |f: &esk_follower::Follower| f.lag().iter().map(|l| l.lag_records).sum::<i64>();
-            serde_json::json!({"state_lag_records": lag(state), "answers_lag_records": lag(answers)})
-        })
-    })
-    .await
-    .ok()
-    .flatten();
+    let standby = shared.standby.as_ref().map(|(state, answers)| {
+        let lag = |f: &esk_follower::Follower| f.lag().map(|l| l.iter().map(|l| l.lag_records).sum::<i64>());
+        serde_json::json!({"state_lag_records": lag(state), "answers_lag_records": lag(answers)})
+    });
     Json(serde_json::json!({"partitions": status.partitions, "standby": standby}))
 }

@@ -86,6 +86,11 @@ pub struct Shared {
     pub limits: Limits,
     /// How long answers and decisions are remembered (ms).
     pub horizon_ms: i64,
+    /// The partitions the group last assigned (`None` before the first
+    /// assignment and during a rebalance): what `/ready` waits for.
+    pub assigned: Mutex<Option<Vec<i32>>>,
+    /// Whether Kafka answers, sampled every second.
+    pub probe: esk_runtime::sample::Sampled<Result<(), String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -172,6 +177,7 @@ async fn horizon(config: &Config, admin: &Admin, topics: &Topics) -> Result<Dura
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // Install the recorder before anything counts.
     esk_runtime::metrics();
+    esk_runtime::described::describe("writer");
 
     let kafka = KafkaConfig::load(&config.bootstrap_servers, config.kafka_timeout(), config.kafka_config.as_deref())?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
@@ -219,6 +225,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let aggregates = Registry::builtin();
     let horizon_ms = horizon.as_millis() as i64;
     let owned = esk_follower::store::Owned::default();
+    let probe = esk_runtime::sample::kafka_probe(&kafka, &config.group_id(), &topics.commands())?;
     let standby = if config.standby {
         let group = format!("{}-standby", config.group_id());
         Some(standby::spawn(&kafka, &topics, &group, &store, aggregates.clone(), horizon_ms, &owned)?)
@@ -254,6 +261,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         owned,
         limits,
         horizon_ms,
+        assigned: Mutex::new(None),
+        probe,
     });
     let server = tokio::spawn(http::serve(http, shared.clone(), shutdown.clone()));
     let spec = esk_owner::GroupSpec {

@@ -38,8 +38,13 @@ impl Handler for WriterHandler {
     }
 
     fn revoked(&self) {
+        *self.shared.assigned.lock().expect("assigned lock") = None;
         self.shared.status.lock().expect("status lock").partitions.clear();
         metrics::gauge!("esk_writer_partitions").set(0.0);
+    }
+
+    fn assigned(&self, partitions: &[i32]) {
+        *self.shared.assigned.lock().expect("assigned lock") = Some(partitions.to_vec());
     }
 }
 
@@ -359,7 +364,7 @@ impl Run {
         metrics::counter!("esk_writer_records_total").increment(n as u64);
         metrics::counter!("esk_writer_retries_answered_total").increment(done.retries_answered);
         metrics::counter!("esk_writer_expired_requests_total").increment(done.expired);
-        metrics::histogram!("esk_writer_batch_size").record(n as f64);
+        metrics::histogram!("esk_writer_batch_records").record(n as f64);
         metrics::histogram!("esk_writer_transaction_seconds").record(started.elapsed().as_secs_f64());
         let mut status = self.shared.status.lock().expect("status lock");
         let s = status.partitions.entry(self.partition).or_default();

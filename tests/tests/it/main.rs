@@ -5,6 +5,7 @@ mod broker;
 mod cluster;
 mod coordinator;
 mod guarantees;
+mod health;
 mod kafka_config;
 mod platform;
 mod projector;

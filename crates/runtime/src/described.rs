@@ -1,0 +1,201 @@
+//! Every metric esk's services record, with its unit and help text: the
+//! `# HELP` and `# TYPE` lines of `/metrics`. A test checks that every
+//! metric named in the workspace's code is here.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+/// (name, kind, unit, help).
+pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
+    ("esk_build_info", Kind::Gauge, Unit::Count, "1, labelled with the service and its version"),
+    (
+        "esk_http_refused_connections_total",
+        Kind::Counter,
+        Unit::Count,
+        "HTTP connections refused over --http-max-connections",
+    ),
+    ("esk_http_unauthorized_total", Kind::Counter, Unit::Count, "HTTP requests refused without the admin token"),
+    (
+        "esk_refused_records_total",
+        Kind::Counter,
+        Unit::Count,
+        "records of an internal topic refused on read (forged or malformed), by topic",
+    ),
+    ("esk_writer_partitions", Kind::Gauge, Unit::Count, "partitions this writer owns"),
+    ("esk_writer_batches_total", Kind::Counter, Unit::Count, "Kafka transactions committed by the writer"),
+    ("esk_writer_records_total", Kind::Counter, Unit::Count, "requests decided by the writer"),
+    ("esk_writer_events_total", Kind::Counter, Unit::Count, "events appended by the writer"),
+    ("esk_writer_aborts_total", Kind::Counter, Unit::Count, "writer transactions aborted (and retried)"),
+    ("esk_writer_fenced_total", Kind::Counter, Unit::Count, "partitions this writer lost to a newer owner"),
+    (
+        "esk_writer_dead_letters_total",
+        Kind::Counter,
+        Unit::Count,
+        "input records the writer parked in its dead-letter topic",
+    ),
+    ("esk_writer_refused_inputs_total", Kind::Counter, Unit::Count, "requests refused as invalid"),
+    (
+        "esk_writer_expired_requests_total",
+        Kind::Counter,
+        Unit::Count,
+        "retries refused as older than the idempotency horizon",
+    ),
+    ("esk_writer_retries_answered_total", Kind::Counter, Unit::Count, "retries answered with their first result"),
+    ("esk_writer_answers_remembered_total", Kind::Counter, Unit::Count, "answers written to the answers topic"),
+    (
+        "esk_writer_hold_asks_total",
+        Kind::Counter,
+        Unit::Count,
+        "2PC holds past their deadline asked about at the coordinator",
+    ),
+    (
+        "esk_writer_offset_mispredictions_total",
+        Kind::Counter,
+        Unit::Count,
+        "batches whose predicted event offsets were wrong (answered after a re-read)",
+    ),
+    ("esk_writer_cached_streams", Kind::Gauge, Unit::Count, "stream records held in the writer's memory cache"),
+    ("esk_writer_open_holds", Kind::Gauge, Unit::Count, "2PC holds open on the writer's streams"),
+    ("esk_writer_store_bytes", Kind::Gauge, Unit::Bytes, "size of the writer's local store on disk"),
+    ("esk_writer_batch_records", Kind::Histogram, Unit::Count, "requests decided per writer transaction"),
+    (
+        "esk_writer_transaction_seconds",
+        Kind::Histogram,
+        Unit::Seconds,
+        "time of one writer transaction, begin to commit",
+    ),
+    ("esk_writer_restore_seconds", Kind::Histogram, Unit::Seconds, "time to restore a partition on takeover"),
+    ("esk_coordinator_open_transactions", Kind::Gauge, Unit::Count, "2PC transactions open"),
+    (
+        "esk_coordinator_in_doubt_transactions",
+        Kind::Gauge,
+        Unit::Count,
+        "2PC transactions decided but not yet acknowledged by every participant",
+    ),
+    ("esk_coordinator_decisions_total", Kind::Counter, Unit::Count, "2PC decisions taken, by outcome"),
+    (
+        "esk_coordinator_aborts_total",
+        Kind::Counter,
+        Unit::Count,
+        "coordinator Kafka transactions aborted (and retried)",
+    ),
+    ("esk_coordinator_fenced_total", Kind::Counter, Unit::Count, "partitions this coordinator lost to a newer owner"),
+    ("esk_coordinator_dead_letters_total", Kind::Counter, Unit::Count, "input records the coordinator parked"),
+    ("esk_coordinator_refused_inputs_total", Kind::Counter, Unit::Count, "transaction requests refused as invalid"),
+    (
+        "esk_coordinator_expired_requests_total",
+        Kind::Counter,
+        Unit::Count,
+        "retries refused as older than the idempotency horizon",
+    ),
+    ("esk_coordinator_tombstones_total", Kind::Counter, Unit::Count, "ended transactions tombstoned after the horizon"),
+    (
+        "esk_coordinator_decision_seconds",
+        Kind::Histogram,
+        Unit::Seconds,
+        "time from a transaction's request to its decision",
+    ),
+    (
+        "esk_coordinator_transaction_seconds",
+        Kind::Histogram,
+        Unit::Seconds,
+        "time of one coordinator Kafka transaction",
+    ),
+    (
+        "esk_coordinator_restore_seconds",
+        Kind::Histogram,
+        Unit::Seconds,
+        "time to restore a partition's live transactions on takeover",
+    ),
+    ("esk_projection_applied_total", Kind::Counter, Unit::Count, "events applied to a read model, by projection"),
+    ("esk_projection_parked_total", Kind::Counter, Unit::Count, "events parked in a projection's dead-letter topic"),
+    ("esk_projection_retries_total", Kind::Counter, Unit::Count, "batches a projection tried again after a failure"),
+    (
+        "esk_projection_lag_records",
+        Kind::Gauge,
+        Unit::Count,
+        "records of a category partition not yet applied, sampled",
+    ),
+    ("esk_projection_batch_seconds", Kind::Histogram, Unit::Seconds, "time to apply and commit one projection batch"),
+    (
+        "esk_replica_lag_records",
+        Kind::Gauge,
+        Unit::Count,
+        "records of the state topic not yet applied by the replica, sampled",
+    ),
+    (
+        "esk_replica_lag_ms",
+        Kind::Gauge,
+        Unit::Milliseconds,
+        "age of the oldest record the replica has not applied, sampled",
+    ),
+    (
+        "esk_sample_age_seconds",
+        Kind::Gauge,
+        Unit::Seconds,
+        "age of the last sample of a value /status and /ready serve, by sample",
+    ),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Describes every metric and sets `esk_build_info` for `service`.
+pub fn describe(service: &str) {
+    for (name, kind, unit, help) in METRICS {
+        match kind {
+            Kind::Counter => describe_counter!(*name, *unit, *help),
+            Kind::Gauge => describe_gauge!(*name, *unit, *help),
+            Kind::Histogram => describe_histogram!(*name, *unit, *help),
+        }
+    }
+    metrics::gauge!("esk_build_info", "service" => service.to_owned(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    use super::*;
+
+    fn names_in(dir: &Path, found: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if !path.ends_with("target") {
+                    names_in(&path, found);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for macro_ in ["counter!(", "gauge!(", "histogram!("] {
+                    for (i, _) in text.match_indices(macro_) {
+                        let rest = text[i + macro_.len()..].trim_start();
+                        if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next())
+                            && name.starts_with("esk_")
+                        {
+                            found.insert(name.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_metric_in_the_code_is_described_once() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut used = BTreeSet::new();
+        for dir in ["crates", "services", "tools"] {
+            names_in(&root.join(dir), &mut used);
+        }
+        let described: BTreeSet<String> = METRICS.iter().map(|m| m.0.to_owned()).collect();
+        assert_eq!(described.len(), METRICS.len(), "a metric is described twice");
+        let missing: Vec<_> = used.difference(&described).collect();
+        assert!(missing.is_empty(), "metrics without a description: {missing:?}");
+        assert!(used.len() > 30, "the scan found too few metrics: {used:?}");
+    }
+}
