@@ -31,21 +31,9 @@ SERVICES=("writer:8701" "projector:8702" "replica:8703" "coordinator:8704")
 
 say() { printf 'esk: %s\n' "$*"; }
 die() { printf 'esk: %s\n' "$*" >&2; exit 1; }
-# Whether process PID runs, and (given WHAT) runs a command line containing
-# WHAT. A zombie does not count: a killed service stays one until init reaps
-# it, which on some machines takes a second or two, and `kill -0` succeeds on a
-# zombie (`make up` right after a crash then waited on the dead process instead
-# of starting a new one). Nor does a pid that a pid file outlived and another
-# program now has.
-pid_runs() { # pid [what]
-  local pid=$1 what=${2:-} ps_out
-  [[ $pid =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
-  ps_out=$(ps -ww -o stat= -o args= -p "$pid" 2>/dev/null) || return 1
-  ps_out=${ps_out#"${ps_out%%[![:space:]]*}"}
-  [[ -n $ps_out && $ps_out != Z* ]] || return 1
-  [[ -z $what || $ps_out == *"$what"* ]]
-}
+# pid_runs PID [WHAT]: whether it runs (a zombie does not); see infra/proc.sh.
+# shellcheck source=infra/proc.sh
+. "$repo/infra/proc.sh"
 
 # Whether the service of pid file $1 runs (esk-<name> for $1 = .../<name>.pid).
 alive() {

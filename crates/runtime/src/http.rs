@@ -70,6 +70,33 @@ pub fn readiness(reasons: Vec<String>) -> (StatusCode, axum::Json<serde_json::Va
     }
 }
 
+/// Why a member of a consumer group that owns partitions (writer,
+/// coordinator) is not ready: Kafka does not answer, the group has assigned
+/// it nothing yet (or is rebalancing), or an assigned partition is not
+/// served yet (`phase_of` says where it is; `"serving"` is ready).
+pub fn member_not_ready(
+    probe: &crate::sample::Sampled<Result<(), String>>,
+    group: &str,
+    assigned: Option<Vec<i32>>,
+    phase_of: impl Fn(i32) -> &'static str,
+) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if let Err(e) = crate::sample::reachable(probe, crate::sample::PROBE_FRESH) {
+        reasons.push(e);
+    }
+    match assigned {
+        None => reasons.push(format!("the {group} group has not assigned partitions to this instance yet")),
+        Some(partitions) => reasons.extend(
+            partitions
+                .into_iter()
+                .map(|p| (p, phase_of(p)))
+                .filter(|(_, phase)| *phase != "serving")
+                .map(|(p, phase)| format!("partition {p} is {phase}")),
+        ),
+    }
+    reasons
+}
+
 /// Binds a service's HTTP address: a clear error when it cannot, and a
 /// refusal to listen beyond loopback without an admin token.
 pub async fn bind(addr: &str, limits: &HttpLimits) -> std::io::Result<TcpListener> {

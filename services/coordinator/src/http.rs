@@ -46,21 +46,11 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<Value> {
 /// Ready when Kafka answers and every partition the group assigned is
 /// served (restored); 503 with the reasons before. No Kafka call here.
 async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<Value>) {
-    let mut reasons = Vec::new();
-    if let Err(e) = esk_runtime::sample::reachable(&shared.probe, esk_runtime::sample::PROBE_FRESH) {
-        reasons.push(e);
-    }
     let assigned = shared.assigned.lock().expect("assigned lock").clone();
     let serving = shared.serving.lock().expect("serving lock").clone();
-    match assigned {
-        None => reasons.push("the coordinator group has not assigned partitions to this instance yet".into()),
-        Some(partitions) => {
-            reasons.extend(
-                partitions.iter().filter(|p| !serving.contains(p)).map(|p| format!("partition {p} is starting")),
-            );
-        }
-    }
-    esk_runtime::http::readiness(reasons)
+    esk_runtime::http::readiness(esk_runtime::http::member_not_ready(&shared.probe, "coordinator", assigned, |p| {
+        if serving.contains(&p) { "serving" } else { "starting" }
+    }))
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<Value> {

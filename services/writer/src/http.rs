@@ -58,24 +58,11 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
 /// served; 503 with the reasons before that (restoring, a rebalance, the
 /// broker unreachable). No Kafka call here: the probe is sampled.
 async fn ready(State(shared): State<Arc<Shared>>) -> (axum::http::StatusCode, Json<serde_json::Value>) {
-    let mut reasons = Vec::new();
-    if let Err(e) = esk_runtime::sample::reachable(&shared.probe, esk_runtime::sample::PROBE_FRESH) {
-        reasons.push(e);
-    }
     let assigned = shared.assigned.lock().expect("assigned lock").clone();
     let status = shared.status.lock().expect("status lock").clone();
-    match assigned {
-        None => reasons.push("the writer group has not assigned partitions to this instance yet".into()),
-        Some(partitions) => {
-            for p in partitions {
-                let phase = status.partitions.get(&p).map_or("starting", |s| s.phase);
-                if phase != "serving" {
-                    reasons.push(format!("partition {p} is {phase}"));
-                }
-            }
-        }
-    }
-    esk_runtime::http::readiness(reasons)
+    esk_runtime::http::readiness(esk_runtime::http::member_not_ready(&shared.probe, "writer", assigned, |p| {
+        status.partitions.get(&p).map_or("starting", |s| s.phase)
+    }))
 }
 
 /// As last sampled (no Kafka call here): a lag is `null` before the first
