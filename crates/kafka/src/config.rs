@@ -167,8 +167,12 @@ impl KafkaConfig {
     /// [`KafkaConfig::committed_reader`] with large fetches: reading a
     /// partition to its end (restores).
     pub fn bulk_reader(&self, group: &str) -> ClientConfig {
-        let mut c = self.committed_reader(group, Duration::from_millis(20));
-        c.set("fetch.max.bytes", "52428800");
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "20")
+            .set("fetch.max.bytes", "52428800");
         self.finish(c)
     }
 

@@ -170,7 +170,7 @@ pub struct RunnerHandle {
     thread: Option<JoinHandle<()>>,
     /// Lag against the high watermarks, sampled every second: reading it
     /// never waits on Kafka.
-    lag: esk_runtime::sample::Sampled<Vec<Lag>>,
+    lag: esk_runtime::sample::Sampled<Option<Vec<Lag>>>,
     topics: Vec<String>,
 }
 
@@ -245,10 +245,10 @@ impl RunnerHandle {
 
     /// Checkpoints against high watermarks, per partition of the projection's topics.
     /// Per partition, as last sampled (about a second ago at most while
-    /// Kafka answers; partitions it did not answer for are left out);
-    /// `None` before the first sample.
+    /// Kafka answers); `None` before the first sample or when the last one
+    /// could not reach Kafka (so an unreachable broker never reads as caught up).
     pub fn lag(&self) -> Option<Vec<Lag>> {
-        self.lag.latest().map(|(lag, _)| lag)
+        self.lag.latest().and_then(|(lag, _)| lag)
     }
 
     /// Starts a rebuild; returns the version being built.
@@ -369,14 +369,16 @@ where
     Ok(RunnerHandle { positions: rx, published, control: control_tx, thread: Some(thread), lag, topics })
 }
 
-/// Where the projection stands against each partition's high watermark.
+/// Where the projection stands against each partition's high watermark;
+/// `None` when Kafka does not answer (a category topic that does not exist
+/// yet has nothing to lag behind).
 fn measure_lag(
     consumer: &BaseConsumer,
     topics: &[String],
     timeout: Duration,
     mut positions: Positions,
     published: &Published,
-) -> Vec<Lag> {
+) -> Option<Vec<Lag>> {
     // Transaction markers take offsets: where the consumer stands when idle
     // counts as caught up (position >= high watermark).
     for (k, v) in published.fetched.lock().expect("fetched lock").iter() {
@@ -385,16 +387,12 @@ fn measure_lag(
     }
     let mut out = Vec::new();
     for topic in topics {
-        let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) else {
-            continue;
-        };
-        let Some(t) = md.topics().first() else {
+        let md = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+        let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
             continue;
         };
         for p in t.partitions() {
-            let Ok((_, high)) = esk_kafka::watermarks(consumer.client(), topic, p.id(), timeout) else {
-                continue;
-            };
+            let (_, high) = esk_kafka::watermarks(consumer.client(), topic, p.id(), timeout).ok()?;
             let next = positions.get(&(topic.clone(), p.id())).copied().unwrap_or(0);
             out.push(Lag {
                 topic: topic.clone(),
@@ -405,7 +403,7 @@ fn measure_lag(
             });
         }
     }
-    out
+    Some(out)
 }
 
 struct Live<S: Store, P> {
