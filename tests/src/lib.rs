@@ -112,6 +112,13 @@ fn kafka_sh() -> PathBuf {
 /// to this process (`--watch-pid`) and its data removed when it dies. A start
 /// that failed because a port was taken is tried once more on fresh ports.
 fn start_local() -> Result<Broker> {
+    let (_, port) = start_single(&[])?;
+    Ok(Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Local })
+}
+
+/// `kafka.sh start` of one node with `env` on top, in a temp `ESK_HOME` (see
+/// [`start_local`]): that home and the client port.
+fn start_single(env: &[(&str, &str)]) -> Result<(PathBuf, u16)> {
     let mut failures = Vec::new();
     for attempt in 1..=START_ATTEMPTS {
         let home = tempfile::Builder::new().prefix("esk-test-kafka-").tempdir()?.keep();
@@ -121,12 +128,13 @@ fn start_local() -> Result<Broker> {
             .env("ESK_HOME", &home)
             .env("ESK_KAFKA_PORT", port.to_string())
             .env("ESK_KAFKA_EPHEMERAL", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .output()
             .context("running infra/kafka/kafka.sh")?;
         if out.status.success() {
-            return Ok(Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Local });
+            return Ok((home, port));
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
         let kept = keep_logs(&home, &format!("kafka-{port}"));
@@ -145,6 +153,56 @@ fn start_local() -> Result<Broker> {
         }
     }
     bail!("{}", failures.join("\n"))
+}
+
+/// A secured broker of its own (ADR 10: SASL_SSL, SCRAM-SHA-512, ACLs, no ACL
+/// means denied), tied to this process like the local broker. Users `admin`
+/// (a super user) and those given, each with a properties file.
+#[derive(Debug)]
+pub struct SecuredBroker {
+    home: PathBuf,
+    users: String,
+    pub bootstrap: String,
+}
+
+impl SecuredBroker {
+    pub fn start(users: &[&str]) -> Result<Self> {
+        let users = users.join(" ");
+        let (home, port) =
+            start_single(&[("ESK_KAFKA_SECURITY", "sasl_ssl"), ("ESK_KAFKA_SCRAM_USERS", users.as_str())])?;
+        Ok(Self { home, users, bootstrap: format!("127.0.0.1:{port}") })
+    }
+
+    /// The path of `user`'s client properties, `librdkafka` (esk's) or `java` (Kafka's tools).
+    pub fn client_config(&self, user: &str, kind: &str) -> PathBuf {
+        let out = Command::new(kafka_sh())
+            .args(["client-config", user, kind])
+            .env("ESK_HOME", &self.home)
+            .env("ESK_KAFKA_SCRAM_USERS", &self.users)
+            .output()
+            .expect("running kafka.sh client-config");
+        assert!(out.status.success(), "kafka.sh client-config {user}: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    }
+
+    /// Runs a tool of Kafka's (`kafka.sh tool CLASS ARGS`) as admin: `--bootstrap-server`
+    /// and `--command-config` come first.
+    pub fn admin_tool(&self, class: &str, args: &[&str]) -> Result<Output> {
+        let config = self.client_config("admin", "java");
+        let out = Command::new(kafka_sh())
+            .args(["tool", class, "--bootstrap-server", &self.bootstrap, "--command-config"])
+            .arg(&config)
+            .args(args)
+            .env("ESK_HOME", &self.home)
+            .env("ESK_KAFKA_HEAP", "256m")
+            .stdin(Stdio::null())
+            .output()
+            .context("running kafka.sh tool")?;
+        if !out.status.success() {
+            bail!("kafka.sh tool {class} {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out)
+    }
 }
 
 /// How often a broker or cluster start is tried when a port clash failed it.

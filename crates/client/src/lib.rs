@@ -134,9 +134,9 @@ fn partition_count(
     timeout: Duration,
     bootstrap: &str,
 ) -> Result<i32, ClientError> {
-    // Ends at once when the brokers refused the credentials (librdkafka tells
-    // only the error callback, and retries until the timeout).
-    let md = esk_kafka::watch::fetch_metadata(consumer.client(), bootstrap, Some(topic), timeout)?;
+    // Ends at once when the brokers refused the credentials (librdkafka
+    // retries until the timeout, telling only the consumer's poll).
+    let md = esk_kafka::watch::consumer_metadata(consumer, bootstrap, Some(topic), timeout)?;
     let t = md.topics().first();
     if let Some(code) = t.and_then(|t| t.error()).map(rdkafka::error::RDKafkaErrorCode::from)
         && esk_kafka::error::is_authorization_code(Some(code))

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::{Client, ClientContext};
-use rdkafka::consumer::ConsumerContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
 
@@ -70,11 +70,49 @@ pub fn fetch_metadata(
     topic: Option<&str>,
     timeout: Duration,
 ) -> Result<Metadata, Error> {
+    sliced(
+        bootstrap,
+        timeout,
+        |slice| client.fetch_metadata(topic, slice),
+        || client.context().authentication(),
+        || client.context().tls(),
+    )
+}
+
+/// [`fetch_metadata`] for a consumer with a `group.id`: librdkafka hands it
+/// errors through `poll` rather than the error callback, so it is polled
+/// between slices (call it before any assignment: no record is taken).
+pub fn consumer_metadata<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    bootstrap: &str,
+    topic: Option<&str>,
+    timeout: Duration,
+) -> Result<Metadata, Error> {
+    let refused = || {
+        for _ in 0..100 {
+            match consumer.poll(Duration::ZERO) {
+                Some(Err(e)) if is_authentication_code(e.rdkafka_error_code()) => return Some(e.to_string()),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+        None
+    };
+    sliced(bootstrap, timeout, |slice| consumer.fetch_metadata(topic, slice), refused, || None)
+}
+
+fn sliced(
+    bootstrap: &str,
+    timeout: Duration,
+    fetch: impl Fn(Duration) -> rdkafka::error::KafkaResult<Metadata>,
+    refused: impl Fn() -> Option<String>,
+    tls: impl Fn() -> Option<String>,
+) -> Result<Metadata, Error> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let result = client.fetch_metadata(topic, left.min(SLICE));
-        if let Some(why) = client.context().authentication() {
+        let result = fetch(left.min(SLICE));
+        if let Some(why) = refused() {
             return Err(Error::Authentication(format!("{bootstrap}: {why}")));
         }
         let e = match result {
@@ -85,7 +123,7 @@ pub fn fetch_metadata(
             return Err(e);
         }
         if Instant::now() >= deadline {
-            let reason = match client.context().tls() {
+            let reason = match tls() {
                 Some(tls) => format!("no metadata within {timeout:?} ({e}); TLS failed: {tls}"),
                 None => format!("no metadata within {timeout:?} ({e})"),
             };
