@@ -176,6 +176,7 @@ fn a_wrong_password_ends_esk_at_once_naming_authentication() {
     let env = env();
     // Not yet `topics describe`: the admin client's metadata wait runs to the
     // timeout and says only "no metadata" (its errors are not served meanwhile).
+    #[allow(clippy::single_element_loop, reason = "topics describe joins it once the admin path sees refusals")]
     for args in [&["append", "note-pw", "Written", "{}"][..]] {
         let run = esk_as(&env, "client")
             .env("ESK_KAFKA_SASL_PASSWORD", "not-the-password")
@@ -210,6 +211,7 @@ fn a_principal_without_an_acl_is_refused_naming_authorization() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[allow(clippy::result_large_err, reason = "rdkafka's delivery result")]
 async fn the_client_may_not_write_the_state_or_the_decisions() {
     let env = env();
     let properties = esk_kafka::Properties::load(Some(std::path::Path::new(&config("client"))), Vec::new()).unwrap();
