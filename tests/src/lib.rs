@@ -112,11 +112,13 @@ fn kafka_sh() -> PathBuf {
 /// to this process (`--watch-pid`) and its data removed when it dies. A start
 /// that failed because a port was taken is tried once more on fresh ports.
 fn start_local() -> Result<Broker> {
-    start_local_home().map(|(broker, _)| broker)
+    let (_, port) = start_single(&[])?;
+    Ok(Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Local })
 }
 
-/// [`start_local`], and the broker's state dir.
-fn start_local_home() -> Result<(Broker, PathBuf)> {
+/// `kafka.sh start` of one node with `env` on top, in a temp `ESK_HOME` (see
+/// [`start_local`]): that home and the client port.
+fn start_single(env: &[(&str, &str)]) -> Result<(PathBuf, u16)> {
     let mut failures = Vec::new();
     for attempt in 1..=START_ATTEMPTS {
         let home = tempfile::Builder::new().prefix("esk-test-kafka-").tempdir()?.keep();
@@ -126,12 +128,13 @@ fn start_local_home() -> Result<(Broker, PathBuf)> {
             .env("ESK_HOME", &home)
             .env("ESK_KAFKA_PORT", port.to_string())
             .env("ESK_KAFKA_EPHEMERAL", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .output()
             .context("running infra/kafka/kafka.sh")?;
         if out.status.success() {
-            return Ok((Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Local }, home));
+            return Ok((home, port));
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
         let kept = keep_logs(&home, &format!("kafka-{port}"));
@@ -162,8 +165,8 @@ pub struct OwnBroker {
 
 impl OwnBroker {
     pub fn start() -> Result<Self> {
-        let (broker, home) = start_local_home()?;
-        Ok(Self { bootstrap: broker.bootstrap, home })
+        let (home, port) = start_single(&[])?;
+        Ok(Self { bootstrap: format!("127.0.0.1:{port}"), home })
     }
 
     fn signal(&self, sig: &str) -> Result<()> {
@@ -189,6 +192,56 @@ impl Drop for OwnBroker {
         let _ = self.thaw();
         let _ = Command::new(kafka_sh()).arg("stop").env("ESK_HOME", &self.home).stderr(Stdio::null()).status();
         let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+/// A secured broker of its own (ADR 10: SASL_SSL, SCRAM-SHA-512, ACLs, no ACL
+/// means denied), tied to this process like the local broker. Users `admin`
+/// (a super user) and those given, each with a properties file.
+#[derive(Debug)]
+pub struct SecuredBroker {
+    home: PathBuf,
+    users: String,
+    pub bootstrap: String,
+}
+
+impl SecuredBroker {
+    pub fn start(users: &[&str]) -> Result<Self> {
+        let users = users.join(" ");
+        let (home, port) =
+            start_single(&[("ESK_KAFKA_SECURITY", "sasl_ssl"), ("ESK_KAFKA_SCRAM_USERS", users.as_str())])?;
+        Ok(Self { home, users, bootstrap: format!("127.0.0.1:{port}") })
+    }
+
+    /// The path of `user`'s client properties, `librdkafka` (esk's) or `java` (Kafka's tools).
+    pub fn client_config(&self, user: &str, kind: &str) -> PathBuf {
+        let out = Command::new(kafka_sh())
+            .args(["client-config", user, kind])
+            .env("ESK_HOME", &self.home)
+            .env("ESK_KAFKA_SCRAM_USERS", &self.users)
+            .output()
+            .expect("running kafka.sh client-config");
+        assert!(out.status.success(), "kafka.sh client-config {user}: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    }
+
+    /// Runs a tool of Kafka's (`kafka.sh tool CLASS ARGS`) as admin: `--bootstrap-server`
+    /// and `--command-config` come first.
+    pub fn admin_tool(&self, class: &str, args: &[&str]) -> Result<Output> {
+        let config = self.client_config("admin", "java");
+        let out = Command::new(kafka_sh())
+            .args(["tool", class, "--bootstrap-server", &self.bootstrap, "--command-config"])
+            .arg(&config)
+            .args(args)
+            .env("ESK_HOME", &self.home)
+            .env("ESK_KAFKA_HEAP", "256m")
+            .stdin(Stdio::null())
+            .output()
+            .context("running kafka.sh tool")?;
+        if !out.status.success() {
+            bail!("kafka.sh tool {class} {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out)
     }
 }
 

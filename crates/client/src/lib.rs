@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use esk_kafka::KafkaConfig;
+use esk_kafka::{AuthWatch, KafkaConfig};
 use esk_wire::limits::{self, Limits};
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{
@@ -69,6 +69,11 @@ impl From<esk_kafka::Error> for ClientError {
     fn from(e: esk_kafka::Error) -> Self {
         match e {
             esk_kafka::Error::Invalid(m) => ClientError::Invalid(m),
+            // Refused credentials and missing ACLs: the installation cannot be
+            // used as configured, as when it is unreachable (exit 5).
+            e @ (esk_kafka::Error::Authentication(_) | esk_kafka::Error::Authorization(_)) => {
+                ClientError::Unavailable(e.to_string())
+            }
             e if e.is_transient() => ClientError::Unavailable(e.to_string()),
             e => ClientError::Internal(e.to_string()),
         }
@@ -124,17 +129,21 @@ impl std::fmt::Debug for Client {
 }
 
 fn partition_count(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<AuthWatch>,
     topic: &str,
     timeout: Duration,
     bootstrap: &str,
 ) -> Result<i32, ClientError> {
-    let md = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| ClientError::Unavailable(format!("Kafka unavailable at {bootstrap}: {e}")))?;
-    let t = md
-        .topics()
-        .first()
+    // Ends at once when the brokers refused the credentials (librdkafka
+    // retries until the timeout, telling only the consumer's poll).
+    let md = esk_kafka::watch::consumer_metadata(consumer, bootstrap, Some(topic), timeout)?;
+    let t = md.topics().first();
+    if let Some(code) = t.and_then(|t| t.error()).map(rdkafka::error::RDKafkaErrorCode::from)
+        && esk_kafka::error::is_authorization_code(Some(code))
+    {
+        return Err(esk_kafka::error::topic_error(topic, code).into());
+    }
+    let t = t
         .filter(|t| t.error().is_none() && !t.partitions().is_empty())
         .ok_or_else(|| ClientError::Unavailable(format!("topic {topic} does not exist: run `esk topics init`")))?;
     Ok(t.partitions().len() as i32)
@@ -156,8 +165,9 @@ impl Client {
     fn open(config: KafkaConfig, topics: Topics, pipelined: bool) -> Result<Self, ClientError> {
         let timeout = config.timeout;
         let replies = topics.replies();
-        let consumer: BaseConsumer =
-            config.committed_reader(&format!("{}-client", topics.prefix()), Duration::from_millis(10)).create()?;
+        let consumer: BaseConsumer<AuthWatch> = config
+            .committed_reader(&format!("{}-client", topics.prefix()), Duration::from_millis(10))
+            .create_with_context(AuthWatch::default())?;
         let partitions = partition_count(&consumer, &topics.commands(), timeout, &config.bootstrap)?;
         let reply_partitions = partition_count(&consumer, &replies, timeout, &config.bootstrap)?;
         let tx_partitions = partition_count(&consumer, &topics.tx_requests(), timeout, &config.bootstrap)?;
@@ -425,7 +435,7 @@ pub fn outcome_error(outcome: ReplyOutcome) -> ClientError {
     }
 }
 
-fn read_replies(consumer: &BaseConsumer, pending: &Pending, stop: &AtomicBool) {
+fn read_replies(consumer: &BaseConsumer<AuthWatch>, pending: &Pending, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(20)) {
             Some(Ok(m)) => {

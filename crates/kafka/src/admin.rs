@@ -17,7 +17,8 @@ use rdkafka::metadata::Metadata;
 use serde::Serialize;
 
 use crate::config::KafkaConfig;
-use crate::error::Error;
+use crate::error::{Error, is_authorization_code};
+use crate::watch::{AuthWatch, fetch_metadata};
 
 /// The partition count of a new installation unless `--partitions` says otherwise.
 pub const DEFAULT_PARTITIONS: i32 = 12;
@@ -169,7 +170,7 @@ pub enum Outcome {
 
 /// An admin connection with bounded waits.
 pub struct Admin {
-    client: Arc<AdminClient<DefaultClientContext>>,
+    client: Arc<AdminClient<AuthWatch>>,
     config: KafkaConfig,
 }
 
@@ -181,7 +182,7 @@ impl std::fmt::Debug for Admin {
 
 impl Admin {
     pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
-        let client = Arc::new(config.admin().create()?);
+        let client = Arc::new(config.admin().create_with_context(AuthWatch::default())?);
         Ok(Self { client, config: config.clone() })
     }
 
@@ -189,15 +190,15 @@ impl Admin {
         AdminOptions::new().request_timeout(Some(self.config.timeout)).operation_timeout(Some(self.config.timeout))
     }
 
-    /// Cluster metadata, or `Unavailable` after the configured timeout.
+    /// Cluster metadata; `Unavailable` after the configured timeout, or
+    /// `Authentication` as soon as the brokers refused the credentials.
     pub async fn metadata(&self) -> Result<Metadata, Error> {
         let timeout = self.config.timeout;
         // A blocking call: off the async threads, and fine on any runtime flavour.
-        let client = self.client.clone();
-        let result = tokio::task::spawn_blocking(move || client.inner().fetch_metadata(None, timeout))
+        let (client, bootstrap) = (self.client.clone(), self.config.bootstrap.clone());
+        tokio::task::spawn_blocking(move || fetch_metadata(client.inner(), &bootstrap, None, timeout))
             .await
-            .map_err(|e| self.config.unavailable(format!("metadata task failed: {e}")))?;
-        result.map_err(|e| self.config.unavailable(format!("no metadata within {timeout:?} ({e})")))
+            .map_err(|e| self.config.unavailable(format!("metadata task failed: {e}")))?
     }
 
     /// The cluster's id, as its brokers report it.
@@ -236,8 +237,12 @@ impl Admin {
         let specifiers: Vec<_> = found.iter().map(|t| ResourceSpecifier::Topic(&t.name)).collect();
         let results = self.client.describe_configs(&specifiers, &self.options()).await?;
         for (info, result) in found.iter_mut().zip(results) {
-            let resource =
-                result.map_err(|code| Error::Invalid(format!("describing the configs of {}: {code}", info.name)))?;
+            let resource = result.map_err(|code| match code {
+                c if is_authorization_code(Some(c)) => {
+                    Error::Authorization(format!("describing the configs of {} (DescribeConfigs): {c}", info.name))
+                }
+                c => Error::Invalid(format!("describing the configs of {}: {c}", info.name)),
+            })?;
             for entry in resource.entries {
                 let always = matches!(
                     entry.name.as_str(),
@@ -306,6 +311,11 @@ impl Admin {
                 Ok(_) => outcomes.push((spec.clone(), Outcome::Created)),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     outcomes.push((spec.clone(), Outcome::Existing));
+                }
+                Err((name, code)) if is_authorization_code(Some(code)) => {
+                    return Err(Error::Authorization(format!(
+                        "creating {name} (Create on the topic, an admin's job: `esk topics init` as admin): {code}"
+                    )));
                 }
                 Err((name, code)) if crate::error::is_transient_code(Some(code)) => {
                     return Err(self.config.unavailable(format!("creating {name}: {code}")));

@@ -10,9 +10,32 @@ pub enum Error {
     /// The request itself is wrong (bad config, conflicting topic layout): permanent.
     #[error("{0}")]
     Invalid(String),
+    /// The brokers refused this client's credentials (SASL, TLS): permanent
+    /// until the client properties change.
+    #[error("Kafka authentication failed: {0} (check sasl.username, sasl.password and sasl.mechanism)")]
+    Authentication(String),
+    /// The principal has no ACL for what it asked (a topic, a group, a
+    /// transactional id, the cluster): permanent until an ACL is added.
+    #[error("Kafka authorization failed: {0} (an ACL is missing: `esk acls` lists what each role needs)")]
+    Authorization(String),
     /// Kafka refused or failed the operation for another reason.
     #[error("Kafka error: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
+}
+
+impl From<KafkaError> for Error {
+    /// Refused credentials and missing ACLs get variants of their own, so a
+    /// caller names the cause instead of retrying or timing out.
+    fn from(e: KafkaError) -> Self {
+        let code = e.rdkafka_error_code();
+        if is_authentication_code(code) {
+            Error::Authentication(e.to_string())
+        } else if is_authorization_code(code) {
+            Error::Authorization(e.to_string())
+        } else {
+            Error::Kafka(e)
+        }
+    }
 }
 
 impl Error {
@@ -20,7 +43,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Unavailable { .. } => true,
-            Error::Invalid(_) => false,
+            Error::Invalid(_) | Error::Authentication(_) | Error::Authorization(_) => false,
             Error::Kafka(e) => is_transient_code(e.rdkafka_error_code()),
         }
     }
@@ -48,6 +71,37 @@ pub fn is_transient_code(code: Option<RDKafkaErrorCode>) -> bool {
                 | Resolve
         )
     )
+}
+
+/// Codes that mean the brokers refused the client's credentials.
+pub fn is_authentication_code(code: Option<RDKafkaErrorCode>) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(code, Some(Authentication | SaslAuthenticationFailed))
+}
+
+/// Codes that mean the principal lacks an ACL.
+pub fn is_authorization_code(code: Option<RDKafkaErrorCode>) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        Some(
+            TopicAuthorizationFailed
+                | GroupAuthorizationFailed
+                | ClusterAuthorizationFailed
+                | TransactionalIdAuthorizationFailed
+                | DelegationTokenAuthorizationFailed
+        )
+    )
+}
+
+/// A topic's error in a metadata answer, as an [`Error`]: a missing ACL is
+/// [`Error::Authorization`], naming the topic.
+pub fn topic_error(topic: &str, code: RDKafkaErrorCode) -> Error {
+    if is_authorization_code(Some(code)) {
+        Error::Authorization(format!("topic {topic}: {code}"))
+    } else {
+        Error::Kafka(KafkaError::MetadataFetch(code))
+    }
 }
 
 /// Whether an error refuses a record for what it is (too large, invalid):

@@ -13,8 +13,10 @@
 //!   description through the admin API.
 //! - [`read`]: reading a partition to its end (restores).
 //! - [`record`]: owned headers, and dead letters (cut to fit when they must).
-//! - [`error`]: errors that say whether the broker was unreachable (retry later)
-//!   or the request was wrong (do not retry).
+//! - [`error`]: errors that say whether the broker was unreachable (retry later),
+//!   the request was wrong, the credentials refused or an ACL missing (do not retry).
+//! - [`watch`]: a client context that sees a refused login, and metadata waits
+//!   that end with it at once rather than at their timeout.
 
 pub mod admin;
 pub mod config;
@@ -22,7 +24,9 @@ pub mod error;
 pub mod properties;
 pub mod read;
 pub mod record;
+pub mod watch;
 
 pub use config::{GroupMember, KafkaConfig, Sending, watermarks};
 pub use error::{Error, refuses_the_record};
 pub use properties::Properties;
+pub use watch::AuthWatch;

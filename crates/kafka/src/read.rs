@@ -92,7 +92,8 @@ pub fn read_partition<E>(
 /// Calls `each` for every record of every partition of `topic`, from
 /// `from(partition)` (`None`: the beginning) up to the high watermark each had
 /// when the read began, with `read_committed`, within `limit`. A topic that
-/// does not exist has nothing to read. Short polls: the end is often a
+/// does not exist has nothing to read; one the principal may not describe
+/// is [`Error::Authorization`]. Short polls: the end is often a
 /// transaction marker, which a poll serves without returning a record.
 pub fn read_topic<E>(
     kafka: &KafkaConfig,
@@ -106,6 +107,12 @@ pub fn read_topic<E>(
     let consumer: BaseConsumer =
         kafka.committed_reader(group, Duration::from_millis(20)).create().map_err(kafka_error)?;
     let md = consumer.fetch_metadata(Some(topic), kafka.timeout).map_err(|e| ReadError::Kafka(kafka.unavailable(e)))?;
+    // A topic this principal may not describe is a missing ACL, not a missing topic.
+    if let Some(code) = md.topics().first().and_then(|t| t.error()).map(rdkafka::error::RDKafkaErrorCode::from)
+        && crate::error::is_authorization_code(Some(code))
+    {
+        return Err(ReadError::Kafka(crate::error::topic_error(topic, code)));
+    }
     let Some(t) = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
         return Ok(());
     };

@@ -10,6 +10,7 @@ mod kafka_config;
 mod platform;
 mod projector;
 mod replica;
+mod secured;
 
 mod topics;
 mod writer;

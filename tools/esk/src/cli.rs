@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(name = "esk", version, about = "Event sourcing on Apache Kafka", propagate_version = true)]
@@ -94,6 +94,48 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// The Kafka ACLs each role needs on this installation (nothing is sent to Kafka).
+    Acls(AclsArgs),
+}
+
+/// Whom the ACLs of `esk acls` are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Role {
+    Writer,
+    Coordinator,
+    Projector,
+    Replica,
+    /// Appends, commands, transactions and reads (`esk` and esk-client).
+    Client,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [Role::Writer, Role::Coordinator, Role::Projector, Role::Replica, Role::Client];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Writer => "writer",
+            Role::Coordinator => "coordinator",
+            Role::Projector => "projector",
+            Role::Replica => "replica",
+            Role::Client => "client",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AclsArgs {
+    /// Only this role's ACLs.
+    #[arg(long)]
+    pub role: Option<Role>,
+    /// The principal of a role, ROLE=User:name (default User:<role>); repeatable.
+    #[arg(long, value_name = "ROLE=PRINCIPAL")]
+    pub principal: Vec<String>,
+    /// Print `kafka-acls` arguments, one ACL a line, to run as an admin:
+    /// `esk acls --commands | while read -r a; do kafka-acls.sh
+    /// --bootstrap-server HOST:PORT --command-config admin.properties $a; done`.
+    #[arg(long)]
+    pub commands: bool,
 }
 
 #[derive(Debug, Subcommand)]

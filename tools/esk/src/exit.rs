@@ -95,6 +95,8 @@ impl From<esk_kafka::Error> for Failure {
     fn from(e: esk_kafka::Error) -> Self {
         match e {
             esk_kafka::Error::Invalid(m) => Failure::invalid(m),
+            // Refused credentials, a missing ACL: exit 5, the message naming which.
+            e @ (esk_kafka::Error::Authentication(_) | esk_kafka::Error::Authorization(_)) => Failure::unavailable(e),
             e if e.is_transient() => Failure::unavailable(e),
             e => Failure::new(Kind::Internal, e),
         }

@@ -4,6 +4,7 @@
 //! go to stderr (and, with `--json`, to stdout as `{"error", "message"}`). The
 //! exit codes are the contract of DESIGN section 8; see [`exit::Failure`].
 
+mod acls;
 mod cli;
 mod dlq;
 mod events;
@@ -64,5 +65,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             DlqCommand::List { consumer } => dlq::list(&g, &consumer).await,
             DlqCommand::Replay { consumer } => dlq::replay(&g, &consumer).await,
         },
+        Command::Acls(args) => acls::run(&g, &args),
     }
 }
