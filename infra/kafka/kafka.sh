@@ -10,6 +10,8 @@
 #   kafka.sh cluster restart N       start node N again (same data, no re-format)
 #   kafka.sh cluster bootstrap       prints the cluster's bootstrap servers
 #   kafka.sh tool CLASS [ARGS...]    run a tool from the same jars, e.g. ProducerPerformance
+#   kafka.sh tool-lines CLASS [ARGS...] <LINES   the tool once per line of stdin in one JVM
+#                                    (ARGS, then the line), e.g. AclCommand with esk acls --commands
 #   kafka.sh wait HOST:PORT [SECS] [MIN_BROKERS]
 #   kafka.sh client-config USER [librdkafka|java]
 #                                    sasl_ssl mode: prints the path of USER's client properties
@@ -664,6 +666,18 @@ tool() {
     -cp "$(classpath)" "$class" "$@"
 }
 
+# Like tool, once per line of stdin in one JVM (ToolLines.java): the ARGS
+# first, then the line's words. For `esk acls --commands`.
+tool_lines() {
+  local class=${1:?usage: kafka.sh tool-lines CLASS [ARGS...] <LINES}
+  shift
+  [[ $class == *.* ]] || class=org.apache.kafka.tools.$class
+  need_java
+  fetch
+  exec java -Xmx"$heap" -Dlog4j2.configurationFile="$here/log4j2.properties" \
+    -cp "$(classpath)" "$here/ToolLines.java" "$class" "$@"
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -676,6 +690,7 @@ stop)
 status) single_status ;;
 cluster) cluster "$@" ;;
 tool) tool "$@" ;;
+tool-lines) tool_lines "$@" ;;
 wait) wait_ready "${1:?HOST:PORT}" "${2:-$start_timeout}" "${3:-1}" ;;
 client-config) client_config "$@" ;;
 *)

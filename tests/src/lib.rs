@@ -225,21 +225,31 @@ impl SecuredBroker {
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     }
 
-    /// Runs a tool of Kafka's (`kafka.sh tool CLASS ARGS`) as admin: `--bootstrap-server`
-    /// and `--command-config` come first.
-    pub fn admin_tool(&self, class: &str, args: &[&str]) -> Result<Output> {
+    /// Runs a tool of Kafka's as admin once per line of `lines`, in one JVM
+    /// (`kafka.sh tool-lines CLASS`): `--bootstrap-server` and
+    /// `--command-config` come first, then the line's words.
+    pub fn admin_tool_lines(&self, class: &str, lines: &str) -> Result<Output> {
+        use std::io::Write as _;
         let config = self.client_config("admin", "java");
-        let out = Command::new(kafka_sh())
-            .args(["tool", class, "--bootstrap-server", &self.bootstrap, "--command-config"])
+        let mut child = Command::new(kafka_sh())
+            .args(["tool-lines", class, "--bootstrap-server", &self.bootstrap, "--command-config"])
             .arg(&config)
-            .args(args)
             .env("ESK_HOME", &self.home)
             .env("ESK_KAFKA_HEAP", "256m")
-            .stdin(Stdio::null())
-            .output()
-            .context("running kafka.sh tool")?;
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kafka.sh tool-lines")?;
+        child.stdin.take().expect("a piped stdin").write_all(lines.as_bytes())?;
+        let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("kafka.sh tool {class} {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "kafka.sh tool-lines {class} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(out)
     }

@@ -157,6 +157,8 @@ pub struct Follower {
     /// never waits on Kafka.
     lag: esk_runtime::sample::Sampled<Option<Vec<Lag>>>,
     topic: String,
+    /// Set when the loop stopped for good: the brokers refused it.
+    failure: watch::Receiver<Option<esk_kafka::Error>>,
 }
 
 impl std::fmt::Debug for Follower {
@@ -210,6 +212,19 @@ impl Follower {
         self.lag.latest().and_then(|(lag, _)| lag)
     }
 
+    /// Resolves once the loop has stopped for good, with why: the brokers
+    /// refused its credentials or an ACL is missing (no retry mends that;
+    /// the process should exit).
+    pub async fn failed(&self) -> esk_kafka::Error {
+        let mut rx = self.failure.clone();
+        let why = rx.wait_for(Option::is_some).await.ok().and_then(|why| why.clone());
+        match why {
+            Some(why) => why,
+            // The loop dropped its sender without a failure: it was stopped.
+            None => std::future::pending().await,
+        }
+    }
+
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
@@ -232,7 +247,10 @@ pub fn spawn<S: Sink>(kafka: &KafkaConfig, topic: &str, group: &str, mut sink: S
     let watermarks: BaseConsumer = kafka.metadata(&format!("{group}-watermarks")).create()?;
     let stop = Arc::new(AtomicBool::new(false));
     let fetched = Arc::new(Mutex::new(BTreeMap::new()));
+    let (failed, failure) = watch::channel(None);
     let run = Loop {
+        bootstrap: kafka.bootstrap.clone(),
+        failed,
         consumer,
         partitions: 0,
         topic: topic.to_owned(),
@@ -248,7 +266,7 @@ pub fn spawn<S: Sink>(kafka: &KafkaConfig, topic: &str, group: &str, mut sink: S
     let lag = esk_runtime::sample::spawn(&format!("lag-{topic}"), Duration::from_secs(1), move || {
         measure_lag(&watermarks, &t, timeout, &progress.borrow().clone(), &f.lock().expect("fetched lock").clone())
     });
-    Ok(Follower { progress: rx, fetched, stop, thread: Some(thread), lag, topic: topic.to_owned() })
+    Ok(Follower { progress: rx, fetched, stop, thread: Some(thread), lag, topic: topic.to_owned(), failure })
 }
 
 /// Applied position against the high watermark, per partition; `None` when
@@ -280,6 +298,8 @@ fn measure_lag(
 }
 
 struct Loop<S> {
+    bootstrap: String,
+    failed: watch::Sender<Option<esk_kafka::Error>>,
     consumer: BaseConsumer,
     /// Partitions of the topic, from the metadata at assignment.
     partitions: i32,
@@ -293,24 +313,52 @@ struct Loop<S> {
 }
 
 impl<S: Sink> Loop<S> {
-    fn assign(&mut self) -> bool {
-        let Ok(md) = self.consumer.fetch_metadata(Some(&self.topic), self.timeout) else { return false };
-        let Some(t) = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
-            return false;
-        };
+    /// Assigns every partition of the topic from the sink's positions:
+    /// `Ok(false)` to be tried again (no metadata yet, the topic not made
+    /// yet), `Err` when the brokers refused (credentials, an ACL).
+    fn assign(&mut self) -> Result<bool, esk_kafka::Error> {
+        let md =
+            match esk_kafka::watch::consumer_metadata(&self.consumer, &self.bootstrap, Some(&self.topic), self.timeout)
+            {
+                Ok(md) => md,
+                Err(e @ (esk_kafka::Error::Authentication(_) | esk_kafka::Error::Authorization(_))) => return Err(e),
+                Err(_) => return Ok(false),
+            };
+        let Some(t) = md.topics().first() else { return Ok(false) };
+        let code = t.error().map(rdkafka::error::RDKafkaErrorCode::from);
+        if esk_kafka::error::is_authorization_code(code) {
+            return Err(esk_kafka::Error::Authorization(format!(
+                "describing topic {} (Metadata): {code:?}",
+                self.topic
+            )));
+        }
+        if code.is_some() || t.partitions().is_empty() {
+            return Ok(false);
+        }
         self.partitions = t.partitions().len() as i32;
         let mut tpl = TopicPartitionList::new();
         for p in t.partitions() {
             let offset = self.progress.positions.get(&p.id()).map_or(Offset::Beginning, |n| Offset::Offset(*n));
             if tpl.add_partition_offset(&self.topic, p.id(), offset).is_err() {
-                return false;
+                return Ok(false);
             }
         }
-        self.consumer.assign(&tpl).is_ok()
+        Ok(self.consumer.assign(&tpl).is_ok())
+    }
+
+    /// The loop stops for good: the brokers refused it.
+    fn refused(&self, e: esk_kafka::Error) {
+        tracing::error!(topic = self.topic, "following stopped: {e}");
+        self.failed.send_replace(Some(e));
     }
 
     fn run(mut self) {
-        while !self.assign() {
+        loop {
+            match self.assign() {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => return self.refused(e),
+            }
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }
@@ -334,6 +382,9 @@ impl<S: Sink> Loop<S> {
                         value: m.payload().map(<[u8]>::to_vec),
                     }),
                     Some(Err(e)) => {
+                        if let Some(refused) = esk_kafka::Error::refusal(&e) {
+                            return self.refused(refused);
+                        }
                         tracing::warn!(topic = self.topic, "follow: {e}");
                         break;
                     }

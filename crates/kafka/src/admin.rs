@@ -14,6 +14,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::metadata::Metadata;
+use rdkafka::producer::{BaseProducer, Producer};
 use serde::Serialize;
 
 use crate::config::KafkaConfig;
@@ -168,9 +169,27 @@ pub enum Outcome {
     Existing,
 }
 
+/// [`Error::Authorization`] if the brokers refuse to describe one of `names`
+/// (asked one by one: a refused one is missing from a listing of all).
+fn refused_topics(probe: &BaseProducer<AuthWatch>, names: &[String], timeout: Duration) -> Result<(), Error> {
+    for name in names {
+        let md = probe.client().fetch_metadata(Some(name), timeout)?;
+        let code = md.topics().first().and_then(|t| t.error()).map(RDKafkaErrorCode::from);
+        if is_authorization_code(code) {
+            return Err(Error::Authorization(format!(
+                "describing topic {name} (Metadata): {}",
+                code.expect("an error")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// An admin connection with bounded waits.
 pub struct Admin {
     client: Arc<AdminClient<AuthWatch>>,
+    /// Asks for metadata, and sees a refused login (see [`fetch_metadata`]).
+    probe: Arc<BaseProducer<AuthWatch>>,
     config: KafkaConfig,
 }
 
@@ -183,7 +202,8 @@ impl std::fmt::Debug for Admin {
 impl Admin {
     pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
         let client = Arc::new(config.admin().create_with_context(AuthWatch::default())?);
-        Ok(Self { client, config: config.clone() })
+        let probe = Arc::new(config.admin().create_with_context(AuthWatch::default())?);
+        Ok(Self { client, probe, config: config.clone() })
     }
 
     fn options(&self) -> AdminOptions {
@@ -195,17 +215,19 @@ impl Admin {
     pub async fn metadata(&self) -> Result<Metadata, Error> {
         let timeout = self.config.timeout;
         // A blocking call: off the async threads, and fine on any runtime flavour.
-        let (client, bootstrap) = (self.client.clone(), self.config.bootstrap.clone());
-        tokio::task::spawn_blocking(move || fetch_metadata(client.inner(), &bootstrap, None, timeout))
+        let (probe, bootstrap) = (self.probe.clone(), self.config.bootstrap.clone());
+        tokio::task::spawn_blocking(move || fetch_metadata(&probe, &bootstrap, None, timeout))
             .await
             .map_err(|e| self.config.unavailable(format!("metadata task failed: {e}")))?
     }
 
     /// The cluster's id, as its brokers report it.
     pub async fn cluster_id(&self) -> Result<String, Error> {
+        // Metadata first: a refused login ends it at once.
+        self.metadata().await?;
         let timeout = self.config.timeout;
-        let client = self.client.clone();
-        tokio::task::spawn_blocking(move || client.inner().fetch_cluster_id(timeout))
+        let probe = self.probe.clone();
+        tokio::task::spawn_blocking(move || probe.client().fetch_cluster_id(timeout))
             .await
             .map_err(|e| self.config.unavailable(format!("cluster id task failed: {e}")))?
             .ok_or_else(|| self.config.unavailable(format!("no cluster id within {timeout:?}")))
@@ -217,8 +239,20 @@ impl Admin {
     }
 
     /// Describes the named topics that exist (missing ones are left out).
+    ///
+    /// A topic the principal may not describe is left out of a cluster's
+    /// metadata as if it did not exist: a named topic not found is asked
+    /// about alone, and a refusal is [`Error::Authorization`].
     pub async fn describe(&self, names: &[String]) -> Result<Vec<TopicInfo>, Error> {
         let metadata = self.metadata().await?;
+        let listed = |n: &String| metadata.topics().iter().any(|t| t.name() == n && !t.partitions().is_empty());
+        let missing: Vec<String> = names.iter().filter(|n| !listed(n)).cloned().collect();
+        if !missing.is_empty() {
+            let (probe, timeout) = (self.probe.clone(), self.config.timeout);
+            tokio::task::spawn_blocking(move || refused_topics(&probe, &missing, timeout))
+                .await
+                .map_err(|e| self.config.unavailable(format!("metadata task failed: {e}")))??;
+        }
         let mut found = Vec::new();
         for t in metadata.topics() {
             if !names.iter().any(|n| n == t.name()) || t.partitions().is_empty() {

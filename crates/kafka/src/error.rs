@@ -2,7 +2,7 @@
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The cluster could not be reached or did not answer in time: transient.
     #[error("Kafka unavailable at {bootstrap}: {reason}")]
@@ -39,6 +39,16 @@ impl From<KafkaError> for Error {
 }
 
 impl Error {
+    /// `e` as [`Error::Authentication`] or [`Error::Authorization`] if it is a
+    /// refusal by the brokers: what a loop that retries consumer errors
+    /// should stop on, since no retry mends it.
+    pub fn refusal(e: &KafkaError) -> Option<Self> {
+        match Self::from(e.clone()) {
+            refused @ (Error::Authentication(_) | Error::Authorization(_)) => Some(refused),
+            _ => None,
+        }
+    }
+
     /// Whether retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {

@@ -8,10 +8,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::client::{Client, ClientContext};
+use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
 use rdkafka::metadata::Metadata;
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 
 use crate::error::{Error, is_authentication_code};
 
@@ -57,26 +59,33 @@ impl ClientContext for AuthWatch {
 
 impl ConsumerContext for AuthWatch {}
 
+/// Only for [`fetch_metadata`]'s producer, which sends nothing.
+impl ProducerContext for AuthWatch {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
 /// How long one metadata request may wait before the callback is looked at again.
 const SLICE: Duration = Duration::from_millis(250);
 
 /// Metadata (of `topic`, or of every topic) within `timeout`, asked in short
-/// slices: [`Error::Authentication`] as soon as the brokers refused the
-/// credentials; a transient error is retried until the timeout, and then is
+/// slices through a producer that sends nothing (an admin client never serves
+/// librdkafka's error events; a producer's `poll` does, into [`AuthWatch`]):
+/// [`Error::Authentication`] as soon as the brokers refused the credentials; a
+/// transient error is retried until the timeout, and then is
 /// [`Error::Unavailable`], naming a TLS failure if one was seen.
 pub fn fetch_metadata(
-    client: &Client<AuthWatch>,
+    probe: &BaseProducer<AuthWatch>,
     bootstrap: &str,
     topic: Option<&str>,
     timeout: Duration,
 ) -> Result<Metadata, Error> {
-    sliced(
-        bootstrap,
-        timeout,
-        |slice| client.fetch_metadata(topic, slice),
-        || client.context().authentication(),
-        || client.context().tls(),
-    )
+    let refused = || {
+        probe.poll(Duration::ZERO);
+        probe.context().authentication()
+    };
+    sliced(bootstrap, timeout, |slice| probe.client().fetch_metadata(topic, slice), refused, || probe.context().tls())
 }
 
 /// [`fetch_metadata`] for a consumer with a `group.id`: librdkafka hands it

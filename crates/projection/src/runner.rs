@@ -152,6 +152,16 @@ enum FromRebuild<S> {
     Failed(String),
 }
 
+/// Why a projection's live loop stopped for good.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Stopped {
+    /// The brokers refused the credentials or an ACL is missing.
+    #[error(transparent)]
+    Refused(esk_kafka::Error),
+    #[error("{0}")]
+    Failed(String),
+}
+
 struct Published {
     positions: watch::Sender<Positions>,
     status: Mutex<RunnerStatus>,
@@ -159,7 +169,7 @@ struct Published {
     /// transaction markers that follow the last applied event.
     fetched: Mutex<Positions>,
     /// Why the live loop gave up for good (it stopped).
-    failure: watch::Sender<Option<String>>,
+    failure: watch::Sender<Option<Stopped>>,
 }
 
 /// A running projection: positions to wait on, status, control.
@@ -233,7 +243,7 @@ impl RunnerHandle {
 
     /// Resolves, with the reason, once the projection has stopped for good
     /// (the service should exit: its model no longer follows the log).
-    pub async fn failed(&self) -> String {
+    pub async fn failed(&self) -> Stopped {
         let mut rx = self.published.failure.subscribe();
         let why = rx.wait_for(Option::is_some).await.ok().and_then(|why| why.clone());
         match why {
@@ -536,13 +546,23 @@ impl Failing {
     }
 }
 
-fn poll_batch(consumer: &BaseConsumer<impl ConsumerContext>, max: usize, wait: Duration) -> Vec<Rec> {
+/// Up to `max` records; a consumer error ends the batch and is retried by
+/// the next poll, except a refusal by the brokers (credentials, an ACL),
+/// which is returned: no retry mends it.
+fn poll_batch(
+    consumer: &BaseConsumer<impl ConsumerContext>,
+    max: usize,
+    wait: Duration,
+) -> Result<Vec<Rec>, esk_kafka::Error> {
     let mut batch = Vec::new();
     let mut timeout = wait;
     while batch.len() < max {
         match consumer.poll(timeout) {
             Some(Ok(m)) => batch.push(Rec::of(&m)),
             Some(Err(e)) => {
+                if let Some(refused) = esk_kafka::Error::refusal(&e) {
+                    return Err(refused);
+                }
                 tracing::warn!("consume: {e}");
                 break;
             }
@@ -550,7 +570,7 @@ fn poll_batch(consumer: &BaseConsumer<impl ConsumerContext>, max: usize, wait: D
         }
         timeout = Duration::ZERO;
     }
-    batch
+    Ok(batch)
 }
 
 impl<S: Store, P: Projection<S>> Live<S, P> {
@@ -628,7 +648,14 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                     Err(TryRecvError::Empty) => {}
                 }
             }
-            let batch = poll_batch(&consumer, self.config.max_batch, Duration::from_millis(100));
+            let batch = match poll_batch(&consumer, self.config.max_batch, Duration::from_millis(100)) {
+                Ok(batch) => batch,
+                Err(refused) => {
+                    tracing::error!(projection = name, "{refused}");
+                    self.published.failure.send_replace(Some(Stopped::Refused(refused)));
+                    break;
+                }
+            };
             if batch.is_empty() {
                 // A fatal consumer error ends the loop: for a static member
                 // it means another process joined with this instance's id.
@@ -639,7 +666,7 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                         self.config.group_id
                     );
                     tracing::error!(projection = name, "{why}");
-                    self.published.failure.send_replace(Some(why));
+                    self.published.failure.send_replace(Some(Stopped::Failed(why)));
                     break;
                 }
                 if let Ok(tpl) = consumer.position() {
@@ -1096,7 +1123,8 @@ impl<S: Store, P: Projection<S>> Rebuild<S, P> {
                 }
                 _ => {}
             }
-            let batch = poll_batch(&consumer, self.config.max_batch.max(1000), Duration::from_millis(100));
+            let batch = poll_batch(&consumer, self.config.max_batch.max(1000), Duration::from_millis(100))
+                .map_err(|refused| refused.to_string())?;
             if batch.is_empty() {
                 continue;
             }

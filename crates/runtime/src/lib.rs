@@ -57,11 +57,12 @@ pub fn init_tracing(default_filter: &str) {
 
 /// The body of every service's `main`: tracing, a panic ends the process,
 /// `run` with a token that SIGINT or SIGTERM cancels; its error is logged and
-/// printed, and the exit code says whether it stopped cleanly.
-pub async fn service_main<E, F>(name: &str, run: impl FnOnce(CancellationToken) -> F) -> std::process::ExitCode
+/// printed, and the exit code says why it stopped: 0 cleanly,
+/// [`EXIT_REFUSED`] when the brokers refused its credentials or an ACL is
+/// missing (nothing a restart would mend), 1 any other error, 70 a panic.
+pub async fn service_main<F>(name: &str, run: impl FnOnce(CancellationToken) -> F) -> std::process::ExitCode
 where
-    E: std::fmt::Display,
-    F: Future<Output = Result<(), E>>,
+    F: Future<Output = anyhow::Result<()>>,
 {
     init_tracing("info");
     exit_on_panic();
@@ -70,9 +71,23 @@ where
         Err(e) => {
             tracing::error!("{name} stopped: {e:#}");
             eprintln!("esk-{name}: {e:#}");
-            std::process::ExitCode::FAILURE
+            if refused(&e) { std::process::ExitCode::from(EXIT_REFUSED) } else { std::process::ExitCode::FAILURE }
         }
     }
+}
+
+/// A service's exit code when the brokers refused it (authentication or
+/// authorization), as `esk`'s 5 for Kafka errors.
+pub const EXIT_REFUSED: u8 = 5;
+
+/// Whether `e` comes from the brokers refusing the credentials or an ACL.
+fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<esk_kafka::Error>(),
+            Some(esk_kafka::Error::Authentication(_) | esk_kafka::Error::Authorization(_))
+        )
+    })
 }
 
 /// A token cancelled when the process gets SIGINT or SIGTERM.

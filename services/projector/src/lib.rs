@@ -133,6 +133,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let app = Arc::into_inner(app).context("HTTP handlers still hold the app")?;
     tokio::task::spawn_blocking(move || app.accounts.runner.stop()).await?;
     match failure {
+        Some(runner::Stopped::Refused(e)) => Err(anyhow::Error::new(e).context(format!("projection {name} stopped"))),
         Some(why) => anyhow::bail!("projection {name} stopped: {why}"),
         None => Ok(()),
     }

@@ -106,11 +106,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .fallback(|| async { err(StatusCode::NOT_FOUND, "not_found", "no such endpoint".into()) })
         .with_state(app.clone());
     let limits = app.config.http.clone();
+    // Following that stopped for good (the brokers refused it) ends the
+    // service: a replica that no longer follows would answer tokens never.
+    let failed = {
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => None,
+                why = app.follower.failed() => {
+                    shutdown.cancel();
+                    Some(why)
+                }
+            }
+        })
+    };
     esk_runtime::http::serve(listener, router, shutdown, &limits).await?;
+    let failure = failed.await?;
     if let Some(app) = Arc::into_inner(app) {
         tokio::task::spawn_blocking(move || app.follower.stop()).await?;
     }
-    Ok(())
+    match failure {
+        Some(e) => Err(anyhow::Error::new(e).context(format!("following {} stopped", topics.state()))),
+        None => Ok(()),
+    }
 }
 
 fn err(status: StatusCode, code: &str, message: String) -> Response {

@@ -4,7 +4,7 @@
 //! missing ACL end `esk` with exit 5 well before its timeout, naming which;
 //! the client cannot write what only the services may.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use esk_tests::{Esk, SecuredBroker, Service, TestEnv, poll_until, wait_serving};
@@ -49,27 +49,8 @@ fn set_up() -> anyhow::Result<Installation> {
     anyhow::ensure!(init.code == Some(0), "esk topics init as admin: {init:#?}");
     println!("broker and topics in {:?}", started.elapsed());
     let lines = env.esk().args(["acls", "--commands"]).run().ok().stdout;
-    let lines: Mutex<Vec<&str>> = Mutex::new(lines.lines().collect());
-    let count = lines.lock().unwrap().len();
-    // A JVM per line: a few side by side.
-    let failures: Vec<String> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..3)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut failed = Vec::new();
-                    while let Some(line) = lines.lock().unwrap().pop() {
-                        let args: Vec<&str> = line.split_whitespace().collect();
-                        if let Err(e) = broker.admin_tool("AclCommand", &args) {
-                            failed.push(format!("{e:#}"));
-                        }
-                    }
-                    failed
-                })
-            })
-            .collect();
-        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
-    });
-    anyhow::ensure!(failures.is_empty(), "applying the ACLs: {failures:#?}");
+    let count = lines.lines().count();
+    broker.admin_tool_lines("AclCommand", &lines)?;
     println!("{count} ACL lines applied; set up in {:?}", started.elapsed());
     Ok(Installation { broker, prefix })
 }
@@ -171,34 +152,43 @@ async fn every_role_works_with_only_its_acls_and_a_killed_writers_partitions_ans
     assert_eq!(serving(&w2), u64::from(PARTITIONS));
 }
 
+/// What a refused login or a missing ACL is tried with: every path of `esk`
+/// that reaches Kafka (the request/reply client, a reader, the admin client).
+const CLI_PATHS: [&[&str]; 5] = [
+    &["append", "note-pw", "Written", "{}"],
+    &["command", "account-pw", "OpenAccount", r#"{"owner": "p"}"#],
+    &["read", "note-pw"],
+    &["tx", "transfer", "account-pw1", "account-pw2", "1"],
+    &["topics", "describe"],
+];
+
+/// How long a refusal may take to end a run: about a second when quiet; the
+/// margin is for a loaded machine, and well below the runs' 20 s timeout.
+const FAST: Duration = Duration::from_secs(12);
+
 #[test]
 fn a_wrong_password_ends_esk_at_once_naming_authentication() {
     let env = env();
-    // Not yet `topics describe`: the admin client's metadata wait runs to the
-    // timeout and says only "no metadata" (its errors are not served meanwhile).
-    #[allow(clippy::single_element_loop, reason = "topics describe joins it once the admin path sees refusals")]
-    for args in [&["append", "note-pw", "Written", "{}"][..]] {
+    for args in CLI_PATHS {
         let run = esk_as(&env, "client")
             .env("ESK_KAFKA_SASL_PASSWORD", "not-the-password")
             .args(["--timeout", "20s"])
             .args(args)
             .run()
             .code(5);
-        assert!(run.stderr.to_lowercase().contains("authentication"), "{run:#?}");
+        assert!(run.stderr.to_lowercase().contains("authentication"), "{args:?}: {run:#?}");
         assert!(!run.stderr.contains("not-the-password"), "the password is shown: {run:#?}");
         println!("esk {args:?} with a wrong password: exit 5 after {:?}", run.elapsed);
-        // At most the timeout (20 s), with a margin for a loaded machine. The
-        // client's metadata wait does not see the refusal yet: it runs to
-        // the timeout, librdkafka's logged error naming authentication.
-        assert!(run.elapsed < Duration::from_secs(35), "{run:#?}");
+        assert!(run.elapsed < FAST, "{args:?}: {run:#?}");
     }
 }
 
 #[test]
 fn a_principal_without_an_acl_is_refused_naming_authorization() {
     let env = env();
-    let cases: [(&str, &[&str]); 3] = [
+    let cases: [(&str, &[&str]); 4] = [
         ("nobody", &["append", "note-na", "Written", "{}"]),
+        ("nobody", &["read", "note-na"]),
         ("replica", &["command", "account-na", "OpenAccount", r#"{"owner": "n"}"#]),
         ("client", &["dlq", "list", "writer"]),
     ];
@@ -206,7 +196,33 @@ fn a_principal_without_an_acl_is_refused_naming_authorization() {
         let run = esk_as(&env, user).args(["--timeout", "20s"]).args(args).run().code(5);
         assert!(run.stderr.to_lowercase().contains("authorization"), "{user} {args:?}: {run:#?}");
         println!("esk {args:?} as {user}: exit 5 after {:?}", run.elapsed);
-        assert!(run.elapsed < Duration::from_secs(12), "{run:#?}");
+        assert!(run.elapsed < FAST, "{run:#?}");
+    }
+}
+
+/// A service that cannot log in, or whose principal has no ACL, stops at
+/// start with exit 5 and a log line naming which, instead of retrying.
+#[test]
+fn a_service_refused_by_the_brokers_stops_at_once_naming_why() {
+    let env = env();
+    for name in ["writer", "coordinator", "projector", "replica"] {
+        for (refusal, user, extra) in [
+            ("authentication", name, &[("ESK_KAFKA_SASL_PASSWORD", "not-the-password")][..]),
+            ("authorization", "nobody", &[]),
+        ] {
+            let started = Instant::now();
+            let file = config(user);
+            let mut all = vec![("ESK_KAFKA_CONFIG", file.as_str())];
+            all.extend_from_slice(extra);
+            let mut s = Service::start(&env, name, &all);
+            let code = s.exit_code(Duration::from_secs(30));
+            let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+            println!("esk-{name} refused ({refusal}): exit {code:?} after {:?}", started.elapsed());
+            assert_eq!(code, Some(5), "esk-{name} ({refusal}): {}", s.log_tail());
+            assert!(log.to_lowercase().contains(refusal), "esk-{name}: {}", s.log_tail());
+            assert!(!log.contains("not-the-password"), "esk-{name} logs the password: {}", s.log_tail());
+            assert!(started.elapsed() < Duration::from_secs(20), "esk-{name} took {:?}", started.elapsed());
+        }
     }
 }
 
