@@ -205,6 +205,7 @@ pub fn run_group(spec: GroupSpec, handler: Arc<dyn Handler>, shutdown: &Cancella
     let names: Vec<&str> = spec.inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     tracing::info!(group = %spec.group_id, "joined the group");
+    let mut refused = None;
     while !shutdown.is_cancelled() {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
@@ -212,7 +213,15 @@ pub fn run_group(spec: GroupSpec, handler: Arc<dyn Handler>, shutdown: &Cancella
                 // fetched before the split and is fetched again after the handler's rewind.
                 tracing::debug!(topic = rdkafka::Message::topic(&m), "record on the main queue ignored");
             }
-            Some(Err(e)) => tracing::warn!("consumer: {e}"),
+            Some(Err(e)) => match esk_kafka::Error::refusal(&e) {
+                // No retry mends a refusal (credentials, an ACL): leave the
+                // group, and the process ends with it.
+                Some(e) => {
+                    refused = Some(e);
+                    break;
+                }
+                None => tracing::warn!("consumer: {e}"),
+            },
             None => {}
         }
     }
@@ -223,5 +232,8 @@ pub fn run_group(spec: GroupSpec, handler: Arc<dyn Handler>, shutdown: &Cancella
     // Leave the group now, so that another instance takes over at once.
     let _ = consumer.poll(Duration::from_millis(100));
     drop(consumer);
-    Ok(())
+    match refused {
+        Some(e) => Err(anyhow::Error::new(e).context(format!("the group {} stopped", spec.group_id))),
+        None => Ok(()),
+    }
 }
