@@ -321,18 +321,14 @@ impl<S: Sink> Loop<S> {
             match esk_kafka::watch::consumer_metadata(&self.consumer, &self.bootstrap, Some(&self.topic), self.timeout)
             {
                 Ok(md) => md,
-                Err(e @ (esk_kafka::Error::Authentication(_) | esk_kafka::Error::Authorization(_))) => return Err(e),
+                Err(e) if e.is_refusal() => return Err(e),
                 Err(_) => return Ok(false),
             };
-        let Some(t) = md.topics().first() else { return Ok(false) };
-        let code = t.error().map(rdkafka::error::RDKafkaErrorCode::from);
-        if esk_kafka::error::is_authorization_code(code) {
-            return Err(esk_kafka::Error::Authorization(format!(
-                "describing topic {} (Metadata): {code:?}",
-                self.topic
-            )));
+        if let Some(refused) = esk_kafka::error::topic_refused(&md, &self.topic) {
+            return Err(refused);
         }
-        if code.is_some() || t.partitions().is_empty() {
+        let Some(t) = md.topics().first() else { return Ok(false) };
+        if t.error().is_some() || t.partitions().is_empty() {
             return Ok(false);
         }
         self.partitions = t.partitions().len() as i32;

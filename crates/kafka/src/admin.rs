@@ -174,12 +174,8 @@ pub enum Outcome {
 fn refused_topics(probe: &BaseProducer<AuthWatch>, names: &[String], timeout: Duration) -> Result<(), Error> {
     for name in names {
         let md = probe.client().fetch_metadata(Some(name), timeout)?;
-        let code = md.topics().first().and_then(|t| t.error()).map(RDKafkaErrorCode::from);
-        if is_authorization_code(code) {
-            return Err(Error::Authorization(format!(
-                "describing topic {name} (Metadata): {}",
-                code.expect("an error")
-            )));
+        if let Some(refused) = crate::error::topic_refused(&md, name) {
+            return Err(refused);
         }
     }
     Ok(())

@@ -43,10 +43,12 @@ impl Error {
     /// refusal by the brokers: what a loop that retries consumer errors
     /// should stop on, since no retry mends it.
     pub fn refusal(e: &KafkaError) -> Option<Self> {
-        match Self::from(e.clone()) {
-            refused @ (Error::Authentication(_) | Error::Authorization(_)) => Some(refused),
-            _ => None,
-        }
+        Some(Self::from(e.clone())).filter(Self::is_refusal)
+    }
+
+    /// Whether the brokers refused the credentials or an ACL is missing.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Error::Authentication(_) | Error::Authorization(_))
     }
 
     /// Whether retrying the same request later may succeed.
@@ -102,6 +104,13 @@ pub fn is_authorization_code(code: Option<RDKafkaErrorCode>) -> bool {
                 | DelegationTokenAuthorizationFailed
         )
     )
+}
+
+/// [`Error::Authorization`] if the metadata answer about `topic` says the
+/// principal may not describe it (a missing ACL, not a missing topic).
+pub fn topic_refused(md: &rdkafka::metadata::Metadata, topic: &str) -> Option<Error> {
+    let code = md.topics().first().and_then(|t| t.error()).map(RDKafkaErrorCode::from)?;
+    is_authorization_code(Some(code)).then(|| topic_error(topic, code))
 }
 
 /// A topic's error in a metadata answer, as an [`Error`]: a missing ACL is

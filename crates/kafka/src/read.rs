@@ -107,11 +107,8 @@ pub fn read_topic<E>(
     let consumer: BaseConsumer =
         kafka.committed_reader(group, Duration::from_millis(20)).create().map_err(kafka_error)?;
     let md = consumer.fetch_metadata(Some(topic), kafka.timeout).map_err(|e| ReadError::Kafka(kafka.unavailable(e)))?;
-    // A topic this principal may not describe is a missing ACL, not a missing topic.
-    if let Some(code) = md.topics().first().and_then(|t| t.error()).map(rdkafka::error::RDKafkaErrorCode::from)
-        && crate::error::is_authorization_code(Some(code))
-    {
-        return Err(ReadError::Kafka(crate::error::topic_error(topic, code)));
+    if let Some(refused) = crate::error::topic_refused(&md, topic) {
+        return Err(ReadError::Kafka(refused));
     }
     let Some(t) = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
         return Ok(());

@@ -82,12 +82,7 @@ pub const EXIT_REFUSED: u8 = 5;
 
 /// Whether `e` comes from the brokers refusing the credentials or an ACL.
 fn refused(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<esk_kafka::Error>(),
-            Some(esk_kafka::Error::Authentication(_) | esk_kafka::Error::Authorization(_))
-        )
-    })
+    e.chain().any(|cause| cause.downcast_ref::<esk_kafka::Error>().is_some_and(esk_kafka::Error::is_refusal))
 }
 
 /// A token cancelled when the process gets SIGINT or SIGTERM.
