@@ -2,7 +2,9 @@
 //! beside Kafka's own tools on the same broker (see `infra/bench.sh`).
 //!
 //! - append: throughput and p50/p99 latency with 1 request in flight (low load)
-//!   and with 64 in flight (high load), one event of `--record-size` bytes each;
+//!   and with 64 and 256 in flight (high load), one event of `--record-size`
+//!   bytes each, every append with the exact version it expects and the
+//!   requests in flight on distinct streams (as the peers are measured);
 //! - read: `esk read` of one stream among `--read-events` events in its
 //!   category, which must not scan the category topic;
 //! - takeover: SIGKILL of a partition's owner with `--takeover-streams`
@@ -102,6 +104,13 @@ fn report(name: &str, h: &Histogram<u64>, count: usize, elapsed: Duration) {
     );
 }
 
+/// Streams the appends of a run are spread over (more when more are in flight).
+const STREAMS: usize = 1000;
+
+/// `count` appends by `in_flight` workers, like for like with the event
+/// stores a user compares: every append names the exact version it expects
+/// (`NoStream` first), and the requests in flight are on distinct streams
+/// (each worker has streams of its own, `STREAMS` in all or one a worker).
 async fn appends(
     client: &Client,
     args: &Args,
@@ -109,23 +118,35 @@ async fn appends(
     count: usize,
     in_flight: usize,
 ) -> Result<(Histogram<u64>, Duration)> {
-    let mut h = Histogram::<u64>::new(3)?;
+    let in_flight = in_flight.clamp(1, count.max(1));
+    let streams = STREAMS.max(in_flight);
     let started = Instant::now();
-    let mut results = futures::stream::iter((0..count).map(|i| {
-        let stream = format!("{category}-{}", i % 1000);
-        let e = event(args.record_size, i);
-        async move {
+    let workers = (0..in_flight).map(|w| async move {
+        let mut h = Histogram::<u64>::new(3)?;
+        // Worker w owns streams w, w + in_flight, w + 2 * in_flight, ...
+        let own: Vec<usize> = (w..streams).step_by(in_flight).collect();
+        let mut versions = vec![None; own.len()];
+        let mut i = w;
+        while i < count {
+            let k = (i / in_flight) % own.len();
+            let stream = format!("{category}-{}", own[k]);
+            let expected = versions[k].map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
             let t = Instant::now();
-            let r = client.append(&stream, ExpectedVersion::Any, vec![e], None).await;
-            (r, t.elapsed())
+            let appended = client
+                .append(&stream, expected, vec![event(args.record_size, i)], None)
+                .await
+                .with_context(|| format!("append {i} to {stream} at {expected:?}"))?;
+            h.record(t.elapsed().as_micros() as u64)?;
+            versions[k] = Some(appended.last_version);
+            i += in_flight;
         }
-    }))
-    .buffer_unordered(in_flight);
-    while let Some((r, took)) = results.next().await {
-        r.context("an append failed")?;
-        h.record(took.as_micros() as u64)?;
+        anyhow::Ok(h)
+    });
+    let mut all = Histogram::<u64>::new(3)?;
+    for h in futures::future::join_all(workers).await {
+        all.add(h?)?;
     }
-    Ok((h, started.elapsed()))
+    Ok((all, started.elapsed()))
 }
 
 #[tokio::main]
