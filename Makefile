@@ -1,7 +1,7 @@
 # esk: event sourcing on Apache Kafka. Thin targets: the work is in cargo and infra/.
 CARGO ?= cargo
 
-.PHONY: up down status build test bench lint fmt
+.PHONY: up down status build test bench bench-peers lint fmt
 
 ## up: start Kafka (unless KAFKA_BOOTSTRAP_SERVERS names one), create the topics, start the services
 up:
@@ -25,6 +25,10 @@ test: build
 ## bench: the benchmarks, with Kafka's own tools on the same broker for reference
 bench:
 	@infra/bench.sh
+
+## bench-peers: PostgreSQL and UmaDB (installed here if missing) under esk-bench's appends, beside esk's figures
+bench-peers:
+	@infra/bench-peers.sh
 
 ## lint: formatting and clippy, warnings are errors; Kafka clients built only in crates/kafka
 lint:
