@@ -158,21 +158,64 @@ pub fn watched<T: Send + 'static>(
     within(what, timeout + STUCK_AFTER, call)
 }
 
+/// A job for a handler thread's caller thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+thread_local! {
+    /// The calling thread's caller: one long-lived thread runs its calls in
+    /// turn (two transactional calls a transaction: spawning a thread for
+    /// each cost more than the calls). Dropped with the calling thread, or
+    /// when a call is stuck (a new one is made for the next call).
+    static CALLER: std::cell::RefCell<Option<std::sync::mpsc::Sender<Job>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn caller() -> std::io::Result<std::sync::mpsc::Sender<Job>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    std::thread::Builder::new().name("esk-txn-call".into()).spawn(move || {
+        while let Ok(job) = rx.recv() {
+            job();
+        }
+    })?;
+    Ok(tx)
+}
+
 fn within<T: Send + 'static>(
     what: &str,
     limit: Duration,
     call: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, TxnError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
-        .name("esk-txn-call".into())
-        .spawn(move || {
-            let _ = tx.send(call());
-        })
-        .map_err(|e| TxnError::Fatal(anyhow!("{what}: cannot start a thread: {e}")))?;
-    rx.recv_timeout(limit).map_err(|_| {
-        tracing::error!("{what} did not return within {limit:?}: giving the producer up");
-        TxnError::Fatal(anyhow!("{what} stuck in librdkafka past its timeout"))
+    let mut job: Job = Box::new(move || {
+        let _ = tx.send(call());
+    });
+    CALLER.with(|c| {
+        let mut c = c.borrow_mut();
+        // A caller whose thread ended (a call panicked) gives the job back.
+        for _ in 0..2 {
+            let sender = match c.take() {
+                Some(s) => s,
+                None => caller().map_err(|e| TxnError::Fatal(anyhow!("{what}: cannot start a thread: {e}")))?,
+            };
+            match sender.send(job) {
+                Ok(()) => {
+                    *c = Some(sender);
+                    return Ok(());
+                }
+                Err(std::sync::mpsc::SendError(back)) => job = back,
+            }
+        }
+        Err(TxnError::Fatal(anyhow!("{what}: its caller thread ends at once")))
+    })?;
+    rx.recv_timeout(limit).map_err(|e| {
+        // The caller is stuck in this call (or ended with it): the next call gets a new one.
+        CALLER.with(|c| c.borrow_mut().take());
+        match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => {
+                tracing::error!("{what} did not return within {limit:?}: giving the producer up");
+                TxnError::Fatal(anyhow!("{what} stuck in librdkafka past its timeout"))
+            }
+            std::sync::mpsc::RecvTimeoutError::Disconnected => TxnError::Fatal(anyhow!("{what} panicked")),
+        }
     })
 }
 
@@ -192,6 +235,20 @@ mod tests {
             within("stuck", Duration::from_millis(50), || std::thread::sleep(Duration::from_secs(2))).unwrap_err();
         assert!(matches!(err, TxnError::Fatal(_)), "{err}");
         assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn calls_after_a_stuck_one_and_a_panicking_one_still_run() {
+        assert!(within("stuck", Duration::from_millis(20), || std::thread::sleep(Duration::from_millis(500))).is_err());
+        assert_eq!(within("after stuck", Duration::from_secs(5), || 1).unwrap(), 1);
+        let err = within("panics", Duration::from_secs(5), || -> u8 { panic!("planted") }).unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
+        assert_eq!(within("after panic", Duration::from_secs(5), || 2).unwrap(), 2);
+        // One caller thread serves calls in turn.
+        let a = within("a", Duration::from_secs(5), || std::thread::current().id()).unwrap();
+        let b = within("b", Duration::from_secs(5), || std::thread::current().id()).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, std::thread::current().id());
     }
 
     #[test]
