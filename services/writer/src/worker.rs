@@ -255,7 +255,13 @@ impl Run {
         let max = self.shared.config.max_batch as usize;
         let mut suspects: HashSet<(String, i64)> = HashSet::new();
         let (mut ticked, mut expired) = (Instant::now() - Duration::from_secs(2), Instant::now());
+        let gap = Duration::from_micros(self.shared.config.commit_gap_us);
+        let mut last_commit: Option<Instant> = None;
         while !self.io.stopped() {
+            // Not too soon after the last commit (see `Config::commit_gap_us`).
+            if let Some(wait) = last_commit.take().and_then(|t| (t + gap).checked_duration_since(Instant::now())) {
+                std::thread::sleep(wait);
+            }
             let isolating = !suspects.is_empty();
             let asks = if isolating { Vec::new() } else { self.tick(owned, &mut ticked, &mut expired) };
             let records = self.io.collect(if isolating { 1 } else { max }, Duration::from_millis(100));
@@ -273,6 +279,7 @@ impl Run {
                         suspects.remove(k);
                     }
                     self.committed(owned, keys.len(), started, &done);
+                    last_commit = Some(Instant::now());
                 }
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Rejected { error, began }) => {
