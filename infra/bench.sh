@@ -14,6 +14,15 @@
 #   BENCH_PROJECTOR_EVENTS  backlog for the projector's catch-up (1000000)
 #   BENCH_TRANSFERS   2PC transfers at 8 and 32 clients (a fifth at 1) (5000)
 #   BENCH_ARGS        extra arguments for esk-bench (e.g. --read-events 0)
+#   BENCH_SATURATION_EVENTS   events of the saturation run, esk produce of
+#                     one event a line over BENCH_SATURATION_STREAMS streams
+#                     (10000) with BENCH_SATURATION_IN_FLIGHT (4096) in
+#                     flight (1000000; 0 skips it)
+#   BENCH_PEERS       1 (default): then infra/bench-peers.sh (PostgreSQL and
+#                     UmaDB, installed if missing) under the same load, its
+#                     table in the report; 0 skips it
+#   The report's latency-vs-throughput plot goes beside it (<time>.png; its
+#   matplotlib is installed in target/bench/venv on first use).
 #   BENCH_SECURITY    1 (default): then the cost of TLS and SASL, the same
 #                     short benchmark on this broker and on a SASL_SSL broker
 #                     of its own (SCRAM-SHA-512, ACLs of esk acls, services as
@@ -82,6 +91,7 @@ services() {
   writer_http=127.0.0.1:$(free_port)
   env ${3:+ESK_KAFKA_CONFIG="$3"} ESK_WRITER_HTTP="$writer_http" RUST_LOG=warn "$bin/esk-writer" \
     2>"$home/writer-$1.log" &
+  writer_pid=$!
   pids+=($!)
   coordinator_http=127.0.0.1:$(free_port)
   env ${4:+ESK_KAFKA_CONFIG="$4"} ESK_COORDINATOR_HTTP="$coordinator_http" RUST_LOG=warn "$bin/esk-coordinator" \
@@ -99,6 +109,40 @@ stop_services() {
 }
 
 services plaintext "" "" ""
+broker_pid=$(cat "$home/run/kafka.pid" 2>/dev/null || true)
+saturation_events=${BENCH_SATURATION_EVENTS:-1000000}
+saturation_streams=${BENCH_SATURATION_STREAMS:-10000}
+saturation_in_flight=${BENCH_SATURATION_IN_FLIGHT:-4096}
+
+# cpu_of PID: its user + system CPU seconds (USER_HZ is 100).
+cpu_of() { awk '{sub(/.*\) /, ""); print ($12 + $13) / 100}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# Saturation: esk produce of one event a line, the streams in turn, with
+# thousands in flight; the writer's and the broker's CPU per append.
+saturation() {
+  local input=$home/saturation.jsonl
+  python3 - "$input" "$saturation_events" "$saturation_streams" "$size" <<'PY'
+import json, sys
+path, events, streams, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+pad = "x" * max(0, size - 20)
+with open(path, "w") as f:
+    for i in range(events):
+        f.write(json.dumps({"stream": f"saturation-{i % streams}", "type": "Measured",
+                            "data": {"n": i, "pad": pad}}) + "\n")
+PY
+  local w0 b0 out
+  w0=$(cpu_of "$writer_pid")
+  b0=$(cpu_of "${broker_pid:-0}")
+  out=$("$bin/esk" produce --in-flight "$saturation_in_flight" --timeout 120s -f "$input" --json)
+  python3 - "$out" "$w0" "$(cpu_of "$writer_pid")" "$b0" "$(cpu_of "${broker_pid:-0}")" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1]); w = float(sys.argv[3]) - float(sys.argv[2]); b = float(sys.argv[5]) - float(sys.argv[4])
+n = max(r["appended"], 1)
+print(f"saturation: {r['appended']} of {r['lines']} appended in {r['seconds']:.1f}s = {r['rate']:.0f}/s"
+      f" ({r['failed']} failed)   CPU per append: writer {w * 1e6 / n:.0f} µs, broker {b * 1e6 / n:.0f} µs")
+PY
+  rm -f "$input"
+}
 
 {
   echo "# esk bench $(date -u +%FT%TZ): $(nproc) cores, broker $bootstrap, $partitions partitions, ${size} B records"
@@ -106,7 +150,13 @@ services plaintext "" "" ""
   # shellcheck disable=SC2086
   "$bin/esk-bench" --record-size "$size" --projector-bin "$bin/esk-projector" \
     --replica-bin "$bin/esk-replica" --writer-bin "$bin/esk-writer" \
+    --writer-pid "$writer_pid" ${broker_pid:+--broker-pid "$broker_pid"} \
     --projector-events "$projector_events" --transfers "$transfers" ${BENCH_ARGS:-}
+  if [ "$saturation_events" -gt 0 ]; then
+    echo
+    echo "## esk saturation: esk produce of $saturation_events events over $saturation_streams streams, $saturation_in_flight in flight"
+    saturation
+  fi
   echo
   echo "## Kafka reference: ConsumerPerformance on the same category topic ($projector_events records)"
   "$kafka" tool ConsumerPerformance --bootstrap-server "$bootstrap" --topic "$prefix.events.account" \
@@ -127,7 +177,25 @@ services plaintext "" "" ""
   curl -fsS "http://$writer_http/metrics" | grep -E "^esk_writer_(batches_total|records_total|events_total|aborts_total|batch_records_(sum|count)|transaction_seconds_(sum|count))"
 } 2>&1 | tee "$report"
 
-[ "${BENCH_SECURITY:-1}" = 1 ] || { echo "report: $report" >&2; exit 0; }
+# plot: the latency-vs-throughput picture of the report, beside it.
+plot() {
+  local venv=$out_dir/venv
+  if ! "$venv/bin/python" -c 'import matplotlib' 2>/dev/null; then
+    echo "installing matplotlib for the plot in $venv..." >&2
+    { python3 -m venv "$venv" && "$venv/bin/pip" install -q matplotlib >&2; } ||
+      { echo "no plot: matplotlib cannot be installed" >&2; return 0; }
+  fi
+  "$venv/bin/python" "$repo/infra/bench-plot.py" "$report" "${report%.txt}.png" >&2 || echo "no plot (see above)" >&2
+}
+
+if [ "${BENCH_PEERS:-1}" = 1 ]; then
+  # The peers get the machine to themselves, as esk had it.
+  stop_services
+  echo "measuring the peers (PostgreSQL, UmaDB)..." >&2
+  { echo; BENCH_PEERS_ESK=$report "$repo/infra/bench-peers.sh"; } 2>&1 | tee -a "$report"
+fi
+
+[ "${BENCH_SECURITY:-1}" = 1 ] || { plot; echo "report: $report" >&2; exit 0; }
 
 # The cost of TLS and SASL: one short benchmark on each protocol, back to back.
 short_appends=${BENCH_SECURITY_APPENDS:-20000}
@@ -199,4 +267,5 @@ PY
   echo
   cat "$home/sasl_ssl.txt"
 } 2>&1 | tee -a "$report"
+plot
 echo "report: $report" >&2

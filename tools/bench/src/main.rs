@@ -1,10 +1,11 @@
 //! `esk-bench`: esk's benchmarks against a running writer. `make bench` runs it
 //! beside Kafka's own tools on the same broker (see `infra/bench.sh`).
 //!
-//! - append: throughput and p50/p99 latency with 1 request in flight (low load)
-//!   and with 64 and 256 in flight (high load), one event of `--record-size`
-//!   bytes each, every append with the exact version it expects and the
-//!   requests in flight on distinct streams (as the peers are measured);
+//! - append: throughput and p50/p99 latency of closed loops of 1, 64, 256 and
+//!   1024 requests in flight (`--levels`), one event of `--record-size` bytes
+//!   each, every append with the exact version it expects and the requests in
+//!   flight on distinct streams (as the peers are measured); with
+//!   `--writer-pid`/`--broker-pid`, their CPU time per append;
 //! - read: `esk read` of one stream among `--read-events` events in its
 //!   category, which must not scan the category topic;
 //! - takeover: SIGKILL of a partition's owner with `--takeover-streams`
@@ -50,12 +51,26 @@ struct Args {
     /// Appends measured with one request in flight.
     #[arg(long, default_value_t = 2000)]
     sequential: usize,
-    /// Appends measured with many requests in flight.
+    /// Appends measured at each level of more than one request in flight.
     #[arg(long, default_value_t = 100_000)]
     pipelined: usize,
-    /// Requests in flight for the pipelined run.
+    /// Requests in flight of each closed-loop run (1 takes `--sequential`
+    /// appends, the others `--pipelined`).
+    #[arg(long, value_delimiter = ',', default_value = "1,64,256,1024")]
+    levels: Vec<usize>,
+    /// Requests in flight while filling the category for the read benchmark.
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
+    /// The writer's process id: each run then reports the writer's CPU time
+    /// per append (user + system, from /proc).
+    #[arg(long)]
+    writer_pid: Option<u32>,
+    /// The broker's process id, for its CPU time per append likewise.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Concurrent clients of each 2PC run (a fifth of `--transfers` at 1).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,256")]
+    transfer_clients: Vec<usize>,
     /// Events in the category before the read benchmark (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     read_events: usize,
@@ -104,6 +119,54 @@ fn report(name: &str, h: &Histogram<u64>, count: usize, elapsed: Duration) {
     );
 }
 
+/// CPU time of the writer and the broker, to report it per append.
+struct Cpu(Vec<(&'static str, u32, f64)>);
+
+impl Cpu {
+    fn sample(args: &Args) -> Cpu {
+        let who = [("writer", args.writer_pid), ("broker", args.broker_pid)];
+        Cpu(who.into_iter().filter_map(|(n, p)| Some((n, p?, cpu_seconds(p?)?))).collect())
+    }
+
+    fn report(&self, appends: usize) {
+        if self.0.is_empty() || appends == 0 {
+            return;
+        }
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .filter_map(|(name, pid, before)| {
+                let used = cpu_seconds(*pid)? - before;
+                Some(format!("{name} {:.0} µs", used * 1e6 / appends as f64))
+            })
+            .collect();
+        println!("{:28} CPU per append: {}", "", parts.join(", "));
+    }
+}
+
+/// User + system CPU seconds of a process (all its threads), from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // /proc counts in USER_HZ, which Linux fixes at 100 for this interface.
+    Some(ticks / 100.0)
+}
+
+/// Tells this run's streams from an earlier run's on the same installation
+/// (every append expects the exact version, `NoStream` first).
+fn run_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        format!(
+            "{:x}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
+        )
+    })
+}
+
 /// Streams the appends of a run are spread over (more when more are in flight).
 const STREAMS: usize = 1000;
 
@@ -129,7 +192,7 @@ async fn appends(
         let mut i = w;
         while i < count {
             let k = (i / in_flight) % own.len();
-            let stream = format!("{category}-{}", own[k]);
+            let stream = format!("{category}-{}r{}", run_tag(), own[k]);
             let expected = versions[k].map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
             let t = Instant::now();
             let appended = client
@@ -160,13 +223,13 @@ async fn main() -> Result<()> {
     println!("## esk append (writer at {}, prefix {})", args.bootstrap_servers, args.prefix);
     // Warm up: create the category topic, fill the writer's caches.
     appends(&client, &args, "warm", 500, 32).await?;
-    let (h, took) = appends(&client, &args, "seq", args.sequential, 1).await?;
-    report("1 in flight (low load)", &h, args.sequential, took);
-    let (h, took) = appends(&client, &args, "pipe", args.pipelined, args.in_flight).await?;
-    report(&format!("{} in flight (high load)", args.in_flight), &h, args.pipelined, took);
-    let more = args.in_flight * 4;
-    let (h, took) = appends(&client, &args, "more", args.pipelined, more).await?;
-    report(&format!("{more} in flight"), &h, args.pipelined, took);
+    for &level in &args.levels {
+        let count = if level <= 1 { args.sequential } else { args.pipelined };
+        let cpu = Cpu::sample(&args);
+        let (h, took) = appends(&client, &args, &format!("f{level}"), count, level).await?;
+        report(&format!("{level} in flight"), &h, count, took);
+        cpu.report(count);
+    }
 
     if args.read_events > 0 {
         read_bench(&client, &args).await?;
@@ -181,7 +244,7 @@ async fn main() -> Result<()> {
         }
     }
     if args.transfers > 0 {
-        tx::run(&client, args.transfers).await?;
+        tx::run(&client, args.transfers, &args.transfer_clients).await?;
     }
     if let Some(bin) = &args.projector_bin {
         projector::run(&client, bin, args.projector_events, args.record_size, &args.prefix, &args.bootstrap_servers)

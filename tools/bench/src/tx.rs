@@ -1,5 +1,5 @@
 //! The coordinator benchmark: committed transfers per second and the latency
-//! from request to outcome, with 1, 8 and 32 concurrent clients.
+//! from request to outcome, with 1, 8, 32 and 256 concurrent clients.
 
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ fn legs(from: u64, to: u64) -> Vec<Participant> {
     vec![leg(from, "Withdraw"), leg(to, "Deposit")]
 }
 
-pub async fn run(client: &Client, transfers: usize) -> Result<()> {
+pub async fn run(client: &Client, transfers: usize, levels: &[usize]) -> Result<()> {
     println!("\n## esk transactions (2PC transfers between 1000 accounts)");
     let accounts = 1000u64;
     let open = futures::stream::iter((0..accounts).map(|i| async move {
@@ -34,7 +34,7 @@ pub async fn run(client: &Client, transfers: usize) -> Result<()> {
     if let Some(e) = open.into_iter().find_map(Result::err) {
         bail!("opening the accounts: {e}");
     }
-    for clients in [1usize, 8, 32] {
+    for &clients in levels {
         let n = if clients == 1 { transfers / 5 } else { transfers };
         let mut h = Histogram::<u64>::new(3)?;
         let started = Instant::now();
@@ -56,7 +56,7 @@ pub async fn run(client: &Client, transfers: usize) -> Result<()> {
         }
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "{clients:>2} clients  {committed:>6} committed in {secs:>6.2}s = {:>7.0}/s   request -> outcome p50 {:>6.2} ms  p99 {:>7.2} ms",
+            "{clients:>3} clients  {committed:>6} committed in {secs:>6.2}s = {:>7.0}/s   request -> outcome p50 {:>6.2} ms  p99 {:>7.2} ms",
             f64::from(committed) / secs,
             h.value_at_quantile(0.5) as f64 / 1000.0,
             h.value_at_quantile(0.99) as f64 / 1000.0
