@@ -12,7 +12,7 @@
 #   BENCH_RECORDS     records for the reference tools (200000)
 #   BENCH_SIZE        record size in bytes, for esk and the tools (200)
 #   BENCH_PROJECTOR_EVENTS  backlog for the projector's catch-up (1000000)
-#   BENCH_TRANSFERS   2PC transfers at 8 and 32 clients (a fifth at 1) (5000)
+#   BENCH_TRANSFERS   2PC transfers at 8, 32 and 256 clients (a fifth at 1) (5000)
 #   BENCH_ARGS        extra arguments for esk-bench (e.g. --read-events 0)
 #   BENCH_SATURATION_EVENTS   events of the saturation run, esk produce of
 #                     one event a line over BENCH_SATURATION_STREAMS streams
