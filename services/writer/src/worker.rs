@@ -107,6 +107,14 @@ struct Done {
     expired: u64,
 }
 
+/// How long a partition waits after committing a batch of `n` records before
+/// it begins the next: the commit gap, plus 5 ms for each record beyond the
+/// first, up to the linger (when the linger is larger).
+fn linger(gap_us: u64, linger_us: u64, n: usize) -> Duration {
+    let busy = gap_us.saturating_add(5_000u64.saturating_mul(n.saturating_sub(1) as u64));
+    Duration::from_micros(busy.min(linger_us.max(gap_us)))
+}
+
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
@@ -255,12 +263,17 @@ impl Run {
         let max = self.shared.config.max_batch as usize;
         let mut suspects: HashSet<(String, i64)> = HashSet::new();
         let (mut ticked, mut expired) = (Instant::now() - Duration::from_secs(2), Instant::now());
-        let gap = Duration::from_micros(self.shared.config.commit_gap_us);
-        let mut last_commit: Option<Instant> = None;
+        let c = &self.shared.config;
+        let mut last_commit: Option<(Instant, usize)> = None;
         while !self.io.stopped() {
-            // Not too soon after the last commit (see `Config::commit_gap_us`).
-            if let Some(wait) = last_commit.take().and_then(|t| (t + gap).checked_duration_since(Instant::now())) {
-                std::thread::sleep(wait);
+            // Not too soon after the last commit, and longer after a busy one
+            // (see `Config::commit_gap_us` and `Config::batch_linger_us`).
+            if let Some((at, n)) = last_commit.take() {
+                let wait = linger(c.commit_gap_us, c.batch_linger_us, n);
+                if let Some(left) = (at + wait).checked_duration_since(Instant::now()) {
+                    metrics::histogram!("esk_writer_linger_seconds").record(left.as_secs_f64());
+                    std::thread::sleep(left);
+                }
             }
             let isolating = !suspects.is_empty();
             let asks = if isolating { Vec::new() } else { self.tick(owned, &mut ticked, &mut expired) };
@@ -279,7 +292,7 @@ impl Run {
                         suspects.remove(k);
                     }
                     self.committed(owned, keys.len(), started, &done);
-                    last_commit = Some(Instant::now());
+                    last_commit = Some((Instant::now(), keys.len()));
                 }
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Rejected { error, began }) => {
@@ -613,5 +626,24 @@ impl Run {
         tracing::debug!(produce_ms = ms(t_begin, t_sent), commit_ms = ms(t_sent, Instant::now()), "committed");
         let voted_yes = votes.iter().any(|(_, _, m)| matches!(m, ParticipantMessage::Vote(v) if v.yes));
         Ok(Done { voted_yes, retries_answered, expired })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_request_waits_only_the_commit_gap_and_a_busy_partition_up_to_the_linger() {
+        let ms = Duration::from_millis;
+        assert_eq!(linger(5_000, 20_000, 1), ms(5));
+        assert_eq!(linger(5_000, 20_000, 0), ms(5));
+        assert_eq!(linger(5_000, 20_000, 2), ms(10));
+        assert_eq!(linger(5_000, 20_000, 4), ms(20));
+        assert_eq!(linger(5_000, 20_000, 500), ms(20));
+        // Off: only the gap.
+        assert_eq!(linger(5_000, 0, 500), ms(5));
+        assert_eq!(linger(0, 0, 500), ms(0));
+        assert_eq!(linger(0, 20_000, usize::MAX), ms(20));
     }
 }
