@@ -53,6 +53,12 @@ pub struct Followed {
 }
 
 impl Followed {
+    /// Whether this is the writer's consumed-positions record
+    /// ([`esk_wire::protocol::CONSUMED_KEY`]), not a stream's.
+    pub fn is_consumed(&self) -> bool {
+        self.key.as_deref() == Some(esk_wire::protocol::CONSUMED_KEY.as_bytes())
+    }
+
     /// Decodes a stream record of the state topic and checks it against its
     /// key, its partition and the (version, last offset) it would replace.
     pub fn stream_record(&self, previous: Option<(u64, i64)>) -> Result<StreamRecord, String> {

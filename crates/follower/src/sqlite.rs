@@ -81,6 +81,10 @@ impl Sink for SqliteSink {
                  state = excluded.state, last_offset = excluded.last_offset",
             )?;
             for f in batch {
+                // Where the writer is in its inputs: nothing a reader serves.
+                if f.is_consumed() {
+                    continue;
+                }
                 let stream = f.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
                 let prev: Option<(u64, i64)> = previous
                     .query_row([stream.as_ref()], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))

@@ -1,5 +1,6 @@
 //! What a partition's handler works with.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow};
 use esk_kafka::KafkaConfig;
 use esk_kafka::record::headers_of;
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{Consumer, ConsumerGroupMetadata};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -134,32 +135,69 @@ impl PartitionIo {
         }
     }
 
+    /// Commits `next` (input topic → next offset) to the group outside any
+    /// transaction, for the tools that show a group's lag from its offsets
+    /// (`kafka-consumer-groups --describe`). A handler that keeps its
+    /// positions with its own records resumes from those, never from these: a
+    /// commit lost or refused (a rebalance) costs nothing but a stale figure.
+    pub fn advise(&self, next: &BTreeMap<String, i64>) {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, n) in next {
+            if tpl.add_partition_offset(topic, self.partition, Offset::Offset(*n)).is_err() {
+                return;
+            }
+        }
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+        {
+            tracing::debug!(partition = self.partition, "advisory offset commit: {e}");
+        }
+    }
+
     /// Seeks every input queue to its committed offset: what a new owner, or an
     /// owner after an aborted transaction, must process next.
     pub fn rewind(&self, timeout: Duration) -> Result<()> {
+        self.rewind_to(&BTreeMap::new(), timeout)
+    }
+
+    /// Seeks each input queue to the next offset `known` gives for its topic
+    /// (a handler that keeps its positions with its own records), the others
+    /// to the group's committed offset (or the beginning when it has none).
+    pub fn rewind_to(&self, known: &BTreeMap<String, i64>, timeout: Duration) -> Result<()> {
+        let mut targets: Vec<(String, Offset)> = Vec::new();
         let mut tpl = TopicPartitionList::new();
         for (_, topic, _) in &self.queues {
-            tpl.add_partition(topic, self.partition);
+            match known.get(topic) {
+                Some(n) => targets.push((topic.clone(), Offset::Offset(*n))),
+                None => {
+                    tpl.add_partition(topic, self.partition);
+                }
+            }
         }
-        let committed = self.consumer.committed_offsets(tpl, timeout)?;
-        for e in committed.elements() {
-            let offset = match e.offset() {
-                Offset::Offset(n) => Offset::Offset(n),
-                _ => Offset::Beginning,
-            };
+        if tpl.count() > 0 {
+            let committed = self.consumer.committed_offsets(tpl, timeout)?;
+            for e in committed.elements() {
+                let offset = match e.offset() {
+                    Offset::Offset(n) => Offset::Offset(n),
+                    _ => Offset::Beginning,
+                };
+                targets.push((e.topic().to_owned(), offset));
+            }
+        }
+        for (topic, offset) in targets {
             let mut tries = 0;
             loop {
-                match self.consumer.seek(e.topic(), self.partition, offset, Duration::from_secs(5)) {
+                match self.consumer.seek(&topic, self.partition, offset, Duration::from_secs(5)) {
                     Ok(()) => break,
                     Err(_) if self.stopped() => return Ok(()),
                     // Right after an assignment the fetcher may not be ready for a seek.
                     Err(err) if tries < 50 => {
                         tries += 1;
-                        tracing::debug!(topic = e.topic(), "seek retry: {err}");
+                        tracing::debug!(topic = topic.as_str(), "seek retry: {err}");
                         std::thread::sleep(Duration::from_millis(100));
                     }
                     Err(err) => {
-                        return Err(anyhow!("seeking {}/{} to {offset:?}: {err}", e.topic(), self.partition));
+                        return Err(anyhow!("seeking {}/{} to {offset:?}: {err}", topic.as_str(), self.partition));
                     }
                 }
             }

@@ -644,6 +644,41 @@ pub struct OpenHold {
     pub deadline_ms: i64,
 }
 
+/// Key of the writer's consumed-positions record on each partition of
+/// `<prefix>.state`: not a stream name (stream names have no control
+/// characters), so no stream's record can take its place.
+pub const CONSUMED_KEY: &str = "\u{1f}consumed";
+
+/// Where the owner of a state-topic partition is in its inputs: the record
+/// under [`CONSUMED_KEY`], written in every transaction that consumed
+/// anything, atomically with what that consumption produced. A new owner
+/// resumes each input of the same partition number from here; Kafka's group
+/// offsets are not used (they cost two more round trips a transaction).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumedRecord {
+    /// Format version (1).
+    pub v: u32,
+    /// Input topic → next offset to process.
+    pub next: std::collections::BTreeMap<String, i64>,
+}
+
+impl ConsumedRecord {
+    /// Decodes and checks a record found under [`CONSUMED_KEY`]: every offset
+    /// non-negative, a known version.
+    pub fn decode(value: Option<&[u8]>) -> Result<Self, String> {
+        let value = value.ok_or("a consumed-positions record with no value")?;
+        let r: ConsumedRecord =
+            serde_json::from_slice(value).map_err(|e| format!("not a consumed-positions record: {e}"))?;
+        if r.v != 1 {
+            return Err(format!("consumed-positions record of version {}, this writer knows 1", r.v));
+        }
+        if let Some((topic, n)) = r.next.iter().find(|(t, n)| **n < 0 || t.is_empty()) {
+            return Err(format!("consumed-positions record with next offset {n} for topic '{topic}'"));
+        }
+        Ok(r)
+    }
+}
+
 /// The leader's record of one stream on `<prefix>.state` (compacted, key = stream).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamRecord {
@@ -742,6 +777,24 @@ impl StreamRecord {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn consumed_positions_records_are_checked() {
+        let good = br#"{"v":1,"next":{"p.commands":7,"p.tx.commit":0}}"#;
+        let r = ConsumedRecord::decode(Some(good)).unwrap();
+        assert_eq!(r.next["p.commands"], 7);
+        for (bad, why) in [
+            (&b"{not json"[..], "not a consumed-positions record"),
+            (br#"{"v":2,"next":{}}"#, "version 2"),
+            (br#"{"v":1,"next":{"p.commands":-5}}"#, "next offset -5"),
+            (br#"{"v":1,"next":{"":3}}"#, "topic ''"),
+        ] {
+            let err = ConsumedRecord::decode(Some(bad)).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+        assert!(ConsumedRecord::decode(None).unwrap_err().contains("no value"));
+        assert!(crate::StreamName::parse(CONSUMED_KEY).is_err(), "the key must not be a stream name");
+    }
 
     #[test]
     fn expected_versions_parse_and_serialize() {

@@ -19,7 +19,7 @@ use esk_domain::Registry;
 use esk_follower::Followed;
 use esk_follower::store::Intake;
 use esk_store::{Changes, PartitionStore, StoreError};
-use esk_wire::protocol::{Answered, Decided, ExpectedVersion, Memory, StreamRecord};
+use esk_wire::protocol::{Answered, ConsumedRecord, Decided, ExpectedVersion, Memory, StreamRecord};
 use serde::Deserialize;
 
 use crate::batch::{Lookup, LookupError};
@@ -31,6 +31,13 @@ const SEP: char = '\u{1f}';
 
 pub fn stream_key(stream: &str) -> String {
     format!("s{SEP}{stream}")
+}
+
+/// The store's position (in its positions table) of where this partition's
+/// owner is in `input`: the next offset to process, from the consumed-positions
+/// record of the state topic ([`esk_wire::protocol::ConsumedRecord`]).
+pub fn consumed_position(input: &str) -> String {
+    format!("c{SEP}{input}")
 }
 
 fn quarantine_key(stream: &str) -> String {
@@ -79,6 +86,14 @@ impl Intake for StateIntake {
     /// A record that does not fit is refused; a stream whose only records
     /// were refused is quarantined: its requests are answered with the reason.
     fn take(&mut self, store: &PartitionStore, f: &Followed, changes: &mut Changes) -> Result<(), StoreError> {
+        if f.is_consumed() {
+            // Positions only move forward (`Changes::position`).
+            match ConsumedRecord::decode(f.value.as_deref()) {
+                Ok(r) => r.next.iter().for_each(|(input, next)| changes.position(&consumed_position(input), *next)),
+                Err(reason) => esk_follower::refused("state", f, &reason),
+            }
+            return Ok(());
+        }
         let stream = f.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
         let previous = match self.pending.get(&stream) {
             Some(p) => Some(*p),
@@ -281,6 +296,18 @@ impl PartitionMemory {
     }
 
     /// Reads the open holds from the store (after a restore).
+    /// Next offset of each input, from the consumed-positions records the
+    /// store took (by the owner after its commits, or by the standby).
+    pub fn consumed(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        let prefix = consumed_position("");
+        Ok(self
+            .store
+            .positions()?
+            .into_iter()
+            .filter_map(|(name, next)| name.strip_prefix(&prefix).map(|input| (input.to_owned(), next)))
+            .collect())
+    }
+
     pub fn load_holds(&mut self) -> Result<usize, StoreError> {
         self.holds.clear();
         for (_, row) in self.store.tagged(TAG_HOLDS)? {

@@ -4,11 +4,18 @@
 //! Fencing: the producer's `transactional.id` is `<prefix>-writer-p<N>`, the
 //! same for every instance that ever owns partition N. `init_transactions`
 //! bumps its epoch, which aborts the previous owner's open transaction at once
-//! and makes every later write of that owner fail. Every transaction also
-//! carries the consumer group's metadata (`send_offsets_to_transaction`), so a
-//! zombie whose group generation is stale cannot commit either.
+//! and makes every later write of that owner fail.
+//!
+//! Where the partition is in its inputs is not committed to the consumer
+//! group: every transaction that consumed anything also writes the
+//! consumed-positions record (`ConsumedRecord`, key `CONSUMED_KEY`) to the
+//! partition's state topic, so it commits with what it produced, and a new
+//! owner (or an owner after an abort) resumes from what the store took of it.
+//! That saves AddOffsetsToTxn and TxnOffsetCommit, two sequential round trips
+//! and a transaction-log write a transaction (ADR 11). An installation whose
+//! state topic has no such record yet resumes from the group's offsets.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,13 +25,13 @@ use esk_kafka::admin::{Durability, TopicKind};
 use esk_kafka::record::{Origin, dead_letter};
 use esk_owner::txn::{self, TxnError, classify};
 use esk_owner::{Handler, PartitionIo, Phase};
-use esk_wire::protocol::ParticipantMessage;
+use esk_wire::protocol::{CONSUMED_KEY, ConsumedRecord, ParticipantMessage};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::Shared;
 use crate::batch::{Batch, Incoming};
-use crate::memory::{Committed, PartitionMemory};
+use crate::memory::{Committed, PartitionMemory, consumed_position};
 
 /// Serves the partitions the writer group assigns to this instance.
 #[derive(Debug)]
@@ -60,6 +67,9 @@ struct Owned {
     memory: PartitionMemory,
     /// Next offset of each events topic's partition, when known.
     next_offsets: HashMap<String, i64>,
+    /// Next offset to process of each input, as last committed (the
+    /// consumed-positions record); inputs not in it resume from the group's.
+    consumed: BTreeMap<String, i64>,
 }
 
 /// What one transaction is made of.
@@ -184,8 +194,9 @@ impl Run {
         }
         let mut memory = PartitionMemory::new(self.partition, store, c.stream_cache as usize, self.shared.horizon_ms);
         let holds = memory.load_holds()?;
+        let consumed = memory.consumed()?;
         let restored_ms = started.elapsed().as_millis() as u64;
-        self.io.rewind(Duration::from_millis(c.transaction_timeout_ms))?;
+        self.io.rewind_to(&consumed, Duration::from_millis(c.transaction_timeout_ms))?;
         tracing::info!(
             partition = self.partition,
             ms = started.elapsed().as_millis() as u64,
@@ -194,7 +205,7 @@ impl Run {
             open_holds = holds,
             "partition taken over"
         );
-        Ok(Some(Owned { producer, memory, next_offsets: HashMap::new() }))
+        Ok(Some(Owned { producer, memory, next_offsets: HashMap::new(), consumed }))
     }
 
     fn abort(&self, owned: &Owned) -> Result<()> {
@@ -205,8 +216,8 @@ impl Run {
             .map_err(|e| anyhow!("abort_transaction failed: {e}"))
     }
 
-    fn rewind(&self) -> Result<()> {
-        self.io.rewind(Duration::from_millis(self.shared.config.transaction_timeout_ms))
+    fn rewind(&self, owned: &Owned) -> Result<()> {
+        self.io.rewind_to(&owned.consumed, Duration::from_millis(self.shared.config.transaction_timeout_ms))
     }
 
     /// What the clock asks for, at most once a second: decisions of holds
@@ -244,6 +255,9 @@ impl Run {
                 }
             }
         }
+        // For the tools that read the group's offsets; the partition resumes
+        // from its consumed-positions record.
+        self.io.advise(&owned.consumed);
         let p = self.partition.to_string();
         metrics::gauge!("esk_writer_cached_streams", "partition" => p.clone()).set(owned.memory.cached() as f64);
         metrics::gauge!("esk_writer_open_holds", "partition" => p).set(owned.memory.open_holds() as f64);
@@ -299,7 +313,7 @@ impl Run {
                     if began {
                         self.abort(owned)?;
                     }
-                    self.rewind()?;
+                    self.rewind(owned)?;
                     if let Some(record) = alone {
                         let reason = format!("{error:#}");
                         tracing::warn!(
@@ -338,14 +352,14 @@ impl Run {
     fn refuse(&self, owned: &mut Owned, record: Incoming, reason: String, failures: &mut u32) -> Result<()> {
         for work in [Work::Refuse(record.clone(), reason.clone()), Work::Park(record, reason)] {
             match self.transact(owned, work) {
-                Ok(_) => return self.rewind(),
+                Ok(_) => return self.rewind(owned),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Rejected { error, began }) => {
                     if began {
                         self.abort(owned)?;
                     }
                     tracing::warn!(partition = self.partition, "the refusal cannot be written either ({error:#})");
-                    self.rewind()?;
+                    self.rewind(owned)?;
                 }
                 Err(failure) => return self.failed(owned, failure, failures),
             }
@@ -370,7 +384,7 @@ impl Run {
             Failure::Mispredicted(_, next) => next,
             _ => HashMap::new(),
         };
-        self.rewind()?;
+        self.rewind(owned)?;
         // The same records come again: back off so a persistent failure does not spin.
         self.io.pause(Duration::from_millis(100 * u64::from((*failures).min(50))));
         Ok(())
@@ -478,7 +492,7 @@ impl Run {
         let ctx = shared.batch_context();
         let now = Utc::now();
         owned.memory.set_now(now.timestamp_millis());
-        let Owned { producer, memory, next_offsets } = owned;
+        let Owned { producer, memory, next_offsets, consumed: resume } = owned;
         let mut batch = Batch::new(memory, now);
         match work {
             Work::Decide(records, asks) => {
@@ -558,6 +572,14 @@ impl Run {
             let value = serde_json::to_vec(message).map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
             deliveries.push(send(&votes_topic, *part, txid.as_bytes(), Some(&value), None, None)?);
         }
+        // Where the partition is in its inputs after this transaction: with
+        // what the transaction produced, on the state topic.
+        let mut next_consumed = resume.clone();
+        for (topic, last) in &consumed {
+            let next = next_consumed.entry(topic.clone()).or_insert(0);
+            *next = (*next).max(last + 1);
+        }
+        let positions = (!consumed.is_empty()).then(|| ConsumedRecord { v: 1, next: next_consumed.clone() });
         let dlq_topic = shared.topics.dlq("writer");
         for d in &dead {
             let o = &d.original;
@@ -576,10 +598,15 @@ impl Run {
             deliveries.push(send(&dlq_topic, p, &key, l.value.as_deref(), Some(l.headers), None)?);
             metrics::counter!("esk_writer_dead_letters_total").increment(1);
         }
+        if let Some(record) = &positions {
+            let value = serde_json::to_vec(record).map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
+            deliveries.push(send(&state_topic, p, CONSUMED_KEY.as_bytes(), Some(&value), None, None)?);
+        }
         // Wait for every delivery here: rdkafka's commit_transaction flushes
         // first, and its flush polls in 100 ms steps while anything is in flight.
         // `message.timeout.ms` bounds the wait.
-        let delivered = txn::await_deliveries(deliveries)?;
+        let mut delivered = txn::await_deliveries(deliveries)?;
+        let positions_offset = if positions.is_some() { delivered.pop() } else { None };
         let t_sent = Instant::now();
         let (event_offsets, rest) = delivered.split_at(events.len());
         let (state_offsets, rest) = rest.split_at(finished.records.len());
@@ -602,7 +629,7 @@ impl Run {
                 after_abort,
             ));
         }
-        txn::commit(producer, p, &consumed, self.io.group_metadata(), timeout, self.io.stop_flag())?;
+        txn::commit(producer, p, &HashMap::new(), None, timeout, self.io.stop_flag())?;
         // Each partition written gets one commit marker after its last record.
         for ((topic, _), offset) in events.iter().zip(event_offsets) {
             let next = next_offsets.entry(topic.clone()).or_insert(0);
@@ -611,8 +638,11 @@ impl Run {
         metrics::counter!("esk_writer_events_total").increment(events.len() as u64);
         metrics::counter!("esk_writer_answers_remembered_total").increment(finished.memories.len() as u64);
         let mut committed = Committed::default();
-        if let Some(last) = state_offsets.iter().max() {
+        if let Some(last) = state_offsets.iter().chain(&positions_offset).max() {
             committed.positions.push((state_topic, last + 1));
+        }
+        if positions.is_some() {
+            committed.positions.extend(next_consumed.iter().map(|(t, n)| (consumed_position(t), *n)));
         }
         if let Some(last) = answer_offsets.iter().max() {
             committed.positions.push((answers_topic, last + 1));
@@ -622,6 +652,7 @@ impl Run {
         // The transaction is committed: a store that cannot take it is
         // behind Kafka, so the partition is restored afresh from its topics.
         memory.absorb(committed).map_err(|e| Failure::Fatal(anyhow!("the local store failed after a commit: {e}")))?;
+        *resume = next_consumed;
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
         tracing::debug!(produce_ms = ms(t_begin, t_sent), commit_ms = ms(t_sent, Instant::now()), "committed");
         let voted_yes = votes.iter().any(|(_, _, m)| matches!(m, ParticipantMessage::Vote(v) if v.yes));

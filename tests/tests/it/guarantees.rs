@@ -344,6 +344,10 @@ async fn forged_records_on_state_and_tx_log_are_refused_and_no_process_dies() {
     forged.stream = "account-f1".into();
     produce(&raw, &t.state(), 0, "account-f1", &serde_json::to_vec(&forged).unwrap()).await;
     produce(&raw, &t.state(), 0, "account-f2", b"{not json").await;
+    // Where the writer is in its inputs, garbled: refused, the last good one stands.
+    let consumed = esk_wire::protocol::CONSUMED_KEY;
+    produce(&raw, &t.state(), 0, consumed, b"{not json").await;
+    produce(&raw, &t.state(), 0, consumed, br#"{"v":1,"next":{"x":-3}}"#).await;
     produce(&raw, &t.tx_log(), 0, "tx-forged", b"{\"txid\": 7}").await;
     produce(
         &raw,
@@ -383,7 +387,7 @@ async fn forged_records_on_state_and_tx_log_are_refused_and_no_process_dies() {
     assert_eq!(count(&env, "account", "account-forged"), 0);
     assert_eq!(count(&env, "account", "account-f1"), 2, "nothing written to account-f1 since");
     assert!(w2.running() && c2.running(), "no process died");
-    assert!(metric(&w2, "esk_refused_records_total") >= 3.0, "{}", w2.get("/metrics").unwrap().1);
+    assert!(metric(&w2, "esk_refused_records_total") >= 5.0, "{}", w2.get("/metrics").unwrap().1);
     assert!(metric(&c2, "esk_refused_records_total") >= 2.0);
     assert!(std::fs::read_to_string(&w2.log).unwrap().contains("refused a record"));
 }

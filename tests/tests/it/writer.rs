@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use esk_client::{Client, ClientError};
 use esk_tests::{Service, TestEnv, poll_until, repo_root, wait_serving};
-use esk_wire::protocol::{ExpectedVersion, NewEvent};
+use esk_wire::protocol::{CONSUMED_KEY, ExpectedVersion, NewEvent};
 use serde_json::{Value, json};
 
 const SESSION_MS: &str = "6000";
@@ -153,8 +153,10 @@ async fn bad_input_gets_its_exit_code_and_writes_nothing() {
     for category in ["order", "blob", "account"] {
         assert!(env.all_events(category).is_empty(), "something was written to {category}");
     }
+    // Only where the writer is in its inputs (it consumed the requests).
     let state = env.read_topic(&env.topics().state(), true);
-    assert!(state.is_empty(), "state records were written: {}", state.len());
+    let streams = state.iter().filter(|r| r.key.as_deref() != Some(CONSUMED_KEY.as_bytes())).count();
+    assert_eq!(streams, 0, "state records were written");
     // The writer is still fine.
     env.esk().args(["append", "order-1", "OrderPlaced", r#"{"sku":"a","quantity":1}"#]).run().ok();
 }
@@ -466,4 +468,48 @@ async fn a_category_topic_with_the_wrong_partition_count_is_refused_without_bloc
         env.esk().args(["append", &format!("fine-{i}"), "Thing", "{}"]).run().ok();
     }
     assert!(env.all_events("odd").is_empty());
+}
+
+/// Where a partition is in its inputs commits with what it produced, on the
+/// state topic: a new owner resumes from there, whatever the consumer
+/// group's offsets say. Here they are set back to the beginning after the
+/// writer is killed; the next writer redoes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_owner_resumes_from_the_state_topic_not_from_the_groups_offsets() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let env = TestEnv::new();
+    env.init_topics(1);
+    let w = writer(&env);
+    wait_serving(&[&w], 1, Duration::from_secs(60)).await;
+    for v in 0..10 {
+        let expected = if v == 0 { "no-stream".to_owned() } else { v.to_string() };
+        let args = ["append", "order-resume", "OrderPlaced", r#"{"sku":"a","quantity":1}"#, "--expected-version"];
+        env.esk().args(args).args([expected.as_str()]).run().ok();
+    }
+    let state = env.read_topic(&env.topics().state(), true);
+    assert!(state.iter().any(|r| r.key.as_deref() == Some(CONSUMED_KEY.as_bytes())), "no consumed-positions record");
+    w.kill();
+    // Once the dead member's session is over the group is empty and takes a
+    // plain commit: every input back to its beginning.
+    let group: BaseConsumer =
+        env.kafka().committed_reader(&format!("{}-writer", env.prefix), Duration::from_millis(50)).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for topic in [env.topics().commands(), env.topics().tx_prepare(), env.topics().tx_commit()] {
+        tpl.add_partition_offset(&topic, 0, Offset::Offset(0)).unwrap();
+    }
+    poll_until(Duration::from_secs(60), "the group takes a plain commit", || {
+        let ok = group.commit(&tpl, CommitMode::Sync).ok();
+        async move { ok }
+    })
+    .await;
+    let w2 = writer(&env);
+    wait_serving(&[&w2], 1, Duration::from_secs(60)).await;
+    env.esk()
+        .args(["append", "order-resume", "OrderPlaced", r#"{"sku":"b","quantity":1}"#, "--expected-version", "10"])
+        .run()
+        .ok();
+    assert_eq!(metric(&w2, "esk_writer_records_total"), 1.0, "the new owner processed old requests again");
+    assert_eq!(metric(&w2, "esk_writer_retries_answered_total"), 0.0);
+    assert_eq!(checked_log(&env, "order")["order-resume"].len(), 11);
 }
