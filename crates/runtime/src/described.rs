@@ -64,6 +64,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "time of one writer transaction, begin to commit",
     ),
     ("esk_writer_restore_seconds", Kind::Histogram, Unit::Seconds, "time to restore a partition on takeover"),
+    (
+        "esk_writer_linger_seconds",
+        Kind::Histogram,
+        Unit::Seconds,
+        "time a partition waited after a commit before its next transaction (commit gap, batch linger)",
+    ),
     ("esk_coordinator_open_transactions", Kind::Gauge, Unit::Count, "2PC transactions open"),
     (
         "esk_coordinator_in_doubt_transactions",
