@@ -133,6 +133,12 @@ pub fn commit(
             })
         })?;
     }
+    commit_only(producer, timeout, stop)
+}
+
+/// Commits the transaction, with no consumed offsets in it (a handler that
+/// keeps its positions with its own records).
+pub fn commit_only(producer: &FutureProducer, timeout: Duration, stop: &AtomicBool) -> Result<(), TxnError> {
     retrying("commit_transaction", stop, || {
         let producer = producer.clone();
         watched("commit_transaction", timeout, move || {

@@ -295,7 +295,6 @@ impl PartitionMemory {
         self.cache.map.len()
     }
 
-    /// Reads the open holds from the store (after a restore).
     /// Next offset of each input, from the consumed-positions records the
     /// store took (by the owner after its commits, or by the standby).
     pub fn consumed(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
@@ -308,6 +307,7 @@ impl PartitionMemory {
             .collect())
     }
 
+    /// Reads the open holds from the store (after a restore).
     pub fn load_holds(&mut self) -> Result<usize, StoreError> {
         self.holds.clear();
         for (_, row) in self.store.tagged(TAG_HOLDS)? {

@@ -70,6 +70,8 @@ struct Owned {
     /// Next offset to process of each input, as last committed (the
     /// consumed-positions record); inputs not in it resume from the group's.
     consumed: BTreeMap<String, i64>,
+    /// What was last committed to the group for the lag tools.
+    advised: BTreeMap<String, i64>,
 }
 
 /// What one transaction is made of.
@@ -205,7 +207,7 @@ impl Run {
             open_holds = holds,
             "partition taken over"
         );
-        Ok(Some(Owned { producer, memory, next_offsets: HashMap::new(), consumed }))
+        Ok(Some(Owned { producer, memory, next_offsets: HashMap::new(), consumed, advised: BTreeMap::new() }))
     }
 
     fn abort(&self, owned: &Owned) -> Result<()> {
@@ -255,9 +257,12 @@ impl Run {
                 }
             }
         }
-        // For the tools that read the group's offsets; the partition resumes
-        // from its consumed-positions record.
-        self.io.advise(&owned.consumed);
+        // For the tools that read the group's offsets, when they moved; the
+        // partition resumes from its consumed-positions record.
+        if owned.advised != owned.consumed {
+            self.io.advise(&owned.consumed);
+            owned.advised.clone_from(&owned.consumed);
+        }
         let p = self.partition.to_string();
         metrics::gauge!("esk_writer_cached_streams", "partition" => p.clone()).set(owned.memory.cached() as f64);
         metrics::gauge!("esk_writer_open_holds", "partition" => p).set(owned.memory.open_holds() as f64);
@@ -492,7 +497,7 @@ impl Run {
         let ctx = shared.batch_context();
         let now = Utc::now();
         owned.memory.set_now(now.timestamp_millis());
-        let Owned { producer, memory, next_offsets, consumed: resume } = owned;
+        let Owned { producer, memory, next_offsets, consumed: resume, .. } = owned;
         let mut batch = Batch::new(memory, now);
         match work {
             Work::Decide(records, asks) => {
@@ -629,7 +634,7 @@ impl Run {
                 after_abort,
             ));
         }
-        txn::commit(producer, p, &HashMap::new(), None, timeout, self.io.stop_flag())?;
+        txn::commit_only(producer, timeout, self.io.stop_flag())?;
         // Each partition written gets one commit marker after its last record.
         for ((topic, _), offset) in events.iter().zip(event_offsets) {
             let next = next_offsets.entry(topic.clone()).or_insert(0);
