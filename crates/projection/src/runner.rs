@@ -463,6 +463,14 @@ pub const POISON_AFTER: u32 = 10;
 /// checkpoints. Events in `poison` are parked without being applied (they
 /// failed too often). `before_commit` sees the parked events first (they go
 /// to the dead-letter topic). Returns (applied, parked).
+///
+/// The first pass applies the events without a savepoint each (one SQL
+/// statement saved per event, and the reason a catch-up applies several
+/// hundred thousand events a second). An event the projection refuses may
+/// have made part of its changes already, so the first refusal rolls the
+/// whole transaction back and the batch is applied again with each event in
+/// a savepoint of its own, which undoes exactly the refused event's changes
+/// (`esk_projection_batches_redone_total`).
 fn apply_batch<S: Store, P: Projection<S>>(
     projection: &P,
     schemas: &SchemaRegistry,
@@ -472,13 +480,35 @@ fn apply_batch<S: Store, P: Projection<S>>(
     poison: &HashMap<(String, i32, i64), String>,
     before_commit: &mut dyn FnMut(&[Parked]) -> Result<(), StoreError>,
 ) -> Result<(u64, Vec<Parked>), BatchError> {
+    if let Some(done) = apply_pass(projection, schemas, store, batch, positions, poison, before_commit, false)? {
+        return Ok(done);
+    }
+    metrics::counter!("esk_projection_batches_redone_total", "projection" => projection.name().to_owned()).increment(1);
+    apply_pass(projection, schemas, store, batch, positions, poison, before_commit, true)?
+        .ok_or_else(|| BatchError::Store(StoreError::Other("a batch with savepoints gave up".into())))
+}
+
+/// One pass of [`apply_batch`]: `None` when an event was refused in a pass
+/// without savepoints (nothing was committed; the batch needs the careful
+/// pass).
+#[allow(clippy::too_many_arguments)]
+fn apply_pass<S: Store, P: Projection<S>>(
+    projection: &P,
+    schemas: &SchemaRegistry,
+    store: &mut S,
+    batch: &[Rec],
+    positions: &mut Positions,
+    poison: &HashMap<(String, i32, i64), String>,
+    before_commit: &mut dyn FnMut(&[Parked]) -> Result<(), StoreError>,
+    careful: bool,
+) -> Result<Option<(u64, Vec<Parked>)>, BatchError> {
     let mut tx = store.begin()?;
     let mut parked = Vec::new();
     let mut applied = 0;
     let mut next = positions.clone();
     for rec in batch {
         next.insert((rec.topic.clone(), rec.partition), rec.offset + 1);
-        if let Some(reason) = poison.get(&(rec.topic.clone(), rec.partition, rec.offset)) {
+        if let Some(reason) = poisoned(poison, rec) {
             parked.push(rec.parked(format!("failed {POISON_AFTER} times in a row: {reason}")));
             continue;
         }
@@ -489,12 +519,17 @@ fn apply_batch<S: Store, P: Projection<S>>(
                 continue;
             }
         };
-        S::event_begin(&mut tx)?;
+        if careful {
+            S::event_begin(&mut tx)?;
+        }
         match projection.apply(&mut tx, &event) {
             Ok(()) => {
-                S::event_release(&mut tx)?;
+                if careful {
+                    S::event_release(&mut tx)?;
+                }
                 applied += 1;
             }
+            Err(ApplyError::Permanent(_)) if !careful => return Ok(None),
             Err(ApplyError::Permanent(reason)) => {
                 S::event_rollback(&mut tx)?;
                 parked.push(rec.parked(format!("the projection refused it: {reason}")));
@@ -511,7 +546,15 @@ fn apply_batch<S: Store, P: Projection<S>>(
     before_commit(&parked)?;
     S::commit(tx)?;
     *positions = next;
-    Ok((applied, parked))
+    Ok(Some((applied, parked)))
+}
+
+/// Why `rec` is to be parked unapplied, if it failed too often.
+fn poisoned<'a>(poison: &'a HashMap<(String, i32, i64), String>, rec: &Rec) -> Option<&'a String> {
+    if poison.is_empty() {
+        return None;
+    }
+    poison.get(&(rec.topic.clone(), rec.partition, rec.offset))
 }
 
 /// What keeps failing in a batch being retried, and the backoff.

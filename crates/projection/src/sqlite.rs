@@ -118,15 +118,19 @@ impl Store for SqliteStore {
     }
 
     fn event_begin(tx: &mut Transaction<'_>) -> Result<(), StoreError> {
-        Ok(tx.execute_batch("SAVEPOINT esk_event")?)
+        tx.prepare_cached("SAVEPOINT esk_event")?.execute([])?;
+        Ok(())
     }
 
     fn event_rollback(tx: &mut Transaction<'_>) -> Result<(), StoreError> {
-        Ok(tx.execute_batch("ROLLBACK TO esk_event; RELEASE esk_event")?)
+        tx.prepare_cached("ROLLBACK TO esk_event")?.execute([])?;
+        tx.prepare_cached("RELEASE esk_event")?.execute([])?;
+        Ok(())
     }
 
     fn event_release(tx: &mut Transaction<'_>) -> Result<(), StoreError> {
-        Ok(tx.execute_batch("RELEASE esk_event")?)
+        tx.prepare_cached("RELEASE esk_event")?.execute([])?;
+        Ok(())
     }
 
     fn save_checkpoints(tx: &mut Transaction<'_>, positions: &Positions) -> Result<(), StoreError> {

@@ -116,6 +116,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
     ("esk_projection_parked_total", Kind::Counter, Unit::Count, "events parked in a projection's dead-letter topic"),
     ("esk_projection_retries_total", Kind::Counter, Unit::Count, "batches a projection tried again after a failure"),
     (
+        "esk_projection_batches_redone_total",
+        Kind::Counter,
+        Unit::Count,
+        "batches applied again with a savepoint per event because the projection refused one of them",
+    ),
+    (
         "esk_projection_lag_records",
         Kind::Gauge,
         Unit::Count,

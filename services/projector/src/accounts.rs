@@ -51,15 +51,17 @@ impl Projection<SqliteStore> for Accounts {
         let version = event.version as i64;
         let changed = match &e {
             AccountEvent::AccountOpened { owner } => {
-                let exists: Option<i64> =
-                    tx.query_row("SELECT version FROM accounts WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+                let exists: Option<i64> = tx
+                    .prepare_cached("SELECT version FROM accounts WHERE id = ?1")?
+                    .query_row([id], |r| r.get(0))
+                    .optional()?;
                 if exists.is_some() {
                     return Err(ApplyError::Permanent(format!("account {id} is already open")));
                 }
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO accounts (id, owner, balance, available, version) VALUES (?1, ?2, 0, 0, ?3)",
-                    params![id, owner, version],
                 )?
+                .execute(params![id, owner, version])?
             }
             AccountEvent::Deposited { amount, .. } => move_money(tx, id, *amount, *amount, version)?,
             AccountEvent::Withdrawn { amount, .. } => move_money(tx, id, -amount, -amount, version)?,
@@ -67,20 +69,17 @@ impl Projection<SqliteStore> for Accounts {
                 let held = if *command == HeldCommand::Withdraw { -amount } else { 0 };
                 let n = move_money(tx, id, 0, held, version)?;
                 if n == 1 {
-                    tx.execute(
+                    tx.prepare_cached(
                         "INSERT OR REPLACE INTO account_holds (id, txid, command, amount) VALUES (?1, ?2, ?3, ?4)",
-                        params![id, txid, format!("{command:?}"), amount],
-                    )?;
+                    )?
+                    .execute(params![id, txid, format!("{command:?}"), amount])?;
                 }
                 n
             }
             AccountEvent::HoldReleased { txid, .. } => {
                 let hold: Option<(String, i64)> = tx
-                    .query_row(
-                        "DELETE FROM account_holds WHERE id = ?1 AND txid = ?2 RETURNING command, amount",
-                        params![id, txid],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                    .prepare_cached("DELETE FROM account_holds WHERE id = ?1 AND txid = ?2 RETURNING command, amount")?
+                    .query_row(params![id, txid], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()?;
                 let back = match hold {
                     Some((command, amount)) if command == "Withdraw" => amount,
@@ -97,11 +96,12 @@ impl Projection<SqliteStore> for Accounts {
 }
 
 fn move_money(tx: &Transaction<'_>, id: &str, balance: i64, available: i64, version: i64) -> Result<usize, ApplyError> {
-    Ok(tx.execute(
-        "UPDATE accounts SET balance = balance + ?2, available = available + ?3, version = max(version, ?4)
-         WHERE id = ?1",
-        params![id, balance, available, version],
-    )?)
+    Ok(tx
+        .prepare_cached(
+            "UPDATE accounts SET balance = balance + ?2, available = available + ?3, version = max(version, ?4)
+             WHERE id = ?1",
+        )?
+        .execute(params![id, balance, available, version])?)
 }
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
