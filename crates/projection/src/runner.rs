@@ -1226,6 +1226,92 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::sqlite::SqliteStore;
+
+    /// Inserts a row per event, then refuses a deposit of 13 (after its
+    /// insert, so a refusal leaves a change behind that must be undone).
+    struct RefusesThirteen;
+
+    impl Projection<SqliteStore> for RefusesThirteen {
+        fn name(&self) -> &str {
+            "thirteen"
+        }
+        fn categories(&self) -> Vec<String> {
+            vec!["account".into()]
+        }
+        fn migrate(&self, store: &mut SqliteStore) -> Result<(), StoreError> {
+            store.execute_batch("CREATE TABLE seen (version INTEGER)")
+        }
+        fn apply(&self, tx: &mut rusqlite::Transaction<'_>, e: &Event) -> Result<(), ApplyError> {
+            tx.prepare_cached("INSERT INTO seen (version) VALUES (?1)")?.execute([e.version as i64])?;
+            if e.data["amount"] == 13 {
+                return Err(ApplyError::Permanent("13 is refused".into()));
+            }
+            Ok(())
+        }
+    }
+
+    fn deposit(offset: i64, amount: i64) -> Rec {
+        let h = |k: &str, v: String| (k.to_owned(), Some(v.into_bytes()));
+        Rec {
+            topic: "t.events.account".into(),
+            partition: 0,
+            offset,
+            key: Some(b"account-1".to_vec()),
+            value: Some(format!(r#"{{"amount": {amount}}}"#).into_bytes()),
+            headers: vec![
+                h("ce_specversion", "1.0".into()),
+                h("ce_id", format!("e{offset}")),
+                h("ce_source", "test".into()),
+                h("ce_type", "Deposited".into()),
+                h("ce_time", "2026-12-02T10:00:00Z".into()),
+                h("ce_subject", "account-1".into()),
+                h("ce_streamversion", (offset + 1).to_string()),
+                h("ce_dataschema", "urn:esk:schema:account:Deposited:v1".into()),
+                h("content-type", "application/json".into()),
+            ],
+        }
+    }
+
+    /// The first pass has no savepoints: a refusal must roll the batch back
+    /// and redo it with savepoints, so that the refused event's own changes
+    /// are undone and every other event is applied exactly once.
+    #[test]
+    fn a_refused_event_is_undone_and_parked_and_the_rest_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        RefusesThirteen.migrate(&mut store).unwrap();
+        let batch: Vec<Rec> = [5, 13, 7, 13, 9].iter().enumerate().map(|(o, a)| deposit(o as i64, *a)).collect();
+        let mut positions = Positions::new();
+        let mut dead = Vec::new();
+        let (applied, parked) = apply_batch(
+            &RefusesThirteen,
+            &SchemaRegistry::builtin(),
+            &mut store,
+            &batch,
+            &mut positions,
+            &HashMap::new(),
+            &mut |p: &[Parked]| {
+                dead.extend(p.iter().map(|p| p.offset));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(applied, 3);
+        assert_eq!(parked.iter().map(|p| p.offset).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(dead, [1, 3], "the dead-letter sender saw the parked events once");
+        let seen: Vec<i64> = store
+            .connection()
+            .prepare("SELECT version FROM seen ORDER BY version")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(seen, [1, 3, 5], "the refused events' inserts are undone, the others applied once");
+        assert_eq!(positions, [(("t.events.account".to_owned(), 0), 5)].into());
+        assert_eq!(store.checkpoints().unwrap(), positions);
+    }
 
     proptest! {
         /// No record of an events topic makes a projection's decoding panic.
