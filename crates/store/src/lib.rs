@@ -235,6 +235,21 @@ impl PartitionStore {
             .optional()?)
     }
 
+    /// Up to `limit` rows whose keys start with `prefix`, in key order, from
+    /// the last one at or before `from` (or the first, if none is).
+    pub fn from_floor(&self, prefix: &str, from: &str, limit: usize) -> Result<Vec<(String, Row)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key, offset, value, time_ms, tag FROM rows
+             WHERE key >= coalesce((SELECT max(key) FROM rows WHERE key >= ?1 AND key <= ?2), ?1)
+               AND substr(key, 1, length(?1)) = ?1
+             ORDER BY key LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![prefix, from, limit as i64], |r| {
+            Ok((r.get(0)?, Row { offset: r.get(1)?, value: r.get(2)?, time_ms: r.get(3)?, tag: r.get(4)? }))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The next offset of `topic` this file has (0: none read yet).
     pub fn position(&self, topic: &str) -> Result<i64, StoreError> {
         let mut stmt = self.conn.prepare_cached("SELECT next_offset FROM positions WHERE topic = ?1")?;
@@ -325,6 +340,25 @@ impl PartitionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn from_floor_starts_at_the_last_key_at_or_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap().partition(0).unwrap();
+        let mut c = Changes::default();
+        for k in ["a/01", "a/05", "a/09", "b/02", "a"] {
+            c.put(k.into(), 1, k.as_bytes().to_vec(), 0, 0);
+        }
+        s.apply(&c).unwrap();
+        let keys = |from: &str, limit| -> Vec<String> {
+            s.from_floor("a/", from, limit).unwrap().into_iter().map(|(k, _)| k).collect()
+        };
+        assert_eq!(keys("a/06", 10), ["a/05", "a/09"]);
+        assert_eq!(keys("a/05", 1), ["a/05"]);
+        assert_eq!(keys("a/00", 10), ["a/01", "a/05", "a/09"], "before the first: from the first");
+        assert_eq!(keys("a/99", 10), ["a/09"]);
+        assert!(s.from_floor("c/", "c/5", 10).unwrap().is_empty());
+    }
 
     fn row(offset: i64, value: &str) -> Row {
         Row { offset, value: value.as_bytes().to_vec(), time_ms: 0, tag: 0 }

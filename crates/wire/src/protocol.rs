@@ -183,8 +183,13 @@ pub enum RequestBody {
         expected_version: ExpectedVersion,
         command: CommandData,
     },
-    /// Ask for the stream's head: version and where its events are.
-    Head,
+    /// Ask for the stream's head: version and where its events are, the
+    /// index from the entry holding version `from` on (at most
+    /// [`MAX_HEAD_ENTRIES`] entries; [`StreamHead::more`] says if it goes on).
+    Head {
+        #[serde(default)]
+        from: u64,
+    },
 }
 
 /// The writer's answer to a [`Request`].
@@ -226,9 +231,22 @@ pub struct StreamHead {
     pub version: u64,
     /// The partition of the category topic (and of every co-partitioned topic).
     pub partition: i32,
-    /// Offsets in the events partition where runs of the stream's events start.
+    /// Offsets in the events partition where runs of the stream's events
+    /// start, from the run holding the version asked for: one entry per
+    /// append (records written before index pages may have merged runs).
     pub index: Vec<IndexEntry>,
+    /// The index goes on beyond these entries (more than
+    /// [`MAX_HEAD_ENTRIES`]): ask again from the last entry's version.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
+
+/// Index entries a head reply carries at most (about 40 KB of JSON).
+pub const MAX_HEAD_ENTRIES: usize = 1024;
+
+/// Index entries a stream record holds inline at most: when an append would
+/// make one more, the first [`INDEX_PAGE_ENTRIES`] move to an [`IndexPage`].
+pub const INDEX_PAGE_ENTRIES: usize = 32;
 
 /// Events of the stream from `version` on are found from `offset` on in its
 /// events partition (interleaved with other streams' events).
@@ -644,6 +662,63 @@ pub struct OpenHold {
     pub deadline_ms: i64,
 }
 
+/// Entries of a stream's index that no longer fit its record, on
+/// `<prefix>.state` under [`IndexPage::key`] (never replaced: the writer
+/// writes each page once, in the transaction of the append that filled it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexPage {
+    /// Format version (1).
+    pub v: u32,
+    pub stream: String,
+    /// [`INDEX_PAGE_ENTRIES`] entries, in order.
+    pub entries: Vec<IndexEntry>,
+}
+
+/// Prefix of every index page's key: not a stream name, like [`CONSUMED_KEY`].
+pub const INDEX_PAGE_PREFIX: &str = "\u{1f}i\u{1f}";
+
+impl IndexPage {
+    /// Its key on the state topic: the stream and the page's first version.
+    pub fn key(stream: &str, first_version: u64) -> String {
+        format!("{INDEX_PAGE_PREFIX}{stream}\u{1f}{first_version}")
+    }
+
+    pub fn first_version(&self) -> u64 {
+        self.entries.first().map_or(0, |e| e.version)
+    }
+
+    /// Decodes and checks a record of the state topic whose key starts with
+    /// [`INDEX_PAGE_PREFIX`]: its key, its partition, its entries in order.
+    pub fn decode(key: &[u8], value: Option<&[u8]>, partition: i32, partitions: i32) -> Result<Self, String> {
+        let value = value.ok_or("an index page with no value (a tombstone)")?;
+        let page: IndexPage = serde_json::from_slice(value).map_err(|e| format!("not an index page: {e}"))?;
+        if page.v != 1 {
+            return Err(format!("index page of format {}, this writer knows 1", page.v));
+        }
+        crate::StreamName::parse(&page.stream).map_err(|e| e.to_string())?;
+        if page.entries.is_empty() || page.entries.len() > INDEX_PAGE_ENTRIES {
+            return Err(format!("an index page of {} entries", page.entries.len()));
+        }
+        if page.entries.windows(2).any(|w| w[1].version <= w[0].version || w[1].offset <= w[0].offset)
+            || page.entries[0].version < 1
+            || page.entries[0].offset < 0
+        {
+            return Err("its entries are not ordered within versions and offsets".into());
+        }
+        if key != Self::key(&page.stream, page.first_version()).as_bytes() {
+            return Err(format!(
+                "key {:?} is not the page's stream and first version",
+                crate::limits::shorten(&String::from_utf8_lossy(key), 100)
+            ));
+        }
+        let home = crate::partition::partition_for(page.stream.as_bytes(), partitions);
+        if home != partition {
+            return Err(format!("stream '{}' belongs to partition {home}, not {partition}", page.stream));
+        }
+        Ok(page)
+    }
+}
+
 /// Key of the writer's consumed-positions record on each partition of
 /// `<prefix>.state`: not a stream name (stream names have no control
 /// characters), so no stream's record can take its place.
@@ -689,8 +764,13 @@ pub struct StreamRecord {
     pub state: Option<Value>,
     /// Offset of the stream's last event in its events partition (-1: none).
     pub last_offset: i64,
+    /// The latest entries of the stream's index (one per append, at most
+    /// [`INDEX_PAGE_ENTRIES`]); the earlier ones are in `pages` index pages.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub index: Vec<IndexEntry>,
+    /// How many [`IndexPage`]s hold the entries before `index`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages: u64,
     /// The 2PC holds the stream has open.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holds: Vec<OpenHold>,
@@ -712,6 +792,7 @@ impl StreamRecord {
             state,
             last_offset: -1,
             index: Vec::new(),
+            pages: 0,
             holds: Vec::new(),
             answered: Vec::new(),
             decided: Vec::new(),
@@ -755,8 +836,14 @@ impl StreamRecord {
         if self.version > 0 && self.index.is_empty() {
             return Err(format!("version {} with an empty index", self.version));
         }
+        if self.index.len() > INDEX_PAGE_ENTRIES {
+            return Err(format!("an index of {} entries, over {INDEX_PAGE_ENTRIES}", self.index.len()));
+        }
+        if self.pages > self.version {
+            return Err(format!("{} index pages for version {}", self.pages, self.version));
+        }
         if self.index.windows(2).any(|w| w[1].version <= w[0].version || w[1].offset <= w[0].offset)
-            || self.index.first().is_some_and(|e| e.version != 1 || e.offset < 0)
+            || self.index.first().is_some_and(|e| (e.version != 1 && self.pages == 0) || e.version < 1 || e.offset < 0)
             || self.index.last().is_some_and(|e| e.version > self.version || e.offset > self.last_offset)
         {
             return Err("its index is not ordered within its versions and offsets".into());
@@ -794,6 +881,48 @@ mod tests {
         }
         assert!(ConsumedRecord::decode(None).unwrap_err().contains("no value"));
         assert!(crate::StreamName::parse(CONSUMED_KEY).is_err(), "the key must not be a stream name");
+    }
+
+    #[test]
+    fn index_pages_are_checked_against_their_key_and_partition() {
+        let stream = "account-7";
+        let partitions = 12;
+        let home = crate::partition::partition_for(stream.as_bytes(), partitions);
+        let page = |entries: Value| serde_json::to_vec(&json!({"v": 1, "stream": stream, "entries": entries})).unwrap();
+        let good = page(json!([{"version": 33, "offset": 900}, {"version": 35, "offset": 960}]));
+        let key = IndexPage::key(stream, 33);
+        let p = IndexPage::decode(key.as_bytes(), Some(&good), home, partitions).unwrap();
+        assert_eq!((p.first_version(), p.entries.len()), (33, 2));
+        assert!(crate::StreamName::parse(&key).is_err(), "a page's key must not be a stream name");
+
+        let many: Vec<Value> = (1..=33).map(|i| json!({"version": i, "offset": i * 10})).collect();
+        for (bytes, k, why) in [
+            (b"{not json".to_vec(), key.clone(), "not an index page"),
+            (serde_json::to_vec(&json!({"v": 2, "stream": stream, "entries": []})).unwrap(), key.clone(), "format 2"),
+            (page(json!([])), key.clone(), "0 entries"),
+            (page(Value::Array(many)), IndexPage::key(stream, 1), "33 entries"),
+            (page(json!([{"version": 33, "offset": 900}, {"version": 33, "offset": 960}])), key.clone(), "not ordered"),
+            (page(json!([{"version": 33, "offset": 900}, {"version": 34, "offset": 800}])), key.clone(), "not ordered"),
+            (page(json!([{"version": 0, "offset": 900}])), IndexPage::key(stream, 0), "not ordered"),
+            (good.clone(), IndexPage::key(stream, 34), "is not the page's stream and first version"),
+            (good.clone(), IndexPage::key("account-8", 33), "is not the page's stream and first version"),
+            (
+                serde_json::to_vec(&json!({"v": 1, "stream": "no dash", "entries": [{"version": 1, "offset": 0}]}))
+                    .unwrap(),
+                IndexPage::key("no dash", 1),
+                "",
+            ),
+        ] {
+            let err = IndexPage::decode(k.as_bytes(), Some(&bytes), home, partitions).unwrap_err();
+            assert!(err.contains(why), "{why}: {err}");
+        }
+        let elsewhere = (home + 1) % partitions;
+        assert!(
+            IndexPage::decode(key.as_bytes(), Some(&good), elsewhere, partitions)
+                .unwrap_err()
+                .contains(&format!("belongs to partition {home}"))
+        );
+        assert!(IndexPage::decode(key.as_bytes(), None, home, partitions).unwrap_err().contains("tombstone"));
     }
 
     #[test]
@@ -837,7 +966,7 @@ mod tests {
         let head: Request =
             serde_json::from_value(json!({"request_id": "x", "reply_partition": 0, "stream": "a-1", "kind": "head"}))
                 .unwrap();
-        assert_eq!(head.body, RequestBody::Head);
+        assert_eq!(head.body, RequestBody::Head { from: 0 });
     }
 
     #[test]
