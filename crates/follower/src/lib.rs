@@ -59,6 +59,12 @@ impl Followed {
         self.key.as_deref() == Some(esk_wire::protocol::CONSUMED_KEY.as_bytes())
     }
 
+    /// Whether this is one of the writer's index pages
+    /// ([`esk_wire::protocol::IndexPage`]), not a stream's record.
+    pub fn is_index_page(&self) -> bool {
+        self.key.as_deref().is_some_and(|k| k.starts_with(esk_wire::protocol::INDEX_PAGE_PREFIX.as_bytes()))
+    }
+
     /// Decodes a stream record of the state topic and checks it against its
     /// key, its partition and the (version, last offset) it would replace.
     pub fn stream_record(&self, previous: Option<(u64, i64)>) -> Result<StreamRecord, String> {

@@ -81,8 +81,9 @@ impl Sink for SqliteSink {
                  state = excluded.state, last_offset = excluded.last_offset",
             )?;
             for f in batch {
-                // Where the writer is in its inputs: nothing a reader serves.
-                if f.is_consumed() {
+                // Where the writer is in its inputs, where a stream's older
+                // events are: nothing a reader serves.
+                if f.is_consumed() || f.is_index_page() {
                     continue;
                 }
                 let stream = f.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();

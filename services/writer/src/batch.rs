@@ -24,15 +24,13 @@ use esk_wire::limits::{
 };
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{
-    Answered, Appended, CommandData, Decided, Decision, ErrorCode, ExpectedVersion, IndexEntry, Memory, NewEvent,
-    OpenHold, ParticipantMessage, Position, Prepare, Reply, ReplyError, ReplyOutcome, Request, RequestBody, StreamHead,
-    StreamRecord, TxAck, TxVote, Verdict,
+    Answered, Appended, CommandData, Decided, Decision, ErrorCode, ExpectedVersion, INDEX_PAGE_ENTRIES, IndexEntry,
+    IndexPage, MAX_HEAD_ENTRIES, Memory, NewEvent, OpenHold, ParticipantMessage, Position, Prepare, Reply, ReplyError,
+    ReplyOutcome, Request, RequestBody, StreamHead, StreamRecord, TxAck, TxVote, Verdict,
 };
 use esk_wire::{Event, SchemaRegistry, StreamName};
 use serde_json::Value;
 
-/// Index entries per stream; older runs are merged beyond this.
-pub const MAX_INDEX: usize = 32;
 /// The highest version a stream may reach (versions travel as JSON numbers).
 pub const MAX_VERSION: u64 = i64::MAX as u64;
 /// The CloudEvents source of everything the writer appends.
@@ -115,6 +113,10 @@ pub trait Lookup {
     ) -> Result<Option<Answered>, LookupError>;
     /// The decision this stream applied for a transaction.
     fn decided(&mut self, stream: &str, txid: &str) -> Result<Option<Decided>, LookupError>;
+    /// Entries of the stream's committed index pages, in order, from the page
+    /// holding version `from` (or the first), at least `limit` of them if
+    /// there are (whole pages).
+    fn index_pages(&mut self, stream: &str, from: u64, limit: usize) -> Result<Vec<IndexEntry>, LookupError>;
 }
 
 /// An event to append, in order.
@@ -145,6 +147,7 @@ enum PendingReply {
     },
     Head {
         stream: String,
+        from: u64,
     },
 }
 
@@ -212,6 +215,9 @@ pub struct Finished {
     pub replies: Vec<(i32, String, Vec<u8>)>,
     /// What to remember on the answers topic, with its JSON.
     pub memories: Vec<(Memory, Vec<u8>)>,
+    /// Index pages filled by this batch, with their JSON (written before the
+    /// stream records that count them).
+    pub pages: Vec<(IndexPage, Vec<u8>)>,
 }
 
 /// A batch that made a record too large to write (an aggregate state that
@@ -229,19 +235,6 @@ fn domain_error(e: DynError) -> ReplyOutcome {
         DynError::Domain(DomainError::Invalid(m)) => error(ErrorCode::InvalidInput, m),
         DynError::Domain(DomainError::Rejected(m)) => error(ErrorCode::DomainRefused, m),
         DynError::State(m) => error(ErrorCode::Internal, m),
-    }
-}
-
-/// Merges index entries until at most [`MAX_INDEX`] remain, each time dropping
-/// the entry whose removal adds the fewest offsets to scan.
-pub fn compact_index(index: &mut Vec<IndexEntry>) {
-    while index.len() > MAX_INDEX {
-        let Some((drop, _)) =
-            (1..index.len() - 1).map(|i| (i, index[i + 1].offset - index[i - 1].offset)).min_by_key(|(_, span)| *span)
-        else {
-            return;
-        };
-        index.remove(drop);
     }
 }
 
@@ -485,8 +478,9 @@ impl<'s> Batch<'s> {
             return self.reply(part, id, attempt, error(ErrorCode::Unavailable, reason));
         }
         let outcome = match &request.body {
-            RequestBody::Head => {
-                self.replies.push((part, id, attempt, PendingReply::Head { stream: stream.to_string() }));
+            RequestBody::Head { from } => {
+                let pending = PendingReply::Head { stream: stream.to_string(), from: *from };
+                self.replies.push((part, id, attempt, pending));
                 return;
             }
             RequestBody::Append { expected_version, events } => {
@@ -983,10 +977,15 @@ impl<'s> Batch<'s> {
     /// the remembered answers; serializes every record and checks its size.
     pub fn finish(mut self, ctx: &Context<'_>, partition: i32, offsets: &[i64]) -> Result<Finished, Oversized> {
         assert_eq!(offsets.len(), self.events.len(), "one offset per event");
+        let mut pages = Vec::new();
         for run in std::mem::take(&mut self.runs) {
             if let Some(rec) = self.scratch.get_mut(&run.stream) {
                 rec.index.push(IndexEntry { version: run.first_version, offset: offsets[run.first_event] });
-                compact_index(&mut rec.index);
+                if rec.index.len() > INDEX_PAGE_ENTRIES {
+                    let entries = rec.index.drain(..INDEX_PAGE_ENTRIES).collect();
+                    rec.pages += 1;
+                    pages.push(IndexPage { v: 1, stream: run.stream.clone(), entries });
+                }
             }
         }
         for (i, e) in self.events.iter().enumerate() {
@@ -1019,20 +1018,45 @@ impl<'s> Batch<'s> {
                 PendingReply::Appended { stream, first_version, last_version, last_event } => ReplyOutcome::Appended(
                     result_of(&stream, first_version, last_version, last_event, &self.scratch, &self.loaded),
                 ),
-                PendingReply::Head { stream } => {
-                    let rec = self.record(&stream);
-                    ReplyOutcome::Head(StreamHead {
-                        stream: stream.clone(),
-                        version: rec.map_or(0, |r| r.version),
-                        partition,
-                        index: rec.map(|r| r.index.clone()).unwrap_or_default(),
-                    })
+                PendingReply::Head { stream, from } => {
+                    let (version, inline, paged) =
+                        self.record(&stream).map_or((0, Vec::new(), 0), |r| (r.version, r.index.clone(), r.pages));
+                    // Pages of earlier batches, then of this one, then the record's own entries.
+                    let mut index = Vec::new();
+                    let fresh = pages.iter().filter(|p| p.stream == stream).count() as u64;
+                    // Enough pages that, after the runs before `from`, more than a reply's worth remain.
+                    let asked = (MAX_HEAD_ENTRIES / INDEX_PAGE_ENTRIES + 2) * INDEX_PAGE_ENTRIES;
+                    if paged > fresh {
+                        match self.lookup.index_pages(&stream, from, asked) {
+                            Ok(entries) => index = entries,
+                            Err(e) => {
+                                let reason = self.lookup_failed(e);
+                                replies.push(reply_bytes(
+                                    part,
+                                    request_id,
+                                    attempt,
+                                    error(ErrorCode::Unavailable, reason),
+                                )?);
+                                continue;
+                            }
+                        }
+                    }
+                    let complete = index.len() < asked;
+                    if complete {
+                        index.extend(
+                            pages.iter().filter(|p| p.stream == stream).flat_map(|p| p.entries.iter().copied()),
+                        );
+                        index.extend(inline);
+                    }
+                    // Drop the runs that end before `from`, keep what fits.
+                    let start = index.partition_point(|e| e.version <= from).saturating_sub(1);
+                    let mut index = index.split_off(start);
+                    let more = !complete || index.len() > MAX_HEAD_ENTRIES;
+                    index.truncate(MAX_HEAD_ENTRIES);
+                    ReplyOutcome::Head(StreamHead { stream: stream.clone(), version, partition, index, more })
                 }
             };
-            let reply = Reply { request_id, attempt, outcome };
-            let value =
-                serde_json::to_vec(&reply).map_err(|e| Oversized(format!("a reply does not serialize: {e}")))?;
-            replies.push((part, reply.request_id, value));
+            replies.push(reply_bytes(part, request_id, attempt, outcome)?);
         }
         let mut memories = Vec::with_capacity(self.in_batch.len() + self.decisions.len());
         for InBatch { mut answer, last_event } in std::mem::take(&mut self.in_batch) {
@@ -1065,8 +1089,24 @@ impl<'s> Batch<'s> {
         }
         // Replicas read positions from state records: keep them in event order.
         records.sort_by_key(|(r, _)| r.last_offset);
-        Ok(Finished { records, replies, memories })
+        let pages = pages
+            .into_iter()
+            .map(|p| serde_json::to_vec(&p).map(|v| (p, v)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Oversized(format!("an index page does not serialize: {e}")))?;
+        Ok(Finished { records, replies, memories, pages })
     }
+}
+
+fn reply_bytes(
+    part: i32,
+    request_id: String,
+    attempt: Option<String>,
+    outcome: ReplyOutcome,
+) -> Result<(i32, String, Vec<u8>), Oversized> {
+    let reply = Reply { request_id, attempt, outcome };
+    let value = serde_json::to_vec(&reply).map_err(|e| Oversized(format!("a reply does not serialize: {e}")))?;
+    Ok((part, reply.request_id, value))
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@
 //! Keys in the store: `s␟<stream>` (its record, tagged when it has open
 //! holds), `q␟<stream>` (why its record was refused, when it has no good one),
 //! `r␟<stream>␟<request id>` and `e␟<stream>␟<first event id>␟<expected
-//! version>` (an answer), `d␟<stream>␟<txid>` (a decision). Answers and
-//! decisions carry their time and expire after the horizon.
+//! version>` (an answer), `d␟<stream>␟<txid>` (a decision), `i␟<stream>␟<first
+//! version, 20 digits>` (an index page). Answers and decisions carry their
+//! time and expire after the horizon; index pages stay, as on the state topic.
 
 use std::collections::HashMap;
 
@@ -19,7 +20,9 @@ use esk_domain::Registry;
 use esk_follower::Followed;
 use esk_follower::store::Intake;
 use esk_store::{Changes, PartitionStore, StoreError};
-use esk_wire::protocol::{Answered, ConsumedRecord, Decided, ExpectedVersion, Memory, StreamRecord};
+use esk_wire::protocol::{
+    Answered, ConsumedRecord, Decided, ExpectedVersion, IndexEntry, IndexPage, Memory, StreamRecord,
+};
 use serde::Deserialize;
 
 use crate::batch::{Lookup, LookupError};
@@ -38,6 +41,11 @@ pub fn stream_key(stream: &str) -> String {
 /// record of the state topic ([`esk_wire::protocol::ConsumedRecord`]).
 pub fn consumed_position(input: &str) -> String {
     format!("c{SEP}{input}")
+}
+
+/// The store's key of a stream's index page, ordered by its first version.
+pub fn page_key(stream: &str, first_version: u64) -> String {
+    format!("i{SEP}{stream}{SEP}{first_version:020}")
 }
 
 fn quarantine_key(stream: &str) -> String {
@@ -90,6 +98,17 @@ impl Intake for StateIntake {
             // Positions only move forward (`Changes::position`).
             match ConsumedRecord::decode(f.value.as_deref()) {
                 Ok(r) => r.next.iter().for_each(|(input, next)| changes.position(&consumed_position(input), *next)),
+                Err(reason) => esk_follower::refused("state", f, &reason),
+            }
+            return Ok(());
+        }
+        if f.is_index_page() {
+            match IndexPage::decode(f.key.as_deref().unwrap_or_default(), f.value.as_deref(), f.partition, f.partitions)
+            {
+                Ok(page) => {
+                    let key = page_key(&page.stream, page.first_version());
+                    changes.put(key, f.offset, f.value.clone().unwrap_or_default(), 0, 0);
+                }
                 Err(reason) => esk_follower::refused("state", f, &reason),
             }
             return Ok(());
@@ -272,6 +291,8 @@ pub struct Committed {
     pub records: Vec<(StreamRecord, Vec<u8>, i64)>,
     /// (memory, offset in the answers topic)
     pub memories: Vec<(Memory, i64)>,
+    /// (index page, its JSON, offset in the state topic)
+    pub pages: Vec<(IndexPage, Vec<u8>, i64)>,
     /// (topic, next offset) for the state and answers topics.
     pub positions: Vec<(String, i64)>,
 }
@@ -336,6 +357,9 @@ impl PartitionMemory {
         }
         for (memory, offset) in &committed.memories {
             put_memory(&mut changes, *offset, memory);
+        }
+        for (page, value, offset) in committed.pages {
+            changes.put(page_key(&page.stream, page.first_version()), offset, value, 0, 0);
         }
         for (topic, next) in &committed.positions {
             changes.position(topic, *next);
@@ -407,6 +431,20 @@ impl Lookup for PartitionMemory {
 
     fn answer(&mut self, stream: &str, request_id: &str) -> Result<Option<Answered>, LookupError> {
         self.remembered(&answer_key(stream, request_id))
+    }
+
+    fn index_pages(&mut self, stream: &str, from: u64, limit: usize) -> Result<Vec<IndexEntry>, LookupError> {
+        let store = |e: StoreError| LookupError::Store(e.to_string());
+        let prefix = format!("i{SEP}{stream}{SEP}");
+        let pages = limit.div_ceil(esk_wire::protocol::INDEX_PAGE_ENTRIES).max(1);
+        let mut entries = Vec::new();
+        for (key, row) in self.store.from_floor(&prefix, &page_key(stream, from), pages).map_err(store)? {
+            let page: IndexPage = serde_json::from_slice(&row.value).map_err(|e| {
+                LookupError::Unservable(format!("the writer's stored index page {key:?} is unreadable: {e}"))
+            })?;
+            entries.extend(page.entries);
+        }
+        Ok(entries)
     }
 
     fn answer_by_event(
@@ -491,7 +529,7 @@ mod tests {
             stream: "account-1".into(),
             decided: Decided { txid: "t0".into(), decision: Verdict::Abort, decided_ms: 5 },
         };
-        m.absorb(Committed { records: vec![(r, v, 1)], memories: vec![(decided, 1)], positions: vec![] }).unwrap();
+        m.absorb(Committed { records: vec![(r, v, 1)], memories: vec![(decided, 1)], ..Committed::default() }).unwrap();
         assert_eq!(m.open_holds(), 2);
         assert!(m.overdue(1500, 1000, 1000).is_empty(), "not yet");
         assert_eq!(m.overdue(2000, 1000, 1000).len(), 2);

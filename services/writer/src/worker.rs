@@ -25,7 +25,7 @@ use esk_kafka::admin::{Durability, TopicKind};
 use esk_kafka::record::{Origin, dead_letter};
 use esk_owner::txn::{self, TxnError, classify};
 use esk_owner::{Handler, PartitionIo, Phase};
-use esk_wire::protocol::{CONSUMED_KEY, ConsumedRecord, ParticipantMessage};
+use esk_wire::protocol::{CONSUMED_KEY, ConsumedRecord, IndexPage, ParticipantMessage};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
@@ -561,6 +561,10 @@ impl Run {
             deliveries.push(send(topic, p, e.stream.as_str().as_bytes(), Some(&value), Some(headers), Some(ts))?);
         }
         let state_topic = shared.topics.state();
+        for (page, value) in &finished.pages {
+            let key = IndexPage::key(&page.stream, page.first_version());
+            deliveries.push(send(&state_topic, p, key.as_bytes(), Some(value), None, None)?);
+        }
         for (r, value) in &finished.records {
             deliveries.push(send(&state_topic, p, r.stream.as_bytes(), Some(value), None, None)?);
         }
@@ -614,6 +618,7 @@ impl Run {
         let positions_offset = if positions.is_some() { delivered.pop() } else { None };
         let t_sent = Instant::now();
         let (event_offsets, rest) = delivered.split_at(events.len());
+        let (page_offsets, rest) = rest.split_at(finished.pages.len());
         let (state_offsets, rest) = rest.split_at(finished.records.len());
         let answer_offsets = &rest[..finished.memories.len()];
         if event_offsets != predicted.as_slice() {
@@ -643,7 +648,7 @@ impl Run {
         metrics::counter!("esk_writer_events_total").increment(events.len() as u64);
         metrics::counter!("esk_writer_answers_remembered_total").increment(finished.memories.len() as u64);
         let mut committed = Committed::default();
-        if let Some(last) = state_offsets.iter().chain(&positions_offset).max() {
+        if let Some(last) = state_offsets.iter().chain(page_offsets).chain(&positions_offset).max() {
             committed.positions.push((state_topic, last + 1));
         }
         if positions.is_some() {
@@ -654,6 +659,7 @@ impl Run {
         }
         committed.records = finished.records.into_iter().zip(state_offsets).map(|((r, v), o)| (r, v, *o)).collect();
         committed.memories = finished.memories.into_iter().zip(answer_offsets).map(|((m, _), o)| (m, *o)).collect();
+        committed.pages = finished.pages.into_iter().zip(page_offsets).map(|((p, v), o)| (p, v, *o)).collect();
         // The transaction is committed: a store that cannot take it is
         // behind Kafka, so the partition is restored afresh from its topics.
         memory.absorb(committed).map_err(|e| Failure::Fatal(anyhow!("the local store failed after a commit: {e}")))?;

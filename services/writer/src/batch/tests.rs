@@ -15,6 +15,9 @@ struct Memo {
     decided: Vec<(String, Decided)>,
     unservable: HashMap<String, String>,
     broken_store: bool,
+    pages: Vec<IndexPage>,
+    /// Where the next batch's events land.
+    next_offset: i64,
 }
 
 impl Lookup for Memo {
@@ -52,6 +55,19 @@ impl Lookup for Memo {
     fn decided(&mut self, stream: &str, txid: &str) -> Result<Option<Decided>, LookupError> {
         Ok(self.decided.iter().find(|(s, d)| s == stream && d.txid == txid).map(|(_, d)| d.clone()))
     }
+
+    fn index_pages(&mut self, stream: &str, from: u64, limit: usize) -> Result<Vec<IndexEntry>, LookupError> {
+        let mine: Vec<&IndexPage> = self.pages.iter().filter(|p| p.stream == stream).collect();
+        let start = mine.partition_point(|p| p.first_version() <= from).saturating_sub(1);
+        let mut out = Vec::new();
+        for p in &mine[start..] {
+            if out.len() >= limit {
+                break;
+            }
+            out.extend(p.entries.iter().copied());
+        }
+        Ok(out)
+    }
 }
 
 struct World {
@@ -69,6 +85,7 @@ struct Out {
     records: Vec<StreamRecord>,
     replies: Vec<(i32, String, Reply)>,
     memories: Vec<Memory>,
+    pages: Vec<IndexPage>,
     dead: Vec<DeadLetter>,
     votes: Vec<ParticipantMessage>,
 }
@@ -115,6 +132,8 @@ impl World {
     ) -> Result<Out, Oversized> {
         let partition = inputs.first().map_or(0, |i| i.partition);
         let mut memo = self.memory.remove(&partition).unwrap_or_default();
+        // Pretend the events land at offsets 100, 101, ... on, batch after batch.
+        let first = memo.next_offset.max(100);
         let result = {
             let ctx = self.ctx();
             let mut batch = Batch::new(&mut memo, Utc::now());
@@ -125,8 +144,7 @@ impl World {
             let events = batch.events.clone();
             let dead = batch.dead_letters.clone();
             let votes = batch.votes.iter().map(|v| v.2.clone()).collect();
-            // Pretend the events landed at offsets 100, 101, ...
-            let offsets: Vec<i64> = (0..events.len() as i64).map(|i| 100 + i).collect();
+            let offsets: Vec<i64> = (0..events.len() as i64).map(|i| first + i).collect();
             batch.finish(&ctx, partition, &offsets).map(|f| (events, f, dead, votes))
         };
         let out = result.map(|(events, f, dead, votes)| Out {
@@ -138,10 +156,13 @@ impl World {
                 .map(|(p, id, v)| (p, id, serde_json::from_slice(&v).expect("replies decode")))
                 .collect(),
             memories: f.memories.into_iter().map(|(m, _)| m).collect(),
+            pages: f.pages.into_iter().map(|(p, _)| p).collect(),
             dead,
             votes,
         });
         if let Ok(out) = &out {
+            memo.next_offset = memo.next_offset.max(100) + out.events.len() as i64 + 1;
+            memo.pages.extend(out.pages.iter().cloned());
             for r in &out.records {
                 memo.streams.insert(r.stream.clone(), r.clone());
             }
@@ -625,13 +646,54 @@ fn head_reports_version_and_index() {
 }
 
 #[test]
-fn index_compaction_keeps_the_first_entry_and_the_tightest_spans() {
-    let mut index: Vec<IndexEntry> = (0..40).map(|i| IndexEntry { version: i + 1, offset: (i * i) as i64 }).collect();
-    compact_index(&mut index);
-    assert_eq!(index.len(), MAX_INDEX);
-    assert_eq!(index[0].version, 1);
-    assert_eq!(index.last().unwrap().version, 40);
-    assert!(index.windows(2).all(|w| w[0].version < w[1].version && w[0].offset < w[1].offset));
+fn an_index_that_fills_a_page_moves_it_out_and_heads_page_from_a_version() {
+    let mut w = World::new();
+    let head = |from: u64| {
+        incoming(
+            Source::Commands,
+            "note-1",
+            json!({"request_id": format!("h{from}"), "reply_partition": 0, "stream": "note-1", "kind": "head", "from": from}),
+        )
+    };
+    let mut pages = Vec::new();
+    for i in 0..(3 * INDEX_PAGE_ENTRIES + 5) {
+        let o = w.run(vec![append(&format!("a{i}"), "note-1", json!("any"), note("x"))]);
+        pages.extend(o.pages);
+        let rec = &o.records[0];
+        assert!(rec.index.len() <= INDEX_PAGE_ENTRIES, "{} inline entries", rec.index.len());
+        assert_eq!(rec.pages, pages.len() as u64);
+    }
+    assert_eq!(pages.len(), 3);
+    assert!(pages.iter().all(|p| p.entries.len() == INDEX_PAGE_ENTRIES && p.v == 1));
+    assert_eq!(pages[1].first_version(), INDEX_PAGE_ENTRIES as u64 + 1);
+    let all: Vec<u64> = (1..=3 * INDEX_PAGE_ENTRIES as u64 + 5).collect();
+    for from in [0, 1, 2, 33, 40, 96, 97, 100, 101] {
+        let o = w.run(vec![head(from)]);
+        match outcome(&o, 0) {
+            ReplyOutcome::Head(h) => {
+                let versions: Vec<u64> = h.index.iter().map(|e| e.version).collect();
+                let want: Vec<u64> = all.iter().copied().filter(|v| *v >= from.max(1)).collect();
+                assert_eq!(versions, want, "from {from}");
+                assert!(!h.more);
+                assert!(h.index.windows(2).all(|w| w[0].offset < w[1].offset));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A head in the batch that fills a page sees it.
+    let fill = INDEX_PAGE_ENTRIES - 4;
+    let mut batch: Vec<Incoming> =
+        (0..fill).map(|i| append(&format!("b{i}"), "note-1", json!("any"), note("y"))).collect();
+    batch.push(head(1));
+    let o = w.run(batch);
+    assert_eq!(o.pages.len(), 1);
+    match outcome(&o, fill) {
+        ReplyOutcome::Head(h) => {
+            let versions: Vec<u64> = h.index.iter().map(|e| e.version).collect();
+            assert_eq!(versions, (1..=(4 * INDEX_PAGE_ENTRIES + 1) as u64).collect::<Vec<_>>());
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
