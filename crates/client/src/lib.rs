@@ -332,7 +332,13 @@ impl Client {
 
     /// The stream's version and where its events are.
     pub async fn head(&self, stream: &str) -> Result<StreamHead, ClientError> {
-        match self.request(stream, RequestBody::Head, None).await?.outcome {
+        self.head_from(stream, 0).await
+    }
+
+    /// The stream's head with its index from the run holding version `from`
+    /// (at most [`esk_wire::protocol::MAX_HEAD_ENTRIES`] entries a reply).
+    pub async fn head_from(&self, stream: &str, from: u64) -> Result<StreamHead, ClientError> {
+        match self.request(stream, RequestBody::Head { from }, None).await?.outcome {
             ReplyOutcome::Head(h) => Ok(h),
             other => Err(outcome_error(other)),
         }

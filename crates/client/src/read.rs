@@ -1,9 +1,11 @@
 //! Reading one stream without scanning its category topic.
 //!
-//! The writer keeps, per stream, an index of where runs of its events start in
-//! the category partition (one entry per append, merged beyond 32). A read asks
-//! the writer for the head, then fetches each run from its offset, skipping the
-//! other streams' events between runs.
+//! The writer keeps, per stream, an index of where each append's events start
+//! in the category partition (the latest 32 entries in the stream's record,
+//! the older ones on index pages of the state topic; records written before
+//! pages may have merged runs). A read asks the writer for the head with the
+//! index from the version it wants, then fetches each run from its offset,
+//! skipping the other streams' events between runs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,37 +38,75 @@ pub fn decode(m: &impl Message, schemas: &SchemaRegistry) -> Result<ReadEvent, S
 }
 
 /// The events of `stream` from version `from` on, in order.
+///
+/// The writer's index has an entry per append (older ones on index pages),
+/// so each run is fetched from its own offset; up to [`READERS`] consumers
+/// fetch contiguous parts of the index at once.
 pub async fn read_stream(
     client: &Client,
     stream: &str,
     from: u64,
     schemas: Arc<SchemaRegistry>,
 ) -> Result<Vec<ReadEvent>, ClientError> {
-    let head = client.head(stream).await?;
     let from = from.max(1);
+    let head = client.head_from(stream, from).await?;
     if head.version < from {
         return Ok(Vec::new());
     }
+    let (last, partition) = (head.version, head.partition);
+    let mut index = head.index;
+    let mut more = head.more;
+    while more {
+        let after = index.last().map_or(from, |e| e.version);
+        let next = client.head_from(stream, after).await?;
+        let before = index.len();
+        index.extend(next.index.into_iter().filter(|e| e.version > after && e.version <= last));
+        more = next.more && index.last().is_some_and(|e| e.version < last);
+        if more && index.len() == before {
+            return Err(ClientError::Internal(format!(
+                "{stream}: the writer's index does not go on after version {after}"
+            )));
+        }
+    }
     let topic = client.topics().events(stream.split_once('-').map_or("", |(c, _)| c));
     let config = client.kafka().clone();
-    let stream = stream.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = config.committed_reader("esk-read", Duration::from_millis(10)).create()?;
-        fetch_runs(
-            &consumer,
-            &topic,
-            head.partition,
-            &stream,
-            &head.index,
-            from,
-            head.version,
-            config.timeout,
-            &schemas,
-        )
-    })
-    .await
-    .map_err(|e| ClientError::Internal(format!("the reader panicked: {e}")))?
+    // Contiguous parts of the index, each with the versions it holds.
+    let readers = (index.len() / RUNS_PER_READER).clamp(1, READERS);
+    let per = index.len().div_ceil(readers).max(1);
+    let parts: Vec<(Vec<IndexEntry>, u64, u64)> = index
+        .chunks(per)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let first = if i == 0 { from } else { chunk[0].version };
+            let end = index.get((i + 1) * per).map_or(last, |next| next.version - 1);
+            (chunk.to_vec(), first, end)
+        })
+        .collect();
+    let tasks: Vec<_> = parts
+        .into_iter()
+        .map(|(entries, first, end)| {
+            let (config, topic, stream, schemas) = (config.clone(), topic.clone(), stream.to_owned(), schemas.clone());
+            tokio::task::spawn_blocking(move || {
+                let consumer: BaseConsumer = config.point_reader("esk-read").create()?;
+                fetch_runs(&consumer, &topic, partition, &stream, &entries, first, end, config.timeout, &schemas)
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity((last + 1 - from) as usize);
+    for task in tasks {
+        let part = task.await.map_err(|e| ClientError::Internal(format!("the reader panicked: {e}")))??;
+        out.extend(part);
+    }
+    Ok(out)
 }
+
+/// Consumers a read uses at most, each with its own connection.
+pub const READERS: usize = 4;
+/// Index entries below which a read uses one consumer fewer.
+const RUNS_PER_READER: usize = 16;
+/// A run starting this many offsets or fewer after the last record read is
+/// reached by reading on; farther, by a seek.
+const SEEK_GAP: i64 = 256;
 
 #[allow(clippy::too_many_arguments)]
 fn fetch_runs(
@@ -83,15 +123,18 @@ fn fetch_runs(
     let mut out: Vec<ReadEvent> = Vec::with_capacity((last + 1 - from) as usize);
     let deadline = Instant::now() + timeout.max(Duration::from_secs(10)) * 3;
     let mut want = from;
+    let mut read_to: Option<i64> = None;
     for (i, entry) in index.iter().enumerate() {
         // Versions this run (up to the next entry) holds.
         let run_end = index.get(i + 1).map_or(last, |next| next.version - 1);
         if run_end < want {
             continue;
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(entry.offset))?;
-        consumer.assign(&tpl)?;
+        if read_to.is_none_or(|o| entry.offset > o + SEEK_GAP || entry.offset <= o) {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, partition, Offset::Offset(entry.offset))?;
+            consumer.assign(&tpl)?;
+        }
         while want <= run_end {
             if Instant::now() > deadline {
                 return Err(ClientError::Unavailable(format!(
@@ -102,6 +145,7 @@ fn fetch_runs(
                 continue;
             };
             let m = m?;
+            read_to = Some(m.offset());
             if m.key() != Some(stream.as_bytes()) {
                 continue;
             }

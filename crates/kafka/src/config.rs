@@ -164,6 +164,19 @@ impl KafkaConfig {
         self.finish(c)
     }
 
+    /// [`KafkaConfig::committed_reader`] for reading scattered records by
+    /// offset (a stream's events from its index): small fetches, so that a
+    /// seek does not wait for a large prefetch to arrive and be dropped.
+    pub fn point_reader(&self, group: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "5")
+            .set("max.partition.fetch.bytes", "16384");
+        self.finish(c)
+    }
+
     /// [`KafkaConfig::committed_reader`] with large fetches: reading a
     /// partition to its end (restores).
     pub fn bulk_reader(&self, group: &str) -> ClientConfig {
