@@ -1,7 +1,8 @@
 //! The guarantees of README's "Guarantees" against a real broker: retries
 //! within the idempotency horizon however busy the stream and across
 //! takeovers, transactions retried by txid, replies to the attempt, records
-//! over every limit and forged records on internal topics, late prepares.
+//! over every limit and forged records (stream records, index pages,
+//! positions, transactions) on internal topics, late prepares.
 
 use std::time::{Duration, Instant};
 
@@ -348,6 +349,12 @@ async fn forged_records_on_state_and_tx_log_are_refused_and_no_process_dies() {
     let consumed = esk_wire::protocol::CONSUMED_KEY;
     produce(&raw, &t.state(), 0, consumed, b"{not json").await;
     produce(&raw, &t.state(), 0, consumed, br#"{"v":1,"next":{"x":-3}}"#).await;
+    // Index pages: garbled, and a good one under a key that is not its own.
+    let page_key = esk_wire::protocol::IndexPage::key("account-f3", 1);
+    produce(&raw, &t.state(), 0, &page_key, b"{not json").await;
+    let page = json!({"v": 1, "stream": "account-f3", "entries": [{"version": 1, "offset": 0}]});
+    produce(&raw, &t.state(), 0, &esk_wire::protocol::IndexPage::key("account-f4", 1), page.to_string().as_bytes())
+        .await;
     produce(&raw, &t.tx_log(), 0, "tx-forged", b"{\"txid\": 7}").await;
     produce(
         &raw,
@@ -387,7 +394,14 @@ async fn forged_records_on_state_and_tx_log_are_refused_and_no_process_dies() {
     assert_eq!(count(&env, "account", "account-forged"), 0);
     assert_eq!(count(&env, "account", "account-f1"), 2, "nothing written to account-f1 since");
     assert!(w2.running() && c2.running(), "no process died");
-    assert!(metric(&w2, "esk_refused_records_total") >= 5.0, "{}", w2.get("/metrics").unwrap().1);
+    let read =
+        esk_client::read_stream(&client, "account-f3", 1, std::sync::Arc::new(esk_wire::SchemaRegistry::builtin()))
+            .await
+            .unwrap();
+    let head = client.head("account-f3").await.unwrap();
+    let versions: Vec<u64> = read.iter().map(|e| e.event.version).collect();
+    assert_eq!(versions, (1..=head.version).collect::<Vec<_>>(), "account-f3 reads as written");
+    assert!(metric(&w2, "esk_refused_records_total") >= 7.0, "{}", w2.get("/metrics").unwrap().1);
     assert!(metric(&c2, "esk_refused_records_total") >= 2.0);
     assert!(std::fs::read_to_string(&w2.log).unwrap().contains("refused a record"));
 }

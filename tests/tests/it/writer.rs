@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use esk_client::{Client, ClientError};
 use esk_tests::{Service, TestEnv, poll_until, repo_root, wait_serving};
-use esk_wire::protocol::{CONSUMED_KEY, ExpectedVersion, NewEvent};
+use esk_wire::protocol::{CONSUMED_KEY, ExpectedVersion, INDEX_PAGE_PREFIX, NewEvent};
 use serde_json::{Value, json};
 
 const SESSION_MS: &str = "6000";
@@ -155,7 +155,14 @@ async fn bad_input_gets_its_exit_code_and_writes_nothing() {
     }
     // Only where the writer is in its inputs (it consumed the requests).
     let state = env.read_topic(&env.topics().state(), true);
-    let streams = state.iter().filter(|r| r.key.as_deref() != Some(CONSUMED_KEY.as_bytes())).count();
+    let streams = state
+        .iter()
+        .filter(|r| {
+            r.key
+                .as_deref()
+                .is_some_and(|k| k != CONSUMED_KEY.as_bytes() && !k.starts_with(INDEX_PAGE_PREFIX.as_bytes()))
+        })
+        .count();
     assert_eq!(streams, 0, "state records were written");
     // The writer is still fine.
     env.esk().args(["append", "order-1", "OrderPlaced", r#"{"sku":"a","quantity":1}"#]).run().ok();
@@ -381,7 +388,7 @@ async fn read_returns_a_stream_in_order_from_its_index() {
     let w = writer(&env);
     wait_serving(&[&w], 2, Duration::from_secs(60)).await;
     // 40 streams interleaved in one file, then 50 separate appends to one stream
-    // (more runs than the index keeps, so runs get merged).
+    // (more entries than a stream's record keeps, so index pages are written).
     let lines: String = (0..2000)
         .map(|i| json!({"stream": format!("mix-{}", i % 40), "type": "Mixed", "data": {"i": i}}).to_string() + "\n")
         .collect();
@@ -415,14 +422,44 @@ async fn read_returns_a_stream_in_order_from_its_index() {
             assert!(g["position"].as_str().unwrap().starts_with("mix:"));
         }
     }
-    // The index stayed bounded while covering every version.
-    let head = client.head("mix-7").await.unwrap();
-    assert_eq!(head.version, 100);
-    assert!(head.index.len() <= 32, "{}", head.index.len());
+    // An entry per append, the older ones on index pages of the state topic.
+    let head = client.head_from("mix-7", 1).await.unwrap();
+    assert_eq!((head.version, head.more), (100, false));
+    let versions: Vec<u64> = head.index.iter().map(|e| e.version).collect();
+    assert_eq!(versions[0], 1);
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    assert!((51..=100).all(|v| versions.contains(&v)), "every single append has its entry: {versions:?}");
+    let from_77 = client.head_from("mix-7", 77).await.unwrap();
+    assert_eq!(from_77.index.first().map(|e| e.version), Some(77), "the index from version 77");
+    let pages = env
+        .read_topic(&env.topics().state(), true)
+        .into_iter()
+        .filter_map(|r| r.key.filter(|k| k.starts_with(INDEX_PAGE_PREFIX.as_bytes())))
+        .filter(|k| String::from_utf8_lossy(k).contains("mix-7"))
+        .count();
+    assert!(pages >= 1, "no index page of mix-7 on the state topic");
     let human = env.esk().args(["read", "mix-7", "--from-version", "100"]).run().ok();
     assert!(human.stdout.contains("Single") && human.stdout.contains(r#"{"n":49}"#), "{}", human.stdout);
     let empty = env.esk().args(["read", "mix-404"]).run().ok();
     assert!(empty.stdout.is_empty() && empty.stderr.contains("no events"));
+    // A writer on a new machine restores the pages from the state topic.
+    let before = env.esk().args(["read", "mix-7", "--json"]).run().ok().stdout;
+    w.kill();
+    let fresh = tempfile::tempdir().unwrap();
+    let schemas = repo_root().join("tests/fixtures/schemas");
+    let w2 = Service::start(
+        &env,
+        "writer",
+        &[
+            ("ESK_WRITER_SESSION_TIMEOUT_MS", SESSION_MS),
+            ("ESK_SCHEMAS_DIR", schemas.to_str().unwrap()),
+            ("ESK_DATA_DIR", fresh.path().to_str().unwrap()),
+        ],
+    );
+    wait_serving(&[&w2], 2, Duration::from_secs(60)).await;
+    let after = env.esk().args(["read", "mix-7", "--json"]).run().ok().stdout;
+    assert_eq!(after.lines().count(), 100);
+    assert_eq!(after, before, "mix-7 reads the same from the restored index");
 }
 
 #[tokio::test(flavor = "multi_thread")]
