@@ -117,6 +117,8 @@ pub struct Client {
     pending: Pending,
     stop: Arc<AtomicBool>,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Idle consumers of [`read_stream`], reused (up to [`read::READERS`]).
+    point_readers: read::Pool,
 }
 
 impl std::fmt::Debug for Client {
@@ -171,10 +173,10 @@ impl Client {
         let partitions = partition_count(&consumer, &topics.commands(), timeout, &config.bootstrap)?;
         let reply_partitions = partition_count(&consumer, &replies, timeout, &config.bootstrap)?;
         let tx_partitions = partition_count(&consumer, &topics.tx_requests(), timeout, &config.bootstrap)?;
-        let limits = Limits::for_broker(
-            esk_kafka::admin::max_message_bytes_blocking(&config, &topics.commands())?
-                .min(esk_kafka::admin::max_message_bytes_blocking(&config, &topics.tx_requests())?),
-        );
+        let limits = Limits::for_broker(esk_kafka::admin::max_message_bytes_blocking(
+            &config,
+            &[topics.commands(), topics.tx_requests()],
+        )?);
         let reply_partition = (uuid::Uuid::new_v4().as_u128() % reply_partitions as u128) as i32;
         // Read from the current end: any reply to a request sent after this lands later.
         // Retries a transient error (a new topic's leader not ready yet) within the timeout.
@@ -218,6 +220,7 @@ impl Client {
             pending,
             stop,
             reader: Some(reader),
+            point_readers: read::Pool::default(),
         })
     }
 
@@ -462,6 +465,7 @@ fn read_replies(consumer: &BaseConsumer<AuthWatch>, pending: &Pending, stop: &At
 impl Drop for Client {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.point_readers.close();
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }

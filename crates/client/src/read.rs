@@ -7,7 +7,7 @@
 //! index from the version it wants, then fetches each run from its offset,
 //! skipping the other streams' events between runs.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use esk_wire::protocol::{IndexEntry, Position};
@@ -82,13 +82,25 @@ pub async fn read_stream(
             (chunk.to_vec(), first, end)
         })
         .collect();
+    let pool = client.point_readers.clone();
     let tasks: Vec<_> = parts
         .into_iter()
         .map(|(entries, first, end)| {
             let (config, topic, stream, schemas) = (config.clone(), topic.clone(), stream.to_owned(), schemas.clone());
+            let pool = pool.clone();
             tokio::task::spawn_blocking(move || {
-                let consumer: BaseConsumer = config.point_reader("esk-read").create()?;
-                fetch_runs(&consumer, &topic, partition, &stream, &entries, first, end, config.timeout, &schemas)
+                let consumer = match pool.take() {
+                    Some(c) => c,
+                    None => config.point_reader("esk-read").create()?,
+                };
+                let part =
+                    fetch_runs(&consumer, &topic, partition, &stream, &entries, first, end, config.timeout, &schemas);
+                // Reused only after a clean read (nothing left assigned).
+                match part.is_ok() && consumer.unassign().is_ok() {
+                    true => pool.give(consumer),
+                    false => discard(consumer),
+                }
+                part
             })
         })
         .collect();
@@ -98,6 +110,48 @@ pub async fn read_stream(
         out.extend(part);
     }
     Ok(out)
+}
+
+/// Idle consumers of [`read_stream`], at most [`READERS`]: a read takes
+/// them instead of connecting anew, and gives them back.
+#[derive(Clone, Default)]
+pub(crate) struct Pool(Arc<Mutex<Idle>>);
+
+#[derive(Default)]
+struct Idle {
+    consumers: Vec<BaseConsumer>,
+    closed: bool,
+}
+
+impl Pool {
+    fn take(&self) -> Option<BaseConsumer> {
+        self.0.lock().ok()?.consumers.pop()
+    }
+
+    fn give(&self, consumer: BaseConsumer) {
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.closed || idle.consumers.len() >= READERS {
+            discard(consumer);
+        } else {
+            idle.consumers.push(consumer);
+        }
+    }
+
+    /// Destroys the idle consumers (off the caller's thread) and keeps none
+    /// from now on: the client is going away.
+    pub(crate) fn close(&self) {
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        idle.closed = true;
+        for c in idle.consumers.drain(..) {
+            discard(c);
+        }
+    }
+}
+
+/// Destroys a consumer on a thread of its own: librdkafka's destroy waits for
+/// its threads (~100 ms), which no read should wait for.
+fn discard(consumer: BaseConsumer) {
+    let _ = std::thread::Builder::new().name("esk-read-drop".into()).spawn(move || drop(consumer));
 }
 
 /// Consumers a read uses at most, each with its own connection.
@@ -173,4 +227,32 @@ fn fetch_runs(
         )));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use esk_kafka::KafkaConfig;
+
+    #[test]
+    fn the_pool_keeps_at_most_readers_and_none_once_closed() {
+        // Creating a consumer connects to nothing until it is used.
+        let config = KafkaConfig::new("127.0.0.1:1", Duration::from_secs(1)).unwrap();
+        let consumer = || -> BaseConsumer { config.point_reader("esk-read").create().unwrap() };
+        let pool = Pool::default();
+        assert!(pool.take().is_none());
+        for _ in 0..READERS + 2 {
+            pool.give(consumer());
+        }
+        let mut taken = Vec::new();
+        while let Some(c) = pool.take() {
+            taken.push(c);
+        }
+        assert_eq!(taken.len(), READERS);
+        taken.into_iter().for_each(|c| pool.give(c));
+        pool.close();
+        assert!(pool.take().is_none(), "closed: nothing idle");
+        pool.give(consumer());
+        assert!(pool.take().is_none(), "closed: nothing kept");
+    }
 }
