@@ -232,7 +232,7 @@ async fn main() -> Result<()> {
     }
 
     if args.read_events > 0 {
-        read_bench(&client, &args).await?;
+        read_bench(&client, &config, &args).await?;
     }
     if let Some(bin) = &args.replica_bin {
         replica::lag(&client, bin, &args.prefix, &args.bootstrap_servers).await?;
@@ -256,7 +256,7 @@ async fn main() -> Result<()> {
 /// Fills a category with `read_events` events in 1000 streams, 100 a request,
 /// with the measured stream's 200 single-event appends spread among them; then
 /// times reading that stream.
-async fn read_bench(client: &Client, args: &Args) -> Result<()> {
+async fn read_bench(client: &Client, config: &KafkaConfig, args: &Args) -> Result<()> {
     println!("\n## esk read of one stream among {} events", args.read_events);
     let per_request = 100;
     let requests = args.read_events / per_request;
@@ -289,19 +289,43 @@ async fn read_bench(client: &Client, args: &Args) -> Result<()> {
         (requests * per_request) as f64 / fill.as_secs_f64()
     );
     let schemas = Arc::new(SchemaRegistry::builtin());
-    for round in 0..3 {
+    let entries = client.head("bulk-target").await?.index.len();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let first = read_target(client, &schemas, target).await?;
+    println!(
+        "read bulk-target ({target} events, {entries} index entries), first read of the client: {:.1} ms",
+        ms(first)
+    );
+    let mut reused = Histogram::<u64>::new(3)?;
+    for _ in 0..READ_ROUNDS {
+        reused.record(read_target(client, &schemas, target).await?.as_micros() as u64)?;
+    }
+    println!(
+        "read bulk-target, {READ_ROUNDS} more reads of the client (its readers reused): p50 {:.1} ms  max {:.1} ms",
+        reused.value_at_quantile(0.5) as f64 / 1000.0,
+        reused.max() as f64 / 1000.0
+    );
+    // What `esk read` does after its process starts: connect, read, once.
+    for _ in 0..3 {
         let t = Instant::now();
-        let events = read_stream(client, "bulk-target", 1, schemas.clone()).await?;
-        if events.len() as u64 != target {
-            bail!("read {} events of bulk-target, expected {target}", events.len());
-        }
-        println!(
-            "read bulk-target ({} events, {} runs indexed) #{}: {:.1} ms",
-            events.len(),
-            client.head("bulk-target").await?.index.len(),
-            round + 1,
-            t.elapsed().as_secs_f64() * 1000.0
-        );
+        let (config, topics) = (config.clone(), client.topics().clone());
+        let fresh = tokio::task::spawn_blocking(move || Client::connect(config, topics)).await??;
+        let connected = t.elapsed();
+        let took = read_target(&fresh, &schemas, target).await?;
+        println!("a new client: connect {:.1} ms, read {:.1} ms", ms(connected), ms(took));
+        tokio::task::spawn_blocking(move || drop(fresh));
     }
     Ok(())
 }
+
+async fn read_target(client: &Client, schemas: &Arc<SchemaRegistry>, target: u64) -> Result<Duration> {
+    let t = Instant::now();
+    let events = read_stream(client, "bulk-target", 1, schemas.clone()).await?;
+    if events.len() as u64 != target {
+        bail!("read {} events of bulk-target, expected {target}", events.len());
+    }
+    Ok(t.elapsed())
+}
+
+/// Reads of the stream measured with the client's readers reused.
+const READ_ROUNDS: usize = 20;
