@@ -103,7 +103,7 @@ fn decode_parts(
 
 /// A record a batch applies: one just polled (borrowed from the consumer,
 /// copied only when parked) or one read back for a replay.
-trait Record: Sync {
+trait Record {
     fn at(&self) -> (&str, i32, i64);
     fn decode(&self, schemas: &SchemaRegistry) -> Result<Event, String>;
     fn parked(&self, reason: String) -> Parked;
@@ -137,10 +137,6 @@ impl Record for BorrowedMessage<'_> {
         Rec::of(self).parked(reason)
     }
 }
-
-/// Batches at least this long are decoded on a second thread while the
-/// first applies them.
-const DECODE_AHEAD_FROM: usize = 64;
 
 /// What the runner reports.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -552,46 +548,12 @@ fn apply_pass<S: Store, P: Projection<S>, R: Record>(
     before_commit: &mut dyn FnMut(&[Parked]) -> Result<(), StoreError>,
     careful: bool,
 ) -> Result<Option<(u64, Vec<Parked>)>, BatchError> {
-    if batch.len() < DECODE_AHEAD_FROM {
-        let mut events = batch.iter().map(|r| r.decode(schemas));
-        return apply_decoded(projection, store, batch, &mut events, positions, poison, before_commit, careful);
-    }
-    // Decoding (headers, JSON, upcast, schema) is about half of a catch-up's
-    // CPU: a second thread decodes ahead while this one applies, in order.
-    std::thread::scope(|scope| {
-        let (send, receive) = mpsc::sync_channel(DECODE_AHEAD_FROM * 4);
-        scope.spawn(move || {
-            for rec in batch {
-                if send.send(rec.decode(schemas)).is_err() {
-                    break; // the pass ended early: nothing more is wanted
-                }
-            }
-        });
-        let mut events = receive.into_iter();
-        apply_decoded(projection, store, batch, &mut events, positions, poison, before_commit, careful)
-    })
-}
-
-/// [`apply_pass`] with `events`, the batch's records decoded in order.
-#[allow(clippy::too_many_arguments)]
-fn apply_decoded<S: Store, P: Projection<S>, R: Record>(
-    projection: &P,
-    store: &mut S,
-    batch: &[R],
-    events: &mut dyn Iterator<Item = Result<Event, String>>,
-    positions: &mut Positions,
-    poison: &HashMap<(String, i32, i64), String>,
-    before_commit: &mut dyn FnMut(&[Parked]) -> Result<(), StoreError>,
-    careful: bool,
-) -> Result<Option<(u64, Vec<Parked>)>, BatchError> {
     let mut tx = store.begin()?;
     let mut parked = Vec::new();
     let mut applied = 0;
     // The next offset of each partition in the batch (a handful).
     let mut reached: Vec<(&str, i32, i64)> = Vec::new();
     for rec in batch {
-        let decoded =
-            events.next().ok_or_else(|| BatchError::Store(StoreError::Other("the decoder stopped".into())))?;
         let (topic, partition, offset) = rec.at();
         match reached.iter_mut().find(|(t, p, _)| *p == partition && *t == topic) {
             Some(r) => r.2 = offset + 1,
@@ -601,7 +563,7 @@ fn apply_decoded<S: Store, P: Projection<S>, R: Record>(
             parked.push(rec.parked(format!("failed {POISON_AFTER} times in a row: {reason}")));
             continue;
         }
-        let event = match decoded {
+        let event = match rec.decode(schemas) {
             Ok(e) => e,
             Err(reason) => {
                 parked.push(rec.parked(reason));
@@ -1407,15 +1369,15 @@ mod tests {
         assert_eq!(store.checkpoints().unwrap(), positions);
     }
 
-    /// A batch long enough to be decoded on a second thread: in order, the
-    /// refused and the undecodable parked, the rest applied once, each
-    /// partition's checkpoint after its last record.
+    /// A long batch over two partitions: in order, the refused and the
+    /// undecodable parked, the rest applied once, each partition's
+    /// checkpoint after its last record.
     #[test]
-    fn a_long_batch_decoded_ahead_applies_in_order_and_parks_exactly_the_bad_ones() {
+    fn a_long_batch_applies_in_order_and_parks_exactly_the_bad_ones() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = SqliteStore::open(dir.path()).unwrap();
         RefusesThirteen.migrate(&mut store).unwrap();
-        let n = DECODE_AHEAD_FROM as i64 * 5;
+        let n = 320;
         let batch: Vec<Rec> = (0..n)
             .map(|o| {
                 let mut r = deposit(o, if o % 50 == 7 { 13 } else { 1 });
