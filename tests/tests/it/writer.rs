@@ -462,6 +462,42 @@ async fn read_returns_a_stream_in_order_from_its_index() {
     assert_eq!(after, before, "mix-7 reads the same from the restored index");
 }
 
+/// More appends than a `head` reply carries (1,024 entries): the read asks
+/// again from the last entry and returns every event once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_pages_through_an_index_longer_than_a_head_reply() {
+    use futures::StreamExt;
+    let env = TestEnv::new();
+    env.init_topics(1);
+    let w = writer(&env);
+    wait_serving(&[&w], 1, Duration::from_secs(60)).await;
+    let client = env.client(Duration::from_secs(60), true);
+    let total = esk_wire::protocol::MAX_HEAD_ENTRIES as u64 + 76;
+    let appended: Vec<_> = futures::stream::iter(0..total)
+        .map(|n| {
+            let client = &client;
+            async move {
+                let event = NewEvent { id: None, event_type: "Single".into(), data: json!({"n": n}) };
+                client.append("long-1", ExpectedVersion::Any, vec![event], None).await
+            }
+        })
+        .buffered(64)
+        .collect()
+        .await;
+    assert!(appended.iter().all(Result::is_ok), "{:?}", appended.iter().find(|r| r.is_err()));
+    let head = client.head_from("long-1", 1).await.unwrap();
+    assert_eq!((head.version, head.index.len(), head.more), (total, esk_wire::protocol::MAX_HEAD_ENTRIES, true));
+    let schemas = Arc::new(esk_wire::SchemaRegistry::builtin());
+    let events = esk_client::read_stream(&client, "long-1", 1, schemas.clone()).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.event.version).collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
+    let log = checked_log(&env, "long");
+    let ids: Vec<&str> = log["long-1"].iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(events.iter().map(|e| e.event.id.as_str()).collect::<Vec<_>>(), ids);
+    let tail = esk_client::read_stream(&client, "long-1", 1050, schemas).await.unwrap();
+    assert_eq!(tail.first().map(|e| e.event.version), Some(1050));
+    assert_eq!(tail.len() as u64, total - 1049);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tail_follows_new_events() {
     let env = TestEnv::new();
