@@ -98,7 +98,7 @@ pub async fn read_stream(
                 // Reused only after a clean read (nothing left assigned).
                 match part.is_ok() && consumer.unassign().is_ok() {
                     true => pool.give(consumer),
-                    false => discard(consumer),
+                    false => esk_kafka::destroy_later(consumer),
                 }
                 part
             })
@@ -125,13 +125,13 @@ struct Idle {
 
 impl Pool {
     fn take(&self) -> Option<BaseConsumer> {
-        self.0.lock().ok()?.consumers.pop()
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).consumers.pop()
     }
 
     fn give(&self, consumer: BaseConsumer) {
         let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if idle.closed || idle.consumers.len() >= READERS {
-            discard(consumer);
+            esk_kafka::destroy_later(consumer);
         } else {
             idle.consumers.push(consumer);
         }
@@ -143,15 +143,9 @@ impl Pool {
         let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
         idle.closed = true;
         for c in idle.consumers.drain(..) {
-            discard(c);
+            esk_kafka::destroy_later(c);
         }
     }
-}
-
-/// Destroys a consumer on a thread of its own: librdkafka's destroy waits for
-/// its threads (~100 ms), which no read should wait for.
-fn discard(consumer: BaseConsumer) {
-    let _ = std::thread::Builder::new().name("esk-read-drop".into()).spawn(move || drop(consumer));
 }
 
 /// Consumers a read uses at most, each with its own connection.

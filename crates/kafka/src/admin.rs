@@ -392,26 +392,28 @@ impl Admin {
 /// The largest record all of `topics` take (the smallest `max.message.bytes`
 /// among them, Kafka's default where it cannot be read), asked without an
 /// async runtime in one request: what a client needs once when it connects.
-/// The admin client is destroyed on a thread of its own (librdkafka's destroy
-/// takes ~100 ms, which no caller should wait for).
+/// The admin client is destroyed off the caller's thread ([`crate::destroy_later`]).
 pub fn max_message_bytes_blocking(config: &KafkaConfig, topics: &[String]) -> Result<usize, Error> {
     let client: AdminClient<DefaultClientContext> = config.admin().create()?;
     let options = AdminOptions::new().request_timeout(Some(config.timeout)).operation_timeout(Some(config.timeout));
     let resources: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let results = futures::executor::block_on(client.describe_configs(&resources, &options));
-    let _ = std::thread::Builder::new().name("esk-admin-drop".into()).spawn(move || drop(client));
-    let mut smallest = usize::MAX;
-    for result in results? {
-        let value = result
-            .ok()
-            .into_iter()
-            .flat_map(|r| r.entries)
-            .find(|e| e.name == "max.message.bytes")
-            .and_then(|e| e.value)
-            .and_then(|v| v.parse().ok());
-        smallest = smallest.min(value.unwrap_or(esk_wire::limits::BROKER_DEFAULT_MAX_MESSAGE_BYTES));
-    }
-    Ok(if smallest == usize::MAX { esk_wire::limits::BROKER_DEFAULT_MAX_MESSAGE_BYTES } else { smallest })
+    crate::destroy_later(client);
+    let default = esk_wire::limits::BROKER_DEFAULT_MAX_MESSAGE_BYTES;
+    let smallest = results?
+        .into_iter()
+        .map(|result| {
+            result
+                .ok()
+                .into_iter()
+                .flat_map(|r| r.entries)
+                .find(|e| e.name == "max.message.bytes")
+                .and_then(|e| e.value)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        })
+        .min();
+    Ok(smallest.unwrap_or(default))
 }
 
 /// The partition count of an installation: what its existing co-partitioned

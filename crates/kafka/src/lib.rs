@@ -27,6 +27,14 @@ pub mod record;
 pub mod watch;
 
 pub use config::{GroupMember, KafkaConfig, Sending, watermarks};
+
+/// Drops a librdkafka client (consumer, producer, admin) on a thread of its
+/// own: librdkafka's destroy waits for its threads, ~100 ms, which no caller
+/// on a request's path should wait for. If no thread can be started, it is
+/// dropped here.
+pub fn destroy_later<T: Send + 'static>(client: T) {
+    let _ = std::thread::Builder::new().name("esk-kafka-destroy".into()).spawn(move || drop(client));
+}
 pub use error::{Error, refuses_the_record};
 pub use properties::Properties;
 pub use watch::AuthWatch;

@@ -1329,6 +1329,12 @@ mod tests {
         }
     }
 
+    /// The versions `RefusesThirteen` inserted, in the order it inserted them.
+    fn seen(store: &SqliteStore) -> Vec<i64> {
+        let mut stmt = store.connection().prepare("SELECT version FROM seen ORDER BY rowid").unwrap();
+        stmt.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+    }
+
     /// The first pass has no savepoints: a refusal must roll the batch back
     /// and redo it with savepoints, so that the refused event's own changes
     /// are undone and every other event is applied exactly once.
@@ -1356,14 +1362,7 @@ mod tests {
         assert_eq!(applied, 3);
         assert_eq!(parked.iter().map(|p| p.offset).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(dead, [1, 3], "the dead-letter sender saw the parked events once");
-        let seen: Vec<i64> = store
-            .connection()
-            .prepare("SELECT version FROM seen ORDER BY version")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let seen = seen(&store);
         assert_eq!(seen, [1, 3, 5], "the refused events' inserts are undone, the others applied once");
         assert_eq!(positions, [(("t.events.account".to_owned(), 0), 5)].into());
         assert_eq!(store.checkpoints().unwrap(), positions);
@@ -1402,14 +1401,7 @@ mod tests {
         let bad: Vec<i64> = (0..n).filter(|o| o % 50 == 7 || o % 100 == 42).collect();
         assert_eq!(parked.iter().map(|p| p.offset).collect::<Vec<_>>(), bad);
         assert_eq!(applied, (n as usize - bad.len()) as u64);
-        let seen: Vec<i64> = store
-            .connection()
-            .prepare("SELECT version FROM seen ORDER BY rowid")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let seen = seen(&store);
         let good: Vec<i64> = (0..n).filter(|o| !bad.contains(o)).map(|o| o + 1).collect();
         assert_eq!(seen, good, "applied once each, in the batch's order");
         let want: Positions =

@@ -1023,10 +1023,10 @@ impl<'s> Batch<'s> {
                         self.record(&stream).map_or((0, Vec::new(), 0), |r| (r.version, r.index.clone(), r.pages));
                     // Pages of earlier batches, then of this one, then the record's own entries.
                     let mut index = Vec::new();
-                    let fresh = pages.iter().filter(|p| p.stream == stream).count() as u64;
+                    let fresh: Vec<&IndexPage> = pages.iter().filter(|p| p.stream == stream).collect();
                     // Enough pages that, after the runs before `from`, more than a reply's worth remain.
                     let asked = (MAX_HEAD_ENTRIES / INDEX_PAGE_ENTRIES + 2) * INDEX_PAGE_ENTRIES;
-                    if paged > fresh {
+                    if paged > fresh.len() as u64 {
                         match self.lookup.index_pages(&stream, from, asked) {
                             Ok(entries) => index = entries,
                             Err(e) => {
@@ -1043,9 +1043,7 @@ impl<'s> Batch<'s> {
                     }
                     let complete = index.len() < asked;
                     if complete {
-                        index.extend(
-                            pages.iter().filter(|p| p.stream == stream).flat_map(|p| p.entries.iter().copied()),
-                        );
+                        index.extend(fresh.iter().flat_map(|p| p.entries.iter().copied()));
                         index.extend(inline);
                     }
                     // Drop the runs that end before `from`, keep what fits.
