@@ -748,6 +748,14 @@ impl TestEnv {
         self.esk().args(["topics", "init", "--partitions", &partitions.to_string()]).run().ok();
     }
 
+    /// The platform topics with `shards` writer shards (`init_topics` makes
+    /// one: a single writer instance serves every partition, the others
+    /// stand by).
+    pub fn init_topics_sharded(&self, partitions: u32, shards: u32) {
+        let (partitions, shards) = (partitions.to_string(), shards.to_string());
+        self.esk().args(["topics", "init", "--partitions", &partitions, "--writer-shards", &shards]).run().ok();
+    }
+
     /// A connected client of this test's installation.
     pub fn client(&self, timeout: Duration, pipelined: bool) -> esk_client::Client {
         let config = esk_kafka::KafkaConfig::new(&self.bootstrap, timeout).expect("valid bootstrap");

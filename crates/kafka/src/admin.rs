@@ -24,6 +24,9 @@ use crate::watch::{AuthWatch, fetch_metadata};
 /// The partition count of a new installation unless `--partitions` says otherwise.
 pub const DEFAULT_PARTITIONS: i32 = 12;
 
+/// Writer shards of a new installation (at most its partitions).
+pub const DEFAULT_WRITER_SHARDS: i32 = 1;
+
 const HOUR_MS: &str = "3600000";
 
 /// How long a retried request or transaction is answered with its first
@@ -61,6 +64,8 @@ pub enum TopicKind {
     Answers,
     /// Parked records: kept until an operator deals with them.
     DeadLetters,
+    /// The writer shards: a partition each, nothing written.
+    Shards,
 }
 
 /// Replication factor and min ISR for a cluster of a given size.
@@ -99,7 +104,7 @@ impl TopicKind {
             TopicKind::Commands | TopicKind::TxTraffic => ("delete", horizon_ms.as_str()),
             TopicKind::Answers => ("delete", kept.as_str()),
             TopicKind::Events | TopicKind::DeadLetters => ("delete", "-1"),
-            TopicKind::Replies => ("delete", HOUR_MS),
+            TopicKind::Replies | TopicKind::Shards => ("delete", HOUR_MS),
             TopicKind::State | TopicKind::TxLog => ("compact", "-1"),
         };
         let mut configs = BTreeMap::from([
@@ -126,10 +131,11 @@ impl TopicKind {
 pub fn platform_topics<'a>(
     topics: &Topics,
     categories: impl IntoIterator<Item = &'a str>,
-    partitions: i32,
+    layout: Layout,
     d: Durability,
     horizon: Duration,
 ) -> Vec<TopicSpec> {
+    let Layout { partitions, shards } = layout;
     let spec = |kind: TopicKind, name: String| kind.spec_for(name, partitions, d, horizon);
     let mut specs = vec![
         spec(TopicKind::Commands, topics.commands()),
@@ -147,7 +153,32 @@ pub fn platform_topics<'a>(
     }
     specs.push(TopicKind::DeadLetters.spec(topics.dlq("writer"), partitions, d));
     specs.push(TopicKind::DeadLetters.spec(topics.dlq("coordinator"), partitions, d));
+    specs.push(TopicKind::Shards.spec(topics.writer_shards(), shards, d));
     specs
+}
+
+/// How an installation is partitioned: the co-partitioned topics'
+/// partitions, and the writer shards they are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub partitions: i32,
+    /// 1..=partitions; shard k writes every partition p with p % shards == k.
+    pub shards: i32,
+}
+
+impl Layout {
+    /// `partitions` written in `shards` shards: the default shard count is
+    /// capped at the partitions; more shards than partitions is refused.
+    pub fn new(partitions: i32, shards: Option<i32>) -> Result<Self, Error> {
+        let shards = shards.unwrap_or(DEFAULT_WRITER_SHARDS.min(partitions));
+        if !(1..=partitions).contains(&shards) {
+            return Err(Error::Invalid(format!(
+                "{shards} writer shards for {partitions} partitions: give 1 to {partitions} (a shard writes at least \
+                 one partition)"
+            )));
+        }
+        Ok(Self { partitions, shards })
+    }
 }
 
 /// A topic as it exists on the cluster.
@@ -436,13 +467,35 @@ pub fn installed_partitions(existing: &[TopicInfo], topics: &Topics) -> Result<O
     Ok(found.map(|(_, p)| p))
 }
 
+/// The writer shards of an installation, from its shards topic (`None`: not
+/// there yet).
+pub fn installed_shards(existing: &[TopicInfo], topics: &Topics) -> Option<i32> {
+    existing.iter().find(|t| t.name == topics.writer_shards()).map(|t| t.partitions)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn shards_default_to_one_and_never_outnumber_the_partitions() {
+        assert_eq!(Layout::new(12, None).unwrap(), Layout { partitions: 12, shards: DEFAULT_WRITER_SHARDS });
+        assert_eq!(Layout::new(12, Some(12)).unwrap().shards, 12);
+        assert_eq!(Layout::new(1, None).unwrap().shards, 1);
+        let e = Layout::new(4, Some(5)).unwrap_err().to_string();
+        assert!(e.contains("5 writer shards for 4 partitions"), "{e}");
+        assert!(Layout::new(4, Some(0)).is_err());
+    }
+
+    #[test]
     fn specs_carry_the_design_configs() {
-        let specs = platform_topics(&Topics::new("x"), ["account"], 6, Durability::new(3), DEFAULT_HORIZON);
+        let specs = platform_topics(
+            &Topics::new("x"),
+            ["account"],
+            Layout { partitions: 6, shards: 2 },
+            Durability::new(3),
+            DEFAULT_HORIZON,
+        );
         let get = |name: &str| specs.iter().find(|s| s.name == name).unwrap();
         assert_eq!(get("x.state").configs["cleanup.policy"], "compact");
         assert_eq!(get("x.tx.log").configs["cleanup.policy"], "compact");
@@ -452,13 +505,22 @@ mod tests {
         assert_eq!(get("x.commands").configs["retention.ms"], "604800000");
         assert_eq!(get("x.answers").configs["retention.ms"], "665280000", "the horizon and a tenth");
         assert_eq!(get("x.answers").configs["segment.ms"], "83160000");
-        let short = platform_topics(&Topics::new("x"), [], 1, Durability::new(1), Duration::from_secs(30));
+        assert_eq!(get("x.writer.shards").partitions, 2);
+        assert_eq!(get("x.state").partitions, 6);
+        let short = platform_topics(
+            &Topics::new("x"),
+            [],
+            Layout { partitions: 1, shards: 1 },
+            Durability::new(1),
+            Duration::from_secs(30),
+        );
         let answers = short.iter().find(|s| s.name == "x.answers").unwrap();
         assert_eq!(
             (answers.configs["retention.ms"].as_str(), answers.configs["segment.ms"].as_str()),
             ("33000", "60000")
         );
-        assert!(specs.iter().all(|s| s.partitions == 6 && s.replication_factor == 3));
+        assert!(specs.iter().all(|s| s.replication_factor == 3));
+        assert!(specs.iter().filter(|s| s.name != "x.writer.shards").all(|s| s.partitions == 6));
         assert!(specs.iter().all(|s| s.configs["min.insync.replicas"] == "2"));
         assert_eq!(Durability::for_brokers(1), Durability::new(1));
         assert_eq!(Durability::new(1).min_insync_replicas, 1);

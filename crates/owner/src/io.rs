@@ -49,6 +49,181 @@ impl Wake {
     }
 }
 
+/// One input queue of an owned partition: (partition, input index, topic, queue).
+type Queue<'a> = (i32, usize, &'a str, &'a PartitionQueue<GroupContext>);
+
+/// How much one `collect` takes at most. A lone record larger than `bytes`
+/// is still taken: a batch always makes progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub records: usize,
+    /// Keys and values, summed.
+    pub bytes: usize,
+}
+
+/// Takes records from `queues`, one of each a turn beginning with the one
+/// after the last call's first, until `bounds` or every queue is empty;
+/// waits up to `wait` (woken by `wake`) for the first.
+fn gather(
+    queues: &[Queue<'_>],
+    first: &std::sync::atomic::AtomicUsize,
+    bounds: Bounds,
+    wait: Duration,
+    wake: &Wake,
+    stop: &AtomicBool,
+) -> Vec<Incoming> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let deadline = Instant::now() + wait;
+    let n = queues.len().max(1);
+    let start = first.fetch_add(1, Ordering::Relaxed) % n;
+    let full = |out: &Vec<Incoming>, bytes: usize| out.len() >= bounds.records || bytes >= bounds.bytes;
+    loop {
+        let mut open = vec![true; queues.len()];
+        while !full(&out, bytes) && open.iter().any(|o| *o) {
+            for k in 0..queues.len() {
+                let i = (start + k) % n;
+                let (partition, input, topic, q) = queues[i];
+                if !open[i] || full(&out, bytes) {
+                    continue;
+                }
+                match q.poll(Duration::ZERO) {
+                    Some(Ok(m)) => {
+                        let record = Incoming {
+                            input,
+                            topic: topic.to_owned(),
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(<[u8]>::to_vec),
+                            payload: m.payload().map(<[u8]>::to_vec),
+                            headers: headers_of(&m),
+                        };
+                        bytes += record.key.as_ref().map_or(0, Vec::len) + record.payload.as_ref().map_or(0, Vec::len);
+                        out.push(record);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(partition, "fetch: {e}");
+                        open[i] = false;
+                    }
+                    None => open[i] = false,
+                }
+            }
+        }
+        let now = Instant::now();
+        if !out.is_empty() || stop.load(Ordering::SeqCst) || now >= deadline {
+            return out;
+        }
+        wake.wait(deadline - now);
+    }
+}
+
+/// What a handler holds while the group gives it a partition or a shard:
+/// its stop signal.
+pub trait Lease {
+    /// Whether the handler must return (revoke or shutdown).
+    fn stopped(&self) -> bool;
+    /// Sleeps up to `d`, waking at once when told to stop.
+    fn pause(&self, d: Duration);
+    /// For logs: `partition 3`, `shard 0 (partitions [0, 2])`.
+    fn describe(&self) -> String;
+}
+
+/// The partitions a shard owns together, with one stop signal: a writer
+/// shard's handler writes them all in one transaction at a time.
+pub struct ShardIo {
+    pub shard: i32,
+    pub(crate) parts: Vec<PartitionIo>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) wake: Arc<Wake>,
+    pub(crate) first: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for ShardIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardIo").field("shard", &self.shard).field("partitions", &self.partitions()).finish()
+    }
+}
+
+impl ShardIo {
+    /// The shard's partitions, in order.
+    pub fn partitions(&self) -> Vec<i32> {
+        self.parts.iter().map(|p| p.partition).collect()
+    }
+
+    /// One of the shard's partitions.
+    pub fn part(&self, partition: i32) -> Option<&PartitionIo> {
+        self.parts.iter().find(|p| p.partition == partition)
+    }
+
+    /// Its partitions, each on its own (a service that owns partitions one by
+    /// one has shards of one partition).
+    pub fn into_parts(self) -> Vec<PartitionIo> {
+        self.parts
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The stop flag, for long work (a restore) that must end early.
+    pub fn stop_flag(&self) -> &AtomicBool {
+        &self.stop
+    }
+
+    /// Sleeps up to `d`, waking at once when told to stop.
+    pub fn pause(&self, d: Duration) {
+        pause(&self.wake, &self.stop, d);
+    }
+
+    /// Takes what the shard's queues hold within `bounds`, one record of each
+    /// queue of each partition a turn (a flood on one input or partition
+    /// cannot starve another); waits up to `wait` for the first record. A
+    /// lone record is never held back.
+    pub fn collect(&self, bounds: Bounds, wait: Duration) -> Vec<Incoming> {
+        let queues: Vec<Queue<'_>> = self
+            .parts
+            .iter()
+            .flat_map(|p| p.queues.iter().map(move |(i, t, q)| (p.partition, *i, t.as_str(), q)))
+            .collect();
+        gather(&queues, &self.first, bounds, wait, &self.wake, &self.stop)
+    }
+}
+
+impl Lease for ShardIo {
+    fn stopped(&self) -> bool {
+        ShardIo::stopped(self)
+    }
+
+    fn pause(&self, d: Duration) {
+        ShardIo::pause(self, d);
+    }
+
+    fn describe(&self) -> String {
+        format!("shard {} (partitions {:?})", self.shard, self.partitions())
+    }
+}
+
+impl Lease for PartitionIo {
+    fn stopped(&self) -> bool {
+        PartitionIo::stopped(self)
+    }
+
+    fn pause(&self, d: Duration) {
+        PartitionIo::pause(self, d);
+    }
+
+    fn describe(&self) -> String {
+        format!("partition {}", self.partition)
+    }
+}
+
+fn pause(wake: &Wake, stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+        wake.wait(Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())));
+    }
+}
+
 /// An owned partition's input queues, its stop signal, and its group.
 pub struct PartitionIo {
     pub partition: i32,
@@ -80,10 +255,7 @@ impl PartitionIo {
 
     /// Sleeps up to `d`, waking at once when told to stop.
     pub fn pause(&self, d: Duration) {
-        let until = Instant::now() + d;
-        while !self.stopped() && Instant::now() < until {
-            self.wake.wait(Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())));
-        }
+        pause(&self.wake, &self.stop, d);
     }
 
     /// The group's metadata, for `send_offsets_to_transaction`.
@@ -96,43 +268,9 @@ impl PartitionIo {
     /// queue each call; waits up to `wait` for the first record. A lone record
     /// is never held back.
     pub fn collect(&self, max: usize, wait: Duration) -> Vec<Incoming> {
-        let mut out = Vec::new();
-        let deadline = Instant::now() + wait;
-        let n = self.queues.len().max(1);
-        let first = self.first.fetch_add(1, Ordering::Relaxed) % n;
-        loop {
-            let mut open = vec![true; self.queues.len()];
-            while out.len() < max && open.iter().any(|o| *o) {
-                for k in 0..self.queues.len() {
-                    let i = (first + k) % n;
-                    let (input, topic, q) = &self.queues[i];
-                    if !open[i] || out.len() >= max {
-                        continue;
-                    }
-                    match q.poll(Duration::ZERO) {
-                        Some(Ok(m)) => out.push(Incoming {
-                            input: *input,
-                            topic: topic.clone(),
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            key: m.key().map(<[u8]>::to_vec),
-                            payload: m.payload().map(<[u8]>::to_vec),
-                            headers: headers_of(&m),
-                        }),
-                        Some(Err(e)) => {
-                            tracing::warn!(partition = self.partition, "fetch: {e}");
-                            open[i] = false;
-                        }
-                        None => open[i] = false,
-                    }
-                }
-            }
-            let now = Instant::now();
-            if !out.is_empty() || self.stopped() || now >= deadline {
-                return out;
-            }
-            self.wake.wait(deadline - now);
-        }
+        let queues: Vec<Queue<'_>> = self.queues.iter().map(|(i, t, q)| (self.partition, *i, t.as_str(), q)).collect();
+        let bounds = Bounds { records: max, bytes: usize::MAX };
+        gather(&queues, &self.first, bounds, wait, &self.wake, &self.stop)
     }
 
     /// Commits `next` (input topic → next offset) to the group outside any
@@ -267,13 +405,13 @@ pub enum Phase {
 /// another thread: closing a Kafka client takes a while, and the rebalance
 /// waits for this handler.
 pub fn own<O: Send + 'static>(
-    io: &PartitionIo,
+    io: &dyn Lease,
     session_timeout: Duration,
     mut acquire: impl FnMut() -> Result<Option<O>>,
     mut serve: impl FnMut(&mut O) -> Result<()>,
     mut phase: impl FnMut(Phase),
 ) {
-    let p = io.partition;
+    let unit = io.describe();
     let mut backoff = Duration::from_millis(200);
     while !io.stopped() {
         phase(Phase::Starting);
@@ -288,7 +426,7 @@ pub fn own<O: Send + 'static>(
                     }
                     Err(e) => {
                         phase(Phase::Lost);
-                        tracing::warn!(partition = p, "giving up the producer: {e:#}");
+                        tracing::warn!("{unit}: giving up the producer: {e:#}");
                         drop(owned);
                         io.pause(session_timeout);
                         continue;
@@ -296,10 +434,10 @@ pub fn own<O: Send + 'static>(
                 }
             }
             Ok(None) => break,
-            Err(e) => tracing::warn!(partition = p, "cannot take over the partition yet: {e:#}"),
+            Err(e) => tracing::warn!("{unit}: cannot take it over yet: {e:#}"),
         }
         io.pause(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    tracing::info!(partition = p, "partition handler stopped");
+    tracing::info!("{unit}: handler stopped");
 }

@@ -20,6 +20,6 @@ pub mod group;
 pub mod io;
 pub mod txn;
 
-pub use group::{GroupSpec, Handler, run_group, serve};
-pub use io::{Incoming, PartitionIo, Phase, own};
+pub use group::{GroupSpec, Handler, ShardSpec, run_group, serve};
+pub use io::{Bounds, Incoming, Lease, PartitionIo, Phase, ShardIo, own};
 pub use txn::TxnError;

@@ -21,6 +21,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "records of an internal topic refused on read (forged or malformed), by topic",
     ),
     ("esk_writer_partitions", Kind::Gauge, Unit::Count, "partitions this writer owns"),
+    (
+        "esk_owner_unknown_shards_total",
+        Kind::Counter,
+        Unit::Count,
+        "shards assigned that the shards topic did not have when the instance started (not served)",
+    ),
     ("esk_writer_batches_total", Kind::Counter, Unit::Count, "Kafka transactions committed by the writer"),
     ("esk_writer_records_total", Kind::Counter, Unit::Count, "requests decided by the writer"),
     ("esk_writer_events_total", Kind::Counter, Unit::Count, "events appended by the writer"),
@@ -57,6 +63,7 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
     ("esk_writer_open_holds", Kind::Gauge, Unit::Count, "2PC holds open on the writer's streams"),
     ("esk_writer_store_bytes", Kind::Gauge, Unit::Bytes, "size of the writer's local store on disk"),
     ("esk_writer_batch_records", Kind::Histogram, Unit::Count, "requests decided per writer transaction"),
+    ("esk_writer_batch_partitions", Kind::Histogram, Unit::Count, "partitions written per writer transaction"),
     (
         "esk_writer_transaction_seconds",
         Kind::Histogram,

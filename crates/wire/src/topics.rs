@@ -86,6 +86,13 @@ impl Topics {
         format!("{}.tx.log", self.prefix)
     }
 
+    /// One partition per writer shard, nothing written to it: the writer
+    /// group's assignment of these partitions says which instance writes
+    /// which shard of the co-partitioned topics.
+    pub fn writer_shards(&self) -> String {
+        format!("{}.writer.shards", self.prefix)
+    }
+
     pub fn dlq(&self, consumer: &str) -> String {
         format!("{}.dlq.{consumer}", self.prefix)
     }
@@ -103,6 +110,7 @@ mod tests {
         assert_eq!(t.tx_log(), "t1.tx.log");
         assert_eq!(t.answers(), "t1.answers");
         assert_eq!(t.dlq("writer"), "t1.dlq.writer");
+        assert_eq!(t.writer_shards(), "t1.writer.shards");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use esk_follower::Followed;
 use esk_follower::store::Intake;
 use esk_kafka::record::{Origin, dead_letter};
 use esk_owner::txn::{self, TxnError, classify};
-use esk_owner::{Handler, Incoming, PartitionIo, Phase};
+use esk_owner::{Handler, Incoming, PartitionIo, Phase, ShardIo};
 use esk_store::{Changes, PartitionStore, StoreError};
 use esk_wire::protocol::TxRecord;
 use rdkafka::message::OwnedHeaders;
@@ -42,7 +42,11 @@ pub struct CoordinatorHandler {
 }
 
 impl Handler for CoordinatorHandler {
-    fn run(&self, io: PartitionIo) {
+    /// The coordinator owns partitions one by one: a shard is one partition.
+    fn run(&self, io: ShardIo) {
+        let Some(io) = io.into_parts().pop() else {
+            return;
+        };
         let p = io.partition;
         let view = Arc::new(Mutex::new(Txs::default()));
         self.shared.owned.lock().expect("owned lock").insert(p, view.clone());

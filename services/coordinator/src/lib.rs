@@ -196,6 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         group_id: shared.config.group_id(),
         inputs: vec![shared.topics.tx_requests(), shared.topics.tx_votes()],
         session_timeout_ms: shared.config.session_timeout_ms,
+        shards: None,
     };
     let handler = Arc::new(handler::CoordinatorHandler { shared: shared.clone() });
     esk_owner::serve(spec, handler, shutdown, server).await

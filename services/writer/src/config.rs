@@ -35,11 +35,20 @@ pub struct Config {
     #[arg(long, env = "ESK_WRITER_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1000..=900_000))]
     pub transaction_timeout_ms: u64,
-    /// Most records decided in one transaction. Batches form by themselves under
-    /// load; a lone request is never held back.
-    #[arg(long, env = "ESK_WRITER_MAX_BATCH", default_value_t = 500,
-          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    /// Most records decided in one transaction (of a shard, over all its
+    /// partitions). Batches form by themselves under load; a lone request is
+    /// never held back.
+    #[arg(long, env = "ESK_WRITER_MAX_BATCH", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_batch: u64,
+    /// Most bytes of requests (keys and values) decided in one transaction:
+    /// a batch stops growing at this or at `--max-batch` records, whichever
+    /// comes first (a lone larger request is still taken). What a batch
+    /// writes is several times what it reads, and all of it is held until the
+    /// commit.
+    #[arg(long, env = "ESK_WRITER_MAX_BATCH_BYTES", default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u64).range(1..=(256 << 20)))]
+    pub max_batch_bytes: u64,
     /// Microseconds a partition waits after a commit before it begins its next
     /// transaction (records arriving meanwhile join it). The broker writes a
     /// transaction's commit markers after it has answered the commit; a
@@ -110,8 +119,11 @@ impl Config {
         Duration::from_secs(30)
     }
 
-    pub fn transactional_id(&self, partition: i32) -> String {
-        format!("{}-writer-p{partition}", self.prefix)
+    /// The transactional id of producer `i` of writer shard `shard` (see
+    /// `worker::PRODUCERS`): the same for every instance that ever owns the
+    /// shard, so that the next owner fences the last.
+    pub fn transactional_id(&self, shard: i32, i: usize) -> String {
+        format!("{}-writer-s{shard}-{i}", self.prefix)
     }
 
     pub fn group_id(&self) -> String {

@@ -13,13 +13,16 @@
 //!
 //! # Layout
 //! - [`config`]: the command-line and environment configuration.
-//! - The consumer group over `commands`, `tx.prepare` and `tx.commit` is
-//!   `esk_owner`'s (range assignor: partition p of all three together; a thread
-//!   per owned partition, stopped before a revoke completes).
-//! - [`worker`]: one thread per owned partition: fences the previous owner
-//!   (`transactional.id = <prefix>-writer-p<N>`), restores the partition, then
-//!   runs batches, each one Kafka transaction; asks for the decisions of holds
-//!   open past their deadline.
+//! - The consumer group is `esk_owner`'s, by shard: it assigns the partitions
+//!   of `<prefix>.writer.shards` (one per shard); the owner of shard k reads
+//!   partition p of `commands`, `tx.prepare` and `tx.commit` for every p with
+//!   `p % shards == k` (a thread per owned shard, stopped before a revoke
+//!   completes).
+//! - [`worker`]: one thread per owned shard: fences the previous owner
+//!   (`transactional.id = <prefix>-writer-s<k>`), restores the shard's
+//!   partitions, then runs batches, each one Kafka transaction over the
+//!   partitions that have work; asks for the decisions of holds open past
+//!   their deadline.
 //! - [`batch`]: the decisions of a batch, pure and unit-tested.
 //! - [`memory`]: what a partition remembers, on disk (`esk_store`) with a
 //!   bounded cache of stream records.
@@ -63,6 +66,8 @@ pub struct Shared {
     pub aggregates: Registry,
     /// Partitions of the co-partitioned topics.
     pub partitions: i32,
+    /// Writer shards (the shards topic's partitions), fixed at start.
+    pub shards: i32,
     pub reply_partitions: i32,
     pub vote_partitions: i32,
     pub admin: Admin,
@@ -205,6 +210,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             );
         }
     }
+    let shards = count(topics.writer_shards()).await.map_err(|e| {
+        e.context(format!(
+            "the writer shards topic is missing (an installation made before writer shards): stop every writer of \
+             the version before, run `esk topics init` (it adds {}), then start the writers",
+            topics.writer_shards()
+        ))
+    })?;
+    if !(1..=partitions).contains(&shards) {
+        bail!(
+            "{} has {shards} partitions (writer shards) for {partitions} partitions: a shard writes at least one \
+             partition; recreate it with 1 to {partitions} partitions while no writer runs",
+            topics.writer_shards()
+        );
+    }
     let reply_partitions = count(topics.replies()).await?;
     let vote_partitions = count(topics.tx_votes()).await?;
     count(topics.dlq("writer")).await?;
@@ -235,6 +254,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     tracing::info!(
         prefix = topics.prefix(),
         partitions,
+        shards,
         horizon_s = horizon.as_secs(),
         record_bytes = limits.record_bytes,
         store = %store.dir().display(),
@@ -248,6 +268,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         schemas,
         aggregates,
         partitions,
+        shards,
         reply_partitions,
         vote_partitions,
         admin,
@@ -270,6 +291,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         group_id: shared.config.group_id(),
         inputs: vec![shared.topics.commands(), shared.topics.tx_prepare(), shared.topics.tx_commit()],
         session_timeout_ms: shared.config.session_timeout_ms,
+        shards: Some(esk_owner::ShardSpec {
+            topic: shared.topics.writer_shards(),
+            count: shared.shards,
+            partitions: shared.partitions,
+        }),
     };
     let handler = Arc::new(worker::WriterHandler { shared: shared.clone() });
     esk_owner::serve(spec, handler, shutdown, server).await

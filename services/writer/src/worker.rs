@@ -1,47 +1,49 @@
-//! One owned partition: fence, restore, then serve batches, one Kafka
-//! transaction each.
+//! One owned shard: fence, restore its partitions, then serve batches, one
+//! Kafka transaction each over every partition of the shard that has work.
 //!
-//! Fencing: the producer's `transactional.id` is `<prefix>-writer-p<N>`, the
-//! same for every instance that ever owns partition N. `init_transactions`
-//! bumps its epoch, which aborts the previous owner's open transaction at once
-//! and makes every later write of that owner fail.
+//! Fencing: the producer's `transactional.id` is `<prefix>-writer-s<K>`, the
+//! same for every instance that ever owns shard K (the partitions p with
+//! `p % shards == K`, fixed for the installation). `init_transactions` bumps
+//! its epoch, which aborts the previous owner's open transaction at once and
+//! makes every later write of that owner fail. One transaction at a time a
+//! shard: a busy shard's transactions grow with the load instead of each
+//! partition paying a transaction of its own (ADR 11, fifth round).
 //!
-//! Where the partition is in its inputs is not committed to the consumer
-//! group: every transaction that consumed anything also writes the
-//! consumed-positions record (`ConsumedRecord`, key `CONSUMED_KEY`) to the
-//! partition's state topic, so it commits with what it produced, and a new
-//! owner (or an owner after an abort) resumes from what the store took of it.
-//! That saves AddOffsetsToTxn and TxnOffsetCommit, two sequential round trips
-//! and a transaction-log write a transaction (ADR 11). An installation whose
-//! state topic has no such record yet resumes from the group's offsets.
+//! Where each partition is in its inputs is not committed to the consumer
+//! group: every transaction that consumed anything of a partition also writes
+//! that partition's consumed-positions record (`ConsumedRecord`, key
+//! `CONSUMED_KEY`) to its state partition, so it commits with what it
+//! produced, and a new owner (or an owner after an abort) resumes from what
+//! the store took of it. An installation whose state topic has no such
+//! record yet resumes from the group's offsets.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use esk_kafka::admin::{Durability, TopicKind};
 use esk_kafka::record::{Origin, dead_letter};
 use esk_owner::txn::{self, TxnError, classify};
-use esk_owner::{Handler, PartitionIo, Phase};
+use esk_owner::{Bounds, Handler, Phase, ShardIo};
 use esk_wire::protocol::{CONSUMED_KEY, ConsumedRecord, IndexPage, ParticipantMessage};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::Shared;
-use crate::batch::{Batch, Incoming};
+use crate::batch::{Batch, DeadLetter, Finished, Incoming};
 use crate::memory::{Committed, PartitionMemory, consumed_position};
 
-/// Serves the partitions the writer group assigns to this instance.
+/// Serves the shards the writer group assigns to this instance.
 #[derive(Debug)]
 pub struct WriterHandler {
     pub shared: Arc<Shared>,
 }
 
 impl Handler for WriterHandler {
-    fn run(&self, io: PartitionIo) {
-        Run { shared: self.shared.clone(), partition: io.partition, io }.main();
+    fn run(&self, io: ShardIo) {
+        Run { shared: self.shared.clone(), partitions: io.partitions(), io }.main();
     }
 
     fn revoked(&self) {
@@ -57,13 +59,73 @@ impl Handler for WriterHandler {
 
 struct Run {
     shared: Arc<Shared>,
-    partition: i32,
-    io: PartitionIo,
+    partitions: Vec<i32>,
+    io: ShardIo,
 }
 
-/// A partition this worker owns: its fenced producer and its memory.
+/// Transactional producers a shard takes turns with, each with a
+/// transactional id of its own (all fenced by the next owner).
+///
+/// The broker writes a transaction's commit markers after it has answered
+/// the commit, and refuses the same producer's next transaction until they
+/// are written (CONCURRENT_TRANSACTIONS, which librdkafka retries only 20 ms
+/// later). Taking turns, a shard begins its next transaction at once on the
+/// other producer while the markers of the last are written. Fixed: a new
+/// owner fences exactly these ids.
+pub const PRODUCERS: usize = 2;
+
+/// A shard this worker owns: its fenced producers and its partitions.
 struct Owned {
-    producer: FutureProducer,
+    producers: Vec<FutureProducer>,
+    turns: Turns,
+    parts: BTreeMap<i32, Part>,
+}
+
+impl Owned {
+    fn producer(&self) -> &FutureProducer {
+        &self.producers[self.turns.turn]
+    }
+}
+
+/// Whose turn it is among a shard's producers, and where the offsets of the
+/// next transaction's events can be predicted.
+#[derive(Debug)]
+struct Turns {
+    producers: usize,
+    /// The producer of the next transaction.
+    turn: usize,
+    /// The events partitions each of the last `producers - 1` transactions
+    /// wrote (`None`: any, after an abort): their markers may not be written
+    /// yet, so the offsets a transaction gets there cannot be predicted. Any
+    /// earlier transaction is complete: the transaction after it on the same
+    /// producer was only let begin once it was.
+    recent: std::collections::VecDeque<Option<HashSet<(String, i32)>>>,
+}
+
+impl Turns {
+    fn new(producers: usize) -> Self {
+        Self { producers: producers.max(1), turn: 0, recent: std::collections::VecDeque::new() }
+    }
+
+    /// After a transaction ended, committed having written events to
+    /// `written`, or aborted (`None`): the next goes to the next producer.
+    fn next(&mut self, written: Option<HashSet<(String, i32)>>) {
+        self.turn = (self.turn + 1) % self.producers;
+        self.recent.push_back(written);
+        while self.recent.len() >= self.producers {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Whether the offsets the next transaction's events get in `topic`'s
+    /// `partition` are known before they are written.
+    fn predictable(&self, topic: &str, partition: i32) -> bool {
+        self.recent.iter().all(|w| w.as_ref().is_some_and(|w| !w.contains(&(topic.to_owned(), partition))))
+    }
+}
+
+/// An owned partition of the shard.
+struct Part {
     memory: PartitionMemory,
     /// Next offset of each events topic's partition, when known.
     next_offsets: HashMap<String, i64>,
@@ -74,14 +136,89 @@ struct Owned {
     advised: BTreeMap<String, i64>,
 }
 
+/// A hold to ask the coordinator about: (partition, txid, stream).
+type Ask = (i32, String, String);
+
 /// What one transaction is made of.
 enum Work {
     /// Records to decide, and holds to ask the coordinator about.
-    Decide(Vec<Incoming>, Vec<(String, String)>),
+    Decide(Vec<Incoming>, Vec<Ask>),
     /// A record whose batch could not be written: refuse it with the reason.
     Refuse(Incoming, String),
     /// A record whose refusal could not be written: park a cut copy of it.
     Park(Incoming, String),
+}
+
+/// One partition's share of a transaction.
+enum PartWork {
+    Decide(Vec<Incoming>, Vec<(String, String)>),
+    Refuse(Incoming, String),
+    Park(Incoming, String),
+}
+
+impl Work {
+    fn by_partition(self) -> BTreeMap<i32, PartWork> {
+        let mut out = BTreeMap::new();
+        match self {
+            Work::Decide(records, asks) => {
+                for r in records {
+                    let entry = out.entry(r.partition).or_insert_with(|| PartWork::Decide(Vec::new(), Vec::new()));
+                    if let PartWork::Decide(records, _) = entry {
+                        records.push(r);
+                    }
+                }
+                for (p, txid, stream) in asks {
+                    let entry = out.entry(p).or_insert_with(|| PartWork::Decide(Vec::new(), Vec::new()));
+                    if let PartWork::Decide(_, asks) = entry {
+                        asks.push((txid, stream));
+                    }
+                }
+            }
+            Work::Refuse(r, reason) => {
+                out.insert(r.partition, PartWork::Refuse(r, reason));
+            }
+            Work::Park(r, reason) => {
+                out.insert(r.partition, PartWork::Park(r, reason));
+            }
+        }
+        out
+    }
+}
+
+/// A partition's share of a transaction, decided; its batch waits for the
+/// events' offsets (predicted, or learnt from their delivery).
+struct Decided<'m> {
+    batch: Batch<'m>,
+    /// The events' offsets, when they can be predicted.
+    predicted: Option<Vec<i64>>,
+    share: Share,
+}
+
+/// A partition's share of a transaction: what to write.
+struct Share {
+    partition: i32,
+    /// (events topic, event), in the order written.
+    events: Vec<(String, esk_wire::Event)>,
+    votes: Vec<(i32, String, ParticipantMessage)>,
+    dead: Vec<DeadLetter>,
+    /// The partition's consumed positions after the transaction, and whether
+    /// it consumed anything (then its record is written).
+    next_consumed: BTreeMap<String, i64>,
+    positions: Option<ConsumedRecord>,
+    records: usize,
+    retries_answered: u64,
+    expired: u64,
+}
+
+/// A share with every position known: ready to write after its events.
+struct Ready {
+    share: Share,
+    /// The offsets its events were predicted to get (checked against their
+    /// delivery before the commit), or got.
+    event_offsets: Vec<i64>,
+    /// Its events were sent first and their offsets learnt.
+    events_first: bool,
+    finished: Finished,
 }
 
 /// Why a batch did not commit.
@@ -95,10 +232,10 @@ enum Failure {
     /// at a time and refuse the one that makes it.
     Rejected { error: anyhow::Error, began: bool },
     /// The events' offsets were not the predicted ones: abort, and go on with
-    /// these next offsets (past the abort marker).
-    Mispredicted(anyhow::Error, HashMap<String, i64>),
+    /// these next offsets (past the abort marker), by partition.
+    Mispredicted(anyhow::Error, HashMap<i32, HashMap<String, i64>>),
     /// The producer is fenced or broken, a commit's outcome is unknown, or
-    /// the local store failed: acquire the partition anew.
+    /// a local store failed: acquire the shard anew.
     Fatal(anyhow::Error),
 }
 
@@ -117,10 +254,12 @@ struct Done {
     voted_yes: bool,
     retries_answered: u64,
     expired: u64,
+    /// Records decided, by partition.
+    records: Vec<(i32, usize)>,
 }
 
-/// How long a partition waits after committing a batch of `n` records before
-/// it begins the next: the commit gap, plus 5 ms for each record beyond the
+/// How long a shard waits after committing a batch of `n` records before it
+/// begins the next: the commit gap, plus 5 ms for each record beyond the
 /// first, up to the linger (when the linger is larger).
 fn linger(gap_us: u64, linger_us: u64, n: usize) -> Duration {
     let busy = gap_us.saturating_add(5_000u64.saturating_mul(n.saturating_sub(1) as u64));
@@ -131,24 +270,35 @@ fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
+/// A record's place in its input, to know it again after a rewind.
+type Key = (String, i32, i64);
+
+fn key_of(r: &Incoming) -> Key {
+    (r.topic.clone(), r.partition, r.offset)
+}
+
 impl Run {
     fn set_phase(&self, phase: &'static str) {
         let mut status = self.shared.status.lock().expect("status lock");
-        status.partitions.entry(self.partition).or_default().phase = phase;
+        for p in &self.partitions {
+            status.partitions.entry(*p).or_default().phase = phase;
+        }
         let owned = status.partitions.len();
         drop(status);
         metrics::gauge!("esk_writer_partitions").set(owned as f64);
     }
 
-    /// Owned, the partition's store is this worker's to write: the hot
-    /// standby passes it over (and reads it again from the store's position
-    /// once the partition is given up).
+    /// Owned, the shard's stores are this worker's to write: the hot standby
+    /// passes them over (and reads them again from the store's position once
+    /// the shard is given up).
     fn own_store(&self, owned: bool) {
         let mut set = self.shared.owned.write().expect("owned lock");
-        if owned {
-            set.insert(self.partition);
-        } else {
-            set.remove(&self.partition);
+        for p in &self.partitions {
+            if owned {
+                set.insert(*p);
+            } else {
+                set.remove(p);
+            }
         }
     }
 
@@ -167,105 +317,162 @@ impl Run {
                 Phase::Lost => {
                     self.own_store(false);
                     self.set_phase("fenced");
-                    metrics::counter!("esk_writer_fenced_total").increment(1);
+                    metrics::counter!("esk_writer_fenced_total").increment(self.partitions.len() as u64);
                 }
             },
         );
         self.own_store(false);
     }
 
-    /// Fences the previous owner, restores the partition and rewinds the input
-    /// queues to the committed offsets. `None` when told to stop meanwhile.
+    /// Fences the previous owner, restores the shard's partitions and rewinds
+    /// their input queues to the committed offsets. `None` when told to stop
+    /// meanwhile.
     fn acquire(&self) -> Result<Option<Owned>> {
         let c = &self.shared.config;
         let started = Instant::now();
-        let producer = esk_owner::io::fence(
-            &self.shared.kafka,
-            &c.transactional_id(self.partition),
-            c.transaction_timeout_ms,
-            &self.shared.topics.commands(),
-        )?;
+        let probe = self.shared.topics.commands();
+        let producers: Vec<Result<FutureProducer>> = std::thread::scope(|s| {
+            let fencing: Vec<_> = (0..PRODUCERS)
+                .map(|i| {
+                    let (kafka, id, probe) = (&self.shared.kafka, c.transactional_id(self.io.shard, i), &probe);
+                    s.spawn(move || esk_owner::io::fence(kafka, &id, c.transaction_timeout_ms, probe))
+                })
+                .collect();
+            fencing.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("fencing panicked")))).collect()
+        });
+        let producers = producers.into_iter().collect::<Result<Vec<_>>>()?;
         let fenced_ms = started.elapsed().as_millis() as u64;
         if self.io.stopped() {
             return Ok(None);
         }
         self.set_phase("restoring");
-        let mut store = self.shared.store.partition(self.partition)?;
-        if !crate::restore::restore(&self.shared, self.partition, &mut store, self.io.stop_flag())? {
+        let Some(restored) = self.restore_all()? else {
             return Ok(None);
-        }
-        let mut memory = PartitionMemory::new(self.partition, store, c.stream_cache as usize, self.shared.horizon_ms);
-        let holds = memory.load_holds()?;
-        let consumed = memory.consumed()?;
+        };
         let restored_ms = started.elapsed().as_millis() as u64;
-        self.io.rewind_to(&consumed, Duration::from_millis(c.transaction_timeout_ms))?;
+        let mut parts = BTreeMap::new();
+        let mut open_holds = 0;
+        for (p, store) in restored {
+            let mut memory = PartitionMemory::new(p, store, c.stream_cache as usize, self.shared.horizon_ms);
+            open_holds += memory.load_holds()?;
+            let consumed = memory.consumed()?;
+            if let Some(io) = self.io.part(p) {
+                io.rewind_to(&consumed, Duration::from_millis(c.transaction_timeout_ms))?;
+            }
+            parts.insert(p, Part { memory, next_offsets: HashMap::new(), consumed, advised: BTreeMap::new() });
+        }
         tracing::info!(
-            partition = self.partition,
+            shard = self.io.shard,
+            partitions = ?self.partitions,
             ms = started.elapsed().as_millis() as u64,
             fenced_ms,
             restored_ms,
-            open_holds = holds,
-            "partition taken over"
+            open_holds,
+            "shard taken over"
         );
-        Ok(Some(Owned { producer, memory, next_offsets: HashMap::new(), consumed, advised: BTreeMap::new() }))
+        Ok(Some(Owned { turns: Turns::new(producers.len()), producers, parts }))
     }
 
-    fn abort(&self, owned: &Owned) -> Result<()> {
+    /// Restores every partition of the shard, side by side (each reads its
+    /// own partitions of the state and answers topics into its own store).
+    fn restore_all(&self) -> Result<Option<Vec<(i32, esk_store::PartitionStore)>>> {
+        let stop = self.io.stop_flag();
+        let results: Vec<Result<Option<(i32, esk_store::PartitionStore)>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .partitions
+                .iter()
+                .map(|&p| {
+                    s.spawn(move || {
+                        let mut store = self.shared.store.partition(p)?;
+                        let done = crate::restore::restore(&self.shared, p, &mut store, stop)?;
+                        Ok(done.then_some((p, store)))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a restore thread panicked"))))
+                .collect()
+        });
+        let mut stores = Vec::with_capacity(results.len());
+        for r in results {
+            match r? {
+                Some(s) => stores.push(s),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(stores))
+    }
+
+    /// Aborts the open transaction; the next goes to the other producer
+    /// (this one's abort markers are being written).
+    fn abort(&self, owned: &mut Owned) -> Result<()> {
         metrics::counter!("esk_writer_aborts_total").increment(1);
         owned
-            .producer
+            .producer()
             .abort_transaction(Duration::from_millis(self.shared.config.transaction_timeout_ms))
-            .map_err(|e| anyhow!("abort_transaction failed: {e}"))
+            .map_err(|e| anyhow!("abort_transaction failed: {e}"))?;
+        owned.turns.next(None);
+        Ok(())
     }
 
     fn rewind(&self, owned: &Owned) -> Result<()> {
-        self.io.rewind_to(&owned.consumed, Duration::from_millis(self.shared.config.transaction_timeout_ms))
+        let timeout = Duration::from_millis(self.shared.config.transaction_timeout_ms);
+        for (p, part) in &owned.parts {
+            if let Some(io) = self.io.part(*p) {
+                io.rewind_to(&part.consumed, timeout)?;
+            }
+        }
+        Ok(())
     }
 
     /// What the clock asks for, at most once a second: decisions of holds
     /// open past their deadline, expiry of what the horizon forgets, gauges.
-    fn tick(&self, owned: &mut Owned, last: &mut Instant, expired_at: &mut Instant) -> Vec<(String, String)> {
+    fn tick(&self, owned: &mut Owned, last: &mut Instant) -> Vec<Ask> {
         if last.elapsed() < Duration::from_secs(1) {
             return Vec::new();
         }
         *last = Instant::now();
         let grace = self.shared.config.hold_grace_ms as i64;
-        let asks = owned.memory.overdue(now_ms(), grace, grace);
-        if !asks.is_empty() {
-            tracing::info!(partition = self.partition, holds = asks.len(), "asking for the decisions of overdue holds");
-            metrics::counter!("esk_writer_hold_asks_total").increment(asks.len() as u64);
-        }
-        if expired_at.elapsed() > Duration::from_secs(10) {
-            *expired_at = Instant::now();
-            // Pages of 10,000 for up to 200 ms every 10 s: whatever came in
-            // an horizon ago goes, at far more rows a second than a
-            // partition takes in.
-            let deadline = Instant::now() + Duration::from_millis(200);
+        let mut asks = Vec::new();
+        for (&p, part) in &mut owned.parts {
+            let due = part.memory.overdue(now_ms(), grace, grace);
+            if !due.is_empty() {
+                tracing::info!(partition = p, holds = due.len(), "asking for the decisions of overdue holds");
+                metrics::counter!("esk_writer_hold_asks_total").increment(due.len() as u64);
+            }
+            asks.extend(due.into_iter().map(|(txid, stream)| (p, txid, stream)));
+            // Pages of 10,000 for up to 20 ms a partition each second:
+            // whatever came in an horizon ago goes, at far more rows a second
+            // than a partition takes in.
+            let deadline = Instant::now() + Duration::from_millis(20);
             while Instant::now() < deadline {
-                match owned.memory.expire(now_ms()) {
+                match part.memory.expire(now_ms()) {
                     Ok(n) if n >= 10_000 => continue,
                     Ok(n) => {
                         if n > 0 {
-                            tracing::debug!(partition = self.partition, n, "forgot answers past the horizon");
+                            tracing::debug!(partition = p, n, "forgot answers past the horizon");
                         }
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(partition = self.partition, "expiring answers: {e}");
+                        tracing::warn!(partition = p, "expiring answers: {e}");
                         break;
                     }
                 }
             }
+            // For the tools that read the group's offsets, when they moved;
+            // the partition resumes from its consumed-positions record.
+            if part.advised != part.consumed
+                && let Some(io) = self.io.part(p)
+            {
+                io.advise(&part.consumed);
+                part.advised.clone_from(&part.consumed);
+            }
+            let label = p.to_string();
+            metrics::gauge!("esk_writer_cached_streams", "partition" => label.clone()).set(part.memory.cached() as f64);
+            metrics::gauge!("esk_writer_open_holds", "partition" => label).set(part.memory.open_holds() as f64);
         }
-        // For the tools that read the group's offsets, when they moved; the
-        // partition resumes from its consumed-positions record.
-        if owned.advised != owned.consumed {
-            self.io.advise(&owned.consumed);
-            owned.advised.clone_from(&owned.consumed);
-        }
-        let p = self.partition.to_string();
-        metrics::gauge!("esk_writer_cached_streams", "partition" => p.clone()).set(owned.memory.cached() as f64);
-        metrics::gauge!("esk_writer_open_holds", "partition" => p).set(owned.memory.open_holds() as f64);
         metrics::gauge!("esk_writer_store_bytes").set(self.shared.store.disk_bytes() as f64);
         asks
     }
@@ -275,14 +482,15 @@ impl Run {
     /// A batch whose records cannot be written (`Failure::Rejected`) makes its
     /// records suspects: they are taken again one at a time, without the
     /// clock's asks, until each has been written or refused alone (its client
-    /// answered, or it is parked), and the partition goes on: no input makes
-    /// it retry for ever. Other failures retry with backoff.
+    /// answered, or it is parked), and the shard goes on: no input makes it
+    /// retry for ever. Other failures retry with backoff.
     fn serve(&self, owned: &mut Owned) -> Result<()> {
         let mut failures = 0u32;
-        let max = self.shared.config.max_batch as usize;
-        let mut suspects: HashSet<(String, i64)> = HashSet::new();
-        let (mut ticked, mut expired) = (Instant::now() - Duration::from_secs(2), Instant::now());
         let c = &self.shared.config;
+        let bounds = Bounds { records: c.max_batch as usize, bytes: c.max_batch_bytes as usize };
+        let alone = Bounds { records: 1, bytes: usize::MAX };
+        let mut suspects: HashSet<Key> = HashSet::new();
+        let mut ticked = Instant::now() - Duration::from_secs(2);
         let mut last_commit: Option<(Instant, usize)> = None;
         while !self.io.stopped() {
             // Not too soon after the last commit, and longer after a busy one
@@ -295,13 +503,13 @@ impl Run {
                 }
             }
             let isolating = !suspects.is_empty();
-            let asks = if isolating { Vec::new() } else { self.tick(owned, &mut ticked, &mut expired) };
-            let records = self.io.collect(if isolating { 1 } else { max }, Duration::from_millis(100));
+            let asks = if isolating { Vec::new() } else { self.tick(owned, &mut ticked) };
+            let records = self.io.collect(if isolating { alone } else { bounds }, Duration::from_millis(100));
             if records.is_empty() && asks.is_empty() {
                 continue;
             }
-            let keys: Vec<(String, i64)> = records.iter().map(|r| (r.topic.clone(), r.offset)).collect();
-            let alone = (records.len() == 1 && asks.is_empty()).then(|| records[0].clone());
+            let keys: Vec<Key> = records.iter().map(key_of).collect();
+            let lone = (records.len() == 1 && asks.is_empty()).then(|| records[0].clone());
             let clock_only = records.is_empty();
             let started = Instant::now();
             match self.transact(owned, Work::Decide(records, asks)) {
@@ -310,7 +518,7 @@ impl Run {
                     for k in &keys {
                         suspects.remove(k);
                     }
-                    self.committed(owned, keys.len(), started, &done);
+                    self.committed(owned, started, &done);
                     last_commit = Some((Instant::now(), keys.len()));
                 }
                 Err(Failure::Fatal(e)) => return Err(e),
@@ -319,27 +527,27 @@ impl Run {
                         self.abort(owned)?;
                     }
                     self.rewind(owned)?;
-                    if let Some(record) = alone {
+                    if let Some(record) = lone {
                         let reason = format!("{error:#}");
                         tracing::warn!(
-                            partition = self.partition,
+                            partition = record.partition,
                             topic = record.topic,
                             offset = record.offset,
                             "refusing a record that cannot be written: {reason}"
                         );
                         metrics::counter!("esk_writer_refused_inputs_total").increment(1);
-                        suspects.remove(&(record.topic.clone(), record.offset));
+                        suspects.remove(&key_of(&record));
                         self.refuse(owned, record, reason, &mut failures)?;
                     } else if clock_only {
                         // Only the clock's asks: no input is to blame.
                         tracing::error!(
-                            partition = self.partition,
+                            shard = self.io.shard,
                             "the asks for overdue holds cannot be written: {error:#}"
                         );
                         self.io.pause(Duration::from_secs(1));
                     } else {
                         tracing::warn!(
-                            partition = self.partition,
+                            shard = self.io.shard,
                             records = keys.len(),
                             "a batch cannot be written ({error:#}): taking its records one at a time"
                         );
@@ -363,7 +571,7 @@ impl Run {
                     if began {
                         self.abort(owned)?;
                     }
-                    tracing::warn!(partition = self.partition, "the refusal cannot be written either ({error:#})");
+                    tracing::warn!(shard = self.io.shard, "the refusal cannot be written either ({error:#})");
                     self.rewind(owned)?;
                 }
                 Err(failure) => return self.failed(owned, failure, failures),
@@ -381,36 +589,45 @@ impl Run {
         | Failure::Rejected { error: e, .. }
         | Failure::Mispredicted(e, _)
         | Failure::Fatal(e)) = &failure;
-        tracing::warn!(partition = self.partition, failures, "batch failed, retrying: {e:#}");
+        tracing::warn!(shard = self.io.shard, failures, "batch failed, retrying: {e:#}");
         if let Failure::Abortable(_) | Failure::Mispredicted(..) = failure {
             self.abort(owned)?;
         }
-        owned.next_offsets = match failure {
+        let mut next = match failure {
             Failure::Mispredicted(_, next) => next,
             _ => HashMap::new(),
         };
+        for (p, part) in &mut owned.parts {
+            part.next_offsets = next.remove(p).unwrap_or_default();
+        }
         self.rewind(owned)?;
         // The same records come again: back off so a persistent failure does not spin.
         self.io.pause(Duration::from_millis(100 * u64::from((*failures).min(50))));
         Ok(())
     }
 
-    fn committed(&self, owned: &Owned, n: usize, started: Instant, done: &Done) {
+    fn committed(&self, owned: &Owned, started: Instant, done: &Done) {
         if done.voted_yes {
             esk_runtime::fault_point("after-vote");
         }
+        let n: usize = done.records.iter().map(|(_, n)| n).sum();
         metrics::counter!("esk_writer_batches_total").increment(1);
         metrics::counter!("esk_writer_records_total").increment(n as u64);
         metrics::counter!("esk_writer_retries_answered_total").increment(done.retries_answered);
         metrics::counter!("esk_writer_expired_requests_total").increment(done.expired);
         metrics::histogram!("esk_writer_batch_records").record(n as f64);
+        metrics::histogram!("esk_writer_batch_partitions").record(done.records.len() as f64);
         metrics::histogram!("esk_writer_transaction_seconds").record(started.elapsed().as_secs_f64());
         let mut status = self.shared.status.lock().expect("status lock");
-        let s = status.partitions.entry(self.partition).or_default();
-        s.batches += 1;
-        s.records += n as u64;
-        s.cached_streams = owned.memory.cached();
-        s.open_holds = owned.memory.open_holds();
+        for (p, n) in &done.records {
+            let s = status.partitions.entry(*p).or_default();
+            s.batches += 1;
+            s.records += *n as u64;
+            if let Some(part) = owned.parts.get(p) {
+                s.cached_streams = part.memory.cached();
+                s.open_holds = part.memory.open_holds();
+            }
+        }
     }
 
     fn ensure_events_topics(&self, categories: &BTreeSet<String>) -> Result<()> {
@@ -454,16 +671,21 @@ impl Run {
         Ok(())
     }
 
-    /// The offsets the batch's events will get: each events partition's next
-    /// offset, known from the previous transaction (its last record + 1, plus 1
-    /// for its commit or abort marker) or asked from the broker on first use.
-    /// `transact` checks them against the delivery reports before committing,
-    /// so a wrong guess costs an aborted transaction, never a wrong position.
+    /// The offsets the batch's events will get in `partition`: each events
+    /// partition's next offset, known from the previous transaction (its last
+    /// record + 1, plus 1 for its commit or abort marker) or asked from the
+    /// broker on first use. `transact` checks them against the delivery
+    /// reports before committing, so a wrong guess costs an aborted
+    /// transaction, never a wrong position.
+    /// `None` when a transaction still being completed by the other producer
+    /// wrote one of them: their offsets are then learnt from the delivery.
     fn predict_offsets(
         &self,
+        partition: i32,
         next_offsets: &HashMap<String, i64>,
         events: &[crate::batch::OutEvent],
-    ) -> Result<Vec<i64>, Failure> {
+        predictable: &dyn Fn(&str) -> bool,
+    ) -> Result<Option<Vec<i64>>, Failure> {
         let mut next: HashMap<&str, i64> = HashMap::new();
         let mut predicted = Vec::with_capacity(events.len());
         for e in events {
@@ -471,11 +693,14 @@ impl Run {
                 Some(n) => n,
                 None => {
                     let topic = self.shared.topics.events(&e.category);
+                    if !predictable(&topic) {
+                        return Ok(None);
+                    }
                     let start = match next_offsets.get(&topic) {
                         Some(n) => *n,
                         None => self
                             .shared
-                            .high_watermark(&topic, self.partition)
+                            .high_watermark(&topic, partition)
                             .map_err(|e| Failure::BeforeBegin(anyhow!("watermarks of {topic}: {e}")))?,
                     };
                     next.entry(e.category.as_str()).or_insert(start)
@@ -484,103 +709,54 @@ impl Run {
             predicted.push(*offset);
             *offset += 1;
         }
-        Ok(predicted)
+        Ok(Some(predicted))
     }
 
-    /// Decides `work` and writes it in one Kafka transaction; after the
-    /// commit, the partition's memory takes the new records.
-    fn transact(&self, owned: &mut Owned, work: Work) -> Result<Done, Failure> {
-        let shared = &self.shared;
-        let p = self.partition;
-        // Bounded by the transaction timeout: a handler stuck in a call holds up rebalances.
-        let timeout = Duration::from_millis(shared.config.transaction_timeout_ms);
-        let ctx = shared.batch_context();
-        let now = Utc::now();
-        owned.memory.set_now(now.timestamp_millis());
-        let Owned { producer, memory, next_offsets, consumed: resume, .. } = owned;
+    /// Decides one partition's share of a transaction against its memory.
+    fn decide<'m>(
+        &self,
+        ctx: &crate::batch::Context<'_>,
+        now: DateTime<Utc>,
+        partition: i32,
+        part: &'m mut Part,
+        work: PartWork,
+        predictable: &dyn Fn(&str) -> bool,
+    ) -> Result<Decided<'m>, Failure> {
+        let Part { memory, next_offsets, consumed: resume, .. } = part;
+        memory.set_now(now.timestamp_millis());
         let mut batch = Batch::new(memory, now);
-        match work {
-            Work::Decide(records, asks) => {
+        let records = match work {
+            PartWork::Decide(records, asks) => {
+                let n = records.len();
                 for r in records {
-                    batch.handle(&ctx, r);
+                    batch.handle(ctx, r);
                 }
                 for (txid, stream) in &asks {
-                    batch.ask(&ctx, txid, stream);
+                    batch.ask(ctx, txid, stream);
                 }
+                n
             }
-            Work::Refuse(record, reason) => batch.refuse(&ctx, record, &reason),
-            Work::Park(record, reason) => batch.park_cut(record, &reason),
-        }
+            PartWork::Refuse(record, reason) => {
+                batch.refuse(ctx, record, &reason);
+                1
+            }
+            PartWork::Park(record, reason) => {
+                batch.park_cut(record, &reason);
+                1
+            }
+        };
         if let Some(e) = batch.store_failure.take() {
-            return Err(Failure::Fatal(anyhow!("the local store failed: {e}")));
+            return Err(Failure::Fatal(anyhow!("the local store of partition {partition} failed: {e}")));
         }
         let categories: BTreeSet<String> = batch.events.iter().map(|e| e.category.clone()).collect();
         self.ensure_events_topics(&categories).map_err(Failure::BeforeBegin)?;
-        let predicted = self.predict_offsets(next_offsets, &batch.events)?;
+        let predicted = self.predict_offsets(partition, next_offsets, &batch.events, predictable)?;
         let events: Vec<(String, esk_wire::Event)> =
-            batch.events.iter().map(|e| (shared.topics.events(&e.category), e.event.clone())).collect();
+            batch.events.iter().map(|e| (self.shared.topics.events(&e.category), e.event.clone())).collect();
         let votes = std::mem::take(&mut batch.votes);
         let dead = std::mem::take(&mut batch.dead_letters);
         let consumed = std::mem::take(&mut batch.consumed);
         let (retries_answered, expired) = (batch.retries_answered, batch.expired);
-        let finished =
-            batch.finish(&ctx, p, &predicted).map_err(|o| Failure::Rejected { error: anyhow!(o.0), began: false })?;
-
-        let t_begin = Instant::now();
-        producer.begin_transaction().map_err(|e| Failure::from(classify(e)))?;
-        let send = |topic: &str,
-                    partition: i32,
-                    key: &[u8],
-                    value: Option<&[u8]>,
-                    headers: Option<OwnedHeaders>,
-                    ts: Option<i64>| {
-            let mut record = FutureRecord::to(topic).partition(partition).key(key);
-            if let Some(v) = value {
-                record = record.payload(v);
-            }
-            if let Some(h) = headers {
-                record = record.headers(h);
-            }
-            if let Some(ts) = ts {
-                record = record.timestamp(ts);
-            }
-            producer.send_result(record).map_err(|(err, _)| Failure::from(classify(err)))
-        };
-        // The events, then what carries their positions: state records (in event
-        // order, which replicas rely on), what is remembered, replies, votes,
-        // dead letters. One transaction; nothing is visible to read_committed
-        // readers before commit.
-        let mut deliveries = Vec::with_capacity(events.len() + finished.records.len() + finished.replies.len());
-        for (topic, e) in &events {
-            let headers = e
-                .headers()
-                .iter()
-                .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: v.as_deref() }));
-            let ts = e.time.timestamp_millis();
-            let value = e.value();
-            deliveries.push(send(topic, p, e.stream.as_str().as_bytes(), Some(&value), Some(headers), Some(ts))?);
-        }
-        let state_topic = shared.topics.state();
-        for (page, value) in &finished.pages {
-            let key = IndexPage::key(&page.stream, page.first_version());
-            deliveries.push(send(&state_topic, p, key.as_bytes(), Some(value), None, None)?);
-        }
-        for (r, value) in &finished.records {
-            deliveries.push(send(&state_topic, p, r.stream.as_bytes(), Some(value), None, None)?);
-        }
-        let answers_topic = shared.topics.answers();
-        for (m, value) in &finished.memories {
-            deliveries.push(send(&answers_topic, p, m.stream().as_bytes(), Some(value), None, None)?);
-        }
-        let replies_topic = shared.topics.replies();
-        for (part, id, value) in &finished.replies {
-            deliveries.push(send(&replies_topic, *part, id.as_bytes(), Some(value), None, None)?);
-        }
-        let votes_topic = shared.topics.tx_votes();
-        for (part, txid, message) in &votes {
-            let value = serde_json::to_vec(message).map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
-            deliveries.push(send(&votes_topic, *part, txid.as_bytes(), Some(&value), None, None)?);
-        }
         // Where the partition is in its inputs after this transaction: with
         // what the transaction produced, on the state topic.
         let mut next_consumed = resume.clone();
@@ -589,85 +765,279 @@ impl Run {
             *next = (*next).max(last + 1);
         }
         let positions = (!consumed.is_empty()).then(|| ConsumedRecord { v: 1, next: next_consumed.clone() });
+        let share =
+            Share { partition, events, votes, dead, next_consumed, positions, records, retries_answered, expired };
+        Ok(Decided { batch, predicted, share })
+    }
+
+    /// Fills in the positions of a decided share from its events' offsets.
+    fn ready(ctx: &crate::batch::Context<'_>, d: Decided<'_>, offsets: Vec<i64>) -> Result<Ready, Failure> {
+        let events_first = d.predicted.is_none();
+        let finished = d
+            .batch
+            .finish(ctx, d.share.partition, &offsets)
+            .map_err(|o| Failure::Rejected { error: anyhow!(o.0), began: true })?;
+        Ok(Ready { share: d.share, event_offsets: offsets, events_first, finished })
+    }
+
+    /// Sends `record` in the open transaction.
+    fn send(
+        producer: &FutureProducer,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+        ts: Option<i64>,
+    ) -> Result<DeliveryFuture, Failure> {
+        let mut record = FutureRecord::to(topic).partition(partition).key(key);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        if let Some(ts) = ts {
+            record = record.timestamp(ts);
+        }
+        producer.send_result(record).map_err(|(err, _)| Failure::from(classify(err)))
+    }
+
+    /// Sends a share's events in the open transaction.
+    fn send_events(producer: &FutureProducer, share: &Share) -> Result<Vec<DeliveryFuture>, Failure> {
+        let mut deliveries = Vec::with_capacity(share.events.len());
+        for (topic, e) in &share.events {
+            let headers = e
+                .headers()
+                .iter()
+                .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: v.as_deref() }));
+            let ts = e.time.timestamp_millis();
+            let value = e.value();
+            let key = e.stream.as_str().as_bytes();
+            deliveries.push(Self::send(producer, topic, share.partition, key, Some(&value), Some(headers), Some(ts))?);
+        }
+        Ok(deliveries)
+    }
+
+    /// Sends what carries a share's positions, after its events: index pages
+    /// and state records (in event order, which replicas rely on), what is
+    /// remembered, replies, votes, dead letters, and last the consumed
+    /// positions. Nothing is visible to read_committed readers before the
+    /// commit.
+    fn send_rest(&self, producer: &FutureProducer, r: &Ready) -> Result<Vec<DeliveryFuture>, Failure> {
+        let shared = &self.shared;
+        let (d, f) = (&r.share, &r.finished);
+        let p = d.partition;
+        let send = |topic: &str, partition: i32, key: &[u8], value: Option<&[u8]>, headers: Option<OwnedHeaders>| {
+            Self::send(producer, topic, partition, key, value, headers, None)
+        };
+        let mut deliveries = Vec::with_capacity(f.records.len() + f.memories.len() + f.replies.len() + 1);
+        let state_topic = shared.topics.state();
+        for (page, value) in &f.pages {
+            let key = IndexPage::key(&page.stream, page.first_version());
+            deliveries.push(send(&state_topic, p, key.as_bytes(), Some(value), None)?);
+        }
+        for (rec, value) in &f.records {
+            deliveries.push(send(&state_topic, p, rec.stream.as_bytes(), Some(value), None)?);
+        }
+        let answers_topic = shared.topics.answers();
+        for (m, value) in &f.memories {
+            deliveries.push(send(&answers_topic, p, m.stream().as_bytes(), Some(value), None)?);
+        }
+        let replies_topic = shared.topics.replies();
+        for (part, id, value) in &f.replies {
+            deliveries.push(send(&replies_topic, *part, id.as_bytes(), Some(value), None)?);
+        }
+        let votes_topic = shared.topics.tx_votes();
+        for (part, txid, message) in &d.votes {
+            let value = serde_json::to_vec(message).map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
+            deliveries.push(send(&votes_topic, *part, txid.as_bytes(), Some(&value), None)?);
+        }
         let dlq_topic = shared.topics.dlq("writer");
-        for d in &dead {
-            let o = &d.original;
+        for dl in &d.dead {
+            let o = &dl.original;
             tracing::warn!(
                 topic = o.topic,
                 partition = o.partition,
                 offset = o.offset,
-                reason = d.reason,
+                reason = dl.reason,
                 "parked a record"
             );
             let origin = Origin { topic: &o.topic, partition: o.partition, offset: o.offset };
             // A cut copy is forced by asking for a limit nothing fits.
-            let limit = if d.cut { 0 } else { shared.limits.record_bytes };
-            let l = dead_letter(o.key.as_deref(), o.payload.as_deref(), &o.headers, &d.reason, origin, "writer", limit);
+            let limit = if dl.cut { 0 } else { shared.limits.record_bytes };
+            let l =
+                dead_letter(o.key.as_deref(), o.payload.as_deref(), &o.headers, &dl.reason, origin, "writer", limit);
             let key = l.key.unwrap_or_default();
-            deliveries.push(send(&dlq_topic, p, &key, l.value.as_deref(), Some(l.headers), None)?);
+            deliveries.push(send(&dlq_topic, p, &key, l.value.as_deref(), Some(l.headers))?);
             metrics::counter!("esk_writer_dead_letters_total").increment(1);
         }
-        if let Some(record) = &positions {
+        if let Some(record) = &d.positions {
             let value = serde_json::to_vec(record).map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
-            deliveries.push(send(&state_topic, p, CONSUMED_KEY.as_bytes(), Some(&value), None, None)?);
+            deliveries.push(send(&state_topic, p, CONSUMED_KEY.as_bytes(), Some(&value), None)?);
+        }
+        Ok(deliveries)
+    }
+
+    /// Decides `work` and writes it in one Kafka transaction over the
+    /// shard's partitions that have work; after the commit, each partition's
+    /// memory takes its new records. The transaction goes to the producer
+    /// whose turn it is, and the next to the other, committed or not.
+    /// A transaction that fails after it began is aborted by the caller
+    /// ([`Run::abort`]), which then passes the turn.
+    fn transact(&self, owned: &mut Owned, work: Work) -> Result<Done, Failure> {
+        let mut written = HashSet::new();
+        let done = self.transact_on(owned, work, &mut written)?;
+        // Committed: its markers are being written while the next begins.
+        owned.turns.next(Some(written));
+        Ok(done)
+    }
+
+    fn transact_on(
+        &self,
+        owned: &mut Owned,
+        work: Work,
+        written: &mut HashSet<(String, i32)>,
+    ) -> Result<Done, Failure> {
+        let shared = &self.shared;
+        // Bounded by the transaction timeout: a handler stuck in a call holds up rebalances.
+        let timeout = Duration::from_millis(shared.config.transaction_timeout_ms);
+        let ctx = shared.batch_context();
+        let now = Utc::now();
+        let producer = owned.producer().clone();
+        let mut work = work.by_partition();
+        if let Some(p) = work.keys().find(|p| !owned.parts.contains_key(p)) {
+            // Cannot happen: the queues are split by partition.
+            return Err(Failure::BeforeBegin(anyhow!("partition {p} is not in shard {}", self.io.shard)));
+        }
+        let mut decided = Vec::with_capacity(work.len());
+        let turns = &owned.turns;
+        for (&p, part) in &mut owned.parts {
+            if let Some(w) = work.remove(&p) {
+                decided.push(self.decide(&ctx, now, p, part, w, &|topic| turns.predictable(topic, p))?);
+            }
+        }
+
+        let t_begin = Instant::now();
+        producer.begin_transaction().map_err(|e| Failure::from(classify(e)))?;
+        // Shares whose offsets are predicted are sent whole at once; the
+        // others send their events first and wait for their offsets.
+        let mut in_flight = Vec::with_capacity(decided.len());
+        let mut first: Vec<Option<Vec<DeliveryFuture>>> = Vec::with_capacity(decided.len());
+        for d in &decided {
+            written.extend(d.share.events.iter().map(|(topic, _)| (topic.clone(), d.share.partition)));
+            let events = Self::send_events(&producer, &d.share)?;
+            if d.predicted.is_some() {
+                in_flight.push(events);
+                first.push(None);
+            } else {
+                in_flight.push(Vec::new());
+                first.push(Some(events));
+            }
+        }
+        let mut ready = Vec::with_capacity(decided.len());
+        for (d, events) in decided.into_iter().zip(first) {
+            let offsets = match (&d.predicted, events) {
+                (Some(predicted), _) => predicted.clone(),
+                (None, events) => txn::await_deliveries(events.unwrap_or_default())?,
+            };
+            ready.push(Self::ready(&ctx, d, offsets)?);
+        }
+        for (r, sent) in ready.iter().zip(in_flight.iter_mut()) {
+            sent.extend(self.send_rest(&producer, r)?);
         }
         // Wait for every delivery here: rdkafka's commit_transaction flushes
         // first, and its flush polls in 100 ms steps while anything is in flight.
         // `message.timeout.ms` bounds the wait.
-        let mut delivered = txn::await_deliveries(deliveries)?;
-        let positions_offset = if positions.is_some() { delivered.pop() } else { None };
+        let mut offsets = Vec::with_capacity(ready.len());
+        for (r, sent) in ready.iter().zip(in_flight) {
+            let mut got = txn::await_deliveries(sent)?;
+            if r.events_first {
+                got.splice(0..0, r.event_offsets.iter().copied());
+            }
+            offsets.push(got);
+        }
         let t_sent = Instant::now();
-        let (event_offsets, rest) = delivered.split_at(events.len());
-        let (page_offsets, rest) = rest.split_at(finished.pages.len());
-        let (state_offsets, rest) = rest.split_at(finished.records.len());
-        let answer_offsets = &rest[..finished.memories.len()];
-        if event_offsets != predicted.as_slice() {
+        if ready.iter().zip(&offsets).any(|(r, o)| o[..r.share.events.len()] != r.event_offsets[..]) {
             metrics::counter!("esk_writer_offset_mispredictions_total").increment(1);
             // Every event was delivered: after the abort marker, each partition
             // goes on right after it.
-            let mut after_abort = HashMap::new();
-            for ((topic, _), offset) in events.iter().zip(event_offsets) {
-                let next = after_abort.entry(topic.clone()).or_insert(0);
-                *next = (*next).max(offset + 2);
+            let mut after_abort: HashMap<i32, HashMap<String, i64>> = HashMap::new();
+            let mut first = None;
+            for (r, o) in ready.iter().zip(&offsets) {
+                let next_offsets = after_abort.entry(r.share.partition).or_default();
+                for ((topic, _), offset) in r.share.events.iter().zip(o) {
+                    let next = next_offsets.entry(topic.clone()).or_insert(0);
+                    *next = (*next).max(offset + 2);
+                }
+                if first.is_none() && o[..r.share.events.len()] != r.event_offsets[..] {
+                    first = Some((r.share.partition, o.first().copied(), r.event_offsets.first().copied()));
+                }
             }
             return Err(Failure::Mispredicted(
                 anyhow!(
-                    "events landed at other offsets than their positions say (first {:?}, predicted {:?}): retrying",
-                    event_offsets.first(),
-                    predicted.first()
+                    "events landed at other offsets than their positions say (partition, first, predicted: \
+                     {first:?}): retrying"
                 ),
                 after_abort,
             ));
         }
-        txn::commit_only(producer, timeout, self.io.stop_flag())?;
-        // Each partition written gets one commit marker after its last record.
-        for ((topic, _), offset) in events.iter().zip(event_offsets) {
-            let next = next_offsets.entry(topic.clone()).or_insert(0);
-            *next = (*next).max(offset + 2);
+        txn::commit_only(&producer, timeout, self.io.stop_flag())?;
+
+        let mut done = Done { voted_yes: false, retries_answered: 0, expired: 0, records: Vec::new() };
+        let (state_topic, answers_topic) = (shared.topics.state(), shared.topics.answers());
+        for (r, mut o) in ready.into_iter().zip(offsets) {
+            let Ready { share: d, finished, events_first, .. } = r;
+            let p = d.partition;
+            let Some(part) = owned.parts.get_mut(&p) else { continue };
+            let positions_offset = if d.positions.is_some() { o.pop() } else { None };
+            let (event_offsets, rest) = o.split_at(d.events.len());
+            let (page_offsets, rest) = rest.split_at(finished.pages.len());
+            let (state_offsets, rest) = rest.split_at(finished.records.len());
+            let answer_offsets = &rest[..finished.memories.len()];
+            // Each partition written gets one commit marker after its last
+            // record: the next transaction's events land there once the
+            // markers are written (see `Turns::recent`). Events sent before
+            // the other producer's markers were written may have that marker
+            // after them too: their partition's next offset is asked anew.
+            for ((topic, _), offset) in d.events.iter().zip(event_offsets) {
+                if events_first {
+                    part.next_offsets.remove(topic);
+                } else {
+                    let next = part.next_offsets.entry(topic.clone()).or_insert(0);
+                    *next = (*next).max(offset + 2);
+                }
+            }
+            metrics::counter!("esk_writer_events_total").increment(d.events.len() as u64);
+            metrics::counter!("esk_writer_answers_remembered_total").increment(finished.memories.len() as u64);
+            let mut committed = Committed::default();
+            if let Some(last) = state_offsets.iter().chain(page_offsets).chain(&positions_offset).max() {
+                committed.positions.push((state_topic.clone(), last + 1));
+            }
+            if d.positions.is_some() {
+                committed.positions.extend(d.next_consumed.iter().map(|(t, n)| (consumed_position(t), *n)));
+            }
+            if let Some(last) = answer_offsets.iter().max() {
+                committed.positions.push((answers_topic.clone(), last + 1));
+            }
+            let Finished { records, memories, pages, .. } = finished;
+            committed.records = records.into_iter().zip(state_offsets).map(|((r, v), o)| (r, v, *o)).collect();
+            committed.memories = memories.into_iter().zip(answer_offsets).map(|((m, _), o)| (m, *o)).collect();
+            committed.pages = pages.into_iter().zip(page_offsets).map(|((pg, v), o)| (pg, v, *o)).collect();
+            // The transaction is committed: a store that cannot take it is
+            // behind Kafka, so the shard is restored afresh from its topics.
+            part.memory
+                .absorb(committed)
+                .map_err(|e| Failure::Fatal(anyhow!("the local store of partition {p} failed after a commit: {e}")))?;
+            part.consumed = d.next_consumed;
+            done.voted_yes |= d.votes.iter().any(|(_, _, m)| matches!(m, ParticipantMessage::Vote(v) if v.yes));
+            done.retries_answered += d.retries_answered;
+            done.expired += d.expired;
+            done.records.push((p, d.records));
         }
-        metrics::counter!("esk_writer_events_total").increment(events.len() as u64);
-        metrics::counter!("esk_writer_answers_remembered_total").increment(finished.memories.len() as u64);
-        let mut committed = Committed::default();
-        if let Some(last) = state_offsets.iter().chain(page_offsets).chain(&positions_offset).max() {
-            committed.positions.push((state_topic, last + 1));
-        }
-        if positions.is_some() {
-            committed.positions.extend(next_consumed.iter().map(|(t, n)| (consumed_position(t), *n)));
-        }
-        if let Some(last) = answer_offsets.iter().max() {
-            committed.positions.push((answers_topic, last + 1));
-        }
-        committed.records = finished.records.into_iter().zip(state_offsets).map(|((r, v), o)| (r, v, *o)).collect();
-        committed.memories = finished.memories.into_iter().zip(answer_offsets).map(|((m, _), o)| (m, *o)).collect();
-        committed.pages = finished.pages.into_iter().zip(page_offsets).map(|((p, v), o)| (p, v, *o)).collect();
-        // The transaction is committed: a store that cannot take it is
-        // behind Kafka, so the partition is restored afresh from its topics.
-        memory.absorb(committed).map_err(|e| Failure::Fatal(anyhow!("the local store failed after a commit: {e}")))?;
-        *resume = next_consumed;
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
         tracing::debug!(produce_ms = ms(t_begin, t_sent), commit_ms = ms(t_sent, Instant::now()), "committed");
-        let voted_yes = votes.iter().any(|(_, _, m)| matches!(m, ParticipantMessage::Vote(v) if v.yes));
-        Ok(Done { voted_yes, retries_answered, expired })
+        Ok(done)
     }
 }
 
@@ -675,8 +1045,40 @@ impl Run {
 mod tests {
     use super::*;
 
+    fn wrote(parts: &[(&str, i32)]) -> Option<HashSet<(String, i32)>> {
+        Some(parts.iter().map(|(t, p)| ((*t).to_owned(), *p)).collect())
+    }
+
     #[test]
-    fn a_lone_request_waits_only_the_commit_gap_and_a_busy_partition_up_to_the_linger() {
+    fn offsets_are_predicted_only_where_no_transaction_may_still_be_completing() {
+        let mut t = Turns::new(2);
+        assert!(t.predictable("e", 0), "nothing written yet");
+        t.next(wrote(&[("e", 0)]));
+        assert_eq!(t.turn, 1);
+        // The other producer's markers on e/0 may come after the next events there.
+        assert!(!t.predictable("e", 0));
+        assert!(t.predictable("e", 1) && t.predictable("f", 0));
+        t.next(wrote(&[("e", 1)]));
+        assert_eq!(t.turn, 0);
+        // e/0's transaction is complete: this producer's next one waits for it.
+        assert!(t.predictable("e", 0));
+        assert!(!t.predictable("e", 1));
+        // After an abort, its abort markers may be anywhere.
+        t.next(None);
+        assert!(!t.predictable("e", 0) && !t.predictable("g", 7));
+        t.next(wrote(&[]));
+        assert!(t.predictable("e", 0) && t.predictable("g", 7));
+        // One producer: its next transaction always waits for the last.
+        let mut one = Turns::new(1);
+        one.next(wrote(&[("e", 0)]));
+        assert_eq!(one.turn, 0);
+        assert!(one.predictable("e", 0));
+        one.next(None);
+        assert!(one.predictable("e", 0));
+    }
+
+    #[test]
+    fn a_lone_request_waits_only_the_commit_gap_and_a_busy_shard_up_to_the_linger() {
         let ms = Duration::from_millis;
         assert_eq!(linger(5_000, 20_000, 1), ms(5));
         assert_eq!(linger(5_000, 20_000, 0), ms(5));

@@ -213,7 +213,7 @@ async fn bad_replica_queries_get_clear_4xx_errors() {
 async fn a_standby_writer_serves_a_taken_partition_within_the_session_timeout_plus_a_second() {
     // It measures time: the machine to itself.
     let env = TestEnv::exclusive();
-    env.init_topics(2);
+    env.init_topics_sharded(2, 2);
     let a = writer(&env, true);
     wait_serving(&[&a], 2, Duration::from_secs(60)).await;
     let b = writer(&env, true);

@@ -48,6 +48,7 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
         "events.inventory",
         "dlq.writer",
         "dlq.coordinator",
+        "writer.shards",
     ]
     .iter()
     .map(|s| format!("{p}.{s}"))
@@ -61,7 +62,9 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     let topics = read_back(&env).await;
     assert_eq!(topics.keys().cloned().collect::<Vec<_>>(), want);
     for (name, (partitions, configs)) in &topics {
-        assert_eq!(*partitions, 3, "{name}");
+        // One writer shard by default: one partition of the shards topic.
+        let want = if name.ends_with(".writer.shards") { 1 } else { 3 };
+        assert_eq!(*partitions, want, "{name}");
         let compacted = name.ends_with(".state") || name.ends_with(".tx.log");
         let policy = if compacted { "compact" } else { "delete" };
         assert_eq!(configs["cleanup.policy"], policy, "{name}");
@@ -83,7 +86,19 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     assert_eq!(second["created"], serde_json::json!([]));
     assert_eq!(second["existing"].as_array().unwrap().len(), expected.len());
     assert_eq!(second["partitions"], 3);
+    assert_eq!(second["writer_shards"], 1);
     assert_eq!(read_back(&env).await, topics);
+
+    // The writer shards are fixed too: another count is refused, as is more
+    // shards than partitions on a new installation.
+    let run = env.esk().args(["topics", "init", "--writer-shards", "2"]).run().code(4);
+    assert!(run.stderr.contains("has 1 writer shards"), "{}", run.stderr);
+    assert_eq!(read_back(&env).await, topics);
+    let other = TestEnv::new();
+    let run = other.esk().args(["topics", "init", "--partitions", "2", "--writer-shards", "3"]).run().code(4);
+    assert!(run.stderr.contains("3 writer shards for 2 partitions"), "{}", run.stderr);
+    let made = other.esk().args(["topics", "init", "--partitions", "4", "--writer-shards", "2", "--json"]).run().ok();
+    assert_eq!(made.json()["writer_shards"], 2);
 
     // A different partition count would break co-partitioning: refused, nothing changed.
     let run = env.esk().args(["topics", "init", "--partitions", "5"]).run().code(4);

@@ -327,7 +327,8 @@ fn serving(w: &Service) -> u64 {
 async fn a_second_writer_takes_over_and_a_frozen_zombie_writes_nothing() {
     // It measures time: the machine to itself.
     let env = TestEnv::exclusive();
-    env.init_topics(4);
+    // Two shards of two partitions: each writer gets one.
+    env.init_topics_sharded(4, 2);
     let a = writer(&env);
     wait_serving(&[&a], 4, Duration::from_secs(60)).await;
     let b = writer(&env);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use esk_client::Client;
 use esk_kafka::KafkaConfig;
-use esk_kafka::admin::{Admin, DEFAULT_HORIZON, Durability, platform_topics};
+use esk_kafka::admin::{Admin, DEFAULT_HORIZON, Durability, Layout, platform_topics};
 use esk_wire::Topics;
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{Answered, Appended, ExpectedVersion, IndexEntry, Memory, NewEvent, StreamRecord};
@@ -106,7 +106,15 @@ pub async fn lag(client: &Arc<Client>, bin: &Path, prefix: &str, bootstrap: &str
 pub async fn fill_state(kafka: &KafkaConfig, topics: &Topics, streams: usize, answers: usize) -> Result<()> {
     let admin = Admin::new(kafka)?;
     let brokers = admin.broker_count().await?;
-    admin.ensure(&platform_topics(topics, ["note"], 1, Durability::for_brokers(brokers), DEFAULT_HORIZON)).await?;
+    admin
+        .ensure(&platform_topics(
+            topics,
+            ["note"],
+            Layout { partitions: 1, shards: 1 },
+            Durability::for_brokers(brokers),
+            DEFAULT_HORIZON,
+        ))
+        .await?;
     let producer: FutureProducer = kafka.producer(esk_kafka::Sending::Bulk { idempotent: false }).create()?;
     let (state, remembered) = (topics.state(), topics.answers());
     let now = chrono::Utc::now().timestamp_millis();

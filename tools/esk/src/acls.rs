@@ -97,6 +97,7 @@ pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
                 &[Read, DescribeConfigs],
                 "its group's inputs: requests, 2PC prepares and decisions",
             ),
+            Acl::new(Topic, &[t.writer_shards()], &[Read, DescribeConfigs], "its group assigns the writer shards"),
             Acl::new(
                 Topic,
                 &[t.state(), t.answers()],
@@ -123,9 +124,9 @@ pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
             ),
             Acl::prefixed(
                 TransactionalId,
-                format!("{p}-writer-p"),
+                format!("{p}-writer-s"),
                 &[Write],
-                "one transactional producer per owned partition",
+                "two transactional producers per owned shard",
             ),
             idempotent(),
         ],
@@ -346,7 +347,7 @@ mod tests {
         assert!(!allowed(Role::Client, Op::Write, Topic, &t.events("account")));
         assert!(!allowed(Role::Client, Op::Create, Topic, &t.events("account")));
         assert!(!allowed(Role::Client, Op::Read, Topic, &t.state()));
-        assert!(!allowed(Role::Client, Op::Write, Kind::TransactionalId, "p-writer-p0"));
+        assert!(!allowed(Role::Client, Op::Write, Kind::TransactionalId, "p-writer-s0-0"));
         assert!(allowed(Role::Client, Op::Write, Topic, &t.commands()));
         assert!(allowed(Role::Client, Op::Write, Topic, &t.tx_requests()));
         assert!(allowed(Role::Client, Op::Read, Topic, &t.replies()));
@@ -360,7 +361,8 @@ mod tests {
         for group in ["p-writer", "p-writer-restore", "p-writer-standby-state-watermarks", "p-writer-watermarks"] {
             assert!(allowed(Role::Writer, Op::Read, Group, group), "{group}");
         }
-        assert!(allowed(Role::Writer, Op::Write, TransactionalId, "p-writer-p11"));
+        assert!(allowed(Role::Writer, Op::Write, TransactionalId, "p-writer-s11-1"));
+        assert!(allowed(Role::Writer, Op::Read, Topic, "p.writer.shards"));
         assert!(allowed(Role::Writer, Op::Create, Topic, "p.events.order"));
         assert!(!allowed(Role::Writer, Op::Write, TransactionalId, "p-coordinator-p0"));
         assert!(allowed(Role::Coordinator, Op::Read, Group, "p-coordinator-standby-watermarks"));
@@ -375,7 +377,7 @@ mod tests {
     #[test]
     fn command_lines_are_kafka_acls_arguments() {
         let t = Topics::new("p");
-        let line = command_line("User:w", &acls(Role::Writer, &t)[3]);
+        let line = command_line("User:w", &acls(Role::Writer, &t)[4]);
         assert_eq!(
             line,
             "--add --allow-principal User:w --operation Write --operation Create --operation DescribeConfigs \

@@ -1,7 +1,7 @@
 //! `esk topics init` and `esk topics describe`.
 
 use esk_kafka::KafkaConfig;
-use esk_kafka::admin::{self, Admin, DEFAULT_PARTITIONS, Durability, Outcome, TopicInfo};
+use esk_kafka::admin::{self, Admin, DEFAULT_PARTITIONS, Durability, Layout, Outcome, TopicInfo};
 use esk_wire::Topics;
 use serde_json::json;
 
@@ -28,6 +28,17 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
             )));
         }
         (asked, have) => asked.or(have).unwrap_or(DEFAULT_PARTITIONS),
+    };
+    let layout = match (args.writer_shards, admin::installed_shards(&existing, &topics)) {
+        (Some(asked), Some(have)) if asked != have => {
+            return Err(Failure::invalid(format!(
+                "--writer-shards {asked}: this installation ('{}') has {have} writer shards; changing them needs \
+                 every writer stopped, then {} recreated with {asked} partitions",
+                topics.prefix(),
+                topics.writer_shards()
+            )));
+        }
+        (asked, have) => Layout::new(partitions, asked.or(have)).map_err(|e| Failure::invalid(e.to_string()))?,
     };
     let durability = match args.replication_factor {
         Some(r) if r as usize > brokers => {
@@ -57,7 +68,7 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
         (asked, have) => asked.or(have).unwrap_or(admin::DEFAULT_HORIZON),
     };
     let schemas = g.schemas()?;
-    let specs = admin::platform_topics(&topics, schemas.categories(), partitions, durability, horizon);
+    let specs = admin::platform_topics(&topics, schemas.categories(), layout, durability, horizon);
     let outcomes = admin.ensure(&specs).await?;
 
     if g.json {
@@ -67,6 +78,7 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
         let doc = json!({
             "prefix": topics.prefix(),
             "partitions": partitions,
+            "writer_shards": layout.shards,
             "replication_factor": durability.replication_factor,
             "idempotency_horizon_ms": horizon.as_millis() as u64,
             "created": list(Outcome::Created),
@@ -87,8 +99,11 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
         }
         let created = outcomes.iter().filter(|(_, o)| *o == Outcome::Created).count();
         println!(
-            "{created} created, {} already there; {partitions} partitions, replication {}, idempotency horizon {}",
+            "{created} created, {} already there; {partitions} partitions in {} writer shard{}, replication {}, \
+             idempotency horizon {}",
             outcomes.len() - created,
+            layout.shards,
+            if layout.shards == 1 { "" } else { "s" },
             durability.replication_factor,
             show_duration(horizon)
         );
@@ -100,8 +115,13 @@ pub async fn describe(g: &Global) -> Result<(), Failure> {
     let (admin, topics) = connect(g)?;
     let names = admin.list(&format!("{}.", topics.prefix())).await?;
     let found: Vec<TopicInfo> = admin.describe(&names).await?;
-    let expected =
-        admin::platform_topics(&topics, g.schemas()?.categories(), 1, Durability::new(1), admin::DEFAULT_HORIZON);
+    let expected = admin::platform_topics(
+        &topics,
+        g.schemas()?.categories(),
+        Layout { partitions: 1, shards: 1 },
+        Durability::new(1),
+        admin::DEFAULT_HORIZON,
+    );
     let missing: Vec<&str> =
         expected.iter().map(|s| s.name.as_str()).filter(|n| !found.iter().any(|t| t.name == *n)).collect();
     if g.json {
