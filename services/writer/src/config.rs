@@ -49,28 +49,26 @@ pub struct Config {
     #[arg(long, env = "ESK_WRITER_MAX_BATCH_BYTES", default_value_t = 4 << 20,
           value_parser = clap::value_parser!(u64).range(1..=(256 << 20)))]
     pub max_batch_bytes: u64,
-    /// Microseconds a partition waits after a commit before it begins its next
-    /// transaction (records arriving meanwhile join it). The broker writes a
-    /// transaction's commit markers after it has answered the commit; a
+    /// Microseconds a shard waits after a commit, for each partition the
+    /// transaction wrote, before it begins its next transaction (records
+    /// arriving meanwhile join it). The broker writes a transaction's commit
+    /// markers, one a partition written, after it has answered the commit; a
     /// transaction begun before they are written is refused
     /// (CONCURRENT_TRANSACTIONS) and librdkafka asks again only 20 ms later.
-    /// A request arriving after the gap is never held back; 0 turns it off.
-    /// 5 ms: at 64 in flight on a loaded 2-core machine it took the refused
-    /// starts from about half of the transactions to a seventh, appends/s up
-    /// by a fifth or more, with no change at 1 in flight (ADR 11).
-    #[arg(long, env = "ESK_WRITER_COMMIT_GAP_US", default_value_t = 5_000,
+    /// 100 µs: a lone append (four partitions written) waits 0.4 ms, a
+    /// transaction over twelve busy partitions (37) 3.7 ms; a flat 1 ms left
+    /// the refused starts of the large ones, a flat 3 ms held every lone
+    /// request 3 ms (ADR 11). 0 turns it off; the wait is at most 100 ms.
+    #[arg(long, env = "ESK_WRITER_COMMIT_GAP_US", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub commit_gap_us: u64,
-    /// Most microseconds a busy partition waits after a commit, so that its
-    /// next batch fills: the wait is the commit gap plus 5 ms for each record
-    /// of the batch just committed beyond the first, up to this. A partition
-    /// that had a lone request waits only the commit gap, so a lone request is
-    /// never held back more than that. Under load every transaction costs the
-    /// writer and the broker about the same CPU whatever its size; on a 2-core
-    /// machine 20 ms took appends/s at 64 and 256 in flight up by a half and a
-    /// third, with lower latency (ADR 11). At most 100 ms; 0 (or anything up
-    /// to the commit gap) turns it off.
-    #[arg(long, env = "ESK_WRITER_BATCH_LINGER_US", default_value_t = 20_000,
+    /// Most microseconds a busy shard waits after a commit, so that its next
+    /// batch fills: the commit gap plus 5 ms for each record of the batch
+    /// just committed beyond the first, up to this. Off by default: a shard's
+    /// batch fills by itself while its transaction runs (measured at 64 and
+    /// 256 in flight, 5 ms of linger lowered appends/s; ADR 11). At most
+    /// 100 ms.
+    #[arg(long, env = "ESK_WRITER_BATCH_LINGER_US", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub batch_linger_us: u64,
     /// Follow the whole state and answers topics into the local store as a hot
@@ -119,11 +117,11 @@ impl Config {
         Duration::from_secs(30)
     }
 
-    /// The transactional id of producer `i` of writer shard `shard` (see
-    /// `worker::PRODUCERS`): the same for every instance that ever owns the
-    /// shard, so that the next owner fences the last.
-    pub fn transactional_id(&self, shard: i32, i: usize) -> String {
-        format!("{}-writer-s{shard}-{i}", self.prefix)
+    /// The transactional id of writer shard `shard`: the same for every
+    /// instance that ever owns the shard, so that the next owner fences the
+    /// last.
+    pub fn transactional_id(&self, shard: i32) -> String {
+        format!("{}-writer-s{shard}", self.prefix)
     }
 
     pub fn group_id(&self) -> String {

@@ -63,65 +63,10 @@ struct Run {
     io: ShardIo,
 }
 
-/// Transactional producers a shard takes turns with, each with a
-/// transactional id of its own (all fenced by the next owner).
-///
-/// The broker writes a transaction's commit markers after it has answered
-/// the commit, and refuses the same producer's next transaction until they
-/// are written (CONCURRENT_TRANSACTIONS, which librdkafka retries only 20 ms
-/// later). Taking turns, a shard begins its next transaction at once on the
-/// other producer while the markers of the last are written. Fixed: a new
-/// owner fences exactly these ids.
-pub const PRODUCERS: usize = 2;
-
-/// A shard this worker owns: its fenced producers and its partitions.
+/// A shard this worker owns: its fenced producer and its partitions.
 struct Owned {
-    producers: Vec<FutureProducer>,
-    turns: Turns,
+    producer: FutureProducer,
     parts: BTreeMap<i32, Part>,
-}
-
-impl Owned {
-    fn producer(&self) -> &FutureProducer {
-        &self.producers[self.turns.turn]
-    }
-}
-
-/// Whose turn it is among a shard's producers, and where the offsets of the
-/// next transaction's events can be predicted.
-#[derive(Debug)]
-struct Turns {
-    producers: usize,
-    /// The producer of the next transaction.
-    turn: usize,
-    /// The events partitions each of the last `producers - 1` transactions
-    /// wrote (`None`: any, after an abort): their markers may not be written
-    /// yet, so the offsets a transaction gets there cannot be predicted. Any
-    /// earlier transaction is complete: the transaction after it on the same
-    /// producer was only let begin once it was.
-    recent: std::collections::VecDeque<Option<HashSet<(String, i32)>>>,
-}
-
-impl Turns {
-    fn new(producers: usize) -> Self {
-        Self { producers: producers.max(1), turn: 0, recent: std::collections::VecDeque::new() }
-    }
-
-    /// After a transaction ended, committed having written events to
-    /// `written`, or aborted (`None`): the next goes to the next producer.
-    fn next(&mut self, written: Option<HashSet<(String, i32)>>) {
-        self.turn = (self.turn + 1) % self.producers;
-        self.recent.push_back(written);
-        while self.recent.len() >= self.producers {
-            self.recent.pop_front();
-        }
-    }
-
-    /// Whether the offsets the next transaction's events get in `topic`'s
-    /// `partition` are known before they are written.
-    fn predictable(&self, topic: &str, partition: i32) -> bool {
-        self.recent.iter().all(|w| w.as_ref().is_some_and(|w| !w.contains(&(topic.to_owned(), partition))))
-    }
 }
 
 /// An owned partition of the shard.
@@ -185,22 +130,15 @@ impl Work {
     }
 }
 
-/// A partition's share of a transaction, decided; its batch waits for the
-/// events' offsets (predicted, or learnt from their delivery).
-struct Decided<'m> {
-    batch: Batch<'m>,
-    /// The events' offsets, when they can be predicted.
-    predicted: Option<Vec<i64>>,
-    share: Share,
-}
-
-/// A partition's share of a transaction: what to write.
-struct Share {
+/// A partition's share of a transaction, decided: what to write.
+struct Decided {
     partition: i32,
     /// (events topic, event), in the order written.
     events: Vec<(String, esk_wire::Event)>,
+    predicted: Vec<i64>,
     votes: Vec<(i32, String, ParticipantMessage)>,
     dead: Vec<DeadLetter>,
+    finished: Finished,
     /// The partition's consumed positions after the transaction, and whether
     /// it consumed anything (then its record is written).
     next_consumed: BTreeMap<String, i64>,
@@ -210,15 +148,10 @@ struct Share {
     expired: u64,
 }
 
-/// A share with every position known: ready to write after its events.
-struct Ready {
-    share: Share,
-    /// The offsets its events were predicted to get (checked against their
-    /// delivery before the commit), or got.
-    event_offsets: Vec<i64>,
-    /// Its events were sent first and their offsets learnt.
-    events_first: bool,
-    finished: Finished,
+/// What a partition's share got when it was written.
+struct Written {
+    /// Offsets of what was sent, in the order sent.
+    offsets: Vec<i64>,
 }
 
 /// Why a batch did not commit.
@@ -256,18 +189,39 @@ struct Done {
     expired: u64,
     /// Records decided, by partition.
     records: Vec<(i32, usize)>,
+    /// Partitions written (of every topic).
+    written: usize,
 }
 
-/// How long a shard waits after committing a batch of `n` records before it
-/// begins the next: the commit gap, plus 5 ms for each record beyond the
-/// first, up to the linger (when the linger is larger).
-fn linger(gap_us: u64, linger_us: u64, n: usize) -> Duration {
-    let busy = gap_us.saturating_add(5_000u64.saturating_mul(n.saturating_sub(1) as u64));
-    Duration::from_micros(busy.min(linger_us.max(gap_us)))
+/// How long a shard waits after committing a batch of `n` records that
+/// wrote `written` partitions before it begins the next: the commit gap for
+/// each partition written (at most 100 ms), plus 5 ms for each record beyond
+/// the first, up to the linger (when the linger is larger).
+fn linger(gap_us: u64, linger_us: u64, n: usize, written: usize) -> Duration {
+    let gap = gap_us.saturating_mul(written as u64).min(100_000);
+    let busy = gap.saturating_add(5_000u64.saturating_mul(n.saturating_sub(1) as u64));
+    Duration::from_micros(busy.min(linger_us.max(gap)))
 }
 
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
+}
+
+/// How many partitions (of every topic) a transaction of these shares writes:
+/// each gets a commit marker.
+fn partitions_written(decided: &[Decided]) -> usize {
+    let mut elsewhere = HashSet::new();
+    let mut n = 0;
+    for d in decided {
+        let f = &d.finished;
+        n += d.events.iter().map(|(topic, _)| topic).collect::<HashSet<_>>().len();
+        n += usize::from(!f.records.is_empty() || !f.pages.is_empty() || d.positions.is_some());
+        n += usize::from(!f.memories.is_empty());
+        n += usize::from(!d.dead.is_empty());
+        elsewhere.extend(f.replies.iter().map(|(p, _, _)| (0, *p)));
+        elsewhere.extend(d.votes.iter().map(|(p, _, _)| (1, *p)));
+    }
+    n + elsewhere.len()
 }
 
 /// A record's place in its input, to know it again after a rewind.
@@ -330,17 +284,12 @@ impl Run {
     fn acquire(&self) -> Result<Option<Owned>> {
         let c = &self.shared.config;
         let started = Instant::now();
-        let probe = self.shared.topics.commands();
-        let producers: Vec<Result<FutureProducer>> = std::thread::scope(|s| {
-            let fencing: Vec<_> = (0..PRODUCERS)
-                .map(|i| {
-                    let (kafka, id, probe) = (&self.shared.kafka, c.transactional_id(self.io.shard, i), &probe);
-                    s.spawn(move || esk_owner::io::fence(kafka, &id, c.transaction_timeout_ms, probe))
-                })
-                .collect();
-            fencing.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("fencing panicked")))).collect()
-        });
-        let producers = producers.into_iter().collect::<Result<Vec<_>>>()?;
+        let producer = esk_owner::io::fence(
+            &self.shared.kafka,
+            &c.transactional_id(self.io.shard),
+            c.transaction_timeout_ms,
+            &self.shared.topics.commands(),
+        )?;
         let fenced_ms = started.elapsed().as_millis() as u64;
         if self.io.stopped() {
             return Ok(None);
@@ -370,7 +319,7 @@ impl Run {
             open_holds,
             "shard taken over"
         );
-        Ok(Some(Owned { turns: Turns::new(producers.len()), producers, parts }))
+        Ok(Some(Owned { producer, parts }))
     }
 
     /// Restores every partition of the shard, side by side (each reads its
@@ -404,16 +353,12 @@ impl Run {
         Ok(Some(stores))
     }
 
-    /// Aborts the open transaction; the next goes to the other producer
-    /// (this one's abort markers are being written).
-    fn abort(&self, owned: &mut Owned) -> Result<()> {
+    fn abort(&self, owned: &Owned) -> Result<()> {
         metrics::counter!("esk_writer_aborts_total").increment(1);
         owned
-            .producer()
+            .producer
             .abort_transaction(Duration::from_millis(self.shared.config.transaction_timeout_ms))
-            .map_err(|e| anyhow!("abort_transaction failed: {e}"))?;
-        owned.turns.next(None);
-        Ok(())
+            .map_err(|e| anyhow!("abort_transaction failed: {e}"))
     }
 
     fn rewind(&self, owned: &Owned) -> Result<()> {
@@ -491,12 +436,12 @@ impl Run {
         let alone = Bounds { records: 1, bytes: usize::MAX };
         let mut suspects: HashSet<Key> = HashSet::new();
         let mut ticked = Instant::now() - Duration::from_secs(2);
-        let mut last_commit: Option<(Instant, usize)> = None;
+        let mut last_commit: Option<(Instant, usize, usize)> = None;
         while !self.io.stopped() {
             // Not too soon after the last commit, and longer after a busy one
             // (see `Config::commit_gap_us` and `Config::batch_linger_us`).
-            if let Some((at, n)) = last_commit.take() {
-                let wait = linger(c.commit_gap_us, c.batch_linger_us, n);
+            if let Some((at, n, written)) = last_commit.take() {
+                let wait = linger(c.commit_gap_us, c.batch_linger_us, n, written);
                 if let Some(left) = (at + wait).checked_duration_since(Instant::now()) {
                     metrics::histogram!("esk_writer_linger_seconds").record(left.as_secs_f64());
                     std::thread::sleep(left);
@@ -519,7 +464,7 @@ impl Run {
                         suspects.remove(k);
                     }
                     self.committed(owned, started, &done);
-                    last_commit = Some((Instant::now(), keys.len()));
+                    last_commit = Some((Instant::now(), keys.len(), done.written));
                 }
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Rejected { error, began }) => {
@@ -677,15 +622,12 @@ impl Run {
     /// broker on first use. `transact` checks them against the delivery
     /// reports before committing, so a wrong guess costs an aborted
     /// transaction, never a wrong position.
-    /// `None` when a transaction still being completed by the other producer
-    /// wrote one of them: their offsets are then learnt from the delivery.
     fn predict_offsets(
         &self,
         partition: i32,
         next_offsets: &HashMap<String, i64>,
         events: &[crate::batch::OutEvent],
-        predictable: &dyn Fn(&str) -> bool,
-    ) -> Result<Option<Vec<i64>>, Failure> {
+    ) -> Result<Vec<i64>, Failure> {
         let mut next: HashMap<&str, i64> = HashMap::new();
         let mut predicted = Vec::with_capacity(events.len());
         for e in events {
@@ -693,9 +635,6 @@ impl Run {
                 Some(n) => n,
                 None => {
                     let topic = self.shared.topics.events(&e.category);
-                    if !predictable(&topic) {
-                        return Ok(None);
-                    }
                     let start = match next_offsets.get(&topic) {
                         Some(n) => *n,
                         None => self
@@ -709,19 +648,18 @@ impl Run {
             predicted.push(*offset);
             *offset += 1;
         }
-        Ok(Some(predicted))
+        Ok(predicted)
     }
 
     /// Decides one partition's share of a transaction against its memory.
-    fn decide<'m>(
+    fn decide(
         &self,
         ctx: &crate::batch::Context<'_>,
         now: DateTime<Utc>,
         partition: i32,
-        part: &'m mut Part,
+        part: &mut Part,
         work: PartWork,
-        predictable: &dyn Fn(&str) -> bool,
-    ) -> Result<Decided<'m>, Failure> {
+    ) -> Result<Decided, Failure> {
         let Part { memory, next_offsets, consumed: resume, .. } = part;
         memory.set_now(now.timestamp_millis());
         let mut batch = Batch::new(memory, now);
@@ -750,13 +688,16 @@ impl Run {
         }
         let categories: BTreeSet<String> = batch.events.iter().map(|e| e.category.clone()).collect();
         self.ensure_events_topics(&categories).map_err(Failure::BeforeBegin)?;
-        let predicted = self.predict_offsets(partition, next_offsets, &batch.events, predictable)?;
+        let predicted = self.predict_offsets(partition, next_offsets, &batch.events)?;
         let events: Vec<(String, esk_wire::Event)> =
             batch.events.iter().map(|e| (self.shared.topics.events(&e.category), e.event.clone())).collect();
         let votes = std::mem::take(&mut batch.votes);
         let dead = std::mem::take(&mut batch.dead_letters);
         let consumed = std::mem::take(&mut batch.consumed);
         let (retries_answered, expired) = (batch.retries_answered, batch.expired);
+        let finished = batch
+            .finish(ctx, partition, &predicted)
+            .map_err(|o| Failure::Rejected { error: anyhow!(o.0), began: false })?;
         // Where the partition is in its inputs after this transaction: with
         // what the transaction produced, on the state topic.
         let mut next_consumed = resume.clone();
@@ -765,93 +706,78 @@ impl Run {
             *next = (*next).max(last + 1);
         }
         let positions = (!consumed.is_empty()).then(|| ConsumedRecord { v: 1, next: next_consumed.clone() });
-        let share =
-            Share { partition, events, votes, dead, next_consumed, positions, records, retries_answered, expired };
-        Ok(Decided { batch, predicted, share })
+        Ok(Decided {
+            partition,
+            events,
+            predicted,
+            votes,
+            dead,
+            finished,
+            next_consumed,
+            positions,
+            records,
+            retries_answered,
+            expired,
+        })
     }
 
-    /// Fills in the positions of a decided share from its events' offsets.
-    fn ready(ctx: &crate::batch::Context<'_>, d: Decided<'_>, offsets: Vec<i64>) -> Result<Ready, Failure> {
-        let events_first = d.predicted.is_none();
-        let finished = d
-            .batch
-            .finish(ctx, d.share.partition, &offsets)
-            .map_err(|o| Failure::Rejected { error: anyhow!(o.0), began: true })?;
-        Ok(Ready { share: d.share, event_offsets: offsets, events_first, finished })
-    }
-
-    /// Sends `record` in the open transaction.
-    fn send(
-        producer: &FutureProducer,
-        topic: &str,
-        partition: i32,
-        key: &[u8],
-        value: Option<&[u8]>,
-        headers: Option<OwnedHeaders>,
-        ts: Option<i64>,
-    ) -> Result<DeliveryFuture, Failure> {
-        let mut record = FutureRecord::to(topic).partition(partition).key(key);
-        if let Some(v) = value {
-            record = record.payload(v);
-        }
-        if let Some(h) = headers {
-            record = record.headers(h);
-        }
-        if let Some(ts) = ts {
-            record = record.timestamp(ts);
-        }
-        producer.send_result(record).map_err(|(err, _)| Failure::from(classify(err)))
-    }
-
-    /// Sends a share's events in the open transaction.
-    fn send_events(producer: &FutureProducer, share: &Share) -> Result<Vec<DeliveryFuture>, Failure> {
-        let mut deliveries = Vec::with_capacity(share.events.len());
-        for (topic, e) in &share.events {
+    /// Sends one partition's share in the open transaction: the events, then
+    /// what carries their positions: index pages and state records (in event
+    /// order, which replicas rely on), what is remembered, replies, votes,
+    /// dead letters, and last the consumed positions. Nothing is visible to
+    /// read_committed readers before the commit.
+    fn send_part(&self, producer: &FutureProducer, d: &Decided) -> Result<Vec<DeliveryFuture>, Failure> {
+        let shared = &self.shared;
+        let p = d.partition;
+        let send = |topic: &str,
+                    partition: i32,
+                    key: &[u8],
+                    value: Option<&[u8]>,
+                    headers: Option<OwnedHeaders>,
+                    ts: Option<i64>| {
+            let mut record = FutureRecord::to(topic).partition(partition).key(key);
+            if let Some(v) = value {
+                record = record.payload(v);
+            }
+            if let Some(h) = headers {
+                record = record.headers(h);
+            }
+            if let Some(ts) = ts {
+                record = record.timestamp(ts);
+            }
+            producer.send_result(record).map_err(|(err, _)| Failure::from(classify(err)))
+        };
+        let f = &d.finished;
+        let mut deliveries = Vec::with_capacity(d.events.len() + f.records.len() + f.replies.len() + 1);
+        for (topic, e) in &d.events {
             let headers = e
                 .headers()
                 .iter()
                 .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: v.as_deref() }));
             let ts = e.time.timestamp_millis();
             let value = e.value();
-            let key = e.stream.as_str().as_bytes();
-            deliveries.push(Self::send(producer, topic, share.partition, key, Some(&value), Some(headers), Some(ts))?);
+            deliveries.push(send(topic, p, e.stream.as_str().as_bytes(), Some(&value), Some(headers), Some(ts))?);
         }
-        Ok(deliveries)
-    }
-
-    /// Sends what carries a share's positions, after its events: index pages
-    /// and state records (in event order, which replicas rely on), what is
-    /// remembered, replies, votes, dead letters, and last the consumed
-    /// positions. Nothing is visible to read_committed readers before the
-    /// commit.
-    fn send_rest(&self, producer: &FutureProducer, r: &Ready) -> Result<Vec<DeliveryFuture>, Failure> {
-        let shared = &self.shared;
-        let (d, f) = (&r.share, &r.finished);
-        let p = d.partition;
-        let send = |topic: &str, partition: i32, key: &[u8], value: Option<&[u8]>, headers: Option<OwnedHeaders>| {
-            Self::send(producer, topic, partition, key, value, headers, None)
-        };
-        let mut deliveries = Vec::with_capacity(f.records.len() + f.memories.len() + f.replies.len() + 1);
         let state_topic = shared.topics.state();
         for (page, value) in &f.pages {
             let key = IndexPage::key(&page.stream, page.first_version());
-            deliveries.push(send(&state_topic, p, key.as_bytes(), Some(value), None)?);
+            deliveries.push(send(&state_topic, p, key.as_bytes(), Some(value), None, None)?);
         }
-        for (rec, value) in &f.records {
-            deliveries.push(send(&state_topic, p, rec.stream.as_bytes(), Some(value), None)?);
+        for (r, value) in &f.records {
+            deliveries.push(send(&state_topic, p, r.stream.as_bytes(), Some(value), None, None)?);
         }
         let answers_topic = shared.topics.answers();
         for (m, value) in &f.memories {
-            deliveries.push(send(&answers_topic, p, m.stream().as_bytes(), Some(value), None)?);
+            deliveries.push(send(&answers_topic, p, m.stream().as_bytes(), Some(value), None, None)?);
         }
         let replies_topic = shared.topics.replies();
         for (part, id, value) in &f.replies {
-            deliveries.push(send(&replies_topic, *part, id.as_bytes(), Some(value), None)?);
+            deliveries.push(send(&replies_topic, *part, id.as_bytes(), Some(value), None, None)?);
         }
         let votes_topic = shared.topics.tx_votes();
         for (part, txid, message) in &d.votes {
             let value = serde_json::to_vec(message).map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
-            deliveries.push(send(&votes_topic, *part, txid.as_bytes(), Some(&value), None)?);
+            deliveries.push(send(&votes_topic, *part, txid.as_bytes(), Some(&value), None, None)?);
         }
         let dlq_topic = shared.topics.dlq("writer");
         for dl in &d.dead {
@@ -869,109 +795,65 @@ impl Run {
             let l =
                 dead_letter(o.key.as_deref(), o.payload.as_deref(), &o.headers, &dl.reason, origin, "writer", limit);
             let key = l.key.unwrap_or_default();
-            deliveries.push(send(&dlq_topic, p, &key, l.value.as_deref(), Some(l.headers))?);
+            deliveries.push(send(&dlq_topic, p, &key, l.value.as_deref(), Some(l.headers), None)?);
             metrics::counter!("esk_writer_dead_letters_total").increment(1);
         }
         if let Some(record) = &d.positions {
             let value = serde_json::to_vec(record).map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
-            deliveries.push(send(&state_topic, p, CONSUMED_KEY.as_bytes(), Some(&value), None)?);
+            deliveries.push(send(&state_topic, p, CONSUMED_KEY.as_bytes(), Some(&value), None, None)?);
         }
         Ok(deliveries)
     }
 
     /// Decides `work` and writes it in one Kafka transaction over the
     /// shard's partitions that have work; after the commit, each partition's
-    /// memory takes its new records. The transaction goes to the producer
-    /// whose turn it is, and the next to the other, committed or not.
-    /// A transaction that fails after it began is aborted by the caller
-    /// ([`Run::abort`]), which then passes the turn.
+    /// memory takes its new records.
     fn transact(&self, owned: &mut Owned, work: Work) -> Result<Done, Failure> {
-        let mut written = HashSet::new();
-        let done = self.transact_on(owned, work, &mut written)?;
-        // Committed: its markers are being written while the next begins.
-        owned.turns.next(Some(written));
-        Ok(done)
-    }
-
-    fn transact_on(
-        &self,
-        owned: &mut Owned,
-        work: Work,
-        written: &mut HashSet<(String, i32)>,
-    ) -> Result<Done, Failure> {
         let shared = &self.shared;
         // Bounded by the transaction timeout: a handler stuck in a call holds up rebalances.
         let timeout = Duration::from_millis(shared.config.transaction_timeout_ms);
         let ctx = shared.batch_context();
         let now = Utc::now();
-        let producer = owned.producer().clone();
-        let mut work = work.by_partition();
-        if let Some(p) = work.keys().find(|p| !owned.parts.contains_key(p)) {
-            // Cannot happen: the queues are split by partition.
-            return Err(Failure::BeforeBegin(anyhow!("partition {p} is not in shard {}", self.io.shard)));
-        }
-        let mut decided = Vec::with_capacity(work.len());
-        let turns = &owned.turns;
-        for (&p, part) in &mut owned.parts {
-            if let Some(w) = work.remove(&p) {
-                decided.push(self.decide(&ctx, now, p, part, w, &|topic| turns.predictable(topic, p))?);
-            }
+        let Owned { producer, parts } = owned;
+        let mut decided = Vec::new();
+        for (p, w) in work.by_partition() {
+            let Some(part) = parts.get_mut(&p) else {
+                // Not this shard's: a record fetched for a partition no longer
+                // owned (cannot happen with the queues split by partition).
+                return Err(Failure::BeforeBegin(anyhow!("partition {p} is not in shard {}", self.io.shard)));
+            };
+            decided.push(self.decide(&ctx, now, p, part, w)?);
         }
 
         let t_begin = Instant::now();
         producer.begin_transaction().map_err(|e| Failure::from(classify(e)))?;
-        // Shares whose offsets are predicted are sent whole at once; the
-        // others send their events first and wait for their offsets.
         let mut in_flight = Vec::with_capacity(decided.len());
-        let mut first: Vec<Option<Vec<DeliveryFuture>>> = Vec::with_capacity(decided.len());
         for d in &decided {
-            written.extend(d.share.events.iter().map(|(topic, _)| (topic.clone(), d.share.partition)));
-            let events = Self::send_events(&producer, &d.share)?;
-            if d.predicted.is_some() {
-                in_flight.push(events);
-                first.push(None);
-            } else {
-                in_flight.push(Vec::new());
-                first.push(Some(events));
-            }
+            in_flight.push(self.send_part(producer, d)?);
         }
-        let mut ready = Vec::with_capacity(decided.len());
-        for (d, events) in decided.into_iter().zip(first) {
-            let offsets = match (&d.predicted, events) {
-                (Some(predicted), _) => predicted.clone(),
-                (None, events) => txn::await_deliveries(events.unwrap_or_default())?,
-            };
-            ready.push(Self::ready(&ctx, d, offsets)?);
-        }
-        for (r, sent) in ready.iter().zip(in_flight.iter_mut()) {
-            sent.extend(self.send_rest(&producer, r)?);
-        }
+        let touched = partitions_written(&decided);
         // Wait for every delivery here: rdkafka's commit_transaction flushes
         // first, and its flush polls in 100 ms steps while anything is in flight.
         // `message.timeout.ms` bounds the wait.
-        let mut offsets = Vec::with_capacity(ready.len());
-        for (r, sent) in ready.iter().zip(in_flight) {
-            let mut got = txn::await_deliveries(sent)?;
-            if r.events_first {
-                got.splice(0..0, r.event_offsets.iter().copied());
-            }
-            offsets.push(got);
+        let mut written = Vec::with_capacity(decided.len());
+        for deliveries in in_flight {
+            written.push(Written { offsets: txn::await_deliveries(deliveries)? });
         }
         let t_sent = Instant::now();
-        if ready.iter().zip(&offsets).any(|(r, o)| o[..r.share.events.len()] != r.event_offsets[..]) {
+        if decided.iter().zip(&written).any(|(d, w)| w.offsets[..d.events.len()] != d.predicted[..]) {
             metrics::counter!("esk_writer_offset_mispredictions_total").increment(1);
             // Every event was delivered: after the abort marker, each partition
             // goes on right after it.
             let mut after_abort: HashMap<i32, HashMap<String, i64>> = HashMap::new();
             let mut first = None;
-            for (r, o) in ready.iter().zip(&offsets) {
-                let next_offsets = after_abort.entry(r.share.partition).or_default();
-                for ((topic, _), offset) in r.share.events.iter().zip(o) {
+            for (d, w) in decided.iter().zip(&written) {
+                let next_offsets = after_abort.entry(d.partition).or_default();
+                for ((topic, _), offset) in d.events.iter().zip(&w.offsets) {
                     let next = next_offsets.entry(topic.clone()).or_insert(0);
                     *next = (*next).max(offset + 2);
                 }
-                if first.is_none() && o[..r.share.events.len()] != r.event_offsets[..] {
-                    first = Some((r.share.partition, o.first().copied(), r.event_offsets.first().copied()));
+                if first.is_none() && w.offsets[..d.events.len()] != d.predicted[..] {
+                    first = Some((d.partition, w.offsets.first().copied(), d.predicted.first().copied()));
                 }
             }
             return Err(Failure::Mispredicted(
@@ -982,34 +864,27 @@ impl Run {
                 after_abort,
             ));
         }
-        txn::commit_only(&producer, timeout, self.io.stop_flag())?;
+        txn::commit_only(producer, timeout, self.io.stop_flag())?;
 
-        let mut done = Done { voted_yes: false, retries_answered: 0, expired: 0, records: Vec::new() };
+        let mut done =
+            Done { voted_yes: false, retries_answered: 0, expired: 0, records: Vec::new(), written: touched };
         let (state_topic, answers_topic) = (shared.topics.state(), shared.topics.answers());
-        for (r, mut o) in ready.into_iter().zip(offsets) {
-            let Ready { share: d, finished, events_first, .. } = r;
+        for (d, w) in decided.into_iter().zip(written) {
             let p = d.partition;
-            let Some(part) = owned.parts.get_mut(&p) else { continue };
-            let positions_offset = if d.positions.is_some() { o.pop() } else { None };
-            let (event_offsets, rest) = o.split_at(d.events.len());
-            let (page_offsets, rest) = rest.split_at(finished.pages.len());
-            let (state_offsets, rest) = rest.split_at(finished.records.len());
-            let answer_offsets = &rest[..finished.memories.len()];
-            // Each partition written gets one commit marker after its last
-            // record: the next transaction's events land there once the
-            // markers are written (see `Turns::recent`). Events sent before
-            // the other producer's markers were written may have that marker
-            // after them too: their partition's next offset is asked anew.
+            let Some(part) = parts.get_mut(&p) else { continue };
+            let mut offsets = w.offsets;
+            let positions_offset = if d.positions.is_some() { offsets.pop() } else { None };
+            let (event_offsets, rest) = offsets.split_at(d.events.len());
+            let (page_offsets, rest) = rest.split_at(d.finished.pages.len());
+            let (state_offsets, rest) = rest.split_at(d.finished.records.len());
+            let answer_offsets = &rest[..d.finished.memories.len()];
+            // Each partition written gets one commit marker after its last record.
             for ((topic, _), offset) in d.events.iter().zip(event_offsets) {
-                if events_first {
-                    part.next_offsets.remove(topic);
-                } else {
-                    let next = part.next_offsets.entry(topic.clone()).or_insert(0);
-                    *next = (*next).max(offset + 2);
-                }
+                let next = part.next_offsets.entry(topic.clone()).or_insert(0);
+                *next = (*next).max(offset + 2);
             }
             metrics::counter!("esk_writer_events_total").increment(d.events.len() as u64);
-            metrics::counter!("esk_writer_answers_remembered_total").increment(finished.memories.len() as u64);
+            metrics::counter!("esk_writer_answers_remembered_total").increment(d.finished.memories.len() as u64);
             let mut committed = Committed::default();
             if let Some(last) = state_offsets.iter().chain(page_offsets).chain(&positions_offset).max() {
                 committed.positions.push((state_topic.clone(), last + 1));
@@ -1020,7 +895,7 @@ impl Run {
             if let Some(last) = answer_offsets.iter().max() {
                 committed.positions.push((answers_topic.clone(), last + 1));
             }
-            let Finished { records, memories, pages, .. } = finished;
+            let Finished { records, memories, pages, .. } = d.finished;
             committed.records = records.into_iter().zip(state_offsets).map(|((r, v), o)| (r, v, *o)).collect();
             committed.memories = memories.into_iter().zip(answer_offsets).map(|((m, _), o)| (m, *o)).collect();
             committed.pages = pages.into_iter().zip(page_offsets).map(|((pg, v), o)| (pg, v, *o)).collect();
@@ -1045,49 +920,22 @@ impl Run {
 mod tests {
     use super::*;
 
-    fn wrote(parts: &[(&str, i32)]) -> Option<HashSet<(String, i32)>> {
-        Some(parts.iter().map(|(t, p)| ((*t).to_owned(), *p)).collect())
-    }
-
-    #[test]
-    fn offsets_are_predicted_only_where_no_transaction_may_still_be_completing() {
-        let mut t = Turns::new(2);
-        assert!(t.predictable("e", 0), "nothing written yet");
-        t.next(wrote(&[("e", 0)]));
-        assert_eq!(t.turn, 1);
-        // The other producer's markers on e/0 may come after the next events there.
-        assert!(!t.predictable("e", 0));
-        assert!(t.predictable("e", 1) && t.predictable("f", 0));
-        t.next(wrote(&[("e", 1)]));
-        assert_eq!(t.turn, 0);
-        // e/0's transaction is complete: this producer's next one waits for it.
-        assert!(t.predictable("e", 0));
-        assert!(!t.predictable("e", 1));
-        // After an abort, its abort markers may be anywhere.
-        t.next(None);
-        assert!(!t.predictable("e", 0) && !t.predictable("g", 7));
-        t.next(wrote(&[]));
-        assert!(t.predictable("e", 0) && t.predictable("g", 7));
-        // One producer: its next transaction always waits for the last.
-        let mut one = Turns::new(1);
-        one.next(wrote(&[("e", 0)]));
-        assert_eq!(one.turn, 0);
-        assert!(one.predictable("e", 0));
-        one.next(None);
-        assert!(one.predictable("e", 0));
-    }
-
     #[test]
     fn a_lone_request_waits_only_the_commit_gap_and_a_busy_shard_up_to_the_linger() {
         let ms = Duration::from_millis;
-        assert_eq!(linger(5_000, 20_000, 1), ms(5));
-        assert_eq!(linger(5_000, 20_000, 0), ms(5));
-        assert_eq!(linger(5_000, 20_000, 2), ms(10));
-        assert_eq!(linger(5_000, 20_000, 4), ms(20));
-        assert_eq!(linger(5_000, 20_000, 500), ms(20));
+        let us = Duration::from_micros;
+        // The gap grows with the partitions the transaction wrote.
+        assert_eq!(linger(100, 0, 1, 4), us(400));
+        assert_eq!(linger(100, 0, 500, 37), us(3_700));
+        assert_eq!(linger(100, 0, 500, usize::MAX), ms(100));
+        assert_eq!(linger(5_000, 20_000, 1, 1), ms(5));
+        assert_eq!(linger(5_000, 20_000, 0, 1), ms(5));
+        assert_eq!(linger(5_000, 20_000, 2, 1), ms(10));
+        assert_eq!(linger(5_000, 20_000, 4, 1), ms(20));
+        assert_eq!(linger(5_000, 20_000, 500, 1), ms(20));
         // Off: only the gap.
-        assert_eq!(linger(5_000, 0, 500), ms(5));
-        assert_eq!(linger(0, 0, 500), ms(0));
-        assert_eq!(linger(0, 20_000, usize::MAX), ms(20));
+        assert_eq!(linger(5_000, 0, 500, 1), ms(5));
+        assert_eq!(linger(0, 0, 500, 9), ms(0));
+        assert_eq!(linger(0, 20_000, usize::MAX, 9), ms(20));
     }
 }

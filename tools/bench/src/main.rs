@@ -13,6 +13,11 @@
 //!   hot standby;
 //! - memory: a writer's RSS with `--memory-streams` streams in its partition.
 
+/// mimalloc rather than glibc's malloc: esk's hot paths allocate and free
+/// per record (ADR 11).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod projector;
 mod replica;
 mod tx;

@@ -126,7 +126,7 @@ pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
                 TransactionalId,
                 format!("{p}-writer-s"),
                 &[Write],
-                "two transactional producers per owned shard",
+                "one transactional producer per owned shard",
             ),
             idempotent(),
         ],
@@ -347,7 +347,7 @@ mod tests {
         assert!(!allowed(Role::Client, Op::Write, Topic, &t.events("account")));
         assert!(!allowed(Role::Client, Op::Create, Topic, &t.events("account")));
         assert!(!allowed(Role::Client, Op::Read, Topic, &t.state()));
-        assert!(!allowed(Role::Client, Op::Write, Kind::TransactionalId, "p-writer-s0-0"));
+        assert!(!allowed(Role::Client, Op::Write, Kind::TransactionalId, "p-writer-s0"));
         assert!(allowed(Role::Client, Op::Write, Topic, &t.commands()));
         assert!(allowed(Role::Client, Op::Write, Topic, &t.tx_requests()));
         assert!(allowed(Role::Client, Op::Read, Topic, &t.replies()));
@@ -361,7 +361,7 @@ mod tests {
         for group in ["p-writer", "p-writer-restore", "p-writer-standby-state-watermarks", "p-writer-watermarks"] {
             assert!(allowed(Role::Writer, Op::Read, Group, group), "{group}");
         }
-        assert!(allowed(Role::Writer, Op::Write, TransactionalId, "p-writer-s11-1"));
+        assert!(allowed(Role::Writer, Op::Write, TransactionalId, "p-writer-s11"));
         assert!(allowed(Role::Writer, Op::Read, Topic, "p.writer.shards"));
         assert!(allowed(Role::Writer, Op::Create, Topic, "p.events.order"));
         assert!(!allowed(Role::Writer, Op::Write, TransactionalId, "p-coordinator-p0"));

@@ -4,6 +4,11 @@
 //! go to stderr (and, with `--json`, to stdout as `{"error", "message"}`). The
 //! exit codes are the contract of DESIGN section 8; see [`exit::Failure`].
 
+/// mimalloc rather than glibc's malloc: esk's hot paths allocate and free
+/// per record (ADR 11).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod acls;
 mod cli;
 mod dlq;
