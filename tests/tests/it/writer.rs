@@ -587,3 +587,49 @@ async fn a_new_owner_resumes_from_the_state_topic_not_from_the_groups_offsets() 
     assert_eq!(metric(&w2, "esk_writer_retries_answered_total"), 0.0);
     assert_eq!(checked_log(&env, "order")["order-resume"].len(), 11);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn produce_merges_a_streams_lines_into_requests_and_keeps_each_streams_file_order() {
+    let env = TestEnv::new();
+    env.init_topics(3);
+    let w = writer(&env);
+    wait_serving(&[&w], 3, Duration::from_secs(60)).await;
+    // 600 lines, the three streams in turn; line 301 expects a version, so
+    // it goes alone (and fails: the stream is far past 5).
+    let lines: String = (0..600)
+        .map(|i| {
+            let mut line = json!({"stream": format!("merge-{}", i % 3), "type": "Noted", "data": {"i": i}});
+            if i == 300 {
+                line["expected_version"] = json!(5);
+            }
+            line.to_string() + "\n"
+        })
+        .collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), lines).unwrap();
+    let path = file.path().to_str().unwrap();
+    let run = env.esk().args(["produce", "--file", path, "--merge", "100", "--json"]).run();
+    assert_eq!(run.code, Some(3), "one line expects a wrong version: {run:#?}");
+    let summary = run.json();
+    assert_eq!(summary["appended"], 599);
+    assert_eq!(summary["failed"], 1);
+    assert_eq!(summary["failures"][0]["line"], 301);
+    // Each stream: 200 lines, 100 a request; line 301 (merge-0's 101st)
+    // goes alone, its 99 lines after it in one more: 3 + 2 + 2 requests.
+    assert_eq!(summary["requests"], 7, "{summary}");
+    assert_eq!(metric(&w, "esk_writer_records_total") as u64, 7);
+    let log = checked_log(&env, "merge");
+    for (stream, events) in &log {
+        let seen: Vec<i64> = events.iter().map(|e| e.data["i"].as_i64().unwrap()).collect();
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        assert_eq!(seen, sorted, "{stream}: not in file order");
+    }
+    assert_eq!(log.values().map(Vec::len).sum::<usize>(), 599);
+    // --merge 1: a request a line.
+    let lines: String =
+        (0..30).map(|i| json!({"stream": "merge-one", "type": "Noted", "data": {"i": i}}).to_string() + "\n").collect();
+    std::fs::write(file.path(), lines).unwrap();
+    let summary = env.esk().args(["produce", "--file", path, "--merge", "1", "--json"]).run().ok().json();
+    assert_eq!((summary["requests"].as_u64(), summary["appended"].as_u64()), (Some(30), Some(30)));
+}

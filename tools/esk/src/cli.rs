@@ -239,6 +239,14 @@ pub struct ProduceArgs {
     /// Requests in flight at once. Lines of one stream are still appended in file order.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub in_flight: u64,
+    /// Most lines of one stream merged into one request (one append: all of
+    /// them or none), where each line's outcome is the one it would have
+    /// alone: lines expecting any (or exists, after one expecting any) merge;
+    /// a line expecting a version is sent alone. 1 sends a request a line.
+    /// Lines of different streams may be appended in another order than the
+    /// file's.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub merge: u64,
 }
 
 #[derive(Debug, Args)]
