@@ -748,12 +748,12 @@ impl TestEnv {
         self.esk().args(["topics", "init", "--partitions", &partitions.to_string()]).run().ok();
     }
 
-    /// The platform topics with `shards` writer shards (`init_topics` makes
+    /// The platform topics with `shards` shards (`init_topics` makes
     /// one: a single writer instance serves every partition, the others
     /// stand by).
     pub fn init_topics_sharded(&self, partitions: u32, shards: u32) {
         let (partitions, shards) = (partitions.to_string(), shards.to_string());
-        self.esk().args(["topics", "init", "--partitions", &partitions, "--writer-shards", &shards]).run().ok();
+        self.esk().args(["topics", "init", "--partitions", &partitions, "--shards", &shards]).run().ok();
     }
 
     /// A connected client of this test's installation.

@@ -25,7 +25,7 @@ use crate::watch::{AuthWatch, fetch_metadata};
 pub const DEFAULT_PARTITIONS: i32 = 12;
 
 /// Writer shards of a new installation (at most its partitions).
-pub const DEFAULT_WRITER_SHARDS: i32 = 1;
+pub const DEFAULT_SHARDS: i32 = 1;
 
 const HOUR_MS: &str = "3600000";
 
@@ -64,7 +64,7 @@ pub enum TopicKind {
     Answers,
     /// Parked records: kept until an operator deals with them.
     DeadLetters,
-    /// The writer shards: a partition each, nothing written.
+    /// The shards: a partition each, nothing written.
     Shards,
 }
 
@@ -153,12 +153,12 @@ pub fn platform_topics<'a>(
     }
     specs.push(TopicKind::DeadLetters.spec(topics.dlq("writer"), partitions, d));
     specs.push(TopicKind::DeadLetters.spec(topics.dlq("coordinator"), partitions, d));
-    specs.push(TopicKind::Shards.spec(topics.writer_shards(), shards, d));
+    specs.push(TopicKind::Shards.spec(topics.shards(), shards, d));
     specs
 }
 
 /// How an installation is partitioned: the co-partitioned topics'
-/// partitions, and the writer shards they are written in.
+/// partitions, and the shards they are owned in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     pub partitions: i32,
@@ -170,10 +170,10 @@ impl Layout {
     /// `partitions` written in `shards` shards: the default shard count is
     /// capped at the partitions; more shards than partitions is refused.
     pub fn new(partitions: i32, shards: Option<i32>) -> Result<Self, Error> {
-        let shards = shards.unwrap_or(DEFAULT_WRITER_SHARDS.min(partitions));
+        let shards = shards.unwrap_or(DEFAULT_SHARDS.min(partitions));
         if !(1..=partitions).contains(&shards) {
             return Err(Error::Invalid(format!(
-                "{shards} writer shards for {partitions} partitions: give 1 to {partitions} (a shard writes at least \
+                "{shards} shards for {partitions} partitions: give 1 to {partitions} (a shard writes at least \
                  one partition)"
             )));
         }
@@ -467,10 +467,10 @@ pub fn installed_partitions(existing: &[TopicInfo], topics: &Topics) -> Result<O
     Ok(found.map(|(_, p)| p))
 }
 
-/// The writer shards of an installation, from its shards topic (`None`: not
+/// The shards of an installation, from its shards topic (`None`: not
 /// there yet).
 pub fn installed_shards(existing: &[TopicInfo], topics: &Topics) -> Option<i32> {
-    existing.iter().find(|t| t.name == topics.writer_shards()).map(|t| t.partitions)
+    existing.iter().find(|t| t.name == topics.shards()).map(|t| t.partitions)
 }
 
 #[cfg(test)]
@@ -479,11 +479,11 @@ mod tests {
 
     #[test]
     fn shards_default_to_one_and_never_outnumber_the_partitions() {
-        assert_eq!(Layout::new(12, None).unwrap(), Layout { partitions: 12, shards: DEFAULT_WRITER_SHARDS });
+        assert_eq!(Layout::new(12, None).unwrap(), Layout { partitions: 12, shards: DEFAULT_SHARDS });
         assert_eq!(Layout::new(12, Some(12)).unwrap().shards, 12);
         assert_eq!(Layout::new(1, None).unwrap().shards, 1);
         let e = Layout::new(4, Some(5)).unwrap_err().to_string();
-        assert!(e.contains("5 writer shards for 4 partitions"), "{e}");
+        assert!(e.contains("5 shards for 4 partitions"), "{e}");
         assert!(Layout::new(4, Some(0)).is_err());
     }
 
@@ -505,7 +505,7 @@ mod tests {
         assert_eq!(get("x.commands").configs["retention.ms"], "604800000");
         assert_eq!(get("x.answers").configs["retention.ms"], "665280000", "the horizon and a tenth");
         assert_eq!(get("x.answers").configs["segment.ms"], "83160000");
-        assert_eq!(get("x.writer.shards").partitions, 2);
+        assert_eq!(get("x.shards").partitions, 2);
         assert_eq!(get("x.state").partitions, 6);
         let short = platform_topics(
             &Topics::new("x"),
@@ -520,7 +520,7 @@ mod tests {
             ("33000", "60000")
         );
         assert!(specs.iter().all(|s| s.replication_factor == 3));
-        assert!(specs.iter().filter(|s| s.name != "x.writer.shards").all(|s| s.partitions == 6));
+        assert!(specs.iter().filter(|s| s.name != "x.shards").all(|s| s.partitions == 6));
         assert!(specs.iter().all(|s| s.configs["min.insync.replicas"] == "2"));
         assert_eq!(Durability::for_brokers(1), Durability::new(1));
         assert_eq!(Durability::new(1).min_insync_replicas, 1);

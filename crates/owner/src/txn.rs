@@ -118,10 +118,23 @@ pub fn commit(
     timeout: Duration,
     stop: &AtomicBool,
 ) -> Result<(), TxnError> {
+    let consumed: Vec<(String, i32, i64)> = consumed.iter().map(|(t, o)| (t.clone(), partition, *o)).collect();
+    commit_all(producer, &consumed, group, timeout, stop)
+}
+
+/// Adds the consumed offsets of many partitions, (input topic, partition,
+/// last offset processed), to the transaction and commits it.
+pub fn commit_all(
+    producer: &FutureProducer,
+    consumed: &[(String, i32, i64)],
+    group: Option<ConsumerGroupMetadata>,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<(), TxnError> {
     if !consumed.is_empty() {
         let mut tpl = TopicPartitionList::new();
-        for (topic, offset) in consumed {
-            tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1))
+        for (topic, partition, offset) in consumed {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
                 .map_err(|e| TxnError::Abortable(anyhow!(e)))?;
         }
         let group = Arc::new(group.ok_or_else(|| TxnError::Abortable(anyhow!("no consumer group metadata")))?);

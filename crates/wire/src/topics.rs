@@ -86,11 +86,12 @@ impl Topics {
         format!("{}.tx.log", self.prefix)
     }
 
-    /// One partition per writer shard, nothing written to it: the writer
-    /// group's assignment of these partitions says which instance writes
-    /// which shard of the co-partitioned topics.
-    pub fn writer_shards(&self) -> String {
-        format!("{}.writer.shards", self.prefix)
+    /// One partition per shard, nothing written to it: the writer group's
+    /// and the coordinator group's assignments of these partitions say which
+    /// instance owns which shard of the co-partitioned topics (shard k: every
+    /// partition p with p % shards == k).
+    pub fn shards(&self) -> String {
+        format!("{}.shards", self.prefix)
     }
 
     pub fn dlq(&self, consumer: &str) -> String {
@@ -110,7 +111,7 @@ mod tests {
         assert_eq!(t.tx_log(), "t1.tx.log");
         assert_eq!(t.answers(), "t1.answers");
         assert_eq!(t.dlq("writer"), "t1.dlq.writer");
-        assert_eq!(t.writer_shards(), "t1.writer.shards");
+        assert_eq!(t.shards(), "t1.shards");
     }
 
     #[test]

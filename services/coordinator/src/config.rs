@@ -37,10 +37,20 @@ pub struct Config {
     #[arg(long, env = "ESK_COORDINATOR_RESEND_MS", default_value_t = 3000,
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub resend_ms: u64,
-    /// Most records decided in one transaction.
-    #[arg(long, env = "ESK_COORDINATOR_MAX_BATCH", default_value_t = 500,
-          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    /// Most records decided in one transaction (of a shard, over all its
+    /// partitions), or 4 MiB of them.
+    #[arg(long, env = "ESK_COORDINATOR_MAX_BATCH", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_batch: u64,
+    /// Microseconds a shard waits after a commit, for each partition the
+    /// transaction wrote, before it begins its next (records arriving
+    /// meanwhile join it): the broker writes the commit markers after it has
+    /// answered the commit, and refuses the next transaction until they are
+    /// written (CONCURRENT_TRANSACTIONS, retried 20 ms later), as for the
+    /// writer. 0 turns it off; the wait is at most 100 ms.
+    #[arg(long, env = "ESK_COORDINATOR_COMMIT_GAP_US", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub commit_gap_us: u64,
     /// Folder of the local store of ended transactions
     /// (`<data-dir>/<prefix>-coordinator-<instance>`).
     #[arg(long, env = "ESK_DATA_DIR", default_value = ".esk/data")]
@@ -70,8 +80,10 @@ impl Config {
         Duration::from_secs(30)
     }
 
-    pub fn transactional_id(&self, partition: i32) -> String {
-        format!("{}-coordinator-p{partition}", self.prefix)
+    /// The transactional id of shard `shard`: the same for every instance
+    /// that ever owns it, so that the next owner fences the last.
+    pub fn transactional_id(&self, shard: i32) -> String {
+        format!("{}-coordinator-s{shard}", self.prefix)
     }
 
     pub fn group_id(&self) -> String {

@@ -1,12 +1,14 @@
-//! One owned partition of `tx.requests`/`tx.votes`: fence, restore the
-//! transactions from `tx.log` into the local store, then decide batches and
-//! the clock's deadlines, one Kafka transaction each.
+//! One owned shard of `tx.requests`/`tx.votes` (the partitions p with
+//! `p % shards == k`): fence, restore each partition's transactions from
+//! `tx.log` into its local store, then decide batches and the clock's
+//! deadlines, one Kafka transaction each over every partition of the shard
+//! that has work.
 //!
 //! Only live transactions (not yet acknowledged by every participant) are
 //! held in memory; ended ones are in the local store for the idempotency
 //! horizon, then tombstoned in the log and forgotten.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,11 +17,11 @@ use esk_follower::Followed;
 use esk_follower::store::Intake;
 use esk_kafka::record::{Origin, dead_letter};
 use esk_owner::txn::{self, TxnError, classify};
-use esk_owner::{Handler, Incoming, PartitionIo, Phase, ShardIo};
+use esk_owner::{Bounds, Handler, Incoming, Phase, ShardIo};
 use esk_store::{Changes, PartitionStore, StoreError};
 use esk_wire::protocol::TxRecord;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::Shared;
 use crate::logic::{Done, Step, Txs};
@@ -31,27 +33,34 @@ const TICK: Duration = Duration::from_millis(200);
 const TOMBSTONE_EVERY: Duration = Duration::from_secs(10);
 /// Tombstones in one transaction at most.
 const TOMBSTONE_PAGE: usize = 1000;
+/// Most bytes of input (keys and values) decided in one transaction.
+const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// Rows of live transactions in the local store.
 pub const TAG_LIVE: i64 = 1;
 
-/// Serves the partitions the coordinator group assigns to this instance.
+/// Serves the shards the coordinator group assigns to this instance.
 #[derive(Debug)]
 pub struct CoordinatorHandler {
     pub shared: Arc<Shared>,
 }
 
 impl Handler for CoordinatorHandler {
-    /// The coordinator owns partitions one by one: a shard is one partition.
     fn run(&self, io: ShardIo) {
-        let Some(io) = io.into_parts().pop() else {
-            return;
-        };
-        let p = io.partition;
-        let view = Arc::new(Mutex::new(Txs::default()));
-        self.shared.owned.lock().expect("owned lock").insert(p, view.clone());
-        Run { shared: self.shared.clone(), io, view }.main();
-        self.shared.owned.lock().expect("owned lock").remove(&p);
+        let partitions = io.partitions();
+        let views: BTreeMap<i32, Arc<Mutex<Txs>>> =
+            partitions.iter().map(|p| (*p, Arc::new(Mutex::new(Txs::default())))).collect();
+        {
+            let mut owned = self.shared.owned.lock().expect("owned lock");
+            for (p, view) in &views {
+                owned.insert(*p, view.clone());
+            }
+        }
+        Run { shared: self.shared.clone(), partitions: partitions.clone(), io, views }.main();
+        let mut owned = self.shared.owned.lock().expect("owned lock");
+        for p in &partitions {
+            owned.remove(p);
+        }
     }
 
     fn revoked(&self) {
@@ -65,16 +74,20 @@ impl Handler for CoordinatorHandler {
 
 struct Run {
     shared: Arc<Shared>,
-    io: PartitionIo,
-    /// The partition's live transactions, also read by the HTTP status.
-    view: Arc<Mutex<Txs>>,
+    partitions: Vec<i32>,
+    io: ShardIo,
+    /// Each partition's live transactions, also read by the HTTP status.
+    views: BTreeMap<i32, Arc<Mutex<Txs>>>,
 }
 
-/// What this instance holds while it owns a partition.
+/// What this instance holds while it owns a shard.
 struct Owned {
     producer: FutureProducer,
-    store: PartitionStore,
+    stores: BTreeMap<i32, PartitionStore>,
 }
+
+/// A record's place in its input, to know it again after a rewind.
+type Key = (String, i32, i64);
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -143,13 +156,26 @@ impl From<TxnError> for Failure {
 }
 
 impl Run {
-    /// Owned, the partition's store is this handler's to write (see the writer's).
+    /// Owned, the shard's stores are this handler's to write (see the writer's).
     fn own_store(&self, owned: bool) {
         let mut set = self.shared.owned_stores.write().expect("owned lock");
-        if owned {
-            set.insert(self.io.partition);
-        } else {
-            set.remove(&self.io.partition);
+        for p in &self.partitions {
+            if owned {
+                set.insert(*p);
+            } else {
+                set.remove(p);
+            }
+        }
+    }
+
+    fn serving(&self, serving: bool) {
+        let mut set = self.shared.serving.lock().expect("serving lock");
+        for p in &self.partitions {
+            if serving {
+                set.insert(*p);
+            } else {
+                set.remove(p);
+            }
         }
     }
 
@@ -161,42 +187,91 @@ impl Run {
             |owned| self.serve(owned),
             |phase| match phase {
                 Phase::Starting => self.own_store(true),
-                Phase::Serving => {
-                    self.shared.serving.lock().expect("serving lock").insert(self.io.partition);
-                }
+                Phase::Serving => self.serving(true),
                 Phase::Lost => {
-                    self.shared.serving.lock().expect("serving lock").remove(&self.io.partition);
+                    self.serving(false);
                     self.own_store(false);
                     metrics::counter!("esk_coordinator_fenced_total").increment(1);
                 }
             },
         );
-        self.shared.serving.lock().expect("serving lock").remove(&self.io.partition);
+        self.serving(false);
         self.own_store(false);
     }
 
-    /// Fences the previous owner, brings the local store to the end of the
-    /// partition's log, and loads the live transactions.
+    /// Fences the previous owner, brings each partition's local store to the
+    /// end of its log, and loads the live transactions.
     fn acquire(&self) -> Result<Option<Owned>> {
         let c = &self.shared.config;
-        let p = self.io.partition;
         let started = Instant::now();
         let producer = esk_owner::io::fence(
             &self.shared.kafka,
-            &c.transactional_id(p),
+            &c.transactional_id(self.io.shard),
             c.transaction_timeout_ms,
             &self.shared.topics.tx_requests(),
         )?;
+        let timeout = Duration::from_millis(c.transaction_timeout_ms);
+        let restored: Vec<Result<Option<(i32, PartitionStore, u64)>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .partitions
+                .iter()
+                .map(|&p| {
+                    let producer = &producer;
+                    s.spawn(move || self.restore(producer, p, timeout))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a restore thread panicked"))))
+                .collect()
+        });
+        let mut stores = BTreeMap::new();
+        let (mut open, mut in_doubt, mut read) = (0, 0, 0);
+        for r in restored {
+            let Some((p, store, n)) = r? else { return Ok(None) };
+            let mut txs = Txs::default();
+            for (_, row) in store.tagged(TAG_LIVE)? {
+                if let Ok(r) = serde_json::from_slice::<TxRecord>(&row.value) {
+                    txs.records.insert(r.txid.clone(), r);
+                }
+            }
+            let (o, d) = txs.counts(now_ms());
+            (open, in_doubt, read) = (open + o, in_doubt + d, read + n);
+            if let Some(view) = self.views.get(&p) {
+                *view.lock().expect("view lock") = txs;
+            }
+            stores.insert(p, store);
+        }
+        self.rewind()?;
+        metrics::histogram!("esk_coordinator_restore_seconds").record(started.elapsed().as_secs_f64());
+        tracing::info!(
+            shard = self.io.shard,
+            partitions = ?self.partitions,
+            open,
+            in_doubt,
+            log_records_read = read,
+            ms = started.elapsed().as_millis() as u64,
+            "shard taken over"
+        );
+        Ok(Some(Owned { producer, stores }))
+    }
+
+    /// Brings partition `p`'s local store to the end of its log.
+    fn restore(
+        &self,
+        producer: &FutureProducer,
+        p: i32,
+        timeout: Duration,
+    ) -> Result<Option<(i32, PartitionStore, u64)>> {
         let mut store = self.shared.store.partition(p)?;
         let log = self.shared.topics.tx_log();
-        let timeout = Duration::from_millis(c.transaction_timeout_ms);
         let (_, high) = esk_kafka::watermarks(producer.client(), &log, p, timeout)?;
         if store.position(&log)? > high {
             tracing::warn!(partition = p, "the local store is ahead of the log; starting it afresh");
             store.clear()?;
         }
-        let group = format!("{}-restore", c.group_id());
-        let Some(read) = esk_follower::store::restore(
+        let group = format!("{}-restore", self.shared.config.group_id());
+        let read = esk_follower::store::restore(
             &self.shared.kafka,
             &group,
             &log,
@@ -205,29 +280,8 @@ impl Run {
             &mut store,
             &mut TxLogIntake,
             self.io.stop_flag(),
-        )?
-        else {
-            return Ok(None);
-        };
-        let mut txs = Txs::default();
-        for (_, row) in store.tagged(TAG_LIVE)? {
-            if let Ok(r) = serde_json::from_slice::<TxRecord>(&row.value) {
-                txs.records.insert(r.txid.clone(), r);
-            }
-        }
-        let (open, in_doubt) = txs.counts(now_ms());
-        *self.view.lock().expect("view lock") = txs;
-        self.io.rewind(timeout)?;
-        metrics::histogram!("esk_coordinator_restore_seconds").record(started.elapsed().as_secs_f64());
-        tracing::info!(
-            partition = p,
-            open,
-            in_doubt,
-            log_records_read = read,
-            ms = started.elapsed().as_millis() as u64,
-            "partition taken over"
-        );
-        Ok(Some(Owned { producer, store }))
+        )?;
+        Ok(read.map(|n| (p, store, n)))
     }
 
     fn abort(&self, owned: &Owned) -> Result<()> {
@@ -239,59 +293,89 @@ impl Run {
     }
 
     fn rewind(&self) -> Result<()> {
-        self.io.rewind(Duration::from_millis(self.shared.config.transaction_timeout_ms))
+        let timeout = Duration::from_millis(self.shared.config.transaction_timeout_ms);
+        for p in &self.partitions {
+            if let Some(io) = self.io.part(*p) {
+                io.rewind(timeout)?;
+            }
+        }
+        Ok(())
     }
 
-    /// Ended transactions older than the horizon, to tombstone.
-    fn expired(&self, owned: &Owned, last: &mut Instant) -> Vec<String> {
+    /// Ended transactions older than the horizon, to tombstone, by partition.
+    fn expired(&self, owned: &Owned, last: &mut Instant) -> BTreeMap<i32, Vec<String>> {
+        let mut out = BTreeMap::new();
         if last.elapsed() < TOMBSTONE_EVERY {
-            return Vec::new();
+            return out;
         }
         *last = Instant::now();
         let before = now_ms() - esk_wire::limits::kept_ms(self.shared.horizon_ms);
-        match owned.store.older_than(before, TOMBSTONE_PAGE) {
-            Ok(rows) => rows.into_iter().filter(|(_, r)| r.tag != TAG_LIVE).map(|(k, _)| k).collect(),
-            Err(e) => {
-                tracing::warn!(partition = self.io.partition, "looking for ended transactions: {e}");
-                Vec::new()
+        let mut room = TOMBSTONE_PAGE;
+        for (p, store) in &owned.stores {
+            if room == 0 {
+                break;
+            }
+            match store.older_than(before, room) {
+                Ok(rows) => {
+                    let txids: Vec<String> =
+                        rows.into_iter().filter(|(_, r)| r.tag != TAG_LIVE).map(|(k, _)| k).collect();
+                    room -= txids.len().min(room);
+                    if !txids.is_empty() {
+                        out.insert(*p, txids);
+                    }
+                }
+                Err(e) => tracing::warn!(partition = p, "looking for ended transactions: {e}"),
             }
         }
+        out
     }
 
     /// Serves steps until told to stop (`Ok`) or the producer is lost (`Err`).
     /// A step whose records cannot be written makes them suspects: they are
     /// taken again one at a time, without the clock's output, and the one
-    /// that fails alone is refused: no input makes the partition retry for ever.
+    /// that fails alone is refused: no input makes the shard retry for ever.
     fn serve(&self, owned: &mut Owned) -> Result<()> {
         let mut failures = 0u32;
-        let max = self.shared.config.max_batch as usize;
-        let mut suspects: HashSet<(String, i64)> = HashSet::new();
+        let c = &self.shared.config;
+        let bounds = Bounds { records: c.max_batch as usize, bytes: MAX_BATCH_BYTES };
+        let one = Bounds { records: 1, bytes: usize::MAX };
+        let mut suspects: HashSet<Key> = HashSet::new();
         let mut tombstoned = Instant::now();
+        let mut last_commit: Option<(Instant, usize)> = None;
         while !self.io.stopped() {
+            // Not before the last transaction's markers are likely written
+            // (see `Config::commit_gap_us`).
+            if let Some((at, written)) = last_commit.take() {
+                let gap = Duration::from_micros(c.commit_gap_us.saturating_mul(written as u64).min(100_000));
+                if let Some(left) = (at + gap).checked_duration_since(Instant::now()) {
+                    std::thread::sleep(left);
+                }
+            }
             let isolating = !suspects.is_empty();
-            let batch = self.io.collect(if isolating { 1 } else { max }, TICK);
-            let keys: Vec<(String, i64)> = batch.iter().map(|r| (r.topic.clone(), r.offset)).collect();
+            let batch = self.io.collect(if isolating { one } else { bounds }, TICK);
+            let keys: Vec<Key> = batch.iter().map(|r| (r.topic.clone(), r.partition, r.offset)).collect();
             let alone = (isolating && batch.len() == 1).then(|| batch[0].clone());
-            let tombstones = if isolating { Vec::new() } else { self.expired(owned, &mut tombstoned) };
-            let step = self.decide(owned, batch, tombstones, !isolating);
-            if let Some(e) = &step.store_failure {
+            let tombstones = if isolating { BTreeMap::new() } else { self.expired(owned, &mut tombstoned) };
+            let steps = self.decide(owned, batch, tombstones, !isolating);
+            if let Some(e) = steps.iter().find_map(|(_, s)| s.store_failure.as_ref()) {
                 return Err(anyhow!("the local store failed: {e}"));
             }
-            if step.is_empty() {
+            if steps.is_empty() {
                 continue;
             }
             let started = Instant::now();
-            match self.transact(owned, &step) {
-                Ok(()) => {
+            match self.transact(owned, &steps) {
+                Ok(written) => {
                     failures = 0;
                     for k in &keys {
                         suspects.remove(k);
                     }
-                    if step.tombstones.len() >= TOMBSTONE_PAGE {
+                    if steps.iter().map(|(_, s)| s.tombstones.len()).sum::<usize>() >= TOMBSTONE_PAGE {
                         // More are due: look again at once.
                         tombstoned = Instant::now() - TOMBSTONE_EVERY;
                     }
-                    self.committed(step, started)?;
+                    self.committed(steps, started)?;
+                    last_commit = Some((Instant::now(), written));
                 }
                 Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),
                 Err(Failure::Txn(TxnError::Rejected(e))) => {
@@ -299,17 +383,17 @@ impl Run {
                     self.rewind()?;
                     if let Some(record) = alone {
                         tracing::warn!(
-                            partition = self.io.partition,
+                            partition = record.partition,
                             topic = record.topic,
                             offset = record.offset,
                             "refusing a record that cannot be written: {e:#}"
                         );
                         metrics::counter!("esk_coordinator_refused_inputs_total").increment(1);
-                        suspects.remove(&(record.topic.clone(), record.offset));
-                        let step = self.refusal(record, &format!("{e:#}"));
-                        match self.transact(owned, &step) {
-                            Ok(()) => {
-                                self.committed(step, started)?;
+                        suspects.remove(&(record.topic.clone(), record.partition, record.offset));
+                        let steps = vec![(record.partition, self.refusal(record, &format!("{e:#}")))];
+                        match self.transact(owned, &steps) {
+                            Ok(_) => {
+                                self.committed(steps, started)?;
                                 self.rewind()?;
                             }
                             Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),
@@ -317,10 +401,7 @@ impl Run {
                         }
                     } else if keys.is_empty() {
                         // Only the clock's output: no input is to blame.
-                        tracing::error!(
-                            partition = self.io.partition,
-                            "the clock's decisions cannot be written: {e:#}"
-                        );
+                        tracing::error!(shard = self.io.shard, "the clock's decisions cannot be written: {e:#}");
                         self.io.pause(Duration::from_secs(1));
                     } else {
                         suspects.extend(keys);
@@ -332,22 +413,41 @@ impl Run {
         Ok(())
     }
 
-    /// A step over `batch`, and the clock's deadlines and resends when
+    /// A step for each partition with something to do: its records of
+    /// `batch`, its tombstones, and the clock's deadlines and resends when
     /// `with_clock`.
-    fn decide(&self, owned: &Owned, batch: Vec<Incoming>, tombstones: Vec<String>, with_clock: bool) -> Step {
+    fn decide(
+        &self,
+        owned: &Owned,
+        batch: Vec<Incoming>,
+        mut tombstones: BTreeMap<i32, Vec<String>>,
+        with_clock: bool,
+    ) -> Vec<(i32, Step)> {
         let ctx = self.shared.context();
         let now = now_ms();
-        let txs = self.view.lock().expect("view lock");
-        let mut done = StoreDone { store: &owned.store, horizon_ms: self.shared.horizon_ms, now_ms: now };
-        let mut step = Step::default();
+        let mut by_partition: BTreeMap<i32, Vec<Incoming>> = BTreeMap::new();
         for m in batch {
-            step.handle(&ctx, &txs, &mut done, m, now);
+            by_partition.entry(m.partition).or_default().push(m);
         }
-        if with_clock {
-            step.tick(&ctx, &txs, now);
+        let mut steps = Vec::new();
+        for (p, view) in &self.views {
+            let Some(store) = owned.stores.get(p) else { continue };
+            let txs = view.lock().expect("view lock");
+            let mut done = StoreDone { store, horizon_ms: self.shared.horizon_ms, now_ms: now };
+            let mut step = Step::default();
+            for m in by_partition.remove(p).unwrap_or_default() {
+                step.handle(&ctx, &txs, &mut done, m, now);
+            }
+            if with_clock {
+                step.tick(&ctx, &txs, now);
+            }
+            step.tombstones =
+                tombstones.remove(p).unwrap_or_default().into_iter().filter(|t| !txs.records.contains_key(t)).collect();
+            if !step.is_empty() || step.store_failure.is_some() {
+                steps.push((*p, step));
+            }
         }
-        step.tombstones = tombstones.into_iter().filter(|t| !txs.records.contains_key(t)).collect();
-        step
+        steps
     }
 
     /// A step that only refuses one record (its step could not be written).
@@ -363,7 +463,7 @@ impl Run {
             Failure::Txn(TxnError::Abortable(e) | TxnError::Rejected(e) | TxnError::Fatal(e)) => (e, true),
             Failure::BeforeBegin(e) => (e, false),
         };
-        tracing::warn!(partition = self.io.partition, failures, "batch failed, retrying: {e:#}");
+        tracing::warn!(shard = self.io.shard, failures, "batch failed, retrying: {e:#}");
         if began {
             self.abort(owned)?;
         }
@@ -372,45 +472,49 @@ impl Run {
         Ok(())
     }
 
-    /// After a commit: the view takes the records, the store too.
-    fn committed(&self, step: Step, started: Instant) -> Result<()> {
-        if !step.prepares.is_empty() {
+    /// After a commit: each partition's view takes its records, the store too.
+    fn committed(&self, steps: Vec<(i32, Step)>, started: Instant) -> Result<()> {
+        if steps.iter().any(|(_, s)| !s.prepares.is_empty()) {
             esk_runtime::fault_point("after-prepare");
         }
-        if !step.decided.is_empty() {
+        if steps.iter().any(|(_, s)| !s.decided.is_empty()) {
             esk_runtime::fault_point("after-decision");
         }
-        for (commit, ms) in &step.decided {
-            let outcome = if *commit { "committed" } else { "aborted" };
-            metrics::counter!("esk_coordinator_decisions_total", "outcome" => outcome).increment(1);
-            metrics::histogram!("esk_coordinator_decision_seconds").record(*ms as f64 / 1000.0);
-        }
-        metrics::counter!("esk_coordinator_expired_requests_total").increment(step.expired);
-        metrics::counter!("esk_coordinator_tombstones_total").increment(step.tombstones.len() as u64);
         metrics::histogram!("esk_coordinator_transaction_seconds").record(started.elapsed().as_secs_f64());
-        let mut txs = self.view.lock().expect("view lock");
-        txs.absorb(step.records(), step.sent);
-        let (open, in_doubt) = txs.counts(now_ms());
-        drop(txs);
-        metrics::gauge!("esk_coordinator_open_transactions").set(open as f64);
-        metrics::gauge!("esk_coordinator_in_doubt_transactions").set(in_doubt as f64);
+        for (p, step) in steps {
+            for (commit, ms) in &step.decided {
+                let outcome = if *commit { "committed" } else { "aborted" };
+                metrics::counter!("esk_coordinator_decisions_total", "outcome" => outcome).increment(1);
+                metrics::histogram!("esk_coordinator_decision_seconds").record(*ms as f64 / 1000.0);
+            }
+            metrics::counter!("esk_coordinator_expired_requests_total").increment(step.expired);
+            metrics::counter!("esk_coordinator_tombstones_total").increment(step.tombstones.len() as u64);
+            if let Some(view) = self.views.get(&p) {
+                view.lock().expect("view lock").absorb(step.records(), step.sent);
+            }
+        }
+        let (mut open, mut in_doubt) = (0, 0);
+        for view in self.views.values() {
+            let (o, d) = view.lock().expect("view lock").counts(now_ms());
+            (open, in_doubt) = (open + o, in_doubt + d);
+        }
+        metrics::gauge!("esk_coordinator_open_transactions", "shard" => self.io.shard.to_string()).set(open as f64);
+        metrics::gauge!("esk_coordinator_in_doubt_transactions", "shard" => self.io.shard.to_string())
+            .set(in_doubt as f64);
         Ok(())
     }
 
-    /// The step's log records, prepares, decisions, replies and dead letters,
-    /// with the consumed offsets, in one transaction: a decision's commit point.
-    /// After the commit, the local store takes the log records.
-    fn transact(&self, owned: &mut Owned, step: &Step) -> Result<(), Failure> {
+    /// Sends one partition's step in the open transaction: its log records
+    /// and tombstones, prepares, decisions, replies and dead letters.
+    fn send_step(
+        &self,
+        producer: &FutureProducer,
+        p: i32,
+        step: &Step,
+        values: &[Vec<u8>],
+        records: &[TxRecord],
+    ) -> Result<Vec<DeliveryFuture>, TxnError> {
         let t = &self.shared.topics;
-        let p = self.io.partition;
-        let producer = &owned.producer;
-        let records = step.records();
-        let values: Vec<Vec<u8>> = records
-            .iter()
-            .map(serde_json::to_vec)
-            .collect::<Result<_, _>>()
-            .map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
-        producer.begin_transaction().map_err(classify)?;
         let mut deliveries = Vec::new();
         let mut send =
             |topic: &str, partition: i32, key: &[u8], value: Option<&[u8]>, headers: Option<OwnedHeaders>| {
@@ -424,7 +528,7 @@ impl Run {
                 deliveries.push(producer.send_result(record).map_err(|(e, _)| classify(e))?);
                 Ok::<(), TxnError>(())
             };
-        for (r, v) in records.iter().zip(&values) {
+        for (r, v) in records.iter().zip(values) {
             send(&t.tx_log(), p, r.txid.as_bytes(), Some(v), None)?;
         }
         for txid in &step.tombstones {
@@ -455,27 +559,81 @@ impl Run {
             send(&t.dlq("coordinator"), p, &key, l.value.as_deref(), Some(l.headers))?;
             metrics::counter!("esk_coordinator_dead_letters_total").increment(1);
         }
-        let offsets = txn::await_deliveries(deliveries)?;
-        let consumed: HashMap<String, i64> = step.consumed.clone();
-        let timeout = Duration::from_millis(self.shared.config.transaction_timeout_ms);
-        txn::commit(producer, p, &consumed, self.io.group_metadata(), timeout, self.io.stop_flag())?;
-        let mut changes = Changes::default();
-        for ((r, v), offset) in records.iter().zip(values).zip(&offsets) {
-            put(&mut changes, *offset, r, v);
-        }
-        for (txid, offset) in step.tombstones.iter().zip(&offsets[records.len()..]) {
-            changes.deletes.push((txid.clone(), offset + 1));
-        }
-        if let Some(last) = offsets[..records.len() + step.tombstones.len()].iter().max() {
-            changes.position(&t.tx_log(), last + 1);
-        }
-        // Committed: a store that cannot take it is behind the log, so the
-        // partition is restored afresh.
-        owned
-            .store
-            .apply(&changes)
-            .map_err(|e| Failure::Txn(TxnError::Fatal(anyhow!("the local store failed after a commit: {e}"))))
+        Ok(deliveries)
     }
+
+    /// The steps' log records, prepares, decisions, replies and dead letters,
+    /// with the consumed offsets, in one transaction: a decision's commit
+    /// point. After the commit, each partition's local store takes its log
+    /// records. `Ok`: how many partitions the transaction wrote.
+    fn transact(&self, owned: &mut Owned, steps: &[(i32, Step)]) -> Result<usize, Failure> {
+        let t = &self.shared.topics;
+        let producer = &owned.producer;
+        let mut prepared = Vec::with_capacity(steps.len());
+        for (p, step) in steps {
+            let records = step.records();
+            let values: Vec<Vec<u8>> = records
+                .iter()
+                .map(serde_json::to_vec)
+                .collect::<Result<_, _>>()
+                .map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
+            prepared.push((*p, step, records, values));
+        }
+        producer.begin_transaction().map_err(classify)?;
+        let mut in_flight = Vec::with_capacity(prepared.len());
+        for (p, step, records, values) in &prepared {
+            in_flight.push(self.send_step(producer, *p, step, values, records)?);
+        }
+        let written = partitions_written(&prepared);
+        let mut offsets = Vec::with_capacity(in_flight.len());
+        for deliveries in in_flight {
+            offsets.push(txn::await_deliveries(deliveries)?);
+        }
+        let consumed: Vec<(String, i32, i64)> = prepared
+            .iter()
+            .flat_map(|(p, step, _, _)| step.consumed.iter().map(move |(topic, o)| (topic.clone(), *p, *o)))
+            .collect();
+        let group = self.io.part(self.partitions[0]).and_then(esk_owner::PartitionIo::group_metadata);
+        let timeout = Duration::from_millis(self.shared.config.transaction_timeout_ms);
+        txn::commit_all(producer, &consumed, group, timeout, self.io.stop_flag())?;
+        for ((p, step, records, values), offsets) in prepared.into_iter().zip(offsets) {
+            let mut changes = Changes::default();
+            for ((r, v), offset) in records.iter().zip(values).zip(&offsets) {
+                put(&mut changes, *offset, r, v);
+            }
+            for (txid, offset) in step.tombstones.iter().zip(&offsets[records.len()..]) {
+                changes.deletes.push((txid.clone(), offset + 1));
+            }
+            if let Some(last) = offsets[..records.len() + step.tombstones.len()].iter().max() {
+                changes.position(&t.tx_log(), last + 1);
+            }
+            // Committed: a store that cannot take it is behind the log, so the
+            // shard is restored afresh.
+            let Some(store) = owned.stores.get_mut(&p) else { continue };
+            store.apply(&changes).map_err(|e| {
+                Failure::Txn(TxnError::Fatal(anyhow!("the local store of partition {p} failed after a commit: {e}")))
+            })?;
+        }
+        Ok(written)
+    }
+}
+
+/// How many partitions (of every topic) a transaction of these steps writes:
+/// each gets a commit marker.
+fn partitions_written(prepared: &[(i32, &Step, Vec<TxRecord>, Vec<Vec<u8>>)]) -> usize {
+    let mut written = HashSet::new();
+    for (p, step, records, _) in prepared {
+        if !records.is_empty() || !step.tombstones.is_empty() {
+            written.insert((0, *p));
+        }
+        if !step.dead_letters.is_empty() {
+            written.insert((1, *p));
+        }
+        written.extend(step.prepares.iter().map(|(part, _, _)| (2, *part)));
+        written.extend(step.decisions.iter().map(|(part, _, _)| (3, *part)));
+        written.extend(step.replies.iter().map(|(part, _, _)| (4, *part)));
+    }
+    written.len()
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {

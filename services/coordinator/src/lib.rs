@@ -140,6 +140,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             );
         }
     }
+    let shards = count(topics.shards()).await.map_err(|e| {
+        e.context(format!(
+            "the shards topic is missing (an installation made before shards): stop every writer and coordinator \
+             of the version before, run `esk topics init` (it adds {}), then start them",
+            topics.shards()
+        ))
+    })?;
+    if !(1..=partitions).contains(&shards) {
+        bail!(
+            "{} has {shards} partitions (shards) for {partitions} partitions: a shard owns at least one partition; \
+             recreate it with 1 to {partitions} partitions while no writer or coordinator runs",
+            topics.shards()
+        );
+    }
     let reply_partitions = count(topics.replies()).await?;
     let brokers = admin.broker_count().await?;
     admin
@@ -196,7 +210,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         group_id: shared.config.group_id(),
         inputs: vec![shared.topics.tx_requests(), shared.topics.tx_votes()],
         session_timeout_ms: shared.config.session_timeout_ms,
-        shards: None,
+        shards: Some(esk_owner::ShardSpec { topic: shared.topics.shards(), count: shards, partitions }),
     };
     let handler = Arc::new(handler::CoordinatorHandler { shared: shared.clone() });
     esk_owner::serve(spec, handler, shutdown, server).await

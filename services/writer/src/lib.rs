@@ -14,7 +14,7 @@
 //! # Layout
 //! - [`config`]: the command-line and environment configuration.
 //! - The consumer group is `esk_owner`'s, by shard: it assigns the partitions
-//!   of `<prefix>.writer.shards` (one per shard); the owner of shard k reads
+//!   of `<prefix>.shards` (one per shard); the owner of shard k reads
 //!   partition p of `commands`, `tx.prepare` and `tx.commit` for every p with
 //!   `p % shards == k` (a thread per owned shard, stopped before a revoke
 //!   completes).
@@ -210,18 +210,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             );
         }
     }
-    let shards = count(topics.writer_shards()).await.map_err(|e| {
+    let shards = count(topics.shards()).await.map_err(|e| {
         e.context(format!(
-            "the writer shards topic is missing (an installation made before writer shards): stop every writer of \
+            "the shards topic is missing (an installation made before shards): stop every writer and coordinator of \
              the version before, run `esk topics init` (it adds {}), then start the writers",
-            topics.writer_shards()
+            topics.shards()
         ))
     })?;
     if !(1..=partitions).contains(&shards) {
         bail!(
-            "{} has {shards} partitions (writer shards) for {partitions} partitions: a shard writes at least one \
+            "{} has {shards} partitions (shards) for {partitions} partitions: a shard writes at least one \
              partition; recreate it with 1 to {partitions} partitions while no writer runs",
-            topics.writer_shards()
+            topics.shards()
         );
     }
     let reply_partitions = count(topics.replies()).await?;
@@ -292,7 +292,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         inputs: vec![shared.topics.commands(), shared.topics.tx_prepare(), shared.topics.tx_commit()],
         session_timeout_ms: shared.config.session_timeout_ms,
         shards: Some(esk_owner::ShardSpec {
-            topic: shared.topics.writer_shards(),
+            topic: shared.topics.shards(),
             count: shared.shards,
             partitions: shared.partitions,
         }),

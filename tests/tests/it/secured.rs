@@ -44,7 +44,7 @@ fn set_up() -> anyhow::Result<Installation> {
     let init = env
         .esk()
         .env("ESK_KAFKA_CONFIG", admin.to_str().unwrap())
-        .args(["topics", "init", "--partitions", &PARTITIONS.to_string(), "--writer-shards", &PARTITIONS.to_string()])
+        .args(["topics", "init", "--partitions", &PARTITIONS.to_string(), "--shards", &PARTITIONS.to_string()])
         .run();
     anyhow::ensure!(init.code == Some(0), "esk topics init as admin: {init:#?}");
     println!("broker and topics in {:?}", started.elapsed());

@@ -48,7 +48,7 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
         "events.inventory",
         "dlq.writer",
         "dlq.coordinator",
-        "writer.shards",
+        "shards",
     ]
     .iter()
     .map(|s| format!("{p}.{s}"))
@@ -62,8 +62,8 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     let topics = read_back(&env).await;
     assert_eq!(topics.keys().cloned().collect::<Vec<_>>(), want);
     for (name, (partitions, configs)) in &topics {
-        // One writer shard by default: one partition of the shards topic.
-        let want = if name.ends_with(".writer.shards") { 1 } else { 3 };
+        // One shard by default: one partition of the shards topic.
+        let want = if name.ends_with(".shards") { 1 } else { 3 };
         assert_eq!(*partitions, want, "{name}");
         let compacted = name.ends_with(".state") || name.ends_with(".tx.log");
         let policy = if compacted { "compact" } else { "delete" };
@@ -86,19 +86,19 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     assert_eq!(second["created"], serde_json::json!([]));
     assert_eq!(second["existing"].as_array().unwrap().len(), expected.len());
     assert_eq!(second["partitions"], 3);
-    assert_eq!(second["writer_shards"], 1);
+    assert_eq!(second["shards"], 1);
     assert_eq!(read_back(&env).await, topics);
 
-    // The writer shards are fixed too: another count is refused, as is more
+    // The shards are fixed too: another count is refused, as is more
     // shards than partitions on a new installation.
-    let run = env.esk().args(["topics", "init", "--writer-shards", "2"]).run().code(4);
-    assert!(run.stderr.contains("has 1 writer shards"), "{}", run.stderr);
+    let run = env.esk().args(["topics", "init", "--shards", "2"]).run().code(4);
+    assert!(run.stderr.contains("has 1 shards"), "{}", run.stderr);
     assert_eq!(read_back(&env).await, topics);
     let other = TestEnv::new();
-    let run = other.esk().args(["topics", "init", "--partitions", "2", "--writer-shards", "3"]).run().code(4);
-    assert!(run.stderr.contains("3 writer shards for 2 partitions"), "{}", run.stderr);
-    let made = other.esk().args(["topics", "init", "--partitions", "4", "--writer-shards", "2", "--json"]).run().ok();
-    assert_eq!(made.json()["writer_shards"], 2);
+    let run = other.esk().args(["topics", "init", "--partitions", "2", "--shards", "3"]).run().code(4);
+    assert!(run.stderr.contains("3 shards for 2 partitions"), "{}", run.stderr);
+    let made = other.esk().args(["topics", "init", "--partitions", "4", "--shards", "2", "--json"]).run().ok();
+    assert_eq!(made.json()["shards"], 2);
 
     // A different partition count would break co-partitioning: refused, nothing changed.
     let run = env.esk().args(["topics", "init", "--partitions", "5"]).run().code(4);

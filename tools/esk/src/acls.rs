@@ -97,7 +97,7 @@ pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
                 &[Read, DescribeConfigs],
                 "its group's inputs: requests, 2PC prepares and decisions",
             ),
-            Acl::new(Topic, &[t.writer_shards()], &[Read, DescribeConfigs], "its group assigns the writer shards"),
+            Acl::new(Topic, &[t.shards()], &[Read, DescribeConfigs], "its group assigns the shards"),
             Acl::new(
                 Topic,
                 &[t.state(), t.answers()],
@@ -138,6 +138,7 @@ pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
                 &[Read, DescribeConfigs],
                 "its group's inputs: transactions asked for, participants' votes",
             ),
+            Acl::new(Topic, &[t.shards()], &[Read, DescribeConfigs], "its group assigns the shards"),
             Acl::new(
                 Topic,
                 &[t.tx_log()],
@@ -159,9 +160,9 @@ pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
             Acl::prefixed(Group, format!("{p}-coordinator"), &[Read], "its group, and the -restore, -standby readers"),
             Acl::prefixed(
                 TransactionalId,
-                format!("{p}-coordinator-p"),
+                format!("{p}-coordinator-s"),
                 &[Write],
-                "one transactional producer per owned partition",
+                "one transactional producer per owned shard",
             ),
             idempotent(),
         ],
@@ -362,9 +363,11 @@ mod tests {
             assert!(allowed(Role::Writer, Op::Read, Group, group), "{group}");
         }
         assert!(allowed(Role::Writer, Op::Write, TransactionalId, "p-writer-s11"));
-        assert!(allowed(Role::Writer, Op::Read, Topic, "p.writer.shards"));
+        assert!(allowed(Role::Writer, Op::Read, Topic, "p.shards"));
         assert!(allowed(Role::Writer, Op::Create, Topic, "p.events.order"));
-        assert!(!allowed(Role::Writer, Op::Write, TransactionalId, "p-coordinator-p0"));
+        assert!(!allowed(Role::Writer, Op::Write, TransactionalId, "p-coordinator-s0"));
+        assert!(allowed(Role::Coordinator, Op::Write, TransactionalId, "p-coordinator-s3"));
+        assert!(allowed(Role::Coordinator, Op::Read, Topic, "p.shards"));
         assert!(allowed(Role::Coordinator, Op::Read, Group, "p-coordinator-standby-watermarks"));
         assert!(allowed(Role::Coordinator, Op::Write, Topic, "p.tx.commit"));
         assert!(!allowed(Role::Coordinator, Op::Write, Topic, "p.state"));

@@ -302,13 +302,14 @@ pub struct InitArgs {
     /// Partitions of every co-partitioned topic (default 12, or what an existing installation has).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: Option<i32>,
-    /// Writer shards (default 1, or what an existing installation has): each
-    /// shard is written by one writer instance in one Kafka transaction at a
-    /// time over its partitions (shard k: every partition p with p % shards
-    /// == k). One shard batches best; more spread the writes over instances.
-    /// Fixed once created: changing it needs every writer stopped.
+    /// Shards (default 1, or what an existing installation has): shard k is
+    /// every partition p with p % shards == k, owned by one writer instance
+    /// and one coordinator instance at a time, each writing it in one Kafka
+    /// transaction at a time. One shard batches best; more spread the load
+    /// over instances. Fixed once created: changing it needs every writer and
+    /// coordinator stopped.
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=10_000))]
-    pub writer_shards: Option<i32>,
+    pub shards: Option<i32>,
     /// Replicas per partition (default: 3, or the number of brokers if fewer).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=100))]
     pub replication_factor: Option<i32>,

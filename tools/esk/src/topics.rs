@@ -29,13 +29,13 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
         }
         (asked, have) => asked.or(have).unwrap_or(DEFAULT_PARTITIONS),
     };
-    let layout = match (args.writer_shards, admin::installed_shards(&existing, &topics)) {
+    let layout = match (args.shards, admin::installed_shards(&existing, &topics)) {
         (Some(asked), Some(have)) if asked != have => {
             return Err(Failure::invalid(format!(
-                "--writer-shards {asked}: this installation ('{}') has {have} writer shards; changing them needs \
-                 every writer stopped, then {} recreated with {asked} partitions",
+                "--shards {asked}: this installation ('{}') has {have} shards; changing them needs \
+                 every writer and coordinator stopped, then {} recreated with {asked} partitions",
                 topics.prefix(),
-                topics.writer_shards()
+                topics.shards()
             )));
         }
         (asked, have) => Layout::new(partitions, asked.or(have)).map_err(|e| Failure::invalid(e.to_string()))?,
@@ -78,7 +78,7 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
         let doc = json!({
             "prefix": topics.prefix(),
             "partitions": partitions,
-            "writer_shards": layout.shards,
+            "shards": layout.shards,
             "replication_factor": durability.replication_factor,
             "idempotency_horizon_ms": horizon.as_millis() as u64,
             "created": list(Outcome::Created),
@@ -99,7 +99,7 @@ pub async fn init(g: &Global, args: InitArgs) -> Result<(), Failure> {
         }
         let created = outcomes.iter().filter(|(_, o)| *o == Outcome::Created).count();
         println!(
-            "{created} created, {} already there; {partitions} partitions in {} writer shard{}, replication {}, \
+            "{created} created, {} already there; {partitions} partitions in {} shard{}, replication {}, \
              idempotency horizon {}",
             outcomes.len() - created,
             layout.shards,
