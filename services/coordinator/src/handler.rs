@@ -89,6 +89,14 @@ struct Owned {
 /// A record's place in its input, to know it again after a rewind.
 type Key = (String, i32, i64);
 
+/// A partition's step with its log records serialized, to write.
+struct Prepared<'a> {
+    p: i32,
+    step: &'a Step,
+    records: Vec<TxRecord>,
+    values: Vec<Vec<u8>>,
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -577,12 +585,12 @@ impl Run {
                 .map(serde_json::to_vec)
                 .collect::<Result<_, _>>()
                 .map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
-            prepared.push((*p, step, records, values));
+            prepared.push(Prepared { p: *p, step, records, values });
         }
         producer.begin_transaction().map_err(classify)?;
         let mut in_flight = Vec::with_capacity(prepared.len());
-        for (p, step, records, values) in &prepared {
-            in_flight.push(self.send_step(producer, *p, step, values, records)?);
+        for x in &prepared {
+            in_flight.push(self.send_step(producer, x.p, x.step, &x.values, &x.records)?);
         }
         let written = partitions_written(&prepared);
         let mut offsets = Vec::with_capacity(in_flight.len());
@@ -591,12 +599,12 @@ impl Run {
         }
         let consumed: Vec<(String, i32, i64)> = prepared
             .iter()
-            .flat_map(|(p, step, _, _)| step.consumed.iter().map(move |(topic, o)| (topic.clone(), *p, *o)))
+            .flat_map(|x| x.step.consumed.iter().map(move |(topic, o)| (topic.clone(), x.p, *o)))
             .collect();
         let group = self.io.part(self.partitions[0]).and_then(esk_owner::PartitionIo::group_metadata);
         let timeout = Duration::from_millis(self.shared.config.transaction_timeout_ms);
         txn::commit_all(producer, &consumed, group, timeout, self.io.stop_flag())?;
-        for ((p, step, records, values), offsets) in prepared.into_iter().zip(offsets) {
+        for (Prepared { p, step, records, values }, offsets) in prepared.into_iter().zip(offsets) {
             let mut changes = Changes::default();
             for ((r, v), offset) in records.iter().zip(values).zip(&offsets) {
                 put(&mut changes, *offset, r, v);
@@ -620,9 +628,9 @@ impl Run {
 
 /// How many partitions (of every topic) a transaction of these steps writes:
 /// each gets a commit marker.
-fn partitions_written(prepared: &[(i32, &Step, Vec<TxRecord>, Vec<Vec<u8>>)]) -> usize {
+fn partitions_written(prepared: &[Prepared<'_>]) -> usize {
     let mut written = HashSet::new();
-    for (p, step, records, _) in prepared {
+    for Prepared { p, step, records, .. } in prepared {
         if !records.is_empty() || !step.tombstones.is_empty() {
             written.insert((0, *p));
         }
