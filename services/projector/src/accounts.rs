@@ -44,8 +44,7 @@ impl Projection<SqliteStore> for Accounts {
     }
 
     fn apply(&self, tx: &mut Transaction<'_>, event: &Event) -> Result<(), ApplyError> {
-        let tagged = serde_json::json!({"type": event.event_type, "data": event.data});
-        let e: AccountEvent = serde_json::from_value(tagged)
+        let e: AccountEvent = decode(&event.event_type, &event.data)
             .map_err(|err| ApplyError::Permanent(format!("not an account event: {err}")))?;
         let id = event.stream.id();
         let version = event.version as i64;
@@ -93,6 +92,15 @@ impl Projection<SqliteStore> for Accounts {
         }
         Ok(())
     }
+}
+
+/// An adjacently tagged event (`{"type", "data"}`) from its type and data as
+/// they are, without building that object (a copy of the data per event).
+fn decode<T: serde::de::DeserializeOwned>(event_type: &str, data: &serde_json::Value) -> serde_json::Result<T> {
+    use serde::de::IntoDeserializer as _;
+    let event_type = serde_json::Value::String(event_type.to_owned());
+    let entries = [("type", &event_type), ("data", data)];
+    T::deserialize(serde::de::value::MapDeserializer::new(entries.into_iter().map(|(k, v)| (k, v.into_deserializer()))))
 }
 
 fn move_money(tx: &Transaction<'_>, id: &str, balance: i64, available: i64, version: i64) -> Result<usize, ApplyError> {
@@ -188,6 +196,8 @@ mod tests {
         for (e, wanted) in [
             (event("account-9", 1, "Deposited", json!({"amount": 1})), "not open"),
             (event("account-9", 1, "Bonus", json!({})), "not an account event"),
+            (event("account-9", 1, "Deposited", json!({"amount": "ten"})), "not an account event"),
+            (event("account-9", 1, "HoldPlaced", json!({"txid": "t"})), "not an account event"),
         ] {
             match Accounts.apply(&mut tx, &e) {
                 Err(ApplyError::Permanent(m)) => assert!(m.contains(wanted), "{m}"),
