@@ -75,7 +75,13 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "esk_writer_linger_seconds",
         Kind::Histogram,
         Unit::Seconds,
-        "time a partition waited after a commit before its next transaction (commit gap, batch linger)",
+        "time a shard waited after a commit before its next transaction (commit gap, batch linger)",
+    ),
+    (
+        "esk_coordinator_unlogged_changes_total",
+        Kind::Counter,
+        Unit::Count,
+        "partial votes and acknowledgements kept in memory, logged with their transaction's next change",
     ),
     ("esk_coordinator_open_transactions", Kind::Gauge, Unit::Count, "2PC transactions open"),
     (

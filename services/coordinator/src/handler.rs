@@ -371,6 +371,15 @@ impl Run {
             if steps.is_empty() {
                 continue;
             }
+            if !steps.iter().any(|(_, s)| s.needs_transaction()) {
+                // Partial votes and acknowledgements only: memory takes them,
+                // the log with the transactions' next change (see `Txs`).
+                self.absorb(&steps);
+                if steps.iter().any(|(_, s)| !s.unlogged_votes.is_empty()) {
+                    esk_runtime::fault_point("after-partial-vote");
+                }
+                continue;
+            }
             let started = Instant::now();
             match self.transact(owned, &steps) {
                 Ok(written) => {
@@ -489,7 +498,7 @@ impl Run {
             esk_runtime::fault_point("after-decision");
         }
         metrics::histogram!("esk_coordinator_transaction_seconds").record(started.elapsed().as_secs_f64());
-        for (p, step) in steps {
+        for (_, step) in &steps {
             for (commit, ms) in &step.decided {
                 let outcome = if *commit { "committed" } else { "aborted" };
                 metrics::counter!("esk_coordinator_decisions_total", "outcome" => outcome).increment(1);
@@ -497,8 +506,28 @@ impl Run {
             }
             metrics::counter!("esk_coordinator_expired_requests_total").increment(step.expired);
             metrics::counter!("esk_coordinator_tombstones_total").increment(step.tombstones.len() as u64);
-            if let Some(view) = self.views.get(&p) {
-                view.lock().expect("view lock").absorb(step.records(), step.sent);
+        }
+        self.absorb(&steps);
+        Ok(())
+    }
+
+    /// Each partition's view takes its step's changes, and the gauges follow.
+    fn absorb(&self, steps: &[(i32, Step)]) {
+        self.absorb_views(steps);
+        let holding = self.views.values().any(|v| !v.lock().expect("view lock").unlogged_votes.is_empty());
+        if holding && steps.iter().any(|(_, s)| s.needs_transaction()) {
+            esk_runtime::fault_point("after-commit-holding-vote");
+        }
+    }
+
+    fn absorb_views(&self, steps: &[(i32, Step)]) {
+        for (p, step) in steps {
+            let kept = step.kept().len() as u64;
+            if kept > 0 {
+                metrics::counter!("esk_coordinator_unlogged_changes_total").increment(kept);
+            }
+            if let Some(view) = self.views.get(p) {
+                view.lock().expect("view lock").absorb(step);
             }
         }
         let (mut open, mut in_doubt) = (0, 0);
@@ -509,7 +538,6 @@ impl Run {
         metrics::gauge!("esk_coordinator_open_transactions", "shard" => self.io.shard.to_string()).set(open as f64);
         metrics::gauge!("esk_coordinator_in_doubt_transactions", "shard" => self.io.shard.to_string())
             .set(in_doubt as f64);
-        Ok(())
     }
 
     /// Sends one partition's step in the open transaction: its log records
@@ -597,10 +625,17 @@ impl Run {
         for deliveries in in_flight {
             offsets.push(txn::await_deliveries(deliveries)?);
         }
-        let consumed: Vec<(String, i32, i64)> = prepared
-            .iter()
-            .flat_map(|x| x.step.consumed.iter().map(move |(topic, o)| (topic.clone(), x.p, *o)))
-            .collect();
+        // Not past a vote held in memory only (see `Txs`).
+        let mut consumed: Vec<(String, i32, i64)> = Vec::new();
+        for x in &prepared {
+            let Some(view) = self.views.get(&x.p) else { continue };
+            let view = view.lock().expect("view lock");
+            for (topic, o) in &x.step.consumed {
+                if let Some(last) = view.committable(x.step, topic, *o) {
+                    consumed.push((topic.clone(), x.p, last));
+                }
+            }
+        }
         let group = self.io.part(self.partitions[0]).and_then(esk_owner::PartitionIo::group_metadata);
         let timeout = Duration::from_millis(self.shared.config.transaction_timeout_ms);
         txn::commit_all(producer, &consumed, group, timeout, self.io.stop_flag())?;

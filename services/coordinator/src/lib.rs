@@ -22,7 +22,10 @@
 //!
 //! Crash tests: `ESK_FAULT=after-prepare` kills the process right after the
 //! first transaction that sent prepares commits, `ESK_FAULT=after-decision`
-//! right after the first decision commits.
+//! right after the first decision commits, `ESK_FAULT=after-partial-vote`
+//! right after a partial vote was taken in memory only (not logged, its
+//! offset not committed), `ESK_FAULT=after-commit-holding-vote` right after a
+//! transaction committed while such a vote was held.
 
 pub mod config;
 pub mod handler;

@@ -48,29 +48,69 @@ impl Done for HashMap<String, TxRecord> {
 }
 
 /// The live transactions of one partition: not yet acknowledged everywhere.
+///
+/// Some of what memory holds is not in the log yet: a partial vote or a
+/// partial acknowledgement changes a transaction without a log record of its
+/// own (ADR 11). It is written with the transaction's next logged change (the
+/// decision, or its end). Until then a partial vote's input offset is not
+/// committed ([`Txs::unlogged_votes`]), so a coordinator that dies reads the
+/// vote again; an acknowledgement lost that way is asked for again by the
+/// decision sent anew after a takeover.
 #[derive(Debug, Default)]
 pub struct Txs {
     pub records: HashMap<String, TxRecord>,
     /// When each decision was last sent (not persisted: after a takeover every
     /// unacknowledged decision is sent again at once).
     pub sent_ms: HashMap<String, i64>,
+    /// Votes held in memory only: txid -> (input topic, offsets of its votes).
+    pub unlogged_votes: HashMap<String, (String, Vec<i64>)>,
 }
 
 impl Txs {
-    /// Takes a committed step's records: live ones stay, done ones leave
-    /// memory (the handler keeps them in the local store).
-    pub fn absorb(&mut self, records: Vec<TxRecord>, sent: Vec<(String, i64)>) {
-        for r in records {
+    /// Takes a step's changes once it committed (or needed no Kafka
+    /// transaction): live records stay, done ones leave memory (the handler
+    /// keeps them in the local store); a logged record's votes are in the log.
+    pub fn absorb(&mut self, step: &Step) {
+        for r in step.kept() {
+            self.records.insert(r.txid.clone(), r);
+        }
+        for (txid, topic, offset) in &step.unlogged_votes {
+            let entry = self.unlogged_votes.entry(txid.clone()).or_insert_with(|| (topic.clone(), Vec::new()));
+            entry.1.push(*offset);
+        }
+        for r in step.records() {
+            self.unlogged_votes.remove(&r.txid);
             if r.is_done() {
                 self.records.remove(&r.txid);
             } else {
                 self.records.insert(r.txid.clone(), r);
             }
         }
+        let sent = step.sent.clone();
         self.sent_ms.extend(sent);
         self.sent_ms.retain(|txid, _| {
             self.records.get(txid).is_some_and(|r| matches!(r.state, TxState::Committing | TxState::Aborting))
         });
+    }
+
+    /// The highest offset of `topic` a step may commit as consumed: below
+    /// every vote held in memory only, after the step's own changes.
+    pub fn committable(&self, step: &Step, topic: &str, consumed: i64) -> Option<i64> {
+        let logged: std::collections::HashSet<&str> = step.logged().collect();
+        let held = self
+            .unlogged_votes
+            .iter()
+            .filter(|(txid, (t, _))| t == topic && !logged.contains(txid.as_str()))
+            .flat_map(|(_, (_, offsets))| offsets.iter().copied())
+            .chain(
+                step.unlogged_votes
+                    .iter()
+                    .filter(|(txid, t, _)| t == topic && !logged.contains(txid.as_str()))
+                    .map(|(_, _, o)| *o),
+            )
+            .min();
+        let last = held.map_or(consumed, |h| consumed.min(h - 1));
+        (last >= 0).then_some(last)
     }
 
     /// Open transactions, and those past their deadline without a decision.
@@ -87,6 +127,11 @@ impl Txs {
 pub struct Step {
     changed: HashMap<String, TxRecord>,
     order: Vec<String>,
+    /// Changed in memory only (a partial vote or acknowledgement), unless
+    /// also logged in this step.
+    memory_only: std::collections::HashSet<String>,
+    /// Partial votes of this step held in memory only: (txid, topic, offset).
+    pub unlogged_votes: Vec<(String, String, i64)>,
     /// Ended transactions looked up in this step (`None`: not known).
     looked_up: HashMap<String, Option<TxRecord>>,
     /// The local store failed: nothing of this step may be written.
@@ -111,6 +156,27 @@ pub struct Step {
 }
 
 impl Step {
+    /// Whether the step has anything to write: otherwise it changed memory
+    /// only and needs no Kafka transaction.
+    pub fn needs_transaction(&self) -> bool {
+        self.order.iter().any(|t| !self.memory_only.contains(t))
+            || !self.tombstones.is_empty()
+            || !self.prepares.is_empty()
+            || !self.decisions.is_empty()
+            || !self.replies.is_empty()
+            || !self.dead_letters.is_empty()
+    }
+
+    /// Txids whose records this step logs.
+    pub fn logged(&self) -> impl Iterator<Item = &str> {
+        self.order.iter().filter(|t| !self.memory_only.contains(*t)).map(String::as_str)
+    }
+
+    /// Records changed in memory only.
+    pub fn kept(&self) -> Vec<TxRecord> {
+        self.order.iter().filter(|t| self.memory_only.contains(*t)).map(|t| self.changed[t].clone()).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.changed.is_empty()
             && self.tombstones.is_empty()
@@ -123,7 +189,7 @@ impl Step {
 
     /// The log records to write, in the order first changed.
     pub fn records(&self) -> Vec<TxRecord> {
-        self.order.iter().map(|t| self.changed[t].clone()).collect()
+        self.logged().map(|t| self.changed[t].clone()).collect()
     }
 
     /// A transaction as this step sees it: changed here, live, or ended
@@ -147,8 +213,18 @@ impl Step {
     }
 
     fn put(&mut self, record: TxRecord) {
+        self.memory_only.remove(&record.txid);
         if !self.changed.contains_key(&record.txid) {
             self.order.push(record.txid.clone());
+        }
+        self.changed.insert(record.txid.clone(), record);
+    }
+
+    /// Changes a transaction in memory only, unless this step logs it anyway.
+    fn keep(&mut self, record: TxRecord) {
+        if !self.changed.contains_key(&record.txid) {
+            self.order.push(record.txid.clone());
+            self.memory_only.insert(record.txid.clone());
         }
         self.changed.insert(record.txid.clone(), record);
     }
@@ -380,7 +456,9 @@ impl Step {
                         } else if r.participants.iter().all(|p| p.vote == Some(true)) {
                             self.decide(ctx, r, Verdict::Commit, None, now_ms);
                         } else {
-                            self.put(r);
+                            // A partial vote: in memory, logged with the decision.
+                            self.unlogged_votes.push((r.txid.clone(), msg.topic.clone(), msg.offset));
+                            self.keep(r);
                         }
                     }
                     // Decided, this participant not acknowledged yet: it may
@@ -412,8 +490,11 @@ impl Step {
                     r.state = if r.state == TxState::Committing { TxState::Committed } else { TxState::Aborted };
                     r.done_ms = Some(now_ms);
                     r.waiters.clear();
+                    self.put(r);
+                } else {
+                    // A partial acknowledgement: in memory, logged with the end.
+                    self.keep(r);
                 }
-                self.put(r);
             }
         }
     }

@@ -353,6 +353,89 @@ async fn coordinator_killed_after_the_decision_before_the_acknowledgements() {
     crash_point("coordinator", "after-decision").await;
 }
 
+/// A partial vote is held in memory only (ADR 11), its offset not committed:
+/// a coordinator killed right after taking one, or right after a transaction
+/// committed other work while it held one, reads it again and commits. Two
+/// writers on two shards make each participant vote from its own writer, so
+/// the votes come apart.
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_killed_holding_a_partial_vote_in_memory_commits_after_restart() {
+    killed_holding_a_partial_vote("after-partial-vote", 1).await;
+}
+
+/// As above, with transfers side by side, so that other work commits while a
+/// vote is held: the committed offset stays below the vote.
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_killed_after_a_commit_while_holding_a_partial_vote_commits_after_restart() {
+    killed_holding_a_partial_vote("after-commit-holding-vote", 6).await;
+}
+
+async fn killed_holding_a_partial_vote(fault: &str, side_by_side: usize) {
+    let env = TestEnv::new();
+    env.init_topics_sharded(2, 2);
+    let (w1, w2) = (writer(&env, None), writer(&env, None));
+    poll_until(Duration::from_secs(60), "both writers to serve a shard", || async {
+        let serving = |w: &Service| w.get_json("/health").map_or(0, |h| h["partitions_serving"].as_u64().unwrap_or(0));
+        (serving(&w1) == 1 && serving(&w2) == 1).then_some(())
+    })
+    .await;
+    let client = Arc::new(env.client(Duration::from_secs(20), false));
+    // Two accounts in different partitions, so in different shards.
+    let (a, b) = {
+        let p = |s: &str| esk_wire::partition::partition_for(s.as_bytes(), 2);
+        let names: Vec<String> = (0..).map(|i| format!("account-pv{i}")).take(40).collect();
+        let a = names.iter().find(|s| p(s) == 0).unwrap().clone();
+        let b = names.iter().find(|s| p(s) == 1).unwrap().clone();
+        (a, b)
+    };
+    open(&client, &a, 1_000).await;
+    open(&client, &b, 0).await;
+    let mut c = coordinator(&env, Some(fault));
+    coordinating(&c, 2).await;
+    // Rounds of transfers until the coordinator died at its point.
+    let mut runs = Vec::new();
+    let mut pending = Vec::new();
+    for round in 0..20 {
+        let mut this = Vec::new();
+        for i in 0..side_by_side {
+            let txid = format!("pv-{round}-{i}");
+            let (client, t, from, to) = (client.clone(), txid.clone(), a.clone(), b.clone());
+            this.push(tokio::spawn(async move {
+                client.transact(&t, transfer_legs(&from, &to, 10), Duration::from_secs(40)).await
+            }));
+            runs.push(txid);
+        }
+        let started = Instant::now();
+        while c.running() && started.elapsed() < Duration::from_secs(2) && !this.iter().all(|r| r.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let died = !c.running();
+        for (k, r) in this.into_iter().enumerate() {
+            let txid = runs[runs.len() - side_by_side + k].clone();
+            pending.push((txid, r));
+        }
+        if died {
+            break;
+        }
+    }
+    assert!(!c.running(), "{fault} did not fire in 20 rounds");
+    c = coordinator(&env, None);
+    coordinating(&c, 2).await;
+    for (txid, run) in pending {
+        let outcome = run.await.unwrap().unwrap_or_else(|e| panic!("{txid}: no outcome: {e}"));
+        assert_eq!(outcome.outcome, "committed", "{txid}: {outcome:?}");
+    }
+    let log = settled(&env, Duration::from_secs(60)).await;
+    let legs = legs(&env);
+    let n = log.keys().filter(|t| t.starts_with("pv-")).count();
+    assert!(log.values().filter(|r| r.txid.starts_with("pv-")).all(|r| r.state == TxState::Committed));
+    assert!(legs.iter().filter(|(t, _)| t.starts_with("pv-")).all(|(_, l)| l.len() == 2), "{legs:?}");
+    let states = writer_accounts(&env);
+    assert_eq!(states[&a]["balance"], 1_000 - 10 * n as i64);
+    assert_eq!(states[&b]["balance"], 10 * n as i64);
+    drop((w1, w2, c));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn participant_writer_killed_after_voting_yes() {
     crash_point("writer", "after-vote").await;

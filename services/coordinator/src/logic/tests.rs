@@ -28,11 +28,15 @@ struct World {
 }
 
 fn msg(input: usize, key: &str, payload: Value) -> Incoming {
+    msg_at(input, key, payload, 0)
+}
+
+fn msg_at(input: usize, key: &str, payload: Value, offset: i64) -> Incoming {
     Incoming {
         input,
         topic: if input == 0 { "requests".into() } else { "votes".into() },
         partition: partition_for(key.as_bytes(), P),
-        offset: 0,
+        offset,
         key: Some(key.as_bytes().to_vec()),
         payload: Some(serde_json::to_vec(&payload).unwrap()),
         headers: Vec::new(),
@@ -72,7 +76,7 @@ fn step(w: &mut World, inputs: Vec<Incoming>, now: i64) -> Step {
             w.done.insert(r.txid.clone(), r);
         }
     }
-    w.txs.absorb(s.records(), s.sent.clone());
+    w.txs.absorb(&s);
     s
 }
 
@@ -112,6 +116,57 @@ fn all_yes_commits_everywhere_and_tells_the_client() {
     assert_eq!(txs.state("t1"), TxState::Committed);
     assert!(txs.txs.records.is_empty(), "an ended transaction leaves memory");
     assert_eq!(txs.done["t1"].done_ms, Some(40));
+}
+
+#[test]
+fn partial_votes_and_acknowledgements_are_kept_in_memory_and_logged_with_the_next_change() {
+    let mut w = World::default();
+    step(&mut w, vec![transfer()], 0);
+    // The first yes: no log record, no Kafka transaction needed; the vote's
+    // offset may not be committed until it is logged.
+    let mut first = vote("t1", "account-a", true);
+    first.offset = 7;
+    let s = step(&mut w, vec![first], 10);
+    assert!(s.records().is_empty() && !s.needs_transaction(), "{:?}", s.records());
+    assert_eq!(s.kept().len(), 1);
+    assert_eq!(w.state("t1"), TxState::Preparing);
+    assert_eq!(w.txs.unlogged_votes["t1"], ("votes".to_owned(), vec![7]));
+    let later = Step::default();
+    assert_eq!(w.txs.committable(&later, "votes", 9), Some(6), "not past the held vote");
+    assert_eq!(w.txs.committable(&later, "requests", 9), Some(9));
+    // The second yes decides: the record, with both votes, is logged, and the
+    // held offset is free.
+    let s = step(
+        &mut w,
+        vec![msg_at(1, "t1", json!({"kind": "vote", "txid": "t1", "stream": "account-b", "yes": true}), 8)],
+        20,
+    );
+    let logged = s.records();
+    assert_eq!(logged.len(), 1);
+    assert!(logged[0].participants.iter().all(|p| p.vote == Some(true)));
+    assert_eq!(w.txs.committable(&s, "votes", 8), Some(8));
+    assert!(w.txs.unlogged_votes.is_empty());
+    // The first acknowledgement: memory only; the last logs the end with both.
+    let s = step(&mut w, vec![ack("t1", "account-a", "commit")], 30);
+    assert!(!s.needs_transaction());
+    assert_eq!(w.state("t1"), TxState::Committing);
+    let s = step(&mut w, vec![ack("t1", "account-b", "commit")], 40);
+    let logged = s.records();
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0].state, TxState::Committed);
+    assert!(logged[0].participants.iter().all(|p| p.acked));
+    // A vote held in memory is logged when the deadline aborts its transaction.
+    step(&mut w, vec![begin("t2", &[("account-a", "Withdraw", 1), ("account-b", "Deposit", 1)])], 100);
+    step(
+        &mut w,
+        vec![msg_at(1, "t2", json!({"kind": "vote", "txid": "t2", "stream": "account-a", "yes": true}), 11)],
+        110,
+    );
+    assert_eq!(w.txs.committable(&Step::default(), "votes", 20), Some(10));
+    let s = step(&mut w, vec![], 100 + 5000);
+    assert_eq!(s.records().len(), 1);
+    assert_eq!(s.records()[0].state, TxState::Aborting);
+    assert_eq!(w.txs.committable(&Step::default(), "votes", 20), Some(20));
 }
 
 #[test]
