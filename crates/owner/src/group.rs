@@ -13,7 +13,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::io::{PartitionIo, ShardIo, Wake};
+use crate::io::{PartitionIo, ShardIo, Signal};
 
 pub type GroupConsumer = BaseConsumer<GroupContext>;
 
@@ -66,16 +66,14 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 struct Worker {
-    stop: Arc<AtomicBool>,
-    wake: Arc<Wake>,
+    signal: Signal,
     partitions: Vec<i32>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
     fn signal_stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.wake.notify();
+        self.signal.set();
     }
 
     fn join(mut self) {
@@ -203,8 +201,7 @@ impl GroupContext {
         self.handler.assigned(&partitions);
         let mut workers = self.workers.lock().expect("workers lock");
         for (unit, ps) in units {
-            let stop = Arc::new(AtomicBool::new(false));
-            let wake = Arc::new(Wake::default());
+            let signal = Signal::default();
             let parts = ps
                 .iter()
                 .map(|&p| {
@@ -216,7 +213,7 @@ impl GroupContext {
                         .enumerate()
                         .filter_map(|(i, topic)| {
                             let mut q = consumer.split_partition_queue(topic, p)?;
-                            let w = wake.clone();
+                            let w = signal.wake.clone();
                             q.set_nonempty_callback(move || w.notify());
                             Some((i, topic.clone(), q))
                         })
@@ -225,19 +222,13 @@ impl GroupContext {
                         partition: p,
                         consumer: consumer.clone(),
                         queues,
-                        stop: stop.clone(),
-                        wake: wake.clone(),
+                        signal: signal.clone(),
                         first: std::sync::atomic::AtomicUsize::new(0),
                     }
                 })
                 .collect();
-            let io = ShardIo {
-                shard: unit,
-                parts,
-                stop: stop.clone(),
-                wake: wake.clone(),
-                first: std::sync::atomic::AtomicUsize::new(0),
-            };
+            let io =
+                ShardIo { shard: unit, parts, signal: signal.clone(), first: std::sync::atomic::AtomicUsize::new(0) };
             let handler = self.handler.clone();
             let name = match self.spec.shards {
                 Some(_) => format!("{}-s{unit}", self.spec.group_id),
@@ -245,7 +236,7 @@ impl GroupContext {
             };
             let thread =
                 std::thread::Builder::new().name(name).spawn(move || handler.run(io)).expect("spawning a handler");
-            if let Some(old) = workers.insert(unit, Worker { stop, wake, partitions: ps, thread: Some(thread) }) {
+            if let Some(old) = workers.insert(unit, Worker { signal, partitions: ps, thread: Some(thread) }) {
                 old.join();
             }
         }

@@ -69,9 +69,9 @@ fn gather(
     first: &std::sync::atomic::AtomicUsize,
     bounds: Bounds,
     wait: Duration,
-    wake: &Wake,
-    stop: &AtomicBool,
+    signal: &Signal,
 ) -> Vec<Incoming> {
+    let Signal { stop, wake } = signal;
     let mut out = Vec::new();
     let mut bytes = 0usize;
     let deadline = Instant::now() + wait;
@@ -117,15 +117,57 @@ fn gather(
     }
 }
 
+/// A handler's stop signal: set on a revoke or shutdown, with the wake-up of
+/// its queues.
+#[derive(Debug, Clone, Default)]
+pub struct Signal {
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) wake: Arc<Wake>,
+}
+
+impl Signal {
+    pub(crate) fn set(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify();
+    }
+}
+
 /// What a handler holds while the group gives it a partition or a shard:
 /// its stop signal.
 pub trait Lease {
-    /// Whether the handler must return (revoke or shutdown).
-    fn stopped(&self) -> bool;
-    /// Sleeps up to `d`, waking at once when told to stop.
-    fn pause(&self, d: Duration);
+    fn signal(&self) -> &Signal;
     /// For logs: `partition 3`, `shard 0 (partitions [0, 2])`.
     fn describe(&self) -> String;
+
+    /// Whether the handler must return (revoke or shutdown).
+    fn stopped(&self) -> bool {
+        self.signal().stop.load(Ordering::SeqCst)
+    }
+
+    /// The stop flag, for long work (a restore) that must end early.
+    fn stop_flag(&self) -> &AtomicBool {
+        &self.signal().stop
+    }
+
+    /// Sleeps up to `d`, waking at once when told to stop.
+    fn pause(&self, d: Duration) {
+        let Signal { stop, wake } = self.signal();
+        let until = Instant::now() + d;
+        while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+            wake.wait(Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())));
+        }
+    }
+}
+
+/// Marks a shard's `partitions` in `set` (`on`) or takes them out.
+pub fn mark(set: &mut std::collections::BTreeSet<i32>, partitions: &[i32], on: bool) {
+    for p in partitions {
+        if on {
+            set.insert(*p);
+        } else {
+            set.remove(p);
+        }
+    }
 }
 
 /// The partitions a shard owns together, with one stop signal: a writer
@@ -133,8 +175,7 @@ pub trait Lease {
 pub struct ShardIo {
     pub shard: i32,
     pub(crate) parts: Vec<PartitionIo>,
-    pub(crate) stop: Arc<AtomicBool>,
-    pub(crate) wake: Arc<Wake>,
+    pub(crate) signal: Signal,
     pub(crate) first: std::sync::atomic::AtomicUsize,
 }
 
@@ -161,20 +202,6 @@ impl ShardIo {
         self.parts
     }
 
-    pub fn stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-
-    /// The stop flag, for long work (a restore) that must end early.
-    pub fn stop_flag(&self) -> &AtomicBool {
-        &self.stop
-    }
-
-    /// Sleeps up to `d`, waking at once when told to stop.
-    pub fn pause(&self, d: Duration) {
-        pause(&self.wake, &self.stop, d);
-    }
-
     /// Takes what the shard's queues hold within `bounds`, one record of each
     /// queue of each partition a turn (a flood on one input or partition
     /// cannot starve another); waits up to `wait` for the first record. A
@@ -185,17 +212,13 @@ impl ShardIo {
             .iter()
             .flat_map(|p| p.queues.iter().map(move |(i, t, q)| (p.partition, *i, t.as_str(), q)))
             .collect();
-        gather(&queues, &self.first, bounds, wait, &self.wake, &self.stop)
+        gather(&queues, &self.first, bounds, wait, &self.signal)
     }
 }
 
 impl Lease for ShardIo {
-    fn stopped(&self) -> bool {
-        ShardIo::stopped(self)
-    }
-
-    fn pause(&self, d: Duration) {
-        ShardIo::pause(self, d);
+    fn signal(&self) -> &Signal {
+        &self.signal
     }
 
     fn describe(&self) -> String {
@@ -204,23 +227,12 @@ impl Lease for ShardIo {
 }
 
 impl Lease for PartitionIo {
-    fn stopped(&self) -> bool {
-        PartitionIo::stopped(self)
-    }
-
-    fn pause(&self, d: Duration) {
-        PartitionIo::pause(self, d);
+    fn signal(&self) -> &Signal {
+        &self.signal
     }
 
     fn describe(&self) -> String {
         format!("partition {}", self.partition)
-    }
-}
-
-fn pause(wake: &Wake, stop: &AtomicBool, d: Duration) {
-    let until = Instant::now() + d;
-    while !stop.load(Ordering::SeqCst) && Instant::now() < until {
-        wake.wait(Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())));
     }
 }
 
@@ -229,8 +241,7 @@ pub struct PartitionIo {
     pub partition: i32,
     pub(crate) consumer: Arc<GroupConsumer>,
     pub(crate) queues: Vec<(usize, String, PartitionQueue<GroupContext>)>,
-    pub(crate) stop: Arc<AtomicBool>,
-    pub(crate) wake: Arc<Wake>,
+    pub(crate) signal: Signal,
     /// The queue `collect` polls first, moved on each call: taken one record
     /// at a time, every input still gets its turn.
     pub(crate) first: std::sync::atomic::AtomicUsize,
@@ -243,21 +254,6 @@ impl std::fmt::Debug for PartitionIo {
 }
 
 impl PartitionIo {
-    /// Whether the handler must return (revoke or shutdown).
-    pub fn stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-
-    /// The stop flag, for long work (a restore) that must end early.
-    pub fn stop_flag(&self) -> &AtomicBool {
-        &self.stop
-    }
-
-    /// Sleeps up to `d`, waking at once when told to stop.
-    pub fn pause(&self, d: Duration) {
-        pause(&self.wake, &self.stop, d);
-    }
-
     /// The group's metadata, for `send_offsets_to_transaction`.
     pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
         self.consumer.group_metadata()
@@ -270,7 +266,7 @@ impl PartitionIo {
     pub fn collect(&self, max: usize, wait: Duration) -> Vec<Incoming> {
         let queues: Vec<Queue<'_>> = self.queues.iter().map(|(i, t, q)| (self.partition, *i, t.as_str(), q)).collect();
         let bounds = Bounds { records: max, bytes: usize::MAX };
-        gather(&queues, &self.first, bounds, wait, &self.wake, &self.stop)
+        gather(&queues, &self.first, bounds, wait, &self.signal)
     }
 
     /// Commits `next` (input topic → next offset) to the group outside any

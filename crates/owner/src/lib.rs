@@ -21,5 +21,5 @@ pub mod io;
 pub mod txn;
 
 pub use group::{GroupSpec, Handler, ShardSpec, run_group, serve};
-pub use io::{Bounds, Incoming, Lease, PartitionIo, Phase, ShardIo, own};
+pub use io::{Bounds, Incoming, Lease, PartitionIo, Phase, ShardIo, Signal, mark, own};
 pub use txn::TxnError;

@@ -17,7 +17,7 @@ use esk_follower::Followed;
 use esk_follower::store::Intake;
 use esk_kafka::record::{Origin, dead_letter};
 use esk_owner::txn::{self, TxnError, classify};
-use esk_owner::{Bounds, Handler, Incoming, Phase, ShardIo};
+use esk_owner::{Bounds, Handler, Incoming, Lease, Phase, ShardIo};
 use esk_store::{Changes, PartitionStore, StoreError};
 use esk_wire::protocol::TxRecord;
 use rdkafka::message::OwnedHeaders;
@@ -166,25 +166,11 @@ impl From<TxnError> for Failure {
 impl Run {
     /// Owned, the shard's stores are this handler's to write (see the writer's).
     fn own_store(&self, owned: bool) {
-        let mut set = self.shared.owned_stores.write().expect("owned lock");
-        for p in &self.partitions {
-            if owned {
-                set.insert(*p);
-            } else {
-                set.remove(p);
-            }
-        }
+        esk_owner::mark(&mut self.shared.owned_stores.write().expect("owned lock"), &self.partitions, owned);
     }
 
     fn serving(&self, serving: bool) {
-        let mut set = self.shared.serving.lock().expect("serving lock");
-        for p in &self.partitions {
-            if serving {
-                set.insert(*p);
-            } else {
-                set.remove(p);
-            }
-        }
+        esk_owner::mark(&mut self.shared.serving.lock().expect("serving lock"), &self.partitions, serving);
     }
 
     fn main(self) {

@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use esk_kafka::admin::{Durability, TopicKind};
 use esk_kafka::record::{Origin, dead_letter};
 use esk_owner::txn::{self, TxnError, classify};
-use esk_owner::{Bounds, Handler, Phase, ShardIo};
+use esk_owner::{Bounds, Handler, Lease, Phase, ShardIo};
 use esk_wire::protocol::{CONSUMED_KEY, ConsumedRecord, IndexPage, ParticipantMessage};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -246,14 +246,7 @@ impl Run {
     /// passes them over (and reads them again from the store's position once
     /// the shard is given up).
     fn own_store(&self, owned: bool) {
-        let mut set = self.shared.owned.write().expect("owned lock");
-        for p in &self.partitions {
-            if owned {
-                set.insert(*p);
-            } else {
-                set.remove(p);
-            }
-        }
+        esk_owner::mark(&mut self.shared.owned.write().expect("owned lock"), &self.partitions, owned);
     }
 
     fn main(self) {
