@@ -670,8 +670,42 @@ pub struct IndexPage {
     /// Format version (1).
     pub v: u32,
     pub stream: String,
-    /// [`INDEX_PAGE_ENTRIES`] entries, in order.
+    /// [`INDEX_PAGE_ENTRIES`] entries, in order; written compact
+    /// (`[version, offset]`), read in either form.
+    #[serde(with = "compact_index")]
     pub entries: Vec<IndexEntry>,
+}
+
+/// Index entries on the state topic: `[version, offset]` pairs rather than
+/// `{"version", "offset"}` objects, a third of the bytes (a record's index
+/// was most of it; ADR 11). Read in either form: records written before are
+/// objects. Replies to clients keep the objects.
+mod compact_index {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::IndexEntry;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Pair(u64, i64),
+        Entry(IndexEntry),
+    }
+
+    pub fn serialize<S: Serializer>(entries: &[IndexEntry], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(entries.iter().map(|e| (e.version, e.offset)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IndexEntry>, D::Error> {
+        let entries = Vec::<Either>::deserialize(d)?;
+        Ok(entries
+            .into_iter()
+            .map(|e| match e {
+                Either::Pair(version, offset) => IndexEntry { version, offset },
+                Either::Entry(e) => e,
+            })
+            .collect())
+    }
 }
 
 /// Prefix of every index page's key: not a stream name, like [`CONSUMED_KEY`].
@@ -766,7 +800,8 @@ pub struct StreamRecord {
     pub last_offset: i64,
     /// The latest entries of the stream's index (one per append, at most
     /// [`INDEX_PAGE_ENTRIES`]); the earlier ones are in `pages` index pages.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Written compact (`[version, offset]`), read in either form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "compact_index")]
     pub index: Vec<IndexEntry>,
     /// How many [`IndexPage`]s hold the entries before `index`.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -881,6 +916,34 @@ mod tests {
         }
         assert!(ConsumedRecord::decode(None).unwrap_err().contains("no value"));
         assert!(crate::StreamName::parse(CONSUMED_KEY).is_err(), "the key must not be a stream name");
+    }
+
+    #[test]
+    fn index_entries_on_the_state_topic_are_pairs_and_either_form_is_read() {
+        let mut r = StreamRecord::new("account-7", Some(json!({"balance": 3})));
+        r.version = 32;
+        r.last_offset = 900;
+        r.index = (1..=32).map(|v| IndexEntry { version: v, offset: 1000 + v as i64 * 37 }).collect();
+        let compact = serde_json::to_value(&r).unwrap();
+        assert_eq!(compact["index"][0], json!([1, 1037]));
+        assert_eq!(serde_json::from_value::<StreamRecord>(compact.clone()).unwrap(), r);
+        // A record written before: entries as objects.
+        let mut old = compact.clone();
+        old["index"] = serde_json::to_value(&r.index).unwrap();
+        assert_eq!(old["index"][0], json!({"version": 1, "offset": 1037}));
+        assert_eq!(serde_json::from_value::<StreamRecord>(old.clone()).unwrap(), r);
+        let (new_len, old_len) = (compact.to_string().len(), old.to_string().len());
+        assert!(new_len * 2 < old_len, "{new_len} vs {old_len} bytes");
+        // Index pages alike; a mixed or broken entry is refused, not misread.
+        let page = IndexPage { v: 1, stream: "account-7".into(), entries: r.index };
+        let v = serde_json::to_value(&page).unwrap();
+        assert_eq!(v["entries"][31], json!([32, 2184]));
+        assert_eq!(serde_json::from_value::<IndexPage>(v).unwrap(), page);
+        for bad in [json!([[1]]), json!([["a", 2]]), json!([{"version": 1}]), json!([1, 2])] {
+            let mut broken = compact.clone();
+            broken["index"] = bad.clone();
+            assert!(serde_json::from_value::<StreamRecord>(broken).is_err(), "{bad}");
+        }
     }
 
     #[test]
