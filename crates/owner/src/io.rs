@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow};
 use esk_kafka::KafkaConfig;
 use esk_kafka::record::headers_of;
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -254,11 +254,6 @@ impl std::fmt::Debug for PartitionIo {
 }
 
 impl PartitionIo {
-    /// The group's metadata, for `send_offsets_to_transaction`.
-    pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
-        self.consumer.group_metadata()
-    }
-
     /// Takes what the queues hold, up to `max`, one record of each queue a turn
     /// (a flood on one input cannot starve another), beginning with another
     /// queue each call; waits up to `wait` for the first record. A lone record

@@ -13,8 +13,9 @@
 //!   pauses) and [`io::fence`], which creates the partition's transactional
 //!   producer (`transactional.id` per partition: `init_transactions` aborts the
 //!   previous owner's open transaction at once and fences its later writes).
-//! - [`txn`]: committing a batch with its consumed offsets, and classifying
-//!   failures into abortable (abort, rewind, go on) and fatal (acquire anew).
+//! - [`txn`]: committing a batch (the handler writes where it is in its
+//!   inputs on its own log), and classifying failures into abortable (abort,
+//!   rewind, go on) and fatal (acquire anew).
 
 pub mod group;
 pub mod io;

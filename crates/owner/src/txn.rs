@@ -1,15 +1,11 @@
 //! Transactions of an owned partition: their failures, their commit.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 
 /// Why a transaction did not commit.
 #[derive(Debug)]
@@ -108,49 +104,9 @@ pub fn await_deliveries(deliveries: Vec<DeliveryFuture>) -> Result<Vec<i64>, Txn
     Ok(offsets)
 }
 
-/// Adds the consumed offsets (last processed + 1) to the transaction and
-/// commits it. `consumed` maps an input topic to the last offset processed.
-pub fn commit(
-    producer: &FutureProducer,
-    partition: i32,
-    consumed: &HashMap<String, i64>,
-    group: Option<ConsumerGroupMetadata>,
-    timeout: Duration,
-    stop: &AtomicBool,
-) -> Result<(), TxnError> {
-    let consumed: Vec<(String, i32, i64)> = consumed.iter().map(|(t, o)| (t.clone(), partition, *o)).collect();
-    commit_all(producer, &consumed, group, timeout, stop)
-}
-
-/// Adds the consumed offsets of many partitions, (input topic, partition,
-/// last offset processed), to the transaction and commits it.
-pub fn commit_all(
-    producer: &FutureProducer,
-    consumed: &[(String, i32, i64)],
-    group: Option<ConsumerGroupMetadata>,
-    timeout: Duration,
-    stop: &AtomicBool,
-) -> Result<(), TxnError> {
-    if !consumed.is_empty() {
-        let mut tpl = TopicPartitionList::new();
-        for (topic, partition, offset) in consumed {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
-                .map_err(|e| TxnError::Abortable(anyhow!(e)))?;
-        }
-        let group = Arc::new(group.ok_or_else(|| TxnError::Abortable(anyhow!("no consumer group metadata")))?);
-        let tpl = Arc::new(tpl);
-        retrying("send_offsets_to_transaction", stop, || {
-            let (producer, tpl, group) = (producer.clone(), tpl.clone(), group.clone());
-            watched("send_offsets_to_transaction", timeout, move || {
-                producer.send_offsets_to_transaction(&tpl, &group, timeout)
-            })
-        })?;
-    }
-    commit_only(producer, timeout, stop)
-}
-
-/// Commits the transaction, with no consumed offsets in it (a handler that
-/// keeps its positions with its own records).
+/// Commits the transaction. The writer and the coordinator keep where they
+/// are in their inputs with their own records (a consumed-positions record
+/// on their log), not in the consumer group (ADR 11).
 pub fn commit_only(producer: &FutureProducer, timeout: Duration, stop: &AtomicBool) -> Result<(), TxnError> {
     retrying("commit_transaction", stop, || {
         let producer = producer.clone();

@@ -201,6 +201,24 @@ pub struct PartitionStore {
 }
 
 /// Page cache per connection: the store's memory is this, whatever it holds.
+/// The position (in a store's positions table) of where a single writer's
+/// partition is in `input`: the next offset to process, taken from the
+/// consumed-positions record its log carries
+/// ([`esk_wire::protocol::ConsumedRecord`] under `CONSUMED_KEY`).
+pub fn consumed_position(input: &str) -> String {
+    format!("c\u{1f}{input}")
+}
+
+/// Every input's next offset from a store's positions (see
+/// [`consumed_position`]).
+pub fn consumed_positions(positions: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
+    let prefix = consumed_position("");
+    positions
+        .iter()
+        .filter_map(|(name, next)| name.strip_prefix(&prefix).map(|input| (input.to_owned(), *next)))
+        .collect()
+}
+
 const CACHE_KIB: i64 = 4096;
 
 impl PartitionStore {

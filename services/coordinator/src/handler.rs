@@ -18,8 +18,8 @@ use esk_follower::store::Intake;
 use esk_kafka::record::{Origin, dead_letter};
 use esk_owner::txn::{self, TxnError, classify};
 use esk_owner::{Bounds, Handler, Incoming, Lease, Phase, ShardIo};
-use esk_store::{Changes, PartitionStore, StoreError};
-use esk_wire::protocol::TxRecord;
+use esk_store::{Changes, PartitionStore, StoreError, consumed_position};
+use esk_wire::protocol::{CONSUMED_KEY, ConsumedRecord, TxRecord};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
@@ -84,6 +84,12 @@ struct Run {
 struct Owned {
     producer: FutureProducer,
     stores: BTreeMap<i32, PartitionStore>,
+    /// Each partition's next offset to process of each input, as last
+    /// committed (its consumed-positions record on `tx.log`); an input not
+    /// in it resumes from the group's offsets.
+    consumed: BTreeMap<i32, BTreeMap<String, i64>>,
+    /// What was last committed to the group for the lag tools.
+    advised: BTreeMap<i32, BTreeMap<String, i64>>,
 }
 
 /// A record's place in its input, to know it again after a rewind.
@@ -95,6 +101,10 @@ struct Prepared<'a> {
     step: &'a Step,
     records: Vec<TxRecord>,
     values: Vec<Vec<u8>>,
+    /// The partition's consumed positions after the transaction, and their
+    /// record (when the step consumed anything).
+    next_consumed: BTreeMap<String, i64>,
+    positions: Option<Vec<u8>>,
 }
 
 fn now_ms() -> i64 {
@@ -108,6 +118,14 @@ pub struct TxLogIntake;
 
 impl Intake for TxLogIntake {
     fn take(&mut self, _store: &PartitionStore, f: &Followed, changes: &mut Changes) -> Result<(), StoreError> {
+        if f.is_consumed() {
+            // Positions only move forward (`Changes::position`).
+            match ConsumedRecord::decode(f.value.as_deref()) {
+                Ok(r) => r.next.iter().for_each(|(input, next)| changes.position(&consumed_position(input), *next)),
+                Err(reason) => esk_follower::refused("tx.log", f, &reason),
+            }
+            return Ok(());
+        }
         let key = f.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
         let Some(value) = f.value.as_deref() else {
             changes.deletes.push((key, f.offset + 1));
@@ -220,6 +238,7 @@ impl Run {
                 .collect()
         });
         let mut stores = BTreeMap::new();
+        let mut consumed = BTreeMap::new();
         let (mut open, mut in_doubt, mut read) = (0, 0, 0);
         for r in restored {
             let Some((p, store, n)) = r? else { return Ok(None) };
@@ -234,9 +253,11 @@ impl Run {
             if let Some(view) = self.views.get(&p) {
                 *view.lock().expect("view lock") = txs;
             }
+            consumed.insert(p, esk_store::consumed_positions(&store.positions()?));
             stores.insert(p, store);
         }
-        self.rewind()?;
+        let owned = Owned { producer, stores, consumed, advised: BTreeMap::new() };
+        self.rewind(&owned)?;
         metrics::histogram!("esk_coordinator_restore_seconds").record(started.elapsed().as_secs_f64());
         tracing::info!(
             shard = self.io.shard,
@@ -247,7 +268,7 @@ impl Run {
             ms = started.elapsed().as_millis() as u64,
             "shard taken over"
         );
-        Ok(Some(Owned { producer, stores }))
+        Ok(Some(owned))
     }
 
     /// Brings partition `p`'s local store to the end of its log.
@@ -286,14 +307,30 @@ impl Run {
             .map_err(|e| anyhow!("abort_transaction failed: {e}"))
     }
 
-    fn rewind(&self) -> Result<()> {
+    /// Seeks each partition's inputs to where its consumed-positions record
+    /// says (the group's offsets for an input it does not name).
+    fn rewind(&self, owned: &Owned) -> Result<()> {
         let timeout = Duration::from_millis(self.shared.config.transaction_timeout_ms);
+        let none = BTreeMap::new();
         for p in &self.partitions {
             if let Some(io) = self.io.part(*p) {
-                io.rewind(timeout)?;
+                io.rewind_to(owned.consumed.get(p).unwrap_or(&none), timeout)?;
             }
         }
         Ok(())
+    }
+
+    /// Commits each partition's consumed positions to the group when they
+    /// moved, for the tools that show a group's lag; nothing resumes from them.
+    fn advise(&self, owned: &mut Owned) {
+        for (p, next) in &owned.consumed {
+            if owned.advised.get(p) != Some(next)
+                && let Some(io) = self.io.part(*p)
+            {
+                io.advise(next);
+                owned.advised.insert(*p, next.clone());
+            }
+        }
     }
 
     /// Ended transactions older than the horizon, to tombstone, by partition.
@@ -335,6 +372,7 @@ impl Run {
         let one = Bounds { records: 1, bytes: usize::MAX };
         let mut suspects: HashSet<Key> = HashSet::new();
         let mut tombstoned = Instant::now();
+        let mut advised = Instant::now();
         let mut last_commit: Option<(Instant, usize)> = None;
         while !self.io.stopped() {
             // Not before the last transaction's markers are likely written
@@ -344,6 +382,10 @@ impl Run {
                 if let Some(left) = (at + gap).checked_duration_since(Instant::now()) {
                     std::thread::sleep(left);
                 }
+            }
+            if advised.elapsed() >= Duration::from_secs(1) {
+                advised = Instant::now();
+                self.advise(owned);
             }
             let isolating = !suspects.is_empty();
             let batch = self.io.collect(if isolating { one } else { bounds }, TICK);
@@ -383,7 +425,7 @@ impl Run {
                 Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),
                 Err(Failure::Txn(TxnError::Rejected(e))) => {
                     self.abort(owned)?;
-                    self.rewind()?;
+                    self.rewind(owned)?;
                     if let Some(record) = alone {
                         tracing::warn!(
                             partition = record.partition,
@@ -397,7 +439,7 @@ impl Run {
                         match self.transact(owned, &steps) {
                             Ok(_) => {
                                 self.committed(steps, started)?;
-                                self.rewind()?;
+                                self.rewind(owned)?;
                             }
                             Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),
                             Err(f) => self.failed(owned, f, &mut failures)?,
@@ -470,7 +512,7 @@ impl Run {
         if began {
             self.abort(owned)?;
         }
-        self.rewind()?;
+        self.rewind(owned)?;
         self.io.pause(Duration::from_millis(100 * u64::from((*failures).min(50))));
         Ok(())
     }
@@ -528,14 +570,9 @@ impl Run {
 
     /// Sends one partition's step in the open transaction: its log records
     /// and tombstones, prepares, decisions, replies and dead letters.
-    fn send_step(
-        &self,
-        producer: &FutureProducer,
-        p: i32,
-        step: &Step,
-        values: &[Vec<u8>],
-        records: &[TxRecord],
-    ) -> Result<Vec<DeliveryFuture>, TxnError> {
+    fn send_step(&self, producer: &FutureProducer, x: &Prepared<'_>) -> Result<Vec<DeliveryFuture>, TxnError> {
+        let Prepared { p, step, records, values, positions, .. } = x;
+        let p = *p;
         let t = &self.shared.topics;
         let mut deliveries = Vec::new();
         let mut send =
@@ -581,6 +618,10 @@ impl Run {
             send(&t.dlq("coordinator"), p, &key, l.value.as_deref(), Some(l.headers))?;
             metrics::counter!("esk_coordinator_dead_letters_total").increment(1);
         }
+        // Last: where the partition is in its inputs after this transaction.
+        if let Some(value) = positions {
+            send(&t.tx_log(), p, CONSUMED_KEY.as_bytes(), Some(value), None)?;
+        }
         Ok(deliveries)
     }
 
@@ -590,7 +631,6 @@ impl Run {
     /// records. `Ok`: how many partitions the transaction wrote.
     fn transact(&self, owned: &mut Owned, steps: &[(i32, Step)]) -> Result<usize, Failure> {
         let t = &self.shared.topics;
-        let producer = &owned.producer;
         let mut prepared = Vec::with_capacity(steps.len());
         for (p, step) in steps {
             let records = step.records();
@@ -599,33 +639,41 @@ impl Run {
                 .map(serde_json::to_vec)
                 .collect::<Result<_, _>>()
                 .map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
-            prepared.push(Prepared { p: *p, step, records, values });
+            // Where the partition is in its inputs after this transaction,
+            // committed with it on the log: never past a vote held in memory
+            // only (see `Txs`).
+            let mut next_consumed = owned.consumed.get(p).cloned().unwrap_or_default();
+            if let Some(view) = self.views.get(p) {
+                let view = view.lock().expect("view lock");
+                for (topic, last) in &step.consumed {
+                    if let Some(last) = view.committable(step, topic, *last) {
+                        let next = next_consumed.entry(topic.clone()).or_insert(0);
+                        *next = (*next).max(last + 1);
+                    }
+                }
+            }
+            let positions = (!step.consumed.is_empty())
+                .then(|| serde_json::to_vec(&ConsumedRecord { v: 1, next: next_consumed.clone() }))
+                .transpose()
+                .map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
+            prepared.push(Prepared { p: *p, step, records, values, next_consumed, positions });
         }
+        let producer = &owned.producer;
         producer.begin_transaction().map_err(classify)?;
         let mut in_flight = Vec::with_capacity(prepared.len());
         for x in &prepared {
-            in_flight.push(self.send_step(producer, x.p, x.step, &x.values, &x.records)?);
+            in_flight.push(self.send_step(producer, x)?);
         }
         let written = partitions_written(&prepared);
         let mut offsets = Vec::with_capacity(in_flight.len());
         for deliveries in in_flight {
             offsets.push(txn::await_deliveries(deliveries)?);
         }
-        // Not past a vote held in memory only (see `Txs`).
-        let mut consumed: Vec<(String, i32, i64)> = Vec::new();
-        for x in &prepared {
-            let Some(view) = self.views.get(&x.p) else { continue };
-            let view = view.lock().expect("view lock");
-            for (topic, o) in &x.step.consumed {
-                if let Some(last) = view.committable(x.step, topic, *o) {
-                    consumed.push((topic.clone(), x.p, last));
-                }
-            }
-        }
-        let group = self.io.part(self.partitions[0]).and_then(esk_owner::PartitionIo::group_metadata);
         let timeout = Duration::from_millis(self.shared.config.transaction_timeout_ms);
-        txn::commit_all(producer, &consumed, group, timeout, self.io.stop_flag())?;
-        for (Prepared { p, step, records, values }, offsets) in prepared.into_iter().zip(offsets) {
+        txn::commit_only(producer, timeout, self.io.stop_flag())?;
+        for (x, mut offsets) in prepared.into_iter().zip(offsets) {
+            let Prepared { p, step, records, values, next_consumed, positions } = x;
+            let positions_offset = if positions.is_some() { offsets.pop() } else { None };
             let mut changes = Changes::default();
             for ((r, v), offset) in records.iter().zip(values).zip(&offsets) {
                 put(&mut changes, *offset, r, v);
@@ -633,8 +681,13 @@ impl Run {
             for (txid, offset) in step.tombstones.iter().zip(&offsets[records.len()..]) {
                 changes.deletes.push((txid.clone(), offset + 1));
             }
-            if let Some(last) = offsets[..records.len() + step.tombstones.len()].iter().max() {
+            if let Some(last) = offsets[..records.len() + step.tombstones.len()].iter().chain(&positions_offset).max() {
                 changes.position(&t.tx_log(), last + 1);
+            }
+            if positions.is_some() {
+                for (input, next) in &next_consumed {
+                    changes.position(&consumed_position(input), *next);
+                }
             }
             // Committed: a store that cannot take it is behind the log, so the
             // shard is restored afresh.
@@ -642,6 +695,7 @@ impl Run {
             store.apply(&changes).map_err(|e| {
                 Failure::Txn(TxnError::Fatal(anyhow!("the local store of partition {p} failed after a commit: {e}")))
             })?;
+            owned.consumed.insert(p, next_consumed);
         }
         Ok(written)
     }
@@ -657,6 +711,9 @@ fn partitions_written(prepared: &[Prepared<'_>]) -> usize {
         }
         if !step.dead_letters.is_empty() {
             written.insert((1, *p));
+        }
+        if !step.consumed.is_empty() {
+            written.insert((0, *p));
         }
         written.extend(step.prepares.iter().map(|(part, _, _)| (2, *part)));
         written.extend(step.decisions.iter().map(|(part, _, _)| (3, *part)));

@@ -36,12 +36,7 @@ pub fn stream_key(stream: &str) -> String {
     format!("s{SEP}{stream}")
 }
 
-/// The store's position (in its positions table) of where this partition's
-/// owner is in `input`: the next offset to process, from the consumed-positions
-/// record of the state topic ([`esk_wire::protocol::ConsumedRecord`]).
-pub fn consumed_position(input: &str) -> String {
-    format!("c{SEP}{input}")
-}
+pub use esk_store::consumed_position;
 
 /// The store's key of a stream's index page, ordered by its first version.
 pub fn page_key(stream: &str, first_version: u64) -> String {
@@ -319,13 +314,7 @@ impl PartitionMemory {
     /// Next offset of each input, from the consumed-positions records the
     /// store took (by the owner after its commits, or by the standby).
     pub fn consumed(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
-        let prefix = consumed_position("");
-        Ok(self
-            .store
-            .positions()?
-            .into_iter()
-            .filter_map(|(name, next)| name.strip_prefix(&prefix).map(|input| (input.to_owned(), next)))
-            .collect())
+        Ok(esk_store::consumed_positions(&self.store.positions()?))
     }
 
     /// Reads the open holds from the store (after a restore).

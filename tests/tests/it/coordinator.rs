@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use esk_client::{Client, ClientError};
 use esk_tests::{Service, TestEnv, poll_until, wait_serving};
-use esk_wire::protocol::{CommandData, ExpectedVersion, Participant, StreamRecord, TxRecord, TxState};
+use esk_wire::protocol::{CONSUMED_KEY, CommandData, ExpectedVersion, Participant, StreamRecord, TxRecord, TxState};
 use serde_json::{Value, json};
 
 const SESSION: &str = "6000";
@@ -434,6 +434,61 @@ async fn killed_holding_a_partial_vote(fault: &str, side_by_side: usize) {
     assert_eq!(states[&a]["balance"], 1_000 - 10 * n as i64);
     assert_eq!(states[&b]["balance"], 10 * n as i64);
     drop((w1, w2, c));
+}
+
+/// The coordinator's consumed positions ride on `tx.log` (ADR 11): a new
+/// owner resumes from them, not from the group's offsets, so with the group
+/// set back to the beginning it answers no old request again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_coordinator_resumes_from_its_log_not_from_the_groups_offsets() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let env = TestEnv::new();
+    env.init_topics(1);
+    let (w, c) = writer_and_coordinator(&env, 1).await;
+    let client = Arc::new(env.client(Duration::from_secs(20), false));
+    open(&client, "account-rl1", 100).await;
+    open(&client, "account-rl2", 0).await;
+    for i in 0..5 {
+        let txid = format!("rl-{i}");
+        let outcome = client.transact(&txid, transfer_legs("account-rl1", "account-rl2", 1), Duration::from_secs(20));
+        assert_eq!(outcome.await.unwrap().outcome, "committed");
+    }
+    settled(&env, Duration::from_secs(60)).await;
+    let log = env.read_topic(&env.topics().tx_log(), true);
+    assert!(log.iter().any(|r| r.key.as_deref() == Some(CONSUMED_KEY.as_bytes())), "no consumed-positions record");
+    let replies = |env: &TestEnv| {
+        env.read_topic(&env.topics().replies(), true)
+            .iter()
+            .filter(|r| r.key.as_deref().is_some_and(|k| k.starts_with(b"rl-")))
+            .count()
+    };
+    let before = replies(&env);
+    c.kill();
+    // Once the dead member's session is over the group is empty and takes a
+    // plain commit: every input back to its beginning.
+    let group: BaseConsumer = env
+        .kafka()
+        .committed_reader(&format!("{}-coordinator", env.prefix), Duration::from_millis(50))
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for topic in [env.topics().tx_requests(), env.topics().tx_votes()] {
+        tpl.add_partition_offset(&topic, 0, Offset::Offset(0)).unwrap();
+    }
+    poll_until(Duration::from_secs(60), "the group takes a plain commit", || {
+        let ok = group.commit(&tpl, CommitMode::Sync).ok();
+        async move { ok }
+    })
+    .await;
+    let c2 = coordinator(&env, None);
+    coordinating(&c2, 1).await;
+    let outcome = client.transact("rl-new", transfer_legs("account-rl1", "account-rl2", 1), Duration::from_secs(20));
+    assert_eq!(outcome.await.unwrap().outcome, "committed");
+    settled(&env, Duration::from_secs(60)).await;
+    assert_eq!(replies(&env), before + 1, "the new owner answered old requests again");
+    assert_eq!(writer_accounts(&env)["account-rl2"]["balance"], 6);
+    drop((w, c2));
 }
 
 #[tokio::test(flavor = "multi_thread")]
