@@ -10,8 +10,11 @@
 //! applied. On start it resumes from the sink's positions.
 //!
 //! # Layout
-//! - [`Follower`] / [`spawn`]: the consume loop and its published [`Progress`],
-//!   with waits for read-your-writes tokens and lag per partition.
+//! - [`engine`]: what every follower of a log shares, the projector's read
+//!   models too: batches, published progress and waits, idle positions, lag,
+//!   back-off.
+//! - [`Follower`] / [`spawn`]: the state topic's consume loop on that engine
+//!   and its published [`Progress`], with waits for read-your-writes tokens.
 //! - [`sqlite::SqliteSink`]: the replica's store (one SQLite file, WAL).
 //! - [`store`]: topics into local stores (`esk_store`), for restores and hot
 //!   standbys alike: the writer's and the coordinator's.
@@ -22,12 +25,13 @@
 //! a state record of that category and partition whose `last_offset` reaches
 //! the token's offset.
 
+pub mod engine;
 pub mod sqlite;
 pub mod store;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -37,7 +41,9 @@ use esk_wire::protocol::{Position, StreamRecord};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
-use tokio::sync::watch;
+
+use crate::engine::backoff::Backoff;
+use crate::engine::published::{Applied, Published};
 
 /// A record as followed, with where it was, not decoded yet.
 #[derive(Debug, Clone)]
@@ -147,30 +153,18 @@ pub trait Sink: Send + 'static {
     fn apply(&mut self, batch: &[Followed], progress: &mut Progress) -> Result<()>;
 }
 
-/// Lag of one state-topic partition.
-#[derive(Debug, Clone, Serialize)]
-pub struct Lag {
-    pub partition: i32,
-    pub next_offset: i64,
-    pub high_watermark: i64,
-    /// Records (transaction markers included) not applied yet.
-    pub lag_records: i64,
-    /// 0 when caught up, else how old the last applied record is.
-    pub lag_ms: i64,
-}
+pub use engine::lag::Lag;
 
 /// A running follower.
 pub struct Follower {
-    progress: watch::Receiver<Progress>,
-    fetched: Arc<Mutex<BTreeMap<i32, i64>>>,
+    published: Arc<Published<Progress, esk_kafka::Error>>,
+    applied: Applied<Progress>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     /// Lag against the high watermarks, sampled every second: reading it
     /// never waits on Kafka.
     lag: esk_runtime::sample::Sampled<Option<Vec<Lag>>>,
     topic: String,
-    /// Set when the loop stopped for good: the brokers refused it.
-    failure: watch::Receiver<Option<esk_kafka::Error>>,
 }
 
 impl std::fmt::Debug for Follower {
@@ -179,42 +173,29 @@ impl std::fmt::Debug for Follower {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 impl Follower {
     pub fn progress(&self) -> Progress {
-        self.progress.borrow().clone()
+        self.published.applied()
     }
 
     /// Waits until the write behind `token` is applied, or the timeout passes
     /// (then `Err` with the event offset reached for its category and partition).
     pub async fn wait_for(&self, token: &Position, timeout: Duration) -> Result<(), i64> {
-        let mut rx = self.progress.clone();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if rx.borrow_and_update().covers(token) {
-                return Ok(());
-            }
-            if !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
-                let reached = rx.borrow().events.get(&(token.category.clone(), token.partition)).copied().unwrap_or(-1);
-                return Err(reached);
-            }
-        }
+        self.applied
+            .until(|p| p.covers(token), timeout)
+            .await
+            .map_err(|reached| reached.events.get(&(token.category.clone(), token.partition)).copied().unwrap_or(-1))
     }
 
     /// Where the consumer of `partition` stood when it last found nothing new
     /// (past transaction markers): everything before it is applied.
     pub fn idle_position(&self, partition: i32) -> i64 {
-        self.fetched.lock().expect("fetched lock").get(&partition).copied().unwrap_or(-1)
+        self.published.idle().get(&(self.topic.clone(), partition)).copied().unwrap_or(-1)
     }
 
     /// Waits for the next applied batch (or the timeout).
     pub async fn changed(&self, timeout: Duration) {
-        let mut rx = self.progress.clone();
-        rx.borrow_and_update();
-        let _ = tokio::time::timeout(timeout, rx.changed()).await;
+        self.applied.changed(timeout).await;
     }
 
     /// Applied position against the high watermark, per partition, as last
@@ -228,13 +209,7 @@ impl Follower {
     /// refused its credentials or an ACL is missing (no retry mends that;
     /// the process should exit).
     pub async fn failed(&self) -> esk_kafka::Error {
-        let mut rx = self.failure.clone();
-        let why = rx.wait_for(Option::is_some).await.ok().and_then(|why| why.clone());
-        match why {
-            Some(why) => why,
-            // The loop dropped its sender without a failure: it was stopped.
-            None => std::future::pending().await,
-        }
+        self.published.failed().await
     }
 
     pub fn stop(mut self) {
@@ -254,64 +229,33 @@ impl Drop for Follower {
 /// Starts following `topic` (every partition) into `sink` on a thread of its own.
 pub fn spawn<S: Sink>(kafka: &KafkaConfig, topic: &str, group: &str, mut sink: S) -> Result<Follower> {
     let initial = sink.load()?;
-    let (tx, rx) = watch::channel(initial.clone());
     let consumer: BaseConsumer = kafka.committed_reader(group, Duration::from_millis(20)).create()?;
-    let watermarks: BaseConsumer = kafka.metadata(&format!("{group}-watermarks")).create()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let fetched = Arc::new(Mutex::new(BTreeMap::new()));
-    let (failed, failure) = watch::channel(None);
+    let published = Arc::new(Published::new(initial.clone()));
     let run = Loop {
         bootstrap: kafka.bootstrap.clone(),
-        failed,
         consumer,
         partitions: 0,
         topic: topic.to_owned(),
         timeout: kafka.timeout,
         sink,
         progress: initial,
-        tx,
+        published: published.clone(),
         stop: stop.clone(),
-        fetched: fetched.clone(),
     };
     let thread = std::thread::Builder::new().name(format!("follow-{topic}")).spawn(move || run.run())?;
-    let (progress, f, t, timeout) = (rx.clone(), fetched.clone(), topic.to_owned(), kafka.timeout);
-    let lag = esk_runtime::sample::spawn(&format!("lag-{topic}"), Duration::from_secs(1), move || {
-        measure_lag(&watermarks, &t, timeout, &progress.borrow().clone(), &f.lock().expect("fetched lock").clone())
-    });
-    Ok(Follower { progress: rx, fetched, stop, thread: Some(thread), lag, topic: topic.to_owned(), failure })
-}
-
-/// Applied position against the high watermark, per partition; `None` when
-/// Kafka does not answer.
-fn measure_lag(
-    consumer: &BaseConsumer,
-    topic: &str,
-    timeout: Duration,
-    progress: &Progress,
-    fetched: &BTreeMap<i32, i64>,
-) -> Option<Vec<Lag>> {
-    let md = consumer.fetch_metadata(Some(topic), timeout).ok()?;
-    let t = md.topics().first()?;
-    let now = now_ms();
-    t.partitions()
-        .iter()
-        .map(|p| {
-            let (_, high) = esk_kafka::watermarks(consumer.client(), topic, p.id(), timeout).ok()?;
-            // Transaction markers take offsets: where the consumer stands
-            // when idle counts as caught up.
-            let next =
-                progress.positions.get(&p.id()).copied().unwrap_or(0).max(fetched.get(&p.id()).copied().unwrap_or(0));
-            let lag_records = (high - next).max(0);
-            let lag_ms =
-                if lag_records == 0 { 0 } else { progress.last_ms.get(&p.id()).map_or(0, |t| (now - t).max(0)) };
-            Some(Lag { partition: p.id(), next_offset: next, high_watermark: high, lag_records, lag_ms })
-        })
-        .collect()
+    let (p, t) = (published.clone(), topic.to_owned());
+    let lag = engine::lag::sample(kafka, group, topic, vec![topic.to_owned()], move || {
+        let progress = p.applied();
+        let keyed = |m: &BTreeMap<i32, i64>| m.iter().map(|(part, o)| ((t.clone(), *part), *o)).collect();
+        engine::lag::Source { applied: keyed(&progress.positions), last_ms: keyed(&progress.last_ms), idle: p.idle() }
+    })?;
+    let applied = published.watch();
+    Ok(Follower { published, applied, stop, thread: Some(thread), lag, topic: topic.to_owned() })
 }
 
 struct Loop<S> {
     bootstrap: String,
-    failed: watch::Sender<Option<esk_kafka::Error>>,
     consumer: BaseConsumer,
     /// Partitions of the topic, from the metadata at assignment.
     partitions: i32,
@@ -319,9 +263,8 @@ struct Loop<S> {
     timeout: Duration,
     sink: S,
     progress: Progress,
-    tx: watch::Sender<Progress>,
+    published: Arc<Published<Progress, esk_kafka::Error>>,
     stop: Arc<AtomicBool>,
-    fetched: Arc<Mutex<BTreeMap<i32, i64>>>,
 }
 
 impl<S: Sink> Loop<S> {
@@ -357,7 +300,7 @@ impl<S: Sink> Loop<S> {
     /// The loop stops for good: the brokers refused it.
     fn refused(&self, e: esk_kafka::Error) {
         tracing::error!(topic = self.topic, "following stopped: {e}");
-        self.failed.send_replace(Some(e));
+        self.published.fail(e);
     }
 
     fn run(mut self) {
@@ -374,45 +317,29 @@ impl<S: Sink> Loop<S> {
             std::thread::sleep(Duration::from_secs(1));
         }
         while !self.stop.load(Ordering::SeqCst) {
-            let mut batch = Vec::new();
             // Short: a poll that serves only a transaction marker returns
             // nothing but waits out its timeout, and the idle position (what
             // a standby's takeover trusts) is taken after it.
-            let mut wait = Duration::from_millis(20);
-            while batch.len() < 2000 {
-                match self.consumer.poll(wait) {
-                    Some(Ok(m)) => batch.push(Followed {
+            let batch: Vec<Followed> = match engine::poll::batch(&self.consumer, 2000, Duration::from_millis(20)) {
+                Ok(batch) => batch
+                    .iter()
+                    .map(|m| Followed {
                         partition: m.partition(),
                         offset: m.offset(),
                         partitions: self.partitions,
                         timestamp_ms: m.timestamp().to_millis(),
                         key: m.key().map(<[u8]>::to_vec),
                         value: m.payload().map(<[u8]>::to_vec),
-                    }),
-                    Some(Err(e)) => {
-                        if let Some(refused) = esk_kafka::Error::refusal(&e) {
-                            return self.refused(refused);
-                        }
-                        tracing::warn!(topic = self.topic, "follow: {e}");
-                        break;
-                    }
-                    None => break,
-                }
-                wait = Duration::ZERO;
-            }
+                    })
+                    .collect(),
+                Err(refused) => return self.refused(refused),
+            };
             if batch.is_empty() {
-                if let Ok(tpl) = self.consumer.position() {
-                    let mut fetched = self.fetched.lock().expect("fetched lock");
-                    for e in tpl.elements() {
-                        if let Some(o) = e.offset().to_raw() {
-                            fetched.insert(e.partition(), o);
-                        }
-                    }
-                }
+                self.published.idle_at(&self.consumer);
                 continue;
             }
             let started = Instant::now();
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = Backoff::default();
             let next = loop {
                 let mut next = self.progress.clone();
                 next.advance(&batch);
@@ -423,8 +350,7 @@ impl<S: Sink> Loop<S> {
                         if self.stop.load(Ordering::SeqCst) {
                             return;
                         }
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff.wait();
                     }
                 }
             };
@@ -439,7 +365,7 @@ impl<S: Sink> Loop<S> {
                 }
             }
             self.progress = next;
-            self.tx.send_replace(self.progress.clone());
+            self.published.publish(self.progress.clone());
         }
     }
 }

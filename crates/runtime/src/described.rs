@@ -140,6 +140,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "records of a category partition not yet applied, sampled",
     ),
+    (
+        "esk_projection_lag_ms",
+        Kind::Gauge,
+        Unit::Milliseconds,
+        "0 when a category partition is caught up, else the age of the last event the projection applied from it, sampled",
+    ),
     ("esk_projection_batch_seconds", Kind::Histogram, Unit::Seconds, "time to apply and commit one projection batch"),
     (
         "esk_replica_lag_records",

@@ -212,8 +212,11 @@ async fn model_status(model: &Model) -> Value {
     // As last sampled: no Kafka call here.
     let lag = model.runner.lag();
     for l in lag.iter().flatten() {
-        metrics::gauge!("esk_projection_lag_records", "projection" => model.name.clone(), "partition" => l.partition.to_string())
-            .set(l.lag as f64);
+        let partition = format!("{}/{}", l.topic, l.partition);
+        metrics::gauge!("esk_projection_lag_records", "projection" => model.name.clone(), "partition" => partition.clone())
+            .set(l.lag_records as f64);
+        metrics::gauge!("esk_projection_lag_ms", "projection" => model.name.clone(), "partition" => partition)
+            .set(l.lag_ms as f64);
     }
     json!({
         "name": model.name,
@@ -221,7 +224,8 @@ async fn model_status(model: &Model) -> Value {
         "applied": status.applied,
         "parked": status.parked,
         "events_per_second": status.events_per_second,
-        "lag": lag.as_ref().map(|l| l.iter().map(|l| l.lag).sum::<i64>()),
+        "lag": lag.as_ref().map(|l| l.iter().map(|l| l.lag_records).sum::<i64>()),
+        "lag_ms": lag.as_ref().map(|l| l.iter().map(|l| l.lag_ms).max().unwrap_or(0)),
         "partitions": lag,
         "rebuild": status.rebuild,
     })
@@ -235,7 +239,7 @@ async fn ready(State(app): State<Arc<App>>) -> (StatusCode, Json<Value>) {
         reasons.push(e);
     }
     for m in app.models() {
-        let lag = m.runner.lag().map(|l| l.iter().map(|l| l.lag).sum());
+        let lag = m.runner.lag().map(|l| l.iter().map(|l| l.lag_records).sum());
         if let Err(e) = m.caught_up.check(&format!("projection {}", m.name), lag) {
             reasons.push(e);
         }

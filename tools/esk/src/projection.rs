@@ -27,22 +27,24 @@ pub async fn status(g: &Global) -> Result<(), Failure> {
     let empty = Vec::new();
     for p in body["projections"].as_array().unwrap_or(&empty) {
         println!(
-            "{}  version {}  applied {}  parked {}  lag {}  {:.0} events/s",
+            "{}  version {}  applied {}  parked {}  lag {} records, {} ms  {:.0} events/s",
             p["name"].as_str().unwrap_or("?"),
             p["version"],
             p["applied"],
             p["parked"],
             p["lag"],
+            p["lag_ms"],
             p["events_per_second"].as_f64().unwrap_or(0.0)
         );
         for part in p["partitions"].as_array().unwrap_or(&empty) {
             println!(
-                "  {}/{}  at {}  end {}  lag {}",
+                "  {}/{}  at {}  end {}  lag {} records, {} ms",
                 part["topic"].as_str().unwrap_or("?"),
                 part["partition"],
                 part["next_offset"],
                 part["high_watermark"],
-                part["lag"]
+                part["lag_records"],
+                part["lag_ms"]
             );
         }
         if let Some(r) = p["rebuild"].as_object() {
