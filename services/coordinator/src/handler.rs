@@ -245,7 +245,7 @@ impl Run {
             let mut txs = Txs::default();
             for (_, row) in store.tagged(TAG_LIVE)? {
                 if let Ok(r) = serde_json::from_slice::<TxRecord>(&row.value) {
-                    txs.records.insert(r.txid.clone(), r);
+                    txs.insert(r);
                 }
             }
             let (o, d) = txs.counts(now_ms());
@@ -487,7 +487,7 @@ impl Run {
                 step.tick(&ctx, &txs, now);
             }
             step.tombstones =
-                tombstones.remove(p).unwrap_or_default().into_iter().filter(|t| !txs.records.contains_key(t)).collect();
+                tombstones.remove(p).unwrap_or_default().into_iter().filter(|t| !txs.contains(t)).collect();
             if !step.is_empty() || step.store_failure.is_some() {
                 steps.push((*p, step));
             }

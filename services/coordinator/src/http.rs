@@ -78,7 +78,7 @@ async fn tx(State(shared): State<Arc<Shared>>, Path(txid): Path<String>) -> (Sta
             ),
         );
     };
-    let mut record = txs.lock().expect("view lock").records.get(&txid).cloned();
+    let mut record = txs.lock().expect("view lock").get(&txid).cloned();
     if record.is_none() {
         let store = shared.store.clone();
         let (horizon_ms, t) = (shared.horizon_ms, txid.clone());

@@ -9,7 +9,7 @@
 //! txid and stream, and a vote for a decided transaction is answered with the
 //! decision, so no hold outlives it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use esk_domain::Registry;
 use esk_owner::Incoming;
@@ -56,23 +56,103 @@ impl Done for HashMap<String, TxRecord> {
 /// committed ([`Txs::unlogged_votes`]), so a coordinator that dies reads the
 /// vote again; an acknowledgement lost that way is asked for again by the
 /// decision sent anew after a takeover.
+///
+/// Indexed by what the clock looks for, so that a tick or a gauge costs what
+/// is due, not every live transaction: preparing ones by deadline, decided
+/// ones by when their decision was last sent.
 #[derive(Debug, Default)]
 pub struct Txs {
-    pub records: HashMap<String, TxRecord>,
+    records: HashMap<String, TxRecord>,
     /// When each decision was last sent (not persisted: after a takeover every
     /// unacknowledged decision is sent again at once).
-    pub sent_ms: HashMap<String, i64>,
+    sent_ms: HashMap<String, i64>,
+    /// Preparing transactions by deadline.
+    deadlines: BTreeSet<(i64, String)>,
+    /// Decided, unacknowledged transactions by when their decision was last
+    /// sent (`i64::MIN`: not sent by this process yet).
+    resends: BTreeSet<(i64, String)>,
     /// Votes held in memory only: txid -> (input topic, offsets of its votes).
     pub unlogged_votes: HashMap<String, (String, Vec<i64>)>,
 }
 
 impl Txs {
+    /// A live transaction.
+    pub fn get(&self, txid: &str) -> Option<&TxRecord> {
+        self.records.get(txid)
+    }
+
+    pub fn contains(&self, txid: &str) -> bool {
+        self.records.contains_key(txid)
+    }
+
+    /// How many transactions are live.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Keeps a live transaction (restored, or changed by a step), indexed;
+    /// an ended one leaves memory.
+    pub fn insert(&mut self, record: TxRecord) {
+        self.remove(&record.txid);
+        if record.is_done() {
+            return;
+        }
+        match record.state {
+            TxState::Preparing => {
+                self.deadlines.insert((record.deadline_ms, record.txid.clone()));
+            }
+            TxState::Committing | TxState::Aborting => {
+                let sent = self.sent_ms.get(&record.txid).copied().unwrap_or(i64::MIN);
+                self.resends.insert((sent, record.txid.clone()));
+            }
+            _ => {}
+        }
+        self.records.insert(record.txid.clone(), record);
+    }
+
+    fn remove(&mut self, txid: &str) {
+        let Some(old) = self.records.remove(txid) else { return };
+        match old.state {
+            TxState::Preparing => {
+                self.deadlines.remove(&(old.deadline_ms, old.txid));
+            }
+            TxState::Committing | TxState::Aborting => {
+                let sent = self.sent_ms.get(txid).copied().unwrap_or(i64::MIN);
+                self.resends.remove(&(sent, old.txid));
+            }
+            _ => {}
+        }
+    }
+
+    /// Notes that a decided transaction's decision was sent at `now_ms`.
+    fn sent(&mut self, txid: &str, now_ms: i64) {
+        if !self.records.get(txid).is_some_and(|r| matches!(r.state, TxState::Committing | TxState::Aborting)) {
+            return;
+        }
+        let before = self.sent_ms.insert(txid.to_owned(), now_ms).unwrap_or(i64::MIN);
+        self.resends.remove(&(before, txid.to_owned()));
+        self.resends.insert((now_ms, txid.to_owned()));
+    }
+
+    /// Preparing transactions whose deadline is at or before `now_ms`, and
+    /// decided ones whose decision was last sent at or before `sent_by_ms`,
+    /// oldest first.
+    fn due(&self, now_ms: i64, sent_by_ms: i64) -> impl Iterator<Item = &TxRecord> {
+        let expired = self.deadlines.range(..(now_ms.saturating_add(1), String::new()));
+        let unanswered = self.resends.range(..(sent_by_ms.saturating_add(1), String::new()));
+        expired.chain(unanswered).filter_map(|(_, txid)| self.records.get(txid))
+    }
+
     /// Takes a step's changes once it committed (or needed no Kafka
     /// transaction): live records stay, done ones leave memory (the handler
     /// keeps them in the local store); a logged record's votes are in the log.
     pub fn absorb(&mut self, step: &Step) {
         for r in step.kept() {
-            self.records.insert(r.txid.clone(), r);
+            self.insert(r);
         }
         for (txid, topic, offset) in &step.unlogged_votes {
             let entry = self.unlogged_votes.entry(txid.clone()).or_insert_with(|| (topic.clone(), Vec::new()));
@@ -80,17 +160,24 @@ impl Txs {
         }
         for r in step.records() {
             self.unlogged_votes.remove(&r.txid);
-            if r.is_done() {
-                self.records.remove(&r.txid);
-            } else {
-                self.records.insert(r.txid.clone(), r);
-            }
+            self.insert(r);
         }
-        let sent = step.sent.clone();
-        self.sent_ms.extend(sent);
-        self.sent_ms.retain(|txid, _| {
-            self.records.get(txid).is_some_and(|r| matches!(r.state, TxState::Committing | TxState::Aborting))
-        });
+        for (txid, at) in &step.sent {
+            self.sent(txid, *at);
+        }
+        let records = &self.records;
+        self.sent_ms.retain(|txid, _| records.contains_key(txid));
+    }
+
+    /// After a takeover nothing was sent by this process yet.
+    #[cfg(test)]
+    pub fn forget_sent(&mut self) {
+        let records: Vec<TxRecord> = self.records.values().cloned().collect();
+        self.sent_ms.clear();
+        self.resends.clear();
+        for r in records {
+            self.insert(r);
+        }
     }
 
     /// The highest offset of `topic` a step may commit as consumed: below
@@ -115,10 +202,7 @@ impl Txs {
 
     /// Open transactions, and those past their deadline without a decision.
     pub fn counts(&self, now_ms: i64) -> (usize, usize) {
-        let open = self.records.values().filter(|r| !matches!(r.state, TxState::Committed | TxState::Aborted)).count();
-        let in_doubt =
-            self.records.values().filter(|r| r.state == TxState::Preparing && r.deadline_ms < now_ms).count();
-        (open, in_doubt)
+        (self.records.len(), self.deadlines.range(..(now_ms, String::new())).count())
     }
 }
 
@@ -195,7 +279,7 @@ impl Step {
     /// A transaction as this step sees it: changed here, live, or ended
     /// within the horizon.
     fn get(&mut self, base: &Txs, done: &mut dyn Done, txid: &str) -> Option<TxRecord> {
-        if let Some(r) = self.changed.get(txid).or_else(|| base.records.get(txid)) {
+        if let Some(r) = self.changed.get(txid).or_else(|| base.get(txid)) {
             return Some(r.clone());
         }
         if let Some(r) = self.looked_up.get(txid) {
@@ -533,16 +617,8 @@ impl Step {
     /// decisions sent again where acknowledgements are missing.
     pub fn tick(&mut self, ctx: &Context<'_>, base: &Txs, now_ms: i64) {
         let due: Vec<TxRecord> = base
-            .records
-            .values()
+            .due(now_ms, now_ms.saturating_sub(ctx.resend_after_ms))
             .filter(|r| !self.changed.contains_key(&r.txid))
-            .filter(|r| match r.state {
-                TxState::Preparing => r.deadline_ms <= now_ms,
-                TxState::Committing | TxState::Aborting => {
-                    base.sent_ms.get(&r.txid).is_none_or(|sent| now_ms.saturating_sub(*sent) >= ctx.resend_after_ms)
-                }
-                _ => false,
-            })
             .cloned()
             .collect();
         for r in due {

@@ -82,7 +82,7 @@ fn step(w: &mut World, inputs: Vec<Incoming>, now: i64) -> Step {
 
 impl World {
     fn state(&self, txid: &str) -> TxState {
-        self.txs.records.get(txid).or_else(|| self.done.get(txid)).map_or(TxState::Unknown, |r| r.state)
+        self.txs.get(txid).or_else(|| self.done.get(txid)).map_or(TxState::Unknown, |r| r.state)
     }
 }
 
@@ -114,7 +114,7 @@ fn all_yes_commits_everywhere_and_tells_the_client() {
     assert_eq!(txs.state("t1"), TxState::Committing);
     step(&mut txs, vec![ack("t1", "account-b", "commit"), ack("t1", "account-b", "commit")], 40);
     assert_eq!(txs.state("t1"), TxState::Committed);
-    assert!(txs.txs.records.is_empty(), "an ended transaction leaves memory");
+    assert!(txs.txs.is_empty(), "an ended transaction leaves memory");
     assert_eq!(txs.done["t1"].done_ms, Some(40));
 }
 
@@ -261,7 +261,7 @@ fn the_deadline_aborts_and_decisions_are_sent_again_until_acknowledged() {
     assert!(s.decisions.is_empty(), "not before the deadline");
     let s = step(&mut txs, vec![], 5000);
     assert_eq!(s.decisions.len(), 2);
-    assert!(txs.txs.records["t1"].reason.as_deref().unwrap().contains("votes of account-b"));
+    assert!(txs.txs.get("t1").unwrap().reason.as_deref().unwrap().contains("votes of account-b"));
     step(&mut txs, vec![ack("t1", "account-a", "abort")], 5100);
     let s = step(&mut txs, vec![], 5500);
     assert!(s.decisions.is_empty(), "not before resend_after_ms");
@@ -269,7 +269,7 @@ fn the_deadline_aborts_and_decisions_are_sent_again_until_acknowledged() {
     assert_eq!(s.decisions.len(), 1, "only to the participant that did not acknowledge");
     assert_eq!(s.decisions[0].1, "account-b");
     // After a takeover nothing was sent yet: unacknowledged decisions go at once.
-    txs.txs.sent_ms.clear();
+    txs.txs.forget_sent();
     let s = step(&mut txs, vec![], 6001);
     assert_eq!(s.decisions.len(), 1);
 }
@@ -292,7 +292,7 @@ fn retries_and_status_answer_from_the_log() {
         && t.reason.as_deref().unwrap().contains("idempotency horizon")));
     // Ended, it is still known: retries and status get its outcome.
     step(&mut txs, vec![ack("t1", "account-a", "commit"), ack("t1", "account-b", "commit")], 6);
-    assert!(txs.txs.records.is_empty());
+    assert!(txs.txs.is_empty());
     let s = step(&mut txs, vec![transfer()], 7);
     assert!(matches!(outcome(&s, 0), ReplyOutcome::Tx(t) if t.state == TxState::Committed));
     let s = step(&mut txs, vec![msg(0, "t1", json!({"kind": "status", "txid": "t1", "reply_partition": 0}))], 8);
@@ -313,7 +313,7 @@ fn bad_transactions_are_refused_before_anything_is_logged() {
     for (input, wanted) in cases {
         let mut txs = World::default();
         let s = step(&mut txs, vec![input], 0);
-        assert!(s.prepares.is_empty() && txs.txs.records.is_empty(), "{wanted}");
+        assert!(s.prepares.is_empty() && txs.txs.is_empty(), "{wanted}");
         match outcome(&s, 0) {
             ReplyOutcome::Error(e) => assert!(e.message.contains(wanted), "wanted '{wanted}' in '{}'", e.message),
             other => panic!("{other:?}"),
@@ -398,4 +398,36 @@ proptest! {
         step(&mut txs, batch, 10);
         step(&mut txs, vec![], 100_000);
     }
+}
+
+/// The clock finds what is due through the indexes: exactly the preparing
+/// transactions past their deadline, oldest first, and the decisions not
+/// sent for `resend_after_ms`; the gauges count the same.
+#[test]
+fn the_clock_decides_exactly_what_is_due_among_many() {
+    let mut w = World::default();
+    for i in 0..200 {
+        step(
+            &mut w,
+            vec![begin(&format!("t{i:03}"), &[("account-a", "Withdraw", 1), ("account-b", "Deposit", 1)])],
+            i * 10,
+        );
+    }
+    assert_eq!(w.txs.counts(5000), (200, 0));
+    assert_eq!(w.txs.counts(5105), (200, 11), "deadlines 5000..=5100 passed");
+    // t000..=t010 have deadlines at or before 5100.
+    let s = step(&mut w, vec![], 5100);
+    let mut aborted: Vec<String> = s.records().into_iter().map(|r| r.txid).collect();
+    aborted.dedup();
+    let want: Vec<String> = (0..=10).map(|i| format!("t{i:03}")).collect();
+    assert_eq!(aborted, want, "the due ones, oldest first");
+    assert!(s.decisions.iter().all(|d| d.2.decision == Verdict::Abort));
+    assert_eq!(s.decisions.len(), 22);
+    assert_eq!(w.txs.counts(5105), (200, 0), "decided: no longer in doubt");
+    // Decisions are sent again only after resend_after_ms (1,000).
+    assert!(step(&mut w, vec![], 5109).decisions.is_empty());
+    let s = step(&mut w, vec![], 6100);
+    assert_eq!(s.decisions.len(), 22 + 2 * 100, "the 11 decided again, and t011..=t110 past their deadlines");
+    w.txs.forget_sent();
+    assert_eq!(w.txs.len(), 200);
 }
