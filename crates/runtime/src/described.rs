@@ -146,6 +146,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Milliseconds,
         "0 when a category partition is caught up, else the age of the last event the projection applied from it, sampled",
     ),
+    (
+        "esk_projection_skipped_total",
+        Kind::Counter,
+        Unit::Count,
+        "records polled again below a projection's checkpoint (after a rebalance's seek) and passed over",
+    ),
     ("esk_projection_batch_seconds", Kind::Histogram, Unit::Seconds, "time to apply and commit one projection batch"),
     (
         "esk_replica_lag_records",

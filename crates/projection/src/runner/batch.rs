@@ -134,6 +134,21 @@ impl std::fmt::Display for BatchError {
 /// no event holds a projection back for ever.
 pub const POISON_AFTER: u32 = 10;
 
+/// What each record of a batch decoded to: its event, or why it is parked.
+pub(super) type Decoded = Vec<Result<Event, String>>;
+
+/// Each record of a batch decoded, upcast and validated: its event, or why
+/// it is to be parked (once per batch: the careful pass reuses it).
+pub(super) fn decode_all<R: Record>(batch: &[R], schemas: &SchemaRegistry) -> Decoded {
+    batch.iter().map(|r| r.decode(schemas)).collect()
+}
+
+/// A batch's records and what each decoded to.
+struct Batch<'a, R> {
+    records: &'a [R],
+    decoded: &'a [Result<Event, String>],
+}
+
 /// Applies a batch in one transaction: the events, the parked ones, the new
 /// checkpoints. Events in `poison` are parked without being applied (they
 /// failed too often). `before_commit` sees the parked events first (they go
@@ -146,32 +161,35 @@ pub const POISON_AFTER: u32 = 10;
 /// whole transaction back and the batch is applied again with each event in
 /// a savepoint of its own, which undoes exactly the refused event's changes
 /// (`esk_projection_batches_redone_total`).
+///
+/// `decoded` is [`decode_all`] of the batch. A record below the partition's
+/// checkpoint was applied (or parked) already: polled again after a
+/// rebalance's seek, it is passed over (`esk_projection_skipped_total`).
 pub(super) fn apply_batch<S: Store, P: Projection<S>, R: Record>(
     projection: &P,
-    schemas: &SchemaRegistry,
     store: &mut S,
     batch: &[R],
+    decoded: &[Result<Event, String>],
     positions: &mut Positions,
     poison: &HashMap<(String, i32, i64), String>,
     before_commit: &mut dyn FnMut(&[Parked]) -> Result<(), StoreError>,
 ) -> Result<(u64, Vec<Parked>), BatchError> {
-    if let Some(done) = apply_pass(projection, schemas, store, batch, positions, poison, before_commit, false)? {
+    let batch = Batch { records: batch, decoded };
+    if let Some(done) = apply_pass(projection, store, &batch, positions, poison, before_commit, false)? {
         return Ok(done);
     }
     metrics::counter!("esk_projection_batches_redone_total", "projection" => projection.name().to_owned()).increment(1);
-    apply_pass(projection, schemas, store, batch, positions, poison, before_commit, true)?
+    apply_pass(projection, store, &batch, positions, poison, before_commit, true)?
         .ok_or_else(|| BatchError::Store(StoreError::Other("a batch with savepoints gave up".into())))
 }
 
 /// One pass of [`apply_batch`]: `None` when an event was refused in a pass
 /// without savepoints (nothing was committed; the batch needs the careful
 /// pass).
-#[allow(clippy::too_many_arguments)]
 fn apply_pass<S: Store, P: Projection<S>, R: Record>(
     projection: &P,
-    schemas: &SchemaRegistry,
     store: &mut S,
-    batch: &[R],
+    batch: &Batch<'_, R>,
     positions: &mut Positions,
     poison: &HashMap<(String, i32, i64), String>,
     before_commit: &mut dyn FnMut(&[Parked]) -> Result<(), StoreError>,
@@ -180,29 +198,39 @@ fn apply_pass<S: Store, P: Projection<S>, R: Record>(
     let mut tx = store.begin()?;
     let mut parked = Vec::new();
     let mut applied = 0;
+    let mut skipped = 0u64;
     // The next offset of each partition in the batch (a handful).
     let mut reached: Vec<(&str, i32, i64)> = Vec::new();
-    for rec in batch {
+    for (rec, decoded) in batch.records.iter().zip(batch.decoded) {
         let (topic, partition, offset) = rec.at();
-        match reached.iter_mut().find(|(t, p, _)| *p == partition && *t == topic) {
-            Some(r) => r.2 = offset + 1,
-            None => reached.push((topic, partition, offset + 1)),
+        let next = match reached.iter_mut().find(|(t, p, _)| *p == partition && *t == topic) {
+            Some(r) => &mut r.2,
+            None => {
+                let checkpoint = positions.get(&(topic.to_owned(), partition)).copied().unwrap_or(i64::MIN);
+                reached.push((topic, partition, checkpoint));
+                &mut reached.last_mut().expect("just pushed").2
+            }
+        };
+        if offset < *next {
+            skipped += 1;
+            continue;
         }
+        *next = offset + 1;
         if let Some(reason) = poisoned(poison, rec) {
             parked.push(rec.parked(format!("failed {POISON_AFTER} times in a row: {reason}")));
             continue;
         }
-        let event = match rec.decode(schemas) {
+        let event = match decoded {
             Ok(e) => e,
             Err(reason) => {
-                parked.push(rec.parked(reason));
+                parked.push(rec.parked(reason.clone()));
                 continue;
             }
         };
         if careful {
             S::event_begin(&mut tx)?;
         }
-        match projection.apply(&mut tx, &event) {
+        match projection.apply(&mut tx, event) {
             Ok(()) => {
                 if careful {
                     S::event_release(&mut tx)?;
@@ -218,6 +246,10 @@ fn apply_pass<S: Store, P: Projection<S>, R: Record>(
                 return Err(BatchError::Event { at: (topic.to_owned(), partition, offset), reason });
             }
         }
+    }
+    if skipped > 0 && !careful {
+        metrics::counter!("esk_projection_skipped_total", "projection" => projection.name().to_owned())
+            .increment(skipped);
     }
     let mut next = positions.clone();
     for (topic, partition, offset) in reached {
@@ -338,9 +370,9 @@ mod tests {
         let mut dead = Vec::new();
         let (applied, parked) = apply_batch(
             &RefusesThirteen,
-            &SchemaRegistry::builtin(),
             &mut store,
             &batch,
+            &decode_all(&batch, &SchemaRegistry::builtin()),
             &mut positions,
             &HashMap::new(),
             &mut |p: &[Parked]| {
@@ -380,9 +412,9 @@ mod tests {
         let mut positions = Positions::new();
         let (applied, parked) = apply_batch(
             &RefusesThirteen,
-            &SchemaRegistry::builtin(),
             &mut store,
             &batch,
+            &decode_all(&batch, &SchemaRegistry::builtin()),
             &mut positions,
             &HashMap::new(),
             &mut |_: &[Parked]| Ok(()),
@@ -397,6 +429,32 @@ mod tests {
         let want: Positions =
             [(("t.events.account".to_owned(), 0), n - 1), (("t.events.account".to_owned(), 1), n)].into();
         assert_eq!(positions, want);
+        assert_eq!(store.checkpoints().unwrap(), positions);
+    }
+
+    /// Records polled again below the checkpoint (a rebalance seeks back to
+    /// the store's checkpoints while a batch is polled or held) are passed
+    /// over, within a batch and across batches: each event applied once.
+    #[test]
+    fn records_polled_again_below_the_checkpoint_are_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        RefusesThirteen.migrate(&mut store).unwrap();
+        let mut positions = Positions::new();
+        let apply = |store: &mut SqliteStore, offsets: &[i64], positions: &mut Positions| {
+            let batch: Vec<Rec> = offsets.iter().map(|o| deposit(*o, 1)).collect();
+            let decoded = decode_all(&batch, &SchemaRegistry::builtin());
+            apply_batch(&RefusesThirteen, store, &batch, &decoded, positions, &HashMap::new(), &mut |_: &[Parked]| {
+                Ok(())
+            })
+            .unwrap()
+            .0
+        };
+        assert_eq!(apply(&mut store, &[0, 1, 2, 3, 4, 1, 2, 3, 4, 5], &mut positions), 6);
+        assert_eq!(apply(&mut store, &[3, 4, 5, 6, 7], &mut positions), 2);
+        assert_eq!(apply(&mut store, &[2, 3], &mut positions), 0);
+        assert_eq!(seen(&store), [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(positions, [(("t.events.account".to_owned(), 0), 8)].into());
         assert_eq!(store.checkpoints().unwrap(), positions);
     }
 

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use esk_kafka::Sending;
 use esk_kafka::admin::{Admin, Durability, TopicKind};
 use esk_kafka::record::{DLQ_OFFSET, DLQ_PARTITION, DLQ_TOPIC, DLQ_TRUNCATED, Origin, dead_letter};
 use esk_wire::SchemaRegistry;
@@ -14,6 +15,39 @@ use super::batch::{Rec, decode};
 use super::live::Live;
 use super::{ReplayReport, RunnerConfig};
 use crate::{Parked, Positions, Projection, Store, StoreError};
+
+/// Where a projection parks what it cannot apply: `<prefix>.dlq.<projection>`,
+/// made on first use.
+pub(super) struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+    made: bool,
+}
+
+impl DeadLetters {
+    pub(super) fn new(config: &RunnerConfig, projection: &str) -> Result<Self, String> {
+        let producer = config.kafka.producer(Sending::Parked).create().map_err(|e| e.to_string())?;
+        Ok(Self { producer, topic: config.topics.dlq(projection), made: false })
+    }
+
+    /// Sends parked events, durable before this returns (the checkpoint
+    /// must not move past them first).
+    pub(super) fn send(
+        &mut self,
+        config: &RunnerConfig,
+        projection: &str,
+        parked: &[Parked],
+    ) -> Result<(), StoreError> {
+        if parked.is_empty() {
+            return Ok(());
+        }
+        if !self.made {
+            ensure_dlq(config, &self.topic)?;
+            self.made = true;
+        }
+        send_parked(&self.producer, &self.topic, projection, parked)
+    }
+}
 
 impl<S: Store, P: Projection<S>> Live<S, P> {
     /// Applies parked events that apply now (after a fix), each at most once.
@@ -138,7 +172,7 @@ fn read_one(config: &RunnerConfig, topic: &str, partition: i32, offset: i64) -> 
     Err(format!("no answer from {topic}/{partition} within {:?}", config.kafka.timeout))
 }
 
-pub(super) fn ensure_dlq(config: &RunnerConfig, topic: &str) -> Result<(), StoreError> {
+fn ensure_dlq(config: &RunnerConfig, topic: &str) -> Result<(), StoreError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StoreError::Io)?;
     rt.block_on(async {
         let admin = Admin::new(&config.kafka).map_err(|e| StoreError::Other(e.to_string()))?;
@@ -159,12 +193,7 @@ pub(super) fn ensure_dlq(config: &RunnerConfig, topic: &str) -> Result<(), Store
 
 /// Sends parked events to the dead-letter topic, each whole or, when it would
 /// not fit, as a cut copy with its origin (it can never fail for its size).
-pub(super) fn send_parked(
-    producer: &FutureProducer,
-    topic: &str,
-    consumer: &str,
-    parked: &[Parked],
-) -> Result<(), StoreError> {
+fn send_parked(producer: &FutureProducer, topic: &str, consumer: &str, parked: &[Parked]) -> Result<(), StoreError> {
     let mut deliveries = Vec::new();
     let limit = esk_wire::limits::Limits::default().record_bytes;
     for p in parked {

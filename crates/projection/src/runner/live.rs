@@ -6,18 +6,18 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use esk_kafka::{GroupMember, Sending};
-use esk_wire::SchemaRegistry;
+use esk_kafka::GroupMember;
+use esk_wire::{Event, SchemaRegistry};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::producer::FutureProducer;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
-use super::batch::{Failing, apply_batch};
-use super::dead_letters::{ensure_dlq, send_parked};
+use super::batch::{Failing, apply_batch, decode_all};
+use super::dead_letters::DeadLetters;
 use super::rebuild::Rebuild;
 use super::{Control, FromRebuild, RebuildStatus, RunnerConfig, Shared, Stopped, subscription};
-use crate::{Parked, Positions, Projection, Store, StoreError};
+use crate::{Parked, Positions, Projection, Store};
 
 /// Rebalances: every assignment starts at the store's checkpoints.
 struct SeekToCheckpoints {
@@ -83,13 +83,6 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
         Ok(consumer)
     }
 
-    fn dlq_producer(&self) -> Result<(FutureProducer, String), String> {
-        let topic = self.config.topics.dlq(self.projection.name());
-        let producer: FutureProducer =
-            self.config.kafka.producer(Sending::Parked).create().map_err(|e| e.to_string())?;
-        Ok((producer, topic))
-    }
-
     pub(super) fn run(mut self) {
         let name = self.projection.name().to_owned();
         let consumer = loop {
@@ -101,14 +94,13 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                 }
             }
         };
-        let (dlq, dlq_topic) = match self.dlq_producer() {
-            Ok(p) => p,
+        let mut dead_letters = match DeadLetters::new(&self.config, &name) {
+            Ok(d) => d,
             Err(e) => {
                 tracing::error!(projection = name, "cannot create the dead-letter producer: {e}");
                 return;
             }
         };
-        let mut dlq_ready = false;
         let mut positions = self.committed.lock().expect("positions lock").clone();
         tracing::info!(projection = name, version = self.store.version(), "projection running");
         loop {
@@ -162,42 +154,41 @@ impl<S: Store, P: Projection<S>> Live<S, P> {
                 self.shared.published.idle_at(&consumer);
                 continue;
             }
-            let started = Instant::now();
-            let mut failing = Failing::default();
-            loop {
-                let mut send_dead_letters = |parked: &[Parked]| -> Result<(), StoreError> {
-                    if parked.is_empty() {
-                        return Ok(());
-                    }
-                    if !dlq_ready {
-                        ensure_dlq(&self.config, &dlq_topic)?;
-                        dlq_ready = true;
-                    }
-                    send_parked(&dlq, &dlq_topic, &name, parked)
-                };
-                match apply_batch(
-                    &*self.projection,
-                    &self.schemas,
-                    &mut self.store,
-                    &batch,
-                    &mut positions,
-                    &failing.poison,
-                    &mut send_dead_letters,
-                ) {
-                    Ok((applied, parked)) => {
-                        self.shared.published.written(&batch);
-                        self.committed_now(&consumer, &positions, applied, parked.len() as u64, started);
-                        break;
-                    }
-                    Err(e) => {
-                        metrics::counter!("esk_projection_retries_total", "projection" => name.clone()).increment(1);
-                        tracing::warn!(projection = name, "batch failed, retrying: {e}");
-                        failing.failed(e);
-                    }
+            let decoded = decode_all(&batch, &self.schemas);
+            self.apply(&consumer, &batch, &decoded, &mut positions, &mut dead_letters);
+        }
+        tracing::info!(projection = name, "projection stopped");
+    }
+
+    /// Applies a batch with its checkpoints, trying again (with back-off,
+    /// parking an event that keeps failing) until it commits.
+    fn apply(
+        &mut self,
+        consumer: &BaseConsumer<SeekToCheckpoints>,
+        batch: &[BorrowedMessage<'_>],
+        decoded: &[Result<Event, String>],
+        positions: &mut Positions,
+        dead_letters: &mut DeadLetters,
+    ) {
+        let name = self.projection.name().to_owned();
+        let started = Instant::now();
+        let mut failing = Failing::default();
+        loop {
+            let mut send = |parked: &[Parked]| dead_letters.send(&self.config, &name, parked);
+            match apply_batch(&*self.projection, &mut self.store, batch, decoded, positions, &failing.poison, &mut send)
+            {
+                Ok((applied, parked)) => {
+                    self.shared.published.written(batch);
+                    self.committed_now(consumer, positions, applied, parked.len() as u64, started);
+                    return;
+                }
+                Err(e) => {
+                    metrics::counter!("esk_projection_retries_total", "projection" => name.clone()).increment(1);
+                    tracing::warn!(projection = name, "batch failed, retrying: {e}");
+                    failing.failed(e);
                 }
             }
         }
-        tracing::info!(projection = name, "projection stopped");
     }
 
     fn committed_now(

@@ -6,16 +6,14 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
-use esk_kafka::Sending;
 use esk_wire::SchemaRegistry;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::batch::{Failing, POISON_AFTER, apply_batch};
-use super::dead_letters::{ensure_dlq, send_parked};
+use super::batch::{Failing, POISON_AFTER, apply_batch, decode_all};
+use super::dead_letters::DeadLetters;
 use super::{FromRebuild, RebuildStatus, RunnerConfig, Shared, listed};
-use crate::{Parked, Positions, Projection, Store, StoreError};
+use crate::{Parked, Positions, Projection, Store};
 
 /// Builds the next version of a model from offset 0, then hands it to the live loop.
 pub(super) struct Rebuild<S: Store, P> {
@@ -46,8 +44,7 @@ impl<S: Store, P: Projection<S>> Rebuild<S, P> {
 
     fn build(&mut self) -> Result<(), String> {
         let started = Instant::now();
-        let dlq_topic = self.config.topics.dlq(self.projection.name());
-        let dlq: FutureProducer = self.config.kafka.producer(Sending::Parked).create().map_err(|e| e.to_string())?;
+        let mut dead_letters = DeadLetters::new(&self.config, self.projection.name())?;
         let consumer: BaseConsumer = self
             .config
             .kafka
@@ -107,6 +104,7 @@ impl<S: Store, P: Projection<S>> Rebuild<S, P> {
             if batch.is_empty() {
                 continue;
             }
+            let decoded = decode_all(&batch, &self.schemas);
             let store = self.store.as_mut().ok_or("the rebuilt store was handed over already")?;
             // What the rebuild cannot apply is parked like the live loop's,
             // in the new version's store and the dead-letter topic: a replay
@@ -114,18 +112,12 @@ impl<S: Store, P: Projection<S>> Rebuild<S, P> {
             let mut failing = Failing::default();
             let mut tries = 0;
             loop {
-                let mut send = |parked: &[Parked]| -> Result<(), StoreError> {
-                    if parked.is_empty() {
-                        return Ok(());
-                    }
-                    ensure_dlq(&self.config, &dlq_topic)?;
-                    send_parked(&dlq, &dlq_topic, self.projection.name(), parked)
-                };
+                let mut send = |parked: &[Parked]| dead_letters.send(&self.config, self.projection.name(), parked);
                 match apply_batch(
                     &*self.projection,
-                    &self.schemas,
                     store,
                     &batch,
+                    &decoded,
                     &mut positions,
                     &failing.poison,
                     &mut send,
