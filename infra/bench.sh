@@ -5,11 +5,13 @@
 # Builds the release binaries, uses KAFKA_BOOTSTRAP_SERVERS if set (else starts
 # a broker of its own in a temp dir on a free port, stopped at the end), creates
 # a fresh installation (prefix bench<time>), starts a writer, runs esk-bench,
-# then ProducerPerformance and ConsumerPerformance. The report also goes to
+# then ProducerPerformance, ConsumerPerformance and EndToEndLatency (the
+# reference for esk's latency at 1 in flight). The report also goes to
 # target/bench/<time>.txt.
 #
 #   BENCH_PARTITIONS  partitions of the installation (12)
 #   BENCH_RECORDS     records for the reference tools (200000)
+#   BENCH_E2E_RECORDS records of EndToEndLatency, one at a time (2000)
 #   BENCH_SIZE        record size in bytes, for esk and the tools (200)
 #   BENCH_PROJECTOR_EVENTS  backlog for the projector's catch-up (1000000)
 #   BENCH_TRANSFERS   2PC transfers at 8, 32 and 256 clients (a fifth at 1) (5000)
@@ -36,6 +38,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 kafka=$repo/infra/kafka/kafka.sh
 partitions=${BENCH_PARTITIONS:-12}
 records=${BENCH_RECORDS:-200000}
+e2e_records=${BENCH_E2E_RECORDS:-2000}
 size=${BENCH_SIZE:-200}
 projector_events=${BENCH_PROJECTOR_EVENTS:-1000000}
 transfers=${BENCH_TRANSFERS:-5000}
@@ -172,6 +175,10 @@ PY
   echo "## Kafka reference: ConsumerPerformance (same topic)"
   "$kafka" tool ConsumerPerformance --bootstrap-server "$bootstrap" --topic "$prefix.raw" \
     --num-records "$records" --timeout 60000 2>&1 | tail -n 2
+  echo
+  echo "## Kafka reference: EndToEndLatency ($e2e_records x $size B, acks=all, one at a time: produced, then consumed)"
+  "$kafka" tool EndToEndLatency --bootstrap-server "$bootstrap" --topic "$prefix.e2e" \
+    --num-records "$e2e_records" --producer-acks all --record-size "$size" 2>&1 | tail -n 2
   echo
   echo "## writer metrics"
   curl -fsS "http://$writer_http/metrics" | grep -E "^esk_writer_(batches_total|records_total|events_total|aborts_total|batch_records_(sum|count)|transaction_seconds_(sum|count))"
