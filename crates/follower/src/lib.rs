@@ -243,13 +243,13 @@ pub fn spawn<S: Sink>(kafka: &KafkaConfig, topic: &str, group: &str, mut sink: S
         published: published.clone(),
         stop: stop.clone(),
     };
-    let thread = std::thread::Builder::new().name(format!("follow-{topic}")).spawn(move || run.run())?;
     let (p, t) = (published.clone(), topic.to_owned());
     let lag = engine::lag::sample(kafka, group, topic, vec![topic.to_owned()], move || {
         let progress = p.applied();
         let keyed = |m: &BTreeMap<i32, i64>| m.iter().map(|(part, o)| ((t.clone(), *part), *o)).collect();
         engine::lag::Source { applied: keyed(&progress.positions), last_ms: keyed(&progress.last_ms), idle: p.idle() }
     })?;
+    let thread = std::thread::Builder::new().name(format!("follow-{topic}")).spawn(move || run.run())?;
     let applied = published.watch();
     Ok(Follower { published, applied, stop, thread: Some(thread), lag, topic: topic.to_owned() })
 }

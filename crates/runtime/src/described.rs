@@ -101,6 +101,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
     ("esk_coordinator_dead_letters_total", Kind::Counter, Unit::Count, "input records the coordinator parked"),
     ("esk_coordinator_refused_inputs_total", Kind::Counter, Unit::Count, "transaction requests refused as invalid"),
     (
+        "esk_coordinator_refused_passed_total",
+        Kind::Counter,
+        Unit::Count,
+        "inputs refused already, read again below a vote held in memory and passed over",
+    ),
+    (
         "esk_coordinator_expired_requests_total",
         Kind::Counter,
         Unit::Count,

@@ -24,6 +24,7 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::Shared;
+use crate::isolation::{self, Isolation, Key};
 use crate::logic::{Done, Step, Txs};
 
 /// How often the clock is checked for deadlines and resends.
@@ -93,8 +94,6 @@ struct Owned {
 }
 
 /// A record's place in its input, to know it again after a rewind.
-type Key = (String, i32, i64);
-
 /// A partition's step with its log records serialized, to write.
 struct Prepared<'a> {
     p: i32,
@@ -370,7 +369,7 @@ impl Run {
         let c = &self.shared.config;
         let bounds = Bounds { records: c.max_batch as usize, bytes: MAX_BATCH_BYTES };
         let one = Bounds { records: 1, bytes: usize::MAX };
-        let mut suspects: HashSet<Key> = HashSet::new();
+        let mut isolation = Isolation::default();
         let mut tombstoned = Instant::now();
         let mut advised = Instant::now();
         let mut last_commit: Option<(Instant, usize)> = None;
@@ -387,9 +386,13 @@ impl Run {
                 advised = Instant::now();
                 self.advise(owned);
             }
-            let isolating = !suspects.is_empty();
-            let batch = self.io.collect(if isolating { one } else { bounds }, TICK);
-            let keys: Vec<Key> = batch.iter().map(|r| (r.topic.clone(), r.partition, r.offset)).collect();
+            let isolating = isolation.isolating();
+            let mut batch = self.io.collect(if isolating { one } else { bounds }, TICK);
+            let passed = isolation.unrefused(&mut batch);
+            if passed > 0 {
+                metrics::counter!("esk_coordinator_refused_passed_total").increment(passed as u64);
+            }
+            let keys: Vec<Key> = batch.iter().map(isolation::key).collect();
             let alone = (isolating && batch.len() == 1).then(|| batch[0].clone());
             let tombstones = if isolating { BTreeMap::new() } else { self.expired(owned, &mut tombstoned) };
             let steps = self.decide(owned, batch, tombstones, !isolating);
@@ -397,12 +400,14 @@ impl Run {
                 return Err(anyhow!("the local store failed: {e}"));
             }
             if steps.is_empty() {
+                isolation.handled(&keys);
                 continue;
             }
             if !steps.iter().any(|(_, s)| s.needs_transaction()) {
                 // Partial votes and acknowledgements only: memory takes them,
                 // the log with the transactions' next change (see `Txs`).
                 self.absorb(&steps);
+                isolation.handled(&keys);
                 if steps.iter().any(|(_, s)| !s.unlogged_votes.is_empty()) {
                     esk_runtime::fault_point("after-partial-vote");
                 }
@@ -412,9 +417,8 @@ impl Run {
             match self.transact(owned, &steps) {
                 Ok(written) => {
                     failures = 0;
-                    for k in &keys {
-                        suspects.remove(k);
-                    }
+                    isolation.handled(&keys);
+                    isolation.passed(|t, p| owned.consumed.get(&p).and_then(|c| c.get(t)).copied());
                     if steps.iter().map(|(_, s)| s.tombstones.len()).sum::<usize>() >= TOMBSTONE_PAGE {
                         // More are due: look again at once.
                         tombstoned = Instant::now() - TOMBSTONE_EVERY;
@@ -434,11 +438,12 @@ impl Run {
                             "refusing a record that cannot be written: {e:#}"
                         );
                         metrics::counter!("esk_coordinator_refused_inputs_total").increment(1);
-                        suspects.remove(&(record.topic.clone(), record.partition, record.offset));
+                        isolation.refused(isolation::key(&record));
                         let steps = vec![(record.partition, self.refusal(record, &format!("{e:#}")))];
                         match self.transact(owned, &steps) {
                             Ok(_) => {
                                 self.committed(steps, started)?;
+                                isolation.passed(|t, p| owned.consumed.get(&p).and_then(|c| c.get(t)).copied());
                                 self.rewind(owned)?;
                             }
                             Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),
@@ -449,7 +454,7 @@ impl Run {
                         tracing::error!(shard = self.io.shard, "the clock's decisions cannot be written: {e:#}");
                         self.io.pause(Duration::from_secs(1));
                     } else {
-                        suspects.extend(keys);
+                        isolation.suspect(keys);
                     }
                 }
                 Err(f) => self.failed(owned, f, &mut failures)?,

@@ -30,6 +30,7 @@
 pub mod config;
 pub mod handler;
 pub mod http;
+pub mod isolation;
 pub mod logic;
 
 use std::collections::BTreeMap;

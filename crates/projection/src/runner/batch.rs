@@ -247,7 +247,7 @@ fn apply_pass<S: Store, P: Projection<S>, R: Record>(
             }
         }
     }
-    if skipped > 0 && !careful {
+    if skipped > 0 {
         metrics::counter!("esk_projection_skipped_total", "projection" => projection.name().to_owned())
             .increment(skipped);
     }
