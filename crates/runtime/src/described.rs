@@ -107,6 +107,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "inputs refused already, read again below a vote held in memory and passed over",
     ),
     (
+        "esk_coordinator_refused_remembered",
+        Kind::Gauge,
+        Unit::Count,
+        "refused inputs remembered until the partition's position passes them (at most until the held vote's deadline)",
+    ),
+    (
         "esk_coordinator_expired_requests_total",
         Kind::Counter,
         Unit::Count,

@@ -200,7 +200,6 @@ pub struct PartitionStore {
     path: PathBuf,
 }
 
-/// Page cache per connection: the store's memory is this, whatever it holds.
 /// The position (in a store's positions table) of where a single writer's
 /// partition is in `input`: the next offset to process, taken from the
 /// consumed-positions record its log carries
@@ -219,6 +218,7 @@ pub fn consumed_positions(positions: &BTreeMap<String, i64>) -> BTreeMap<String,
         .collect()
 }
 
+/// Page cache per connection: the store's memory is this, whatever it holds.
 const CACHE_KIB: i64 = 4096;
 
 impl PartitionStore {

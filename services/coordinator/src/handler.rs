@@ -419,6 +419,7 @@ impl Run {
                     failures = 0;
                     isolation.handled(&keys);
                     isolation.passed(|t, p| owned.consumed.get(&p).and_then(|c| c.get(t)).copied());
+                    metrics::gauge!("esk_coordinator_refused_remembered").set(isolation.remembered() as f64);
                     if steps.iter().map(|(_, s)| s.tombstones.len()).sum::<usize>() >= TOMBSTONE_PAGE {
                         // More are due: look again at once.
                         tombstoned = Instant::now() - TOMBSTONE_EVERY;
@@ -444,6 +445,8 @@ impl Run {
                             Ok(_) => {
                                 self.committed(steps, started)?;
                                 isolation.passed(|t, p| owned.consumed.get(&p).and_then(|c| c.get(t)).copied());
+                                metrics::gauge!("esk_coordinator_refused_remembered")
+                                    .set(isolation.remembered() as f64);
                                 self.rewind(owned)?;
                             }
                             Err(Failure::Txn(TxnError::Fatal(e))) => return Err(e),

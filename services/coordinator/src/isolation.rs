@@ -73,7 +73,7 @@ impl Isolation {
         self.refused.retain(|(t, p, o)| next(t, *p).is_none_or(|n| *o >= n));
     }
 
-    /// Refused records still remembered.
+    /// Refused records still remembered (`esk_coordinator_refused_remembered`).
     pub fn remembered(&self) -> usize {
         self.refused.len()
     }
