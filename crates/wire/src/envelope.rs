@@ -129,63 +129,65 @@ impl Event {
                 _ => continue,
             };
             let Some(bytes) = bytes else { continue };
-            let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8(name.into()))?;
-            *slot = Some(text.to_owned());
+            *slot = Some(std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8(name.into()))?);
         }
         found.into_event(value)
     }
 }
 
+/// The attributes as the headers hold them: borrowed, so that those an event
+/// does not keep (spec version, time, stream version, content type) are
+/// checked without a copy.
 #[derive(Default)]
-struct Attributes {
-    specversion: Option<String>,
-    id: Option<String>,
-    source: Option<String>,
-    event_type: Option<String>,
-    time: Option<String>,
-    subject: Option<String>,
-    streamversion: Option<String>,
-    correlationid: Option<String>,
-    causationid: Option<String>,
-    dataschema: Option<String>,
-    content_type: Option<String>,
+struct Attributes<'a> {
+    specversion: Option<&'a str>,
+    id: Option<&'a str>,
+    source: Option<&'a str>,
+    event_type: Option<&'a str>,
+    time: Option<&'a str>,
+    subject: Option<&'a str>,
+    streamversion: Option<&'a str>,
+    correlationid: Option<&'a str>,
+    causationid: Option<&'a str>,
+    dataschema: Option<&'a str>,
+    content_type: Option<&'a str>,
 }
 
-impl Attributes {
+impl Attributes<'_> {
     fn into_event(self, value: Option<&[u8]>) -> Result<Event, DecodeError> {
         let spec = self.specversion.ok_or(DecodeError::MissingHeader(H_SPECVERSION))?;
         if spec != SPEC_VERSION {
-            return Err(DecodeError::SpecVersion(spec));
+            return Err(DecodeError::SpecVersion(spec.into()));
         }
         if let Some(ct) = self.content_type {
             // "application/json; charset=utf-8" is the same thing.
             if ct.split(';').next().map(str::trim) != Some(CONTENT_TYPE) {
-                return Err(DecodeError::ContentType(ct));
+                return Err(DecodeError::ContentType(ct.into()));
             }
         }
         let time_text = self.time.ok_or(DecodeError::MissingHeader(H_TIME))?;
-        let time = DateTime::parse_from_rfc3339(&time_text)
-            .map_err(|e| DecodeError::Time { value: time_text.clone(), reason: e.to_string() })?
+        let time = DateTime::parse_from_rfc3339(time_text)
+            .map_err(|e| DecodeError::Time { value: time_text.into(), reason: e.to_string() })?
             .with_timezone(&Utc);
         let subject = self.subject.ok_or(DecodeError::MissingHeader(H_SUBJECT))?;
-        let stream = StreamName::parse(&subject).map_err(DecodeError::Subject)?;
+        let stream = StreamName::parse(subject).map_err(DecodeError::Subject)?;
         let version_text = self.streamversion.ok_or(DecodeError::MissingHeader(H_STREAMVERSION))?;
         let version = match version_text.parse::<u64>() {
             Ok(v) if v >= 1 => v,
-            _ => return Err(DecodeError::StreamVersion(version_text)),
+            _ => return Err(DecodeError::StreamVersion(version_text.into())),
         };
         let value = value.ok_or(DecodeError::NoValue)?;
         let data = serde_json::from_slice(value).map_err(|e| DecodeError::Json(e.to_string()))?;
         Ok(Event {
-            id: self.id.ok_or(DecodeError::MissingHeader(H_ID))?,
-            source: self.source.ok_or(DecodeError::MissingHeader(H_SOURCE))?,
-            event_type: self.event_type.ok_or(DecodeError::MissingHeader(H_TYPE))?,
+            id: self.id.ok_or(DecodeError::MissingHeader(H_ID))?.into(),
+            source: self.source.ok_or(DecodeError::MissingHeader(H_SOURCE))?.into(),
+            event_type: self.event_type.ok_or(DecodeError::MissingHeader(H_TYPE))?.into(),
             time,
             stream,
             version,
-            correlation_id: self.correlationid,
-            causation_id: self.causationid,
-            data_schema: self.dataschema,
+            correlation_id: self.correlationid.map(Into::into),
+            causation_id: self.causationid.map(Into::into),
+            data_schema: self.dataschema.map(Into::into),
             data,
         })
     }

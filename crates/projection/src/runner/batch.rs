@@ -49,12 +49,11 @@ impl Rec {
 
 /// Decodes, upcasts and validates a record; `Err` is the reason to park it.
 pub(super) fn decode(rec: &Rec, schemas: &SchemaRegistry) -> Result<Event, String> {
-    let headers: Vec<(&str, Option<&[u8]>)> = rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-    decode_parts(headers, rec.value.as_deref(), schemas)
+    decode_parts(rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())), rec.value.as_deref(), schemas)
 }
 
-fn decode_parts(
-    headers: Vec<(&str, Option<&[u8]>)>,
+fn decode_parts<'a>(
+    headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
     value: Option<&[u8]>,
     schemas: &SchemaRegistry,
 ) -> Result<Event, String> {
@@ -96,7 +95,7 @@ impl Record for BorrowedMessage<'_> {
     }
 
     fn decode(&self, schemas: &SchemaRegistry) -> Result<Event, String> {
-        let headers = self.headers().map(|h| h.iter().map(|x| (x.key, x.value)).collect()).unwrap_or_default();
+        let headers = self.headers().into_iter().flat_map(|h| h.iter().map(|x| (x.key, x.value)));
         decode_parts(headers, self.payload(), schemas)
     }
 
