@@ -3,12 +3,25 @@
 //! `available` is the balance minus open withdrawal holds of 2PC transactions,
 //! as the account aggregate counts it. The shipped example of a projection.
 
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::get as route_get;
+use axum::{Json, Router};
 use esk_domain::account::{Event as AccountEvent, HeldCommand};
 use esk_projection::sqlite::SqliteStore;
 use esk_projection::{ApplyError, Projection, StoreError};
 use esk_wire::Event;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::App;
+use crate::http::{ApiError, Params, after, read};
+
+/// The projection's name: its store, group and dead-letter topic.
+pub const NAME: &str = "accounts";
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Accounts;
@@ -25,7 +38,7 @@ pub struct Account {
 
 impl Projection<SqliteStore> for Accounts {
     fn name(&self) -> &str {
-        "accounts"
+        NAME
     }
 
     fn categories(&self) -> Vec<String> {
@@ -96,9 +109,9 @@ impl Projection<SqliteStore> for Accounts {
 
 /// An adjacently tagged event (`{"type", "data"}`) from its type and data as
 /// they are, without building that object (a copy of the data per event).
-fn decode<T: serde::de::DeserializeOwned>(event_type: &str, data: &serde_json::Value) -> serde_json::Result<T> {
+fn decode<T: serde::de::DeserializeOwned>(event_type: &str, data: &Value) -> serde_json::Result<T> {
     use serde::de::IntoDeserializer as _;
-    let event_type = serde_json::Value::String(event_type.to_owned());
+    let event_type = Value::String(event_type.to_owned());
     let entries = [("type", &event_type), ("data", data)];
     T::deserialize(serde::de::value::MapDeserializer::new(entries.into_iter().map(|(k, v)| (k, v.into_deserializer()))))
 }
@@ -134,6 +147,83 @@ pub fn list(conn: &Connection, cursor: Option<&str>, limit: u32) -> rusqlite::Re
     stmt.query_map(params![cursor.unwrap_or(""), limit], row)?.collect()
 }
 
+/// The queries of the `accounts` model:
+/// - `GET /accounts/{id}` -> `{"id","owner","balance","available","version"}`;
+///   `min_version=<n>` waits until the account has reached that version;
+/// - `GET /accounts?limit=&cursor=` -> `{"accounts": [...], "next": cursor|null}`;
+/// - both take `after=<position token>` and `timeout_ms` (see [`crate::http`]).
+pub fn routes() -> Router<Arc<App>> {
+    Router::new().route("/accounts", route_get(list_route)).route("/accounts/{id}", route_get(account_route))
+}
+
+fn account_id(raw: &str) -> Result<String, ApiError> {
+    let id = raw.strip_prefix("account-").unwrap_or(raw);
+    esk_wire::StreamName::new("account", id)
+        .map(|s| s.id().to_owned())
+        .map_err(|e| ApiError::bad(format!("'{raw}' is not an account id: {e}")))
+}
+
+async fn account_route(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+    Query(params): Params,
+) -> Result<Json<Account>, ApiError> {
+    let id = account_id(&raw)?;
+    let min_version = match params.get("min_version") {
+        None => None,
+        Some(v) => {
+            Some(v.parse::<u64>().map_err(|_| ApiError::bad(format!("min_version '{v}' is not a whole number")))?)
+        }
+    };
+    let (model, limit) = after(&app, NAME, &params).await?;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let key = id.clone();
+        let found = read(model, move |c| get(c, &key)).await?;
+        let reached = found.as_ref().map_or(0, |a| a.version);
+        match (found, min_version) {
+            (Some(a), None) => return Ok(Json(a)),
+            (Some(a), Some(v)) if a.version >= v => return Ok(Json(a)),
+            (None, None) => {
+                return Err(ApiError::not_found(format!("account {id} does not exist")));
+            }
+            (_, Some(v)) => {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        format!(
+                            "account {id} did not reach version {v} within {} ms (it is at {reached})",
+                            limit.as_millis()
+                        ),
+                    )
+                    .with("wanted", json!(v))
+                    .with("reached", json!(reached)));
+                }
+                model.runner.changed(deadline - now).await;
+            }
+        }
+    }
+}
+
+async fn list_route(State(app): State<Arc<App>>, Query(params): Params) -> Result<Json<Value>, ApiError> {
+    let limit = match params.get("limit") {
+        None => 100,
+        Some(l) => match l.parse::<u32>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad(format!("limit '{l}' is not a number from 1 to 1000")));
+            }
+        },
+    };
+    let cursor = params.get("cursor").cloned();
+    let (model, _) = after(&app, NAME, &params).await?;
+    let page = read(model, move |c| list(c, cursor.as_deref(), limit)).await?;
+    let next = (page.len() as u32 == limit).then(|| page.last().map(|a| a.id.clone())).flatten();
+    Ok(Json(json!({"accounts": page, "next": next})))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,7 +231,7 @@ mod tests {
     use esk_wire::StreamName;
     use serde_json::json;
 
-    fn event(stream: &str, version: u64, ty: &str, data: serde_json::Value) -> Event {
+    fn event(stream: &str, version: u64, ty: &str, data: Value) -> Event {
         Event {
             id: format!("{stream}-{version}"),
             source: "test".into(),

@@ -1,10 +1,10 @@
 //! The projector's HTTP API.
 //!
-//! - `GET /accounts/{id}` -> `{"id","owner","balance","available","version"}`
-//! - `GET /accounts?limit=&cursor=` -> `{"accounts": [...], "next": cursor|null}`
-//! - both take `after=<position token>` (from an append or command reply) and
-//!   `/accounts/{id}` also `min_version=<n>`: the answer waits until the model has
-//!   applied that much (`timeout_ms`, default 5000), else 504 with what it reached.
+//! - the models' own query routes (the built-in projector's: `/accounts`, see
+//!   [`crate::accounts::routes`]); they take `after=<position token>` (from an
+//!   append or command reply): the answer waits until the model has applied
+//!   it (`timeout_ms`, default 5000), else 504 with what it reached. A route
+//!   reads through [`after`] and [`read`].
 //! - `GET /status`: per projection, checkpoints, high watermarks, lag, events/s, rebuild.
 //! - `POST /projections/{name}/rebuild`, `POST /projections/{name}/replay`.
 //! - `/health`, `/metrics`.
@@ -25,7 +25,6 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::accounts::{self, Account};
 use crate::{App, Model};
 
 /// An HTTP error with a JSON body.
@@ -36,15 +35,23 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+    /// `{"error": code, "message": message}` with `status`.
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         Self { status, body: json!({"error": code, "message": message.into()}) }
     }
 
-    fn bad(message: impl Into<String>) -> Self {
+    /// 400 `bad_request`.
+    pub fn bad(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    fn with(mut self, key: &str, value: Value) -> Self {
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// Adds `key` to the body.
+    pub fn with(mut self, key: &str, value: Value) -> Self {
         self.body[key] = value;
         self
     }
@@ -56,18 +63,23 @@ impl IntoResponse for ApiError {
     }
 }
 
-type Params = Query<HashMap<String, String>>;
+/// A query's parameters, as every route takes them.
+pub type Params = Query<HashMap<String, String>>;
 
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves the built-in routes and `routes` (the models' queries).
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    routes: Router<Arc<App>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let limits = app.config.http.clone();
-    let router = Router::new()
+    let router = routes
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/projections", get(status))
-        .route("/accounts", get(list))
-        .route("/accounts/{id}", get(account))
         .route("/projections/{name}/rebuild", post(rebuild))
         .route("/projections/{name}/replay", post(replay))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
@@ -77,7 +89,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationT
 }
 
 /// How long a query may wait: `timeout_ms`, default 5 s, at most the configured maximum.
-fn wait_limit(app: &App, params: &HashMap<String, String>) -> Result<Duration, ApiError> {
+pub fn wait_limit(app: &App, params: &HashMap<String, String>) -> Result<Duration, ApiError> {
     let ms = match params.get("timeout_ms") {
         None => 5000,
         Some(t) => t
@@ -85,6 +97,21 @@ fn wait_limit(app: &App, params: &HashMap<String, String>) -> Result<Duration, A
             .map_err(|_| ApiError::bad(format!("timeout_ms '{t}' is not a whole number of milliseconds")))?,
     };
     Ok(Duration::from_millis(ms.min(app.config.max_wait_ms)))
+}
+
+/// The model `name`, once it has applied the query's `after` token if it
+/// gave one; and how long the query may still wait (`timeout_ms`). What a
+/// model's own route calls first.
+pub async fn after<'a>(
+    app: &'a App,
+    name: &str,
+    params: &HashMap<String, String>,
+) -> Result<(&'a Model, Duration), ApiError> {
+    let model = named(app, name)?;
+    let limit = wait_limit(app, params)?;
+    let started = tokio::time::Instant::now();
+    after_token(app, model, params, limit).await?;
+    Ok((model, limit.saturating_sub(started.elapsed())))
 }
 
 /// Waits until the model has applied the `after` token, if one was given.
@@ -124,14 +151,8 @@ async fn after_token(
     })
 }
 
-fn account_id(raw: &str) -> Result<String, ApiError> {
-    let id = raw.strip_prefix("account-").unwrap_or(raw);
-    esk_wire::StreamName::new("account", id)
-        .map(|s| s.id().to_owned())
-        .map_err(|e| ApiError::bad(format!("'{raw}' is not an account id: {e}")))
-}
-
-async fn read<R: Send + 'static>(
+/// Runs `f` on one of the model's query connections (off the async threads).
+pub async fn read<R: Send + 'static>(
     model: &Model,
     f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<R> + Send + 'static,
 ) -> Result<R, ApiError> {
@@ -140,71 +161,6 @@ async fn read<R: Send + 'static>(
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()))
-}
-
-async fn account(
-    State(app): State<Arc<App>>,
-    Path(raw): Path<String>,
-    Query(params): Params,
-) -> Result<Json<Account>, ApiError> {
-    let id = account_id(&raw)?;
-    let min_version = match params.get("min_version") {
-        None => None,
-        Some(v) => {
-            Some(v.parse::<u64>().map_err(|_| ApiError::bad(format!("min_version '{v}' is not a whole number")))?)
-        }
-    };
-    let limit = wait_limit(&app, &params)?;
-    let model = &app.accounts;
-    let deadline = tokio::time::Instant::now() + limit;
-    after_token(&app, model, &params, limit).await?;
-    loop {
-        let key = id.clone();
-        let found = read(model, move |c| accounts::get(c, &key)).await?;
-        let reached = found.as_ref().map_or(0, |a| a.version);
-        match (found, min_version) {
-            (Some(a), None) => return Ok(Json(a)),
-            (Some(a), Some(v)) if a.version >= v => return Ok(Json(a)),
-            (None, None) => {
-                return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("account {id} does not exist")));
-            }
-            (_, Some(v)) => {
-                let now = tokio::time::Instant::now();
-                if now >= deadline {
-                    return Err(ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        format!(
-                            "account {id} did not reach version {v} within {} ms (it is at {reached})",
-                            limit.as_millis()
-                        ),
-                    )
-                    .with("wanted", json!(v))
-                    .with("reached", json!(reached)));
-                }
-                model.runner.changed(deadline - now).await;
-            }
-        }
-    }
-}
-
-async fn list(State(app): State<Arc<App>>, Query(params): Params) -> Result<Json<Value>, ApiError> {
-    let limit = match params.get("limit") {
-        None => 100,
-        Some(l) => match l.parse::<u32>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad(format!("limit '{l}' is not a number from 1 to 1000")));
-            }
-        },
-    };
-    let cursor = params.get("cursor").cloned();
-    let wait = wait_limit(&app, &params)?;
-    let model = &app.accounts;
-    after_token(&app, model, &params, wait).await?;
-    let page = read(model, move |c| accounts::list(c, cursor.as_deref(), limit)).await?;
-    let next = (page.len() as u32 == limit).then(|| page.last().map(|a| a.id.clone())).flatten();
-    Ok(Json(json!({"accounts": page, "next": next})))
 }
 
 async fn model_status(model: &Model) -> Value {

@@ -7,10 +7,18 @@
 //! store and consumer group, `--instance`), so any instance answers any query,
 //! read-your-writes tokens included. See docs/adr/0005-projectors.md.
 //!
+//! As a library, [`Projector`] runs any projections, with the built-in
+//! service's guarantees, status, rebuilds, dead-letter replays, health,
+//! readiness and metrics; a service adds its own query routes, which read a
+//! model through [`http::Query`] (read-your-writes tokens included). The
+//! `esk-projector` binary is `Projector` with the `accounts` projection and
+//! its routes.
+//!
 //! # Layout
 //! - [`config`]: flags and environment.
 //! - [`accounts`]: the `accounts` projection and its queries.
-//! - [`http`]: `/accounts`, `/status`, rebuilds, dead-letter replays, `/health`, `/metrics`.
+//! - [`http`]: `/status`, rebuilds, dead-letter replays, `/health`, `/metrics`,
+//!   and [`http::Query`], what a model's own routes read through.
 
 pub mod accounts;
 pub mod config;
@@ -20,6 +28,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use esk_kafka::KafkaConfig;
+use esk_projection::Projection;
 use esk_projection::runner::{self, RunnerConfig, RunnerHandle};
 use esk_projection::sqlite::{Readers, SqliteStore};
 use esk_wire::{SchemaRegistry, Topics};
@@ -38,32 +47,125 @@ pub struct Model {
     pub caught_up: esk_runtime::sample::CaughtUp,
 }
 
-/// What the HTTP handlers share.
+/// What the HTTP handlers share: the running models, by name.
 #[derive(Debug)]
 pub struct App {
     pub config: Config,
     pub topics: Topics,
-    pub accounts: Model,
+    pub models: Vec<Model>,
     /// Whether Kafka answers, sampled every second.
     pub probe: esk_runtime::sample::Sampled<Result<(), String>>,
 }
 
 impl App {
     pub fn model(&self, name: &str) -> Option<&Model> {
-        (name == self.accounts.name).then_some(&self.accounts)
+        self.models.iter().find(|m| m.name == name)
     }
 
     pub fn models(&self) -> impl Iterator<Item = &Model> {
-        std::iter::once(&self.accounts)
+        self.models.iter()
     }
 }
 
-/// Runs the projector until `shutdown` is cancelled.
+type Start = Box<dyn FnOnce(RunnerConfig, Arc<SchemaRegistry>, SqliteStore, Readers) -> Result<RunnerHandle> + Send>;
+
+/// A projection given to a [`Projector`], not yet started.
+struct Registered {
+    name: String,
+    categories: Vec<String>,
+    start: Start,
+}
+
+/// A projector: the projections it is given, each in its own SQLite store,
+/// consumer group and thread, behind one HTTP server.
+///
+/// ```no_run
+/// # async fn f(config: esk_projector::Config, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+/// esk_projector::Projector::new(config)
+///     .projection(esk_projector::accounts::Accounts)
+///     .routes(esk_projector::accounts::routes())
+///     .run(shutdown)
+///     .await
+/// # }
+/// ```
+pub struct Projector {
+    config: Config,
+    projections: Vec<Registered>,
+    routes: axum::Router<Arc<App>>,
+}
+
+impl std::fmt::Debug for Projector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projector")
+            .field("projections", &self.projections.iter().map(|p| &p.name).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Projector {
+    pub fn new(config: Config) -> Self {
+        Self { config, projections: Vec::new(), routes: axum::Router::new() }
+    }
+
+    /// Runs `projection` too. Its name names its store, consumer group and
+    /// dead-letter topic: two projections of one projector may not share it.
+    pub fn projection<P: Projection<SqliteStore>>(mut self, projection: P) -> Self {
+        let name = projection.name().to_owned();
+        let categories = projection.categories();
+        let start: Start = Box::new(move |config, schemas, store, readers| {
+            let switch = readers;
+            Ok(runner::spawn(
+                config,
+                Arc::new(projection),
+                schemas,
+                store,
+                Box::new(move |s: &SqliteStore| switch.switch_to(s)),
+            )?)
+        });
+        self.projections.push(Registered { name, categories, start });
+        self
+    }
+
+    /// Adds query routes beside the built-in ones (`/status`, `/ready`, ...).
+    /// They read a model through [`http::Query`].
+    pub fn routes(mut self, routes: axum::Router<Arc<App>>) -> Self {
+        self.routes = self.routes.merge(routes);
+        self
+    }
+
+    /// Runs until `shutdown` is cancelled or a projection stops for good.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        serve(self, shutdown).await
+    }
+}
+
+/// The built-in projector: the `accounts` projection and its routes.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    Projector::new(config).projection(accounts::Accounts).routes(accounts::routes()).run(shutdown).await
+}
+
+async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> {
+    let Projector { config, projections, routes } = projector;
     // Install the recorder before anything counts.
     esk_runtime::metrics();
     esk_runtime::described::describe("projector");
 
+    if projections.is_empty() {
+        anyhow::bail!("a projector needs at least one projection");
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for p in &projections {
+        Topics::validate_prefix(&p.name).map_err(|e| anyhow::anyhow!("projection name '{}': {e}", p.name))?;
+        if !names.insert(p.name.clone()) {
+            anyhow::bail!(
+                "two projections are named '{}': a name names a store, a group and a dead-letter topic",
+                p.name
+            );
+        }
+        if p.categories.is_empty() {
+            anyhow::bail!("projection '{}' reads no category", p.name);
+        }
+    }
     let kafka = KafkaConfig::load(
         &config.bootstrap_servers,
         std::time::Duration::from_secs(30),
@@ -76,65 +178,91 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let schemas = Arc::new(schemas);
     let listener = esk_runtime::http::bind(&config.http_addr, &config.http).await?;
 
-    let projection = Arc::new(accounts::Accounts);
-    let name = "accounts";
-    let dir = config.store_dir(name);
-    let store = SqliteStore::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))?;
-    let readers = Readers::new(&store);
-    let switch = readers.clone();
-    let runner = runner::spawn(
-        RunnerConfig {
-            kafka: kafka.clone(),
-            topics: topics.clone(),
-            group_id: config.group_id(name),
-            max_batch: config.max_batch as usize,
-        },
-        projection,
-        schemas,
-        store,
-        Box::new(move |s: &SqliteStore| switch.switch_to(s)),
-    )?;
-    tracing::info!(
-        http = %listener.local_addr()?,
-        store = %dir.display(),
-        group = config.group_id(name),
-        "projector running"
-    );
-    let probe = esk_runtime::sample::kafka_probe(&kafka, &config.group_id(name), &topics.events("account"))?;
-    let app = Arc::new(App {
-        config,
-        topics,
-        accounts: Model {
-            name: name.into(),
-            categories: vec!["account".into()],
-            runner,
-            readers,
-            caught_up: Default::default(),
-        },
-        probe,
-    });
+    let probe_topic = topics.events(&projections[0].categories[0]);
+    let probe = esk_runtime::sample::kafka_probe(&kafka, &config.group_id(&projections[0].name), &probe_topic)?;
+    let mut models = Vec::new();
+    for p in projections {
+        let dir = config.store_dir(&p.name);
+        let store = SqliteStore::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))?;
+        let readers = Readers::new(&store);
+        let runner = (p.start)(
+            RunnerConfig {
+                kafka: kafka.clone(),
+                topics: topics.clone(),
+                group_id: config.group_id(&p.name),
+                max_batch: config.max_batch as usize,
+            },
+            schemas.clone(),
+            store,
+            readers.clone(),
+        )
+        .with_context(|| format!("starting projection {}", p.name))?;
+        tracing::info!(
+            projection = p.name,
+            store = %dir.display(),
+            group = config.group_id(&p.name),
+            categories = p.categories.join(","),
+            "projection running"
+        );
+        models.push(Model { name: p.name, categories: p.categories, runner, readers, caught_up: Default::default() });
+    }
+    tracing::info!(http = %listener.local_addr()?, models = models.len(), "projector running");
+    let app = Arc::new(App { config, topics, models, probe });
     // A projection that stopped for good (fenced by another instance with
     // this id) ends the service: serving a model that no longer follows the
     // log would answer tokens wrongly or never.
     let failed = {
         let (app, shutdown) = (app.clone(), shutdown.clone());
         tokio::spawn(async move {
+            let stops = app.models().map(|m| {
+                let name = m.name.clone();
+                Box::pin(async move { (name, m.runner.failed().await) })
+            });
+            let stops: Vec<_> = stops.collect();
             tokio::select! {
                 () = shutdown.cancelled() => None,
-                why = app.accounts.runner.failed() => {
+                ((name, why), _, _) = futures::future::select_all(stops) => {
                     shutdown.cancel();
-                    Some(why)
+                    Some((name, why))
                 }
             }
         })
     };
-    http::serve(listener, app.clone(), shutdown).await?;
+    http::serve(listener, app.clone(), routes, shutdown).await?;
     let failure = failed.await?;
     let app = Arc::into_inner(app).context("HTTP handlers still hold the app")?;
-    tokio::task::spawn_blocking(move || app.accounts.runner.stop()).await?;
+    tokio::task::spawn_blocking(move || {
+        for m in app.models {
+            m.runner.stop();
+        }
+    })
+    .await?;
     match failure {
-        Some(runner::Stopped::Refused(e)) => Err(anyhow::Error::new(e).context(format!("projection {name} stopped"))),
-        Some(why) => anyhow::bail!("projection {name} stopped: {why}"),
+        Some((name, runner::Stopped::Refused(e))) => {
+            Err(anyhow::Error::new(e).context(format!("projection {name} stopped")))
+        }
+        Some((name, why)) => anyhow::bail!("projection {name} stopped: {why}"),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    async fn refused(projector: Projector) -> String {
+        format!("{:#}", projector.run(CancellationToken::new()).await.unwrap_err())
+    }
+
+    #[tokio::test]
+    async fn projections_that_cannot_run_side_by_side_are_refused_before_anything_starts() {
+        let config = || Config::parse_from(["esk-projector", "--bootstrap-servers", "127.0.0.1:1"]);
+        let none = refused(Projector::new(config())).await;
+        assert!(none.contains("at least one projection"), "{none}");
+        let twice =
+            refused(Projector::new(config()).projection(accounts::Accounts).projection(accounts::Accounts)).await;
+        assert!(twice.contains("two projections are named 'accounts'"), "{twice}");
     }
 }
