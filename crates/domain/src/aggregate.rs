@@ -222,6 +222,11 @@ impl Registry {
         self.by_category.insert(A::CATEGORY, Arc::new(Typed::<A>::default()));
     }
 
+    /// Adds every aggregate of `other` (replacing one of the same category).
+    pub fn extend(&mut self, other: Registry) {
+        self.by_category.extend(other.by_category);
+    }
+
     pub fn get(&self, category: &str) -> Option<&Arc<dyn DynAggregate>> {
         self.by_category.get(category)
     }

@@ -118,7 +118,17 @@ async fn horizon(config: &Config, admin: &Admin, topics: &Topics) -> Result<std:
 }
 
 /// Runs the coordinator until `shutdown` is cancelled.
+/// The built-in coordinator: transactions over the built-in aggregates
+/// (`account`, `inventory`) until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    run_with(config, Registry::builtin(), shutdown).await
+}
+
+/// A coordinator of transactions over `aggregates`' categories: a
+/// transaction naming another category is refused before anything is
+/// written. It must know every aggregate that takes part in a transaction
+/// (the writers' own checks stand behind it).
+pub async fn run_with(config: Config, aggregates: Registry, shutdown: CancellationToken) -> Result<()> {
     esk_runtime::metrics();
     esk_runtime::described::describe("coordinator");
     let kafka = KafkaConfig::load(&config.bootstrap_servers, config.kafka_timeout(), config.kafka_config.as_deref())?;
@@ -195,7 +205,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         config,
         kafka,
         topics,
-        aggregates: Registry::builtin(),
+        aggregates,
         partitions,
         reply_partitions,
         owned: Mutex::new(BTreeMap::new()),

@@ -11,6 +11,13 @@
 //! across restarts and takeovers; one older than the horizon is refused
 //! (`request_expired`), never applied a second time.
 //!
+//! As a library, [`Writer`] serves the aggregates it is given (a service's
+//! own, through the `esk` facade); the `esk-writer` binary serves the built-in
+//! `account` and `inventory`. Every category without an aggregate still
+//! takes raw appends. One writer group serves an installation's commands
+//! topic, so every writer of an installation must be given the same
+//! aggregates.
+//!
 //! # Layout
 //! - [`config`]: the command-line and environment configuration.
 //! - The consumer group is `esk_owner`'s, by shard: it assigns the partitions
@@ -178,8 +185,50 @@ async fn horizon(config: &Config, admin: &Admin, topics: &Topics) -> Result<Dura
     Ok(horizon)
 }
 
-/// Runs the writer until `shutdown` is cancelled.
+/// A writer of the aggregates it is given.
+///
+/// ```no_run
+/// # async fn f(config: esk_writer::Config, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+/// esk_writer::Writer::new(config).aggregate::<esk_domain::account::Account>().run(shutdown).await
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Writer {
+    config: Config,
+    aggregates: Registry,
+}
+
+impl Writer {
+    /// A writer with no aggregate yet: raw appends to any category.
+    pub fn new(config: Config) -> Self {
+        Self { config, aggregates: Registry::default() }
+    }
+
+    /// Serves commands to `A::CATEGORY` with `A` (a second aggregate of the
+    /// same category replaces the first).
+    pub fn aggregate<A: esk_domain::Aggregate + 'static>(mut self) -> Self {
+        self.aggregates.register::<A>();
+        self
+    }
+
+    /// Serves every aggregate of `registry` too.
+    pub fn aggregates(mut self, registry: Registry) -> Self {
+        self.aggregates.extend(registry);
+        self
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        serve(self.config, self.aggregates, shutdown).await
+    }
+}
+
+/// The built-in writer (`account` and `inventory`) until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    Writer::new(config).aggregates(Registry::builtin()).run(shutdown).await
+}
+
+async fn serve(config: Config, aggregates: Registry, shutdown: CancellationToken) -> Result<()> {
     // Install the recorder before anything counts.
     esk_runtime::metrics();
     esk_runtime::described::describe("writer");
@@ -241,7 +290,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     store.bind_cluster(&admin.cluster_id().await?)?;
     let http = esk_runtime::http::bind(&config.http_addr, &config.http).await?;
     let watermarks = kafka.metadata(&format!("{}-watermarks", config.group_id())).create()?;
-    let aggregates = Registry::builtin();
     let horizon_ms = horizon.as_millis() as i64;
     let owned = esk_follower::store::Owned::default();
     let probe = esk_runtime::sample::kafka_probe(&kafka, &config.group_id(), &topics.commands())?;
