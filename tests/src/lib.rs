@@ -890,6 +890,7 @@ pub struct Service {
     pub name: String,
     child: std::process::Child,
     pub http: String,
+    ports: Vec<String>,
     pub log: PathBuf,
 }
 
@@ -897,28 +898,44 @@ impl Service {
     /// Starts `esk-<name>` for the test's installation, HTTP on a free port,
     /// stderr to `target/test-logs/<prefix>-<name>-<port>.log`.
     pub fn start(env: &TestEnv, name: &str, extra: &[(&str, &str)]) -> Self {
-        let port = free_port_pair().expect("a free port");
-        let http = format!("127.0.0.1:{port}");
+        Self::program(env, &format!("esk-{name}"), &[&format!("ESK_{}_HTTP", name.to_uppercase())], extra)
+    }
+
+    /// Starts the workspace's binary `program` as [`Service::start`] does; its
+    /// HTTP address (`http`) goes in the first of `http_vars`, and each other
+    /// one gets a free port of its own (in [`Service::ports`]).
+    pub fn program(env: &TestEnv, program: &str, http_vars: &[&str], extra: &[(&str, &str)]) -> Self {
+        let addrs: Vec<String> =
+            http_vars.iter().map(|_| format!("127.0.0.1:{}", free_port_pair().expect("a free port"))).collect();
+        let http = addrs.first().cloned().expect("an HTTP variable");
+        let port = http.rsplit(':').next().unwrap_or_default().to_owned();
         let logs = repo_root().join("target/test-logs");
         std::fs::create_dir_all(&logs).expect("a log dir");
-        let log = logs.join(format!("{}-{name}-{port}.log", env.prefix));
+        let log = logs.join(format!("{}-{}-{port}.log", env.prefix, program.trim_start_matches("esk-")));
         let file = std::fs::File::create(&log).expect("a log file");
-        let mut cmd = Command::new(bin(&format!("esk-{name}")));
+        let mut cmd = Command::new(bin(program));
         // Local stores under target/, one folder per test (services take
         // instances of their own below it); a test may give its own.
         let data = repo_root().join("target/test-data").join(&env.prefix);
         cmd.env("KAFKA_BOOTSTRAP_SERVERS", &env.bootstrap)
             .env("ESK_TOPIC_PREFIX", &env.prefix)
             .env("ESK_DATA_DIR", &data)
-            .env(format!("ESK_{}_HTTP", name.to_uppercase()), &http)
             .env("RUST_LOG", std::env::var("ESK_TEST_RUST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into()))
             .stdout(Stdio::null())
             .stderr(file);
+        for (var, addr) in http_vars.iter().zip(&addrs) {
+            cmd.env(var, addr);
+        }
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting esk-{name}: {e}"));
-        Self { name: name.to_owned(), child, http, log }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {program}: {e}"));
+        Self { name: program.to_owned(), child, http, ports: addrs, log }
+    }
+
+    /// The HTTP address given to the `i`th of [`Service::program`]'s variables.
+    pub fn addr(&self, i: usize) -> &str {
+        &self.ports[i]
     }
 
     pub fn pid(&self) -> u32 {

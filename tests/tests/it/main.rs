@@ -7,6 +7,7 @@ mod coordinator;
 mod guarantees;
 mod health;
 mod kafka_config;
+mod library;
 mod platform;
 mod projector;
 mod replica;
