@@ -930,7 +930,7 @@ impl Service {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {program}: {e}"));
-        Self { name: program.to_owned(), child, http, ports: addrs, log }
+        Self { name: program.trim_start_matches("esk-").to_owned(), child, http, ports: addrs, log }
     }
 
     /// The HTTP address given to the `i`th of [`Service::program`]'s variables.

@@ -2,9 +2,12 @@
 //!
 //! Aggregates: `given::<Order>(&events).when(&command).then_expect(events)`
 //! (or `then_reject`, `then_invalid`). Projections: a [`Model`] applies
-//! events to the projection's own SQLite store in a temporary folder, each
-//! event as the runner applies it (its own savepoint inside a transaction),
-//! and `query` reads it back.
+//! events to the projection's own SQLite store in a temporary folder as the
+//! runner applies a batch — each event in its own savepoint, one that the
+//! projection refuses for good ([`ApplyError::Permanent`]) undone and parked
+//! while the others commit, the whole batch undone on a transient error —
+//! and `query` reads it back. The events are taken as given: decoding,
+//! upcasting and JSON Schema checks are the runner's, before `apply`.
 //!
 //! ```
 //! use esk::testing::{Model, event};
@@ -23,7 +26,8 @@
 //! #     }
 //! # }
 //! let mut model = Model::new(Count).unwrap();
-//! model.given(&[event("order-1", 1, "Placed", serde_json::json!({"item": "tea"}))]).unwrap();
+//! let parked = model.given(&[event("order-1", 1, "Placed", serde_json::json!({"item": "tea"}))]).unwrap();
+//! assert!(parked.is_empty());
 //! let n: i64 = model.query(|c| c.query_row("SELECT v FROM n", [], |r| r.get(0))).unwrap();
 //! assert_eq!(n, 1);
 //! ```
@@ -34,6 +38,10 @@ use esk_projection::{ApplyError, Projection, StoreError};
 use esk_wire::{Event, StreamName};
 
 pub use esk_domain::testing::{Given, When, given};
+
+fn at(i: usize, e: StoreError) -> (usize, ApplyError) {
+    (i, ApplyError::Transient(e.to_string()))
+}
 
 /// An event of `stream` at `version`, as the writer would have written it
 /// (id `<stream>-<version>`, source `esk-test`, now).
@@ -75,24 +83,40 @@ impl<P: Projection<SqliteStore>> Model<P> {
         Ok(Self { projection, store, _dir: dir })
     }
 
-    /// Applies `events` in order, each in its own savepoint and the whole
-    /// in one transaction, as the runner does. The first that fails is
-    /// returned (with its index) and nothing is kept: a permanent failure is
-    /// one the runner would park.
-    pub fn given(&mut self, events: &[Event]) -> Result<(), (usize, ApplyError)> {
-        let store_error = |e: StoreError| (0, ApplyError::Transient(e.to_string()));
-        let mut tx = self.store.begin().map_err(store_error)?;
+    /// Applies `events` in order as one batch: each in its own savepoint,
+    /// all in one transaction. An event the projection refuses for good is
+    /// undone alone and returned as parked (its index and reason) while the
+    /// others commit, as the runner parks it; a transient failure undoes the
+    /// whole batch and is returned with the event's index.
+    pub fn given(&mut self, events: &[Event]) -> Result<Vec<(usize, String)>, (usize, ApplyError)> {
+        let mut tx = self.store.begin().map_err(|e| at(0, e))?;
+        let mut parked = Vec::new();
         for (i, e) in events.iter().enumerate() {
-            SqliteStore::event_begin(&mut tx).map_err(store_error)?;
-            self.projection.apply(&mut tx, e).map_err(|err| (i, err))?;
-            SqliteStore::event_release(&mut tx).map_err(store_error)?;
+            SqliteStore::event_begin(&mut tx).map_err(|err| at(i, err))?;
+            match self.projection.apply(&mut tx, e) {
+                Ok(()) => SqliteStore::event_release(&mut tx).map_err(|err| at(i, err))?,
+                Err(ApplyError::Permanent(reason)) => {
+                    SqliteStore::event_rollback(&mut tx).map_err(|err| at(i, err))?;
+                    parked.push((i, reason));
+                }
+                // Dropping the transaction rolls the batch back.
+                Err(transient) => return Err((i, transient)),
+            }
         }
-        SqliteStore::commit(tx).map_err(store_error)
+        SqliteStore::commit(tx).map_err(|e| at(events.len().saturating_sub(1), e))?;
+        Ok(parked)
     }
 
-    /// Applies one event; see [`Model::given`].
+    /// Applies one event: `Err` when the projection refuses it (then nothing
+    /// of it is kept) or the store fails.
     pub fn when(&mut self, event: &Event) -> Result<(), ApplyError> {
-        self.given(std::slice::from_ref(event)).map_err(|(_, e)| e)
+        match self.given(std::slice::from_ref(event)) {
+            Ok(parked) => match parked.into_iter().next() {
+                Some((_, reason)) => Err(ApplyError::Permanent(reason)),
+                None => Ok(()),
+            },
+            Err((_, e)) => Err(e),
+        }
     }
 
     /// Reads the model.

@@ -117,7 +117,6 @@ async fn horizon(config: &Config, admin: &Admin, topics: &Topics) -> Result<std:
     Ok(horizon)
 }
 
-/// Runs the coordinator until `shutdown` is cancelled.
 /// The built-in coordinator: transactions over the built-in aggregates
 /// (`account`, `inventory`) until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {

@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::App;
-use crate::http::{ApiError, Params, after, read};
+use crate::http::{ApiError, Params, after, read, wait_limit};
 
 /// The projection's name: its store, group and dead-letter topic.
 pub const NAME: &str = "accounts";
@@ -175,8 +175,9 @@ async fn account_route(
             Some(v.parse::<u64>().map_err(|_| ApiError::bad(format!("min_version '{v}' is not a whole number")))?)
         }
     };
-    let (model, limit) = after(&app, NAME, &params).await?;
-    let deadline = tokio::time::Instant::now() + limit;
+    let limit = wait_limit(&app, &params)?;
+    let (model, left) = after(&app, NAME, &params).await?;
+    let deadline = tokio::time::Instant::now() + left;
     loop {
         let key = id.clone();
         let found = read(model, move |c| get(c, &key)).await?;

@@ -66,15 +66,22 @@ impl IntoResponse for ApiError {
 /// A query's parameters, as every route takes them.
 pub type Params = Query<HashMap<String, String>>;
 
-/// Serves the built-in routes and `routes` (the models' queries).
-pub async fn serve(
-    listener: TcpListener,
-    app: Arc<App>,
-    routes: Router<Arc<App>>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let limits = app.config.http.clone();
-    let router = routes
+/// The paths the projector serves itself; a model's own routes may not use them.
+pub const BUILT_IN: [&str; 7] = [
+    "/health",
+    "/ready",
+    "/metrics",
+    "/status",
+    "/projections",
+    "/projections/{name}/rebuild",
+    "/projections/{name}/replay",
+];
+
+/// The built-in routes and `routes` (the models' queries). Made before
+/// anything starts: a model's route on a built-in path ([`BUILT_IN`]) is a
+/// programming error that axum refuses with a panic naming the path.
+pub fn router(routes: Router<Arc<App>>) -> Router<Arc<App>> {
+    routes
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -83,8 +90,17 @@ pub async fn serve(
         .route("/projections/{name}/rebuild", post(rebuild))
         .route("/projections/{name}/replay", post(replay))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .with_state(app);
-    esk_runtime::http::serve(listener, router, shutdown, &limits).await?;
+}
+
+/// Serves `router` (from [`router`]).
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    router: Router<Arc<App>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let limits = app.config.http.clone();
+    esk_runtime::http::serve(listener, router.with_state(app), shutdown, &limits).await?;
     Ok(())
 }
 
@@ -100,8 +116,9 @@ pub fn wait_limit(app: &App, params: &HashMap<String, String>) -> Result<Duratio
 }
 
 /// The model `name`, once it has applied the query's `after` token if it
-/// gave one; and how long the query may still wait (`timeout_ms`). What a
-/// model's own route calls first.
+/// gave one (else 504 `timeout` with where the model is); and how long the
+/// query may still wait of its `timeout_ms`. What a model's own route calls
+/// first.
 pub async fn after<'a>(
     app: &'a App,
     name: &str,

@@ -10,7 +10,7 @@
 //! As a library, [`Projector`] runs any projections, with the built-in
 //! service's guarantees, status, rebuilds, dead-letter replays, health,
 //! readiness and metrics; a service adds its own query routes, which read a
-//! model through [`http::Query`] (read-your-writes tokens included). The
+//! model through [`http::after`] (read-your-writes tokens) and [`http::read`]. The
 //! `esk-projector` binary is `Projector` with the `accounts` projection and
 //! its routes.
 //!
@@ -18,7 +18,7 @@
 //! - [`config`]: flags and environment.
 //! - [`accounts`]: the `accounts` projection and its queries.
 //! - [`http`]: `/status`, rebuilds, dead-letter replays, `/health`, `/metrics`,
-//!   and [`http::Query`], what a model's own routes read through.
+//!   and [`http::after`] and [`http::read`], what a model's own routes read through.
 
 pub mod accounts;
 pub mod config;
@@ -107,8 +107,13 @@ impl Projector {
         Self { config, projections: Vec::new(), routes: axum::Router::new() }
     }
 
-    /// Runs `projection` too. Its name names its store, consumer group and
-    /// dead-letter topic: two projections of one projector may not share it.
+    /// Runs `projection` too. Its name names its store, consumer group
+    /// (`<prefix>-projector-<instance>-<name>`) and dead-letter topic
+    /// (`<prefix>.dlq.<name>`): a category-like name (lowercase letters and
+    /// digits, at most 64), not `writer` or `coordinator`, and unique in the
+    /// installation for an instance id — two services running a projection
+    /// of one name under one prefix and instance would share its group and
+    /// each miss the events the other gets.
     pub fn projection<P: Projection<SqliteStore>>(mut self, projection: P) -> Self {
         let name = projection.name().to_owned();
         let categories = projection.categories();
@@ -126,8 +131,10 @@ impl Projector {
         self
     }
 
-    /// Adds query routes beside the built-in ones (`/status`, `/ready`, ...).
-    /// They read a model through [`http::Query`].
+    /// Adds query routes beside the built-in ones ([`http::BUILT_IN`], which
+    /// they may not use). They read a model through [`http::after`] and
+    /// [`http::read`]. With an admin token (`ESK_ADMIN_TOKEN`) set, a route
+    /// other than GET needs it, as the built-in ones do.
     pub fn routes(mut self, routes: axum::Router<Arc<App>>) -> Self {
         self.routes = self.routes.merge(routes);
         self
@@ -144,19 +151,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     Projector::new(config).projection(accounts::Accounts).routes(accounts::routes()).run(shutdown).await
 }
 
-async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> {
-    let Projector { config, projections, routes } = projector;
-    // Install the recorder before anything counts.
-    esk_runtime::metrics();
-    esk_runtime::described::describe("projector");
-
+/// Names a projector can run side by side: see [`Projector::projection`].
+fn check(projections: &[Registered]) -> Result<()> {
     if projections.is_empty() {
         anyhow::bail!("a projector needs at least one projection");
     }
     let mut names = std::collections::BTreeSet::new();
-    for p in &projections {
-        Topics::validate_prefix(&p.name).map_err(|e| anyhow::anyhow!("projection name '{}': {e}", p.name))?;
-        if !names.insert(p.name.clone()) {
+    for p in projections {
+        if !esk_wire::stream::is_valid_category(&p.name) || matches!(p.name.as_str(), "writer" | "coordinator") {
+            anyhow::bail!(
+                "projection name '{}': it names a store, a group and the dead-letter topic <prefix>.dlq.<name>, so \
+                 it must be lowercase letters and digits (at most 64), and not 'writer' or 'coordinator'",
+                esk_wire::limits::shorten(&p.name, 80)
+            );
+        }
+        if !names.insert(p.name.as_str()) {
             anyhow::bail!(
                 "two projections are named '{}': a name names a store, a group and a dead-letter topic",
                 p.name
@@ -165,7 +174,26 @@ async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> 
         if p.categories.is_empty() {
             anyhow::bail!("projection '{}' reads no category", p.name);
         }
+        if let Some(bad) = p.categories.iter().find(|c| !esk_wire::stream::is_valid_category(c)) {
+            anyhow::bail!(
+                "projection '{}' reads '{}', which is not a category",
+                p.name,
+                esk_wire::limits::shorten(bad, 80)
+            );
+        }
     }
+    Ok(())
+}
+
+async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> {
+    let Projector { config, projections, routes } = projector;
+    // Install the recorder before anything counts.
+    esk_runtime::metrics();
+    esk_runtime::described::describe("projector");
+
+    check(&projections)?;
+    // A route on a built-in path fails here, before anything starts.
+    let router = http::router(routes);
     let kafka = KafkaConfig::load(
         &config.bootstrap_servers,
         std::time::Duration::from_secs(30),
@@ -180,7 +208,7 @@ async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> 
 
     let probe_topic = topics.events(&projections[0].categories[0]);
     let probe = esk_runtime::sample::kafka_probe(&kafka, &config.group_id(&projections[0].name), &probe_topic)?;
-    let mut models = Vec::new();
+    let mut models: Vec<Model> = Vec::new();
     for p in projections {
         let dir = config.store_dir(&p.name);
         let store = SqliteStore::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))?;
@@ -195,8 +223,15 @@ async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> 
             schemas.clone(),
             store,
             readers.clone(),
-        )
-        .with_context(|| format!("starting projection {}", p.name))?;
+        );
+        let runner = match runner {
+            Ok(runner) => runner,
+            Err(e) => {
+                let started = std::mem::take(&mut models);
+                tokio::task::spawn_blocking(move || started.iter().for_each(|m| m.runner.stop())).await?;
+                return Err(e.context(format!("starting projection {}", p.name)));
+            }
+        };
         tracing::info!(
             projection = p.name,
             store = %dir.display(),
@@ -228,15 +263,13 @@ async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> 
             }
         })
     };
-    http::serve(listener, app.clone(), routes, shutdown).await?;
+    let served = http::serve(listener, app.clone(), router, shutdown.clone()).await;
+    shutdown.cancel();
     let failure = failed.await?;
-    let app = Arc::into_inner(app).context("HTTP handlers still hold the app")?;
-    tokio::task::spawn_blocking(move || {
-        for m in app.models {
-            m.runner.stop();
-        }
-    })
-    .await?;
+    // Every runner stops, whatever the HTTP server or a query still holds.
+    let stopping = app.clone();
+    tokio::task::spawn_blocking(move || stopping.models().for_each(|m| m.runner.stop())).await?;
+    served?;
     match failure {
         Some((name, runner::Stopped::Refused(e))) => {
             Err(anyhow::Error::new(e).context(format!("projection {name} stopped")))

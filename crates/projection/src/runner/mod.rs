@@ -131,7 +131,8 @@ pub struct RunnerHandle {
     applied: Applied<Positions>,
     shared: Arc<Shared>,
     control: Sender<Control>,
-    thread: Option<JoinHandle<()>>,
+    /// Taken by the first [`RunnerHandle::stop`].
+    thread: Mutex<Option<JoinHandle<()>>>,
     /// Lag against the high watermarks, sampled every second: reading it
     /// never waits on Kafka.
     lag: esk_runtime::sample::Sampled<Option<Vec<Lag>>>,
@@ -202,10 +203,11 @@ impl RunnerHandle {
         rx.recv_timeout(Duration::from_secs(120)).map_err(|_| "the projection did not answer".to_owned())?
     }
 
-    /// Stops after the current batch and waits.
-    pub fn stop(mut self) {
+    /// Stops after the current batch and waits (a second call returns at once).
+    pub fn stop(&self) {
         let _ = self.control.send(Control::Stop);
-        if let Some(t) = self.thread.take() {
+        let thread = self.thread.lock().expect("thread lock").take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
     }
@@ -267,5 +269,5 @@ where
         .spawn(move || live.run())
         .map_err(StoreError::Io)?;
     let applied = shared.published.watch();
-    Ok(RunnerHandle { applied, shared, control: control_tx, thread: Some(thread), lag, topics })
+    Ok(RunnerHandle { applied, shared, control: control_tx, thread: Mutex::new(Some(thread)), lag, topics })
 }

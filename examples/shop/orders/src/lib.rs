@@ -14,8 +14,11 @@ use esk::rusqlite::{OptionalExtension as _, Transaction, params};
 use esk::{Aggregate, ApplyError, DomainError, Event, Projection, SqliteStore, StoreError};
 use serde::{Deserialize, Serialize};
 
-/// An order's state.
+/// An order's state. The writer stores it (JSON, in each stream's state
+/// record) and reads it back after a restart: a field added later must have
+/// a default, hence `serde(default)`.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct OrderState {
     pub placed: bool,
     pub status: Status,
@@ -95,6 +98,9 @@ impl Aggregate for Order {
     }
 }
 
+/// The `orders` model's name: its store, group and dead-letter topic.
+pub const NAME: &str = "orders";
+
 /// The `orders` read model: one row an order.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Orders;
@@ -113,7 +119,7 @@ pub struct OrderRow {
 
 impl Projection<SqliteStore> for Orders {
     fn name(&self) -> &str {
-        "orders"
+        NAME
     }
 
     fn categories(&self) -> Vec<String> {
@@ -186,7 +192,7 @@ async fn order(
     Path(id): Path<String>,
     Query(params): Params,
 ) -> Result<Json<OrderRow>, ApiError> {
-    let (model, _) = after(&app, "orders", &params).await?;
+    let (model, _) = after(&app, NAME, &params).await?;
     let key = id.clone();
     read(model, move |c| get_order(c, &key))
         .await?
@@ -233,12 +239,13 @@ mod tests {
     #[test]
     fn the_model_follows_an_order() {
         let mut model = Model::new(Orders).unwrap();
-        model
+        let parked = model
             .given(&[
                 event("order-1", 1, "Placed", json!({"customer": "ann", "item": "tea", "quantity": 2, "amount": 700})),
                 event("order-1", 2, "Cancelled", json!({"reason": "out of stock"})),
             ])
             .unwrap();
+        assert!(parked.is_empty(), "{parked:?}");
         let row = model.query(|c| get_order(c, "1")).unwrap().unwrap();
         assert_eq!((row.status.as_str(), row.version, row.quantity), ("cancelled", 2, 2));
     }
@@ -250,5 +257,23 @@ mod tests {
         assert!(matches!(err, ApplyError::Permanent(ref m) if m.contains("does not follow")), "{err:?}");
         let err = model.when(&event("order-3", 1, "Shipped", json!({}))).unwrap_err();
         assert!(matches!(err, ApplyError::Permanent(ref m) if m.contains("not an order event")), "{err:?}");
+    }
+
+    #[test]
+    fn an_event_refused_in_a_batch_is_parked_and_the_rest_kept() {
+        let mut model = Model::new(Orders).unwrap();
+        let placed = json!({"customer": "ann", "item": "tea", "quantity": 1, "amount": 5});
+        let parked = model
+            .given(&[
+                event("order-4", 1, "Placed", placed.clone()),
+                event("order-5", 2, "Confirmed", json!({})),
+                event("order-6", 1, "Placed", placed),
+            ])
+            .unwrap();
+        assert_eq!(parked.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1]);
+        let ids: Vec<String> = model
+            .query(|c| c.prepare("SELECT id FROM orders ORDER BY id")?.query_map([], |r| r.get(0))?.collect())
+            .unwrap();
+        assert_eq!(ids, vec!["4", "6"]);
     }
 }

@@ -1,36 +1,36 @@
 //! `shop-orders`: the orders service, a writer of the `order` aggregate and
-//! a projector of the `orders` model in one process. Configured as esk's
-//! services are, by environment (`KAFKA_BOOTSTRAP_SERVERS`,
+//! a projector of the `orders` model in one process. Configured by the
+//! environment alone, as esk's services can be (`KAFKA_BOOTSTRAP_SERVERS`,
 //! `ESK_TOPIC_PREFIX`, `ESK_DATA_DIR`, `ESK_WRITER_HTTP`,
-//! `ESK_PROJECTOR_HTTP`, ...).
+//! `ESK_PROJECTOR_HTTP`, and the rest of `esk-writer --help` and
+//! `esk-projector --help`); it takes no arguments. Either part stopping
+//! stops the other, and the process waits for both.
 
 use esk::Parser as _;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     esk::service_main("shop-orders", |shutdown| async move {
+        if let Some(arg) = std::env::args().nth(1) {
+            anyhow::bail!("shop-orders takes no arguments (got '{arg}'): it is configured by ESK_* variables");
+        }
         let writer = esk::writer::Config::try_parse_from(["shop-orders"])?;
         let projector = esk::projector::Config::try_parse_from(["shop-orders"])?;
-        let writer = esk::Writer::new(writer).aggregate::<shop_orders::Order>().run(shutdown.clone());
-        let projector = esk::Projector::new(projector)
-            .projection(shop_orders::Orders)
-            .routes(shop_orders::routes())
-            .run(shutdown.clone());
-        // Either one stopping stops the other.
-        let stop = || shutdown.cancel();
-        tokio::try_join!(
+        let writer = esk::Writer::new(writer).aggregate::<shop_orders::Order>();
+        let projector = esk::Projector::new(projector).projection(shop_orders::Orders).routes(shop_orders::routes());
+        let (w, p) = tokio::join!(
             async {
-                let r = writer.await;
-                stop();
+                let r = writer.run(shutdown.clone()).await;
+                shutdown.cancel();
                 r
             },
             async {
-                let r = projector.await;
-                stop();
+                let r = projector.run(shutdown.clone()).await;
+                shutdown.cancel();
                 r
             }
-        )?;
-        Ok(())
+        );
+        w.and(p)
     })
     .await
 }
