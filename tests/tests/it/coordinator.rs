@@ -392,6 +392,11 @@ async fn killed_holding_a_partial_vote(fault: &str, side_by_side: usize) {
     open(&client, &b, 0).await;
     let mut c = coordinator(&env, Some(fault));
     coordinating(&c, 2).await;
+    // One writer paused: the other's vote of each transfer is held in memory
+    // while the coordinator goes on (the next round's requests commit), on a
+    // loaded machine as on an idle one; with both running, both votes could
+    // keep arriving in one batch and the point never be passed.
+    w2.signal("STOP");
     // Rounds of transfers until the coordinator died at its point.
     let mut runs = Vec::new();
     let mut pending = Vec::new();
@@ -418,6 +423,7 @@ async fn killed_holding_a_partial_vote(fault: &str, side_by_side: usize) {
             break;
         }
     }
+    w2.signal("CONT");
     assert!(!c.running(), "{fault} did not fire in 20 rounds");
     c = coordinator(&env, None);
     coordinating(&c, 2).await;
