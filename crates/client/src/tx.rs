@@ -16,13 +16,15 @@ use crate::{Client, ClientError, outcome_error};
 /// The votes deadline a transaction may ask for.
 pub const TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 100..=300_000;
 
-/// Checks a transaction without any state: txid, participants, categories,
-/// commands. The coordinator checks the same before writing anything.
+/// Checks a transaction without any state: txid, participants, and with
+/// `aggregates` their categories and commands too. The coordinator checks
+/// the same, with the aggregates it runs, before writing anything; a client
+/// that does not know them (a service's own) passes `None`.
 pub fn validate(
     txid: &str,
     participants: &[Participant],
     timeout_ms: u64,
-    aggregates: &Registry,
+    aggregates: Option<&Registry>,
 ) -> Result<(), String> {
     if txid.is_empty()
         || txid.len() > MAX_TXID_BYTES
@@ -52,6 +54,14 @@ pub fn validate(
         if !seen.insert(p.stream.as_str()) {
             return Err(format!("stream {} appears twice in the transaction", p.stream));
         }
+        let size = serde_json::to_vec(&p.command.data).map_or(usize::MAX, |v| v.len());
+        if size > MAX_TX_COMMAND_BYTES || p.command.command_type.len() > limits::MAX_TYPE_BYTES {
+            return Err(format!(
+                "{}: the command's data is {size} bytes; the limit in a transaction is {MAX_TX_COMMAND_BYTES}",
+                p.stream
+            ));
+        }
+        let Some(aggregates) = aggregates else { continue };
         let Some(aggregate) = aggregates.get(stream.category()) else {
             return Err(format!(
                 "unknown category '{}' in {}: no aggregate takes part in transactions (known: {})",
@@ -60,13 +70,6 @@ pub fn validate(
                 aggregates.categories().collect::<Vec<_>>().join(", ")
             ));
         };
-        let size = serde_json::to_vec(&p.command.data).map_or(usize::MAX, |v| v.len());
-        if size > MAX_TX_COMMAND_BYTES || p.command.command_type.len() > limits::MAX_TYPE_BYTES {
-            return Err(format!(
-                "{}: the command's data is {size} bytes; the limit in a transaction is {MAX_TX_COMMAND_BYTES}",
-                p.stream
-            ));
-        }
         let command = EventData { event_type: p.command.command_type.clone(), data: p.command.data.clone() };
         aggregate.validate_for_transaction(&command).map_err(|e| format!("{}: {e}", p.stream))?;
     }
@@ -135,5 +138,32 @@ impl Client {
             attempt: Some(uuid::Uuid::new_v4().simple().to_string()),
         };
         self.tx_request(request, self.config.timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use esk_wire::protocol::CommandData;
+    use serde_json::json;
+
+    use super::*;
+
+    fn leg(stream: &str, command: &str, data: serde_json::Value) -> Participant {
+        Participant { stream: stream.into(), command: CommandData { command_type: command.into(), data } }
+    }
+
+    #[test]
+    fn categories_are_checked_only_against_the_aggregates_given() {
+        let legs = [leg("order-1", "Reserve", json!({})), leg("account-1", "Withdraw", json!({"amount": 5}))];
+        let builtin = Registry::builtin();
+        let known = validate("t1", &legs, 5_000, Some(&builtin)).unwrap_err();
+        assert!(known.contains("unknown category 'order'"), "{known}");
+        validate("t1", &legs, 5_000, None).unwrap();
+        // What needs no aggregate is checked either way.
+        let twice = [leg("order-1", "A", json!({})), leg("order-1", "B", json!({}))];
+        assert!(validate("t1", &twice, 5_000, None).unwrap_err().contains("appears twice"));
+        let big = [leg("order-1", "A", json!({"x": "y".repeat(MAX_TX_COMMAND_BYTES)}))];
+        assert!(validate("t1", &big, 5_000, None).unwrap_err().contains("the limit in a transaction"));
+        assert!(validate("has space", &legs, 5_000, None).unwrap_err().contains("txid"));
     }
 }

@@ -434,7 +434,7 @@ impl Step {
                     });
                     return self.reply(part, &txid, attempt, outcome);
                 }
-                if let Err(reason) = esk_client::tx::validate(&txid, &participants, timeout_ms, ctx.aggregates) {
+                if let Err(reason) = esk_client::tx::validate(&txid, &participants, timeout_ms, Some(ctx.aggregates)) {
                     return self.reply(part, &txid, attempt, invalid(reason));
                 }
                 let deadline_ms = now_ms + timeout_ms as i64;

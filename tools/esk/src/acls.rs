@@ -83,8 +83,14 @@ fn idempotent() -> Acl {
     )
 }
 
-/// The ACLs of one role.
+/// The ACLs of one role, for the built-in projection (`accounts`).
+#[cfg(test)]
 pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
+    acls_for(role, t, &["accounts".to_owned()])
+}
+
+/// The ACLs of one role, where the projectors run `projections`.
+pub fn acls_for(role: Role, t: &Topics, projections: &[String]) -> Vec<Acl> {
     use Kind::{Group, Topic, TransactionalId};
     use Op::{Create, Describe, DescribeConfigs, Read, Write};
     let p = t.prefix();
@@ -166,7 +172,7 @@ pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
             ),
             idempotent(),
         ],
-        // services/projector: src/lib.rs (projection accounts); crates/projection/src/runner.rs.
+        // services/projector: src/lib.rs (Projector; the binary runs accounts); crates/projection/src/runner.
         Role::Projector => vec![
             Acl::prefixed(Topic, t.events_prefix(), &[Read], "the events it projects (subscribed by pattern)"),
             Acl::new(
@@ -177,9 +183,9 @@ pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
             ),
             Acl::new(
                 Topic,
-                &[t.dlq("accounts")],
+                &projections.iter().map(|name| t.dlq(name)).collect::<Vec<_>>(),
                 &[Read, Write, Create],
-                "parked events of the accounts projection, read again by replays; made at start",
+                "parked events of each projection, read again by replays; made at start",
             ),
             Acl::prefixed(
                 Group,
@@ -272,10 +278,29 @@ pub fn command_line(principal: &str, acl: &Acl) -> String {
     args.join(" ")
 }
 
+/// The projections asked for (`accounts` when none), each a name a projector runs.
+fn projections(args: &AclsArgs) -> Result<Vec<String>, Failure> {
+    if args.projections.is_empty() {
+        return Ok(vec!["accounts".into()]);
+    }
+    for name in &args.projections {
+        if !esk_wire::stream::is_valid_category(name) || matches!(name.as_str(), "writer" | "coordinator") {
+            return Err(Failure::invalid(format!(
+                "--projection '{}': a projection's name is lowercase letters and digits (at most 64), not 'writer' \
+                 or 'coordinator'",
+                esk_wire::limits::shorten(name, 80)
+            )));
+        }
+    }
+    Ok(args.projections.clone())
+}
+
 pub fn run(g: &Global, args: &AclsArgs) -> Result<(), Failure> {
     Topics::validate_prefix(&g.prefix).map_err(Failure::invalid)?;
     let topics = Topics::new(&g.prefix);
     let roles = chosen(args)?;
+    let projections = projections(args)?;
+    let acls = |role: Role, topics: &Topics| acls_for(role, topics, &projections);
     if args.commands {
         for (role, principal) in &roles {
             for acl in acls(*role, &topics) {
@@ -336,6 +361,20 @@ mod tests {
 
     fn allowed(role: Role, op: Op, kind: Kind, name: &str) -> bool {
         acls(role, &Topics::new("p")).iter().any(|a| allows(a, op, kind, name))
+    }
+
+    #[test]
+    fn projectors_get_the_dead_letter_topics_of_the_projections_named() {
+        let t = Topics::new("p");
+        let orders = acls_for(Role::Projector, &t, &["orders".into(), "shipments".into()]);
+        let grants = |name: &str| orders.iter().any(|a| allows(a, Op::Create, Kind::Topic, name));
+        assert!(grants("p.dlq.orders") && grants("p.dlq.shipments"));
+        assert!(!grants("p.dlq.accounts"), "only the projections named");
+        assert!(allowed(Role::Projector, Op::Write, Kind::Topic, "p.dlq.accounts"), "accounts by default");
+        for bad in ["writer", "Orders", "a.b", ""] {
+            let args = AclsArgs { role: None, principal: vec![], projections: vec![bad.into()], commands: false };
+            assert!(projections(&args).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -131,6 +131,11 @@ pub struct AclsArgs {
     /// The principal of a role, ROLE=User:name (default User:<role>); repeatable.
     #[arg(long, value_name = "ROLE=PRINCIPAL")]
     pub principal: Vec<String>,
+    /// A projection the projectors run, for its dead-letter topic
+    /// `<prefix>.dlq.<name>`; repeatable (default: the built-in `accounts`).
+    /// A service of your own on the esk library names its projections here.
+    #[arg(long = "projection", value_name = "NAME")]
+    pub projections: Vec<String>,
     /// Print `kafka-acls` arguments, one ACL a line, to run as an admin:
     /// `esk acls --commands | while read -r a; do kafka-acls.sh
     /// --bootstrap-server HOST:PORT --command-config admin.properties $a; done`.
@@ -172,6 +177,12 @@ pub struct TxArgs {
     /// How long the participants have to vote before the coordinator aborts.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub tx_timeout: Duration,
+    /// Send participants of categories esk does not ship (a service's own
+    /// aggregates, which the coordinator running them checks) without
+    /// checking their categories and commands here against the built-in
+    /// `account` and `inventory`.
+    #[arg(long)]
+    pub any_category: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -52,7 +52,9 @@ fn print(g: &Global, s: &TxStatus, full: bool) {
 async fn run(g: &Global, txid: Option<String>, participants: Vec<Participant>, args: &TxArgs) -> Result<(), Failure> {
     let txid = txid.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let timeout_ms = args.tx_timeout.as_millis() as u64;
-    esk_client::tx::validate(&txid, &participants, timeout_ms, &Registry::builtin()).map_err(Failure::invalid)?;
+    let builtin = Registry::builtin();
+    let aggregates = (!args.any_category).then_some(&builtin);
+    esk_client::tx::validate(&txid, &participants, timeout_ms, aggregates).map_err(Failure::invalid)?;
     let client = connect(g, false).await?;
     let status = client.transact(&txid, participants, args.tx_timeout).await?;
     print(g, &status, false);
