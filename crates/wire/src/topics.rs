@@ -1,5 +1,20 @@
 //! Names of the platform topics (DESIGN section 2) under a configurable prefix.
 
+/// Checks a projection's name: it names the projection's store, its group
+/// and its dead-letter topic `<prefix>.dlq.<name>`, so it is category-like
+/// (lowercase letters and digits, at most 64) and not `writer` or
+/// `coordinator`, whose dead-letter topics hold other records.
+pub fn check_projection_name(name: &str) -> Result<(), String> {
+    if crate::stream::is_valid_category(name) && !matches!(name, "writer" | "coordinator") {
+        return Ok(());
+    }
+    Err(format!(
+        "projection name '{}': it names a store, a group and the dead-letter topic <prefix>.dlq.<name>, so it must be \
+         lowercase letters and digits (at most 64), and not 'writer' or 'coordinator'",
+        crate::limits::shorten(name, 80)
+    ))
+}
+
 /// The topic names of one esk installation. The prefix lets tests and tenants
 /// share a cluster (`ESK_TOPIC_PREFIX`, default `esk`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -118,14 +118,8 @@ impl Projector {
         let name = projection.name().to_owned();
         let categories = projection.categories();
         let start: Start = Box::new(move |config, schemas, store, readers| {
-            let switch = readers;
-            Ok(runner::spawn(
-                config,
-                Arc::new(projection),
-                schemas,
-                store,
-                Box::new(move |s: &SqliteStore| switch.switch_to(s)),
-            )?)
+            let on_switch = Box::new(move |s: &SqliteStore| readers.switch_to(s));
+            Ok(runner::spawn(config, Arc::new(projection), schemas, store, on_switch)?)
         });
         self.projections.push(Registered { name, categories, start });
         self
@@ -158,13 +152,7 @@ fn check(projections: &[Registered]) -> Result<()> {
     }
     let mut names = std::collections::BTreeSet::new();
     for p in projections {
-        if !esk_wire::stream::is_valid_category(&p.name) || matches!(p.name.as_str(), "writer" | "coordinator") {
-            anyhow::bail!(
-                "projection name '{}': it names a store, a group and the dead-letter topic <prefix>.dlq.<name>, so \
-                 it must be lowercase letters and digits (at most 64), and not 'writer' or 'coordinator'",
-                esk_wire::limits::shorten(&p.name, 80)
-            );
-        }
+        esk_wire::topics::check_projection_name(&p.name).map_err(anyhow::Error::msg)?;
         if !names.insert(p.name.as_str()) {
             anyhow::bail!(
                 "two projections are named '{}': a name names a store, a group and a dead-letter topic",
@@ -211,22 +199,22 @@ async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> 
     let mut models: Vec<Model> = Vec::new();
     for p in projections {
         let dir = config.store_dir(&p.name);
-        let store = SqliteStore::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))?;
-        let readers = Readers::new(&store);
-        let runner = (p.start)(
-            RunnerConfig {
-                kafka: kafka.clone(),
-                topics: topics.clone(),
-                group_id: config.group_id(&p.name),
-                max_batch: config.max_batch as usize,
-            },
-            schemas.clone(),
-            store,
-            readers.clone(),
-        );
-        let runner = match runner {
-            Ok(runner) => runner,
+        let started = SqliteStore::open(&dir)
+            .with_context(|| format!("opening the store in {}", dir.display()))
+            .and_then(|store| {
+                let readers = Readers::new(&store);
+                let config = RunnerConfig {
+                    kafka: kafka.clone(),
+                    topics: topics.clone(),
+                    group_id: config.group_id(&p.name),
+                    max_batch: config.max_batch as usize,
+                };
+                Ok(((p.start)(config, schemas.clone(), store, readers.clone())?, readers))
+            });
+        let (runner, readers) = match started {
+            Ok(started) => started,
             Err(e) => {
+                // Those already started stop before the error is returned.
                 let started = std::mem::take(&mut models);
                 tokio::task::spawn_blocking(move || started.iter().for_each(|m| m.runner.stop())).await?;
                 return Err(e.context(format!("starting projection {}", p.name)));

@@ -284,13 +284,7 @@ fn projections(args: &AclsArgs) -> Result<Vec<String>, Failure> {
         return Ok(vec!["accounts".into()]);
     }
     for name in &args.projections {
-        if !esk_wire::stream::is_valid_category(name) || matches!(name.as_str(), "writer" | "coordinator") {
-            return Err(Failure::invalid(format!(
-                "--projection '{}': a projection's name is lowercase letters and digits (at most 64), not 'writer' \
-                 or 'coordinator'",
-                esk_wire::limits::shorten(name, 80)
-            )));
-        }
+        esk_wire::topics::check_projection_name(name).map_err(|e| Failure::invalid(format!("--projection: {e}")))?;
     }
     Ok(args.projections.clone())
 }
