@@ -756,6 +756,13 @@ impl TestEnv {
         self.esk().args(["topics", "init", "--partitions", &partitions, "--shards", &shards]).run().ok();
     }
 
+    /// `esk topics init --context name --partitions n`: the installation's
+    /// topics if missing, and the bounded context's own.
+    pub fn init_context(&self, context: &str, partitions: u32) {
+        let partitions = partitions.to_string();
+        self.esk().args(["topics", "init", "--context", context, "--partitions", &partitions]).run().ok();
+    }
+
     /// A connected client of this test's installation.
     pub fn client(&self, timeout: Duration, pipelined: bool) -> esk_client::Client {
         let config = esk_kafka::KafkaConfig::new(&self.bootstrap, timeout).expect("valid bootstrap");

@@ -119,6 +119,11 @@ pub struct Client {
     reader: Option<std::thread::JoinHandle<()>>,
     /// Idle consumers of [`read_stream`], reused (up to [`read::READERS`]).
     point_readers: read::Pool,
+    /// Which context each category's requests go to (ADR 13), followed.
+    routes: Arc<esk_kafka::contexts::Routes>,
+    _following: esk_kafka::contexts::Following,
+    /// Partitions of each context's commands topic, as first looked up.
+    context_partitions: Mutex<HashMap<String, i32>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -166,6 +171,8 @@ impl Client {
     /// Learns the partition counts and starts reading a replies partition.
     fn open(config: KafkaConfig, topics: Topics, pipelined: bool) -> Result<Self, ClientError> {
         let timeout = config.timeout;
+        // Read the registry of contexts meanwhile.
+        let following = esk_kafka::contexts::follow(&config, &topics)?;
         let replies = topics.replies();
         let consumer: BaseConsumer<AuthWatch> = config
             .committed_reader(&format!("{}-client", topics.prefix()), Duration::from_millis(10))
@@ -199,6 +206,7 @@ impl Client {
                 .map_err(|e| ClientError::Unavailable(format!("Kafka at {}: {e}", config.bootstrap)))?;
         }
         let pending: Pending = Arc::default();
+        let routes = following.routes(timeout)?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
@@ -221,6 +229,9 @@ impl Client {
             stop,
             reader: Some(reader),
             point_readers: read::Pool::default(),
+            routes,
+            _following: following,
+            context_partitions: Mutex::default(),
         })
     }
 
@@ -249,9 +260,46 @@ impl Client {
         &self.config
     }
 
-    /// Partitions of the co-partitioned topics.
+    /// Partitions of the default context's co-partitioned topics.
     pub fn partitions(&self) -> i32 {
         self.partitions
+    }
+
+    /// The context a category's requests go to, as the registry says now.
+    pub fn context_of(&self, category: &str) -> String {
+        self.routes.context_of(category)
+    }
+
+    /// The commands topic and its partition count for a stream's category:
+    /// its context's (ADR 13), looked up once a context.
+    fn route(&self, stream: &StreamName) -> Result<(String, i32), ClientError> {
+        let context = self.routes.context_of(stream.category());
+        let topic = self.topics.in_context(&context).commands();
+        if context == esk_wire::topics::DEFAULT_CONTEXT {
+            return Ok((topic, self.partitions));
+        }
+        if let Some(n) = self.context_partitions.lock().expect("partitions lock").get(&context) {
+            return Ok((topic, *n));
+        }
+        let md = self
+            .producer
+            .client()
+            .fetch_metadata(Some(&topic), self.config.timeout)
+            .map_err(|e| ClientError::Unavailable(format!("Kafka at {}: {e}", self.config.bootstrap)))?;
+        let n = md
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32)
+            .ok_or_else(|| {
+                ClientError::Unavailable(format!(
+                    "{topic} does not exist, though the registry of contexts gives category '{}' to context \
+                     '{context}': run `esk topics init --context {context}`",
+                    stream.category()
+                ))
+            })?;
+        self.context_partitions.lock().expect("partitions lock").insert(context, n);
+        Ok((topic, n))
     }
 
     /// Sends a request and waits for its reply.
@@ -292,16 +340,16 @@ impl Client {
         let id = request.request_id.clone();
         let payload = serde_json::to_vec(&request).map_err(|e| ClientError::Invalid(e.to_string()))?;
         self.check_size("request (all its events)", &payload)?;
+        let (topic, partitions) = self.route(&stream)?;
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(attempt.clone(), Waiting { request_id: id.clone(), tx });
 
-        let topic = self.topics.commands();
         let record = FutureRecord::to(&topic)
-            .partition(partition_for(stream.as_str().as_bytes(), self.partitions))
+            .partition(partition_for(stream.as_str().as_bytes(), partitions))
             .key(stream.as_str())
             .payload(&payload);
         match self.producer.send_result(record) {
-            Ok(delivery) => Ok(Submitted { client: self, id, attempt, delivery, rx }),
+            Ok(delivery) => Ok(Submitted { client: self, id, attempt, topic, delivery, rx }),
             Err((e, _)) => {
                 self.pending.lock().expect("pending lock").remove(&attempt);
                 Err(send_error(&topic, e))
@@ -353,6 +401,7 @@ pub struct Submitted<'c> {
     client: &'c Client,
     id: String,
     attempt: String,
+    topic: String,
     delivery: rdkafka::producer::DeliveryFuture,
     rx: oneshot::Receiver<Reply>,
 }
@@ -370,13 +419,13 @@ impl Submitted<'_> {
 
     /// Waits for the request to be stored and answered, up to the client's timeout.
     pub async fn reply(self) -> Result<Reply, ClientError> {
-        let Submitted { client, id, attempt, delivery, rx } = self;
+        let Submitted { client, id, attempt, topic, delivery, rx } = self;
         let timeout = client.config.timeout;
         let outcome = async {
             match tokio::time::timeout(timeout, delivery).await {
                 Ok(Ok(Ok(_))) => tracing::debug!(request = id, "request stored"),
                 Ok(Ok(Err((e, _)))) => {
-                    return Err(match send_error(&client.topics.commands(), e) {
+                    return Err(match send_error(&topic, e) {
                         ClientError::Unavailable(m) => {
                             ClientError::Unavailable(format!("request {id}, Kafka at {}: {m}", client.config.bootstrap))
                         }

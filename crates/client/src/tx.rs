@@ -17,14 +17,18 @@ use crate::{Client, ClientError, outcome_error};
 pub const TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 100..=300_000;
 
 /// Checks a transaction without any state: txid, participants, and with
-/// `aggregates` their categories and commands too. The coordinator checks
-/// the same, with the aggregates it runs, before writing anything; a client
-/// that does not know them (a service's own) passes `None`.
+/// `aggregates` their categories and commands too: a category must have an
+/// aggregate there, or be one that `elsewhere` says another context's
+/// writers serve (they check its commands when they vote). The coordinator
+/// checks the same, with the aggregates it runs and the registry of
+/// contexts, before writing anything; a client that knows neither passes
+/// `None`.
 pub fn validate(
     txid: &str,
     participants: &[Participant],
     timeout_ms: u64,
     aggregates: Option<&Registry>,
+    elsewhere: &dyn Fn(&str) -> bool,
 ) -> Result<(), String> {
     if txid.is_empty()
         || txid.len() > MAX_TXID_BYTES
@@ -63,8 +67,12 @@ pub fn validate(
         }
         let Some(aggregates) = aggregates else { continue };
         let Some(aggregate) = aggregates.get(stream.category()) else {
+            if elsewhere(stream.category()) {
+                continue;
+            }
             return Err(format!(
-                "unknown category '{}' in {}: no aggregate takes part in transactions (known: {})",
+                "unknown category '{}' in {}: no aggregate takes part in transactions (known: {}; and those of the \
+                 contexts that claimed categories: `esk contexts`)",
                 stream.category(),
                 p.stream,
                 aggregates.categories().collect::<Vec<_>>().join(", ")
@@ -156,14 +164,19 @@ mod tests {
     fn categories_are_checked_only_against_the_aggregates_given() {
         let legs = [leg("order-1", "Reserve", json!({})), leg("account-1", "Withdraw", json!({"amount": 5}))];
         let builtin = Registry::builtin();
-        let known = validate("t1", &legs, 5_000, Some(&builtin)).unwrap_err();
+        let nowhere = |_: &str| false;
+        let known = validate("t1", &legs, 5_000, Some(&builtin), &nowhere).unwrap_err();
         assert!(known.contains("unknown category 'order'"), "{known}");
-        validate("t1", &legs, 5_000, None).unwrap();
+        validate("t1", &legs, 5_000, None, &nowhere).unwrap();
+        // A category another context serves is that context's writers' to check.
+        validate("t1", &legs, 5_000, Some(&builtin), &|c| c == "order").unwrap();
+        let bad_leg = [leg("order-1", "Reserve", json!({})), leg("account-1", "Withdraw", json!({"amount": -5}))];
+        assert!(validate("t1", &bad_leg, 5_000, Some(&builtin), &|c| c == "order").is_err(), "ours still checked");
         // What needs no aggregate is checked either way.
         let twice = [leg("order-1", "A", json!({})), leg("order-1", "B", json!({}))];
-        assert!(validate("t1", &twice, 5_000, None).unwrap_err().contains("appears twice"));
+        assert!(validate("t1", &twice, 5_000, None, &nowhere).unwrap_err().contains("appears twice"));
         let big = [leg("order-1", "A", json!({"x": "y".repeat(MAX_TX_COMMAND_BYTES)}))];
-        assert!(validate("t1", &big, 5_000, None).unwrap_err().contains("the limit in a transaction"));
-        assert!(validate("has space", &legs, 5_000, None).unwrap_err().contains("txid"));
+        assert!(validate("t1", &big, 5_000, None, &nowhere).unwrap_err().contains("the limit in a transaction"));
+        assert!(validate("has space", &legs, 5_000, None, &nowhere).unwrap_err().contains("txid"));
     }
 }

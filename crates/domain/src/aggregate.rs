@@ -231,6 +231,18 @@ impl Registry {
         self.by_category.get(category)
     }
 
+    /// Only the aggregates of `categories`; `Err` names one it does not have.
+    pub fn only(mut self, categories: &[String]) -> Result<Self, String> {
+        if let Some(missing) = categories.iter().find(|c| !self.by_category.contains_key(c.as_str())) {
+            return Err(format!(
+                "no aggregate for category '{missing}' (there are: {})",
+                self.categories().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        self.by_category.retain(|c, _| categories.iter().any(|k| k == c));
+        Ok(self)
+    }
+
     pub fn categories(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.by_category.keys().copied()
     }

@@ -66,6 +66,9 @@ pub enum TopicKind {
     DeadLetters,
     /// The shards: a partition each, nothing written.
     Shards,
+    /// The registry of contexts: one partition of claims, kept forever
+    /// (the first claim of a category wins, so none may be deleted).
+    Contexts,
 }
 
 /// Replication factor and min ISR for a cluster of a given size.
@@ -103,7 +106,7 @@ impl TopicKind {
         let (cleanup, retention) = match self {
             TopicKind::Commands | TopicKind::TxTraffic => ("delete", horizon_ms.as_str()),
             TopicKind::Answers => ("delete", kept.as_str()),
-            TopicKind::Events | TopicKind::DeadLetters => ("delete", "-1"),
+            TopicKind::Events | TopicKind::DeadLetters | TopicKind::Contexts => ("delete", "-1"),
             TopicKind::Replies | TopicKind::Shards => ("delete", HOUR_MS),
             TopicKind::State | TopicKind::TxLog => ("compact", "-1"),
         };
@@ -112,7 +115,7 @@ impl TopicKind {
             ("retention.ms".to_owned(), retention.to_owned()),
             ("min.insync.replicas".to_owned(), d.min_insync_replicas.to_string()),
         ]);
-        if self == TopicKind::Events || self == TopicKind::DeadLetters {
+        if matches!(self, TopicKind::Events | TopicKind::DeadLetters | TopicKind::Contexts) {
             configs.insert("retention.bytes".into(), "-1".into());
         }
         if self == TopicKind::Answers {
@@ -126,8 +129,9 @@ impl TopicKind {
     }
 }
 
-/// Every platform topic: the co-partitioned ones, an events topic per known
-/// category and the dead-letter topics of the writer and the coordinator.
+/// Every platform topic: the installation's (replies, the coordinator's,
+/// the registry of contexts, an events topic per known category, the
+/// coordinator's dead letters) and the default context's.
 pub fn platform_topics<'a>(
     topics: &Topics,
     categories: impl IntoIterator<Item = &'a str>,
@@ -135,26 +139,38 @@ pub fn platform_topics<'a>(
     d: Durability,
     horizon: Duration,
 ) -> Vec<TopicSpec> {
-    let Layout { partitions, shards } = layout;
+    let partitions = layout.partitions;
     let spec = |kind: TopicKind, name: String| kind.spec_for(name, partitions, d, horizon);
     let mut specs = vec![
-        spec(TopicKind::Commands, topics.commands()),
-        spec(TopicKind::State, topics.state()),
-        spec(TopicKind::Answers, topics.answers()),
         spec(TopicKind::Replies, topics.replies()),
         spec(TopicKind::TxTraffic, topics.tx_requests()),
-        spec(TopicKind::TxTraffic, topics.tx_prepare()),
-        spec(TopicKind::TxTraffic, topics.tx_commit()),
         spec(TopicKind::TxTraffic, topics.tx_votes()),
         spec(TopicKind::TxLog, topics.tx_log()),
+        TopicKind::Contexts.spec(topics.contexts(), 1, d),
     ];
     for c in categories {
         specs.push(TopicKind::Events.spec(topics.events(c), partitions, d));
     }
-    specs.push(TopicKind::DeadLetters.spec(topics.dlq("writer"), partitions, d));
     specs.push(TopicKind::DeadLetters.spec(topics.dlq("coordinator"), partitions, d));
-    specs.push(TopicKind::Shards.spec(topics.shards(), shards, d));
+    specs.extend(context_topics(&topics.in_context(esk_wire::topics::DEFAULT_CONTEXT), layout, d, horizon));
     specs
+}
+
+/// The topics a context owns (ADR 13), co-partitioned: its requests, state,
+/// answers, 2PC prepares and decisions, its writers' dead letters, and its
+/// shards.
+pub fn context_topics(topics: &Topics, layout: Layout, d: Durability, horizon: Duration) -> Vec<TopicSpec> {
+    let Layout { partitions, shards } = layout;
+    let spec = |kind: TopicKind, name: String| kind.spec_for(name, partitions, d, horizon);
+    vec![
+        spec(TopicKind::Commands, topics.commands()),
+        spec(TopicKind::State, topics.state()),
+        spec(TopicKind::Answers, topics.answers()),
+        spec(TopicKind::TxTraffic, topics.tx_prepare()),
+        spec(TopicKind::TxTraffic, topics.tx_commit()),
+        TopicKind::DeadLetters.spec(topics.writer_dlq(), partitions, d),
+        TopicKind::Shards.spec(topics.shards(), shards, d),
+    ]
 }
 
 /// How an installation is partitioned: the co-partitioned topics'
@@ -520,7 +536,31 @@ mod tests {
             ("33000", "60000")
         );
         assert!(specs.iter().all(|s| s.replication_factor == 3));
-        assert!(specs.iter().filter(|s| s.name != "x.shards").all(|s| s.partitions == 6));
+        assert!(
+            specs.iter().filter(|s| !["x.shards", "x.contexts"].contains(&s.name.as_str())).all(|s| s.partitions == 6)
+        );
+        assert_eq!(get("x.contexts").partitions, 1, "one order of claims");
+        assert_eq!(get("x.contexts").configs["retention.ms"], "-1", "no claim is ever deleted");
+        assert_eq!(get("x.contexts").configs["cleanup.policy"], "delete", "nor compacted away");
+        let payments = context_topics(
+            &Topics::new("x").in_context("payments"),
+            Layout { partitions: 3, shards: 1 },
+            Durability::new(1),
+            DEFAULT_HORIZON,
+        );
+        let names: Vec<&str> = payments.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "x.payments.commands",
+                "x.payments.state",
+                "x.payments.answers",
+                "x.payments.tx.prepare",
+                "x.payments.tx.commit",
+                "x.payments.dlq.writer",
+                "x.payments.shards"
+            ]
+        );
         assert!(specs.iter().all(|s| s.configs["min.insync.replicas"] == "2"));
         assert_eq!(Durability::for_brokers(1), Durability::new(1));
         assert_eq!(Durability::new(1).min_insync_replicas, 1);

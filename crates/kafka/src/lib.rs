@@ -11,6 +11,7 @@
 //!   guarantee rests on are refused.
 //! - [`admin`]: the platform topics and their configs; idempotent creation and
 //!   description through the admin API.
+//! - [`contexts`]: the registry of bounded contexts: read, followed, claimed.
 //! - [`read`]: reading a partition to its end (restores).
 //! - [`record`]: owned headers, and dead letters (cut to fit when they must).
 //! - [`error`]: errors that say whether the broker was unreachable (retry later),
@@ -20,6 +21,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod contexts;
 pub mod error;
 pub mod properties;
 pub mod read;

@@ -601,11 +601,11 @@ impl Run {
         for txid in &step.tombstones {
             send(&t.tx_log(), p, txid.as_bytes(), None, None)?;
         }
-        for (part, stream, prepare) in &step.prepares {
-            send(&t.tx_prepare(), *part, stream.as_bytes(), Some(&json(prepare)), None)?;
+        for (part, stream, prepare, context) in &step.prepares {
+            send(&t.in_context(context).tx_prepare(), *part, stream.as_bytes(), Some(&json(prepare)), None)?;
         }
-        for (part, stream, decision) in &step.decisions {
-            send(&t.tx_commit(), *part, stream.as_bytes(), Some(&json(decision)), None)?;
+        for (part, stream, decision, context) in &step.decisions {
+            send(&t.in_context(context).tx_commit(), *part, stream.as_bytes(), Some(&json(decision)), None)?;
         }
         for (part, txid, reply) in &step.replies {
             send(&t.replies(), *part, txid.as_bytes(), Some(&json(reply)), None)?;
@@ -715,17 +715,17 @@ fn partitions_written(prepared: &[Prepared<'_>]) -> usize {
     let mut written = HashSet::new();
     for Prepared { p, step, records, .. } in prepared {
         if !records.is_empty() || !step.tombstones.is_empty() {
-            written.insert((0, *p));
+            written.insert((0, "", *p));
         }
         if !step.dead_letters.is_empty() {
-            written.insert((1, *p));
+            written.insert((1, "", *p));
         }
         if !step.consumed.is_empty() {
-            written.insert((0, *p));
+            written.insert((0, "", *p));
         }
-        written.extend(step.prepares.iter().map(|(part, _, _)| (2, *part)));
-        written.extend(step.decisions.iter().map(|(part, _, _)| (3, *part)));
-        written.extend(step.replies.iter().map(|(part, _, _)| (4, *part)));
+        written.extend(step.prepares.iter().map(|(part, _, _, c)| (2, c.as_str(), *part)));
+        written.extend(step.decisions.iter().map(|(part, _, _, c)| (3, c.as_str(), *part)));
+        written.extend(step.replies.iter().map(|(part, _, _)| (4, "", *part)));
     }
     written.len()
 }

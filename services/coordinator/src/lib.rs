@@ -70,6 +70,13 @@ pub struct Shared {
     pub serving: Mutex<std::collections::BTreeSet<i32>>,
     /// Whether Kafka answers, sampled every second.
     pub probe: esk_runtime::sample::Sampled<Result<(), String>>,
+    /// Which context each category belongs to (ADR 13), followed.
+    pub routes: Arc<esk_kafka::contexts::Routes>,
+    pub following: esk_kafka::contexts::Following,
+    /// Partitions of each context's `tx.prepare`, as first looked up.
+    pub context_partitions: Mutex<std::collections::HashMap<String, i32>>,
+    /// For those lookups.
+    pub metadata: rdkafka::consumer::BaseConsumer,
 }
 
 impl std::fmt::Debug for Shared {
@@ -82,12 +89,48 @@ impl Shared {
     pub fn context(&self) -> logic::Context<'_> {
         logic::Context {
             aggregates: &self.aggregates,
+            router: self,
             partitions: self.partitions,
             reply_partitions: self.reply_partitions,
             resend_after_ms: self.config.resend_ms as i64,
             limits: self.limits,
             horizon_ms: self.horizon_ms,
         }
+    }
+}
+
+impl logic::Router for Shared {
+    fn route(&self, category: &str) -> Result<(String, i32), String> {
+        let context = self.routes.context_of(category);
+        if context == esk_wire::topics::DEFAULT_CONTEXT {
+            return Ok((context, self.partitions));
+        }
+        if let Some(n) = self.context_partitions.lock().expect("partitions lock").get(&context) {
+            return Ok((context, *n));
+        }
+        use rdkafka::consumer::Consumer;
+        let topic = self.topics.in_context(&context).tx_prepare();
+        let md = self
+            .metadata
+            .fetch_metadata(Some(&topic), self.config.kafka_timeout())
+            .map_err(|e| format!("metadata of {topic}: {e}"))?;
+        let n = md
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32)
+            .ok_or_else(|| {
+                format!(
+                    "category '{category}' belongs to context '{context}', whose {topic} does not exist: run `esk \
+                     topics init --context {context}`"
+                )
+            })?;
+        self.context_partitions.lock().expect("partitions lock").insert(context.clone(), n);
+        Ok((context, n))
+    }
+
+    fn elsewhere(&self, category: &str) -> bool {
+        !self.routes.routes_to(category, esk_wire::topics::DEFAULT_CONTEXT)
     }
 }
 
@@ -192,6 +235,8 @@ pub async fn run_with(config: Config, aggregates: Registry, shutdown: Cancellati
     } else {
         None
     };
+    let (following, routes) = esk_kafka::contexts::follow_async(&kafka, &topics).await?;
+    let metadata = kafka.metadata(&format!("{}-metadata", config.group_id())).create()?;
     tracing::info!(
         prefix = topics.prefix(),
         partitions,
@@ -216,6 +261,10 @@ pub async fn run_with(config: Config, aggregates: Registry, shutdown: Cancellati
         assigned: Mutex::new(None),
         serving: Mutex::default(),
         probe,
+        routes,
+        following,
+        context_partitions: Mutex::default(),
+        metadata,
     });
     let server = tokio::spawn(http::serve(listener, shared.clone(), shutdown.clone()));
     let spec = esk_owner::GroupSpec {

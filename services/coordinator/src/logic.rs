@@ -20,11 +20,39 @@ use esk_wire::protocol::{
     TxRequest, TxState, TxStatus, Verdict, Waiter,
 };
 
+/// Where a category's 2PC records go (ADR 13): its context, from the
+/// registry of contexts, and that context's partition count.
+pub trait Router: std::fmt::Debug {
+    /// The context of `category` and the partitions of its `tx.prepare` and
+    /// `tx.commit`. `Err`: they cannot be known now (the context's topics
+    /// are missing, or Kafka did not answer).
+    fn route(&self, category: &str) -> Result<(String, i32), String>;
+    /// Whether a context other than the default one claimed `category` (its
+    /// writers check its commands when they vote).
+    fn elsewhere(&self, category: &str) -> bool;
+}
+
+/// Every category in the default context of `partitions` partitions.
+#[derive(Debug)]
+pub struct DefaultContext(pub i32);
+
+impl Router for DefaultContext {
+    fn route(&self, _: &str) -> Result<(String, i32), String> {
+        Ok((esk_wire::topics::DEFAULT_CONTEXT.to_owned(), self.0))
+    }
+
+    fn elsewhere(&self, _: &str) -> bool {
+        false
+    }
+}
+
 /// What the coordinator knows about its installation.
 #[derive(Debug)]
 pub struct Context<'a> {
     pub aggregates: &'a Registry,
-    /// Partitions of `tx.prepare` and `tx.commit` (the platform's count).
+    /// Where each category's prepares and decisions go.
+    pub router: &'a dyn Router,
+    /// Partitions of `tx.requests`, `tx.votes` and `tx.log`.
     pub partitions: i32,
     pub reply_partitions: i32,
     /// How long to wait for acknowledgements before sending a decision again.
@@ -222,10 +250,10 @@ pub struct Step {
     pub store_failure: Option<String>,
     /// Txids to tombstone in the log (ended longer ago than the horizon).
     pub tombstones: Vec<String>,
-    /// (tx.prepare partition, stream, prepare)
-    pub prepares: Vec<(i32, String, Prepare)>,
-    /// (tx.commit partition, stream, decision)
-    pub decisions: Vec<(i32, String, Decision)>,
+    /// (tx.prepare partition, stream, prepare, context)
+    pub prepares: Vec<(i32, String, Prepare, String)>,
+    /// (tx.commit partition, stream, decision, context)
+    pub decisions: Vec<(i32, String, Decision, String)>,
     /// (replies partition, txid, reply)
     pub replies: Vec<(i32, String, Reply)>,
     pub dead_letters: Vec<(Incoming, String)>,
@@ -319,7 +347,21 @@ impl Step {
 
     fn decision_to(&mut self, ctx: &Context<'_>, txid: &str, stream: &str, verdict: Verdict, reason: Option<String>) {
         let decision = Decision { txid: txid.to_owned(), stream: stream.to_owned(), decision: verdict, reason };
-        self.decisions.push((partition_for(stream.as_bytes(), ctx.partitions), stream.to_owned(), decision));
+        self.push_decision(ctx, decision);
+    }
+
+    /// A decision to its stream's context. One that cannot be routed now
+    /// (its context's topics unknown for the moment) is not sent: a decided
+    /// transaction's decisions are sent again until acknowledged, and a vote
+    /// about a decided one is answered again when it comes again.
+    fn push_decision(&mut self, ctx: &Context<'_>, decision: Decision) {
+        match route(ctx, &decision.stream) {
+            Ok((context, n)) => {
+                let part = partition_for(decision.stream.as_bytes(), n);
+                self.decisions.push((part, decision.stream.clone(), decision, context));
+            }
+            Err(why) => tracing::warn!(txid = decision.txid, stream = decision.stream, "decision not sent now: {why}"),
+        }
     }
 
     /// Decides one consumed record: input 0 is `tx.requests`, input 1 `tx.votes`.
@@ -434,8 +476,29 @@ impl Step {
                     });
                     return self.reply(part, &txid, attempt, outcome);
                 }
-                if let Err(reason) = esk_client::tx::validate(&txid, &participants, timeout_ms, Some(ctx.aggregates)) {
+                let elsewhere = |category: &str| ctx.router.elsewhere(category);
+                if let Err(reason) =
+                    esk_client::tx::validate(&txid, &participants, timeout_ms, Some(ctx.aggregates), &elsewhere)
+                {
                     return self.reply(part, &txid, attempt, invalid(reason));
+                }
+                // Where each participant's prepare goes, before anything is kept.
+                let mut routes = Vec::with_capacity(participants.len());
+                for p in &participants {
+                    match route(ctx, &p.stream) {
+                        Ok(r) => routes.push(r),
+                        Err(why) => {
+                            let outcome = ReplyOutcome::Error(ReplyError {
+                                code: ErrorCode::Unavailable,
+                                message: shorten(
+                                    &format!("{}: {why}; nothing was done, retry with the same txid", p.stream),
+                                    MAX_REASON_BYTES,
+                                ),
+                                actual_version: None,
+                            });
+                            return self.reply(part, &txid, attempt, outcome);
+                        }
+                    }
                 }
                 let deadline_ms = now_ms + timeout_ms as i64;
                 let record = TxRecord {
@@ -467,14 +530,14 @@ impl Step {
                     );
                     return self.reply(part, &txid, attempt, invalid(reason));
                 }
-                for p in &record.participants {
+                for (p, (context, n)) in record.participants.iter().zip(routes) {
                     let prepare = Prepare {
                         txid: txid.clone(),
                         stream: p.stream.clone(),
                         command: p.command.clone(),
                         deadline_ms: Some(deadline_ms),
                     };
-                    self.prepares.push((partition_for(p.stream.as_bytes(), ctx.partitions), p.stream.clone(), prepare));
+                    self.prepares.push((partition_for(p.stream.as_bytes(), n), p.stream.clone(), prepare, context));
                 }
                 self.put(record);
             }
@@ -608,7 +671,7 @@ impl Step {
                 decision: verdict,
                 reason: r.reason.clone(),
             };
-            self.decisions.push((partition_for(p.stream.as_bytes(), ctx.partitions), p.stream.clone(), decision));
+            self.push_decision(ctx, decision);
         }
         self.sent.push((r.txid.clone(), now_ms));
     }
@@ -636,6 +699,12 @@ impl Step {
             }
         }
     }
+}
+
+/// A stream's context and the partition count of its 2PC topics.
+fn route(ctx: &Context<'_>, stream: &str) -> Result<(String, i32), String> {
+    let category = stream.split_once('-').map_or(stream, |(c, _)| c);
+    ctx.router.route(category)
 }
 
 fn invalid(message: String) -> ReplyOutcome {

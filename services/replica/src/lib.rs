@@ -51,6 +51,10 @@ pub struct Config {
     /// Prefix of every platform topic.
     #[arg(long, env = "ESK_TOPIC_PREFIX", default_value = "esk")]
     pub prefix: String,
+    /// The bounded context whose state topic this replica follows
+    /// (`<prefix>.<context>.state`; `default`: `<prefix>.state`).
+    #[arg(long, env = "ESK_CONTEXT", default_value = esk_wire::topics::DEFAULT_CONTEXT, value_parser = esk_wire::topics::parse_context)]
+    pub context: String,
     /// Address of the HTTP endpoint.
     #[arg(long, env = "ESK_REPLICA_HTTP", default_value = "127.0.0.1:8703")]
     pub http_addr: String,
@@ -70,7 +74,15 @@ pub struct Config {
 
 impl Config {
     pub fn store(&self) -> PathBuf {
-        self.data_dir.join(format!("{}-replica-{}", self.prefix, self.instance)).join("replica.sqlite")
+        self.data_dir.join(format!("{}-replica-{}", self.scope(), self.instance)).join("replica.sqlite")
+    }
+
+    /// `<prefix>`, or `<prefix>-<context>` for another context than the default.
+    fn scope(&self) -> String {
+        match self.context.as_str() {
+            esk_wire::topics::DEFAULT_CONTEXT => self.prefix.clone(),
+            c => format!("{}-{c}", self.prefix),
+        }
     }
 }
 
@@ -88,11 +100,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     esk_runtime::described::describe("replica");
     let kafka = KafkaConfig::load(&config.bootstrap_servers, Duration::from_secs(30), config.kafka_config.as_deref())?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
-    let topics = Topics::new(&config.prefix);
+    let topics = Topics::new(&config.prefix).in_context(&config.context);
     let path = config.store();
     let sink = SqliteSink::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let listener = esk_runtime::http::bind(&config.http_addr, &config.http).await?;
-    let group = format!("{}-replica-{}", config.prefix, config.instance);
+    let group = format!("{}-replica-{}", config.scope(), config.instance);
     let follower = esk_follower::spawn(&kafka, &topics.state(), &group, sink)?;
     tracing::info!(http = %listener.local_addr()?, store = %path.display(), "replica following {}", topics.state());
     let probe = esk_runtime::sample::kafka_probe(&kafka, &group, &topics.state())?;

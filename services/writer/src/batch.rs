@@ -75,6 +75,10 @@ pub struct Context<'a> {
     pub limits: Limits,
     /// How long answers and decisions are remembered (ms).
     pub horizon_ms: i64,
+    /// The context this writer serves, and the registry's routes (`None`:
+    /// every category is this writer's, as in tests).
+    pub context: &'a str,
+    pub routes: Option<&'a esk_kafka::contexts::Routes>,
 }
 
 impl Context<'_> {
@@ -419,6 +423,20 @@ impl<'s> Batch<'s> {
     /// Checks that a stream name is valid and belongs to the record's partition.
     fn owned_stream(ctx: &Context<'_>, msg: &Incoming, stream: &str) -> Result<StreamName, String> {
         let name = StreamName::parse(stream).map_err(|e| e.to_string())?;
+        if let Some(routes) = ctx.routes
+            && !routes.routes_to(name.category(), ctx.context)
+        {
+            // A client whose registry was stale, or a record produced by hand:
+            // a stream is written by its category's context alone.
+            return Err(format!(
+                "category '{}' belongs to context '{}', not to '{}' whose {} this record came on: clients route by \
+                 the registry of contexts; nothing was written",
+                name.category(),
+                routes.context_of(name.category()),
+                ctx.context,
+                msg.topic
+            ));
+        }
         let home = partition_for(stream.as_bytes(), ctx.partitions);
         if home != msg.partition || msg.key.as_deref() != Some(stream.as_bytes()) {
             return Err(format!(

@@ -23,6 +23,24 @@ pub struct Config {
     /// Prefix of every platform topic.
     #[arg(long, env = "ESK_TOPIC_PREFIX", default_value = "esk")]
     pub prefix: String,
+    /// The bounded context this writer serves (ADR 13): its requests, state,
+    /// answers and 2PC topics are `<prefix>.<context>.*` (`esk topics init
+    /// --context NAME` makes them), its group and transactional ids
+    /// `<prefix>-<context>-writer*`. `default`: the installation's own
+    /// topics, which also take requests for every category no context claims.
+    #[arg(long, env = "ESK_CONTEXT", default_value = esk_wire::topics::DEFAULT_CONTEXT,
+          value_parser = esk_wire::topics::parse_context)]
+    pub context: String,
+    /// Which of the built-in aggregates the `esk-writer` program serves
+    /// (comma-separated: `account`, `inventory`; `none` for raw appends
+    /// only). Default: both. A library writer serves what it is given instead.
+    #[arg(long, env = "ESK_WRITER_AGGREGATES", value_delimiter = ',', default_value = "account,inventory")]
+    pub aggregates: Vec<String>,
+    /// Categories this writer takes raw appends for without an aggregate
+    /// (comma-separated): claimed for its context at start, as the
+    /// categories of its aggregates are.
+    #[arg(long, env = "ESK_WRITER_CATEGORIES", value_delimiter = ',', value_parser = parse_category)]
+    pub categories: Vec<String>,
     /// Address of the HTTP endpoint (/health, /metrics, /status).
     #[arg(long, env = "ESK_WRITER_HTTP", default_value = "127.0.0.1:8701")]
     pub http_addr: String,
@@ -77,7 +95,7 @@ pub struct Config {
     /// store's page cache).
     #[arg(long, env = "ESK_WRITER_STANDBY", default_value_t = true, action = clap::ArgAction::Set)]
     pub standby: bool,
-    /// Folder of the local stores (`<data-dir>/<prefix>-writer-<instance>`).
+    /// Folder of the local stores (`<data-dir>/<prefix>[-<context>]-writer-<instance>`).
     #[arg(long, env = "ESK_DATA_DIR", default_value = ".esk/data")]
     pub data_dir: PathBuf,
     /// This instance's name, for its local store. Unset, the first of 0, 1,
@@ -111,7 +129,30 @@ pub struct Config {
     pub http: esk_runtime::http::HttpLimits,
 }
 
+fn parse_category(s: &str) -> Result<String, String> {
+    if esk_wire::stream::is_valid_category(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("category '{s}': lowercase letters, digits and '_', at most 64, starting with a letter"))
+    }
+}
+
 impl Config {
+    /// The installation's topics, with this writer's context's own.
+    pub fn topics(&self) -> esk_wire::Topics {
+        esk_wire::Topics::new(&self.prefix).in_context(&self.context)
+    }
+
+    /// `<prefix>` in the default context, `<prefix>-<context>` in another:
+    /// what the writer's group, transactional ids and store are named by.
+    fn scope(&self) -> String {
+        if self.context == esk_wire::topics::DEFAULT_CONTEXT {
+            self.prefix.clone()
+        } else {
+            format!("{}-{}", self.prefix, self.context)
+        }
+    }
+
     /// Bound on any single Kafka call (metadata, commit, restore step).
     pub fn kafka_timeout(&self) -> Duration {
         Duration::from_secs(30)
@@ -121,15 +162,15 @@ impl Config {
     /// instance that ever owns the shard, so that the next owner fences the
     /// last.
     pub fn transactional_id(&self, shard: i32) -> String {
-        format!("{}-writer-s{shard}", self.prefix)
+        format!("{}-writer-s{shard}", self.scope())
     }
 
     pub fn group_id(&self) -> String {
-        format!("{}-writer", self.prefix)
+        format!("{}-writer", self.scope())
     }
 
     /// The local store's folder for an instance name.
     pub fn store_dir(&self, instance: &str) -> PathBuf {
-        self.data_dir.join(format!("{}-writer-{instance}", self.prefix))
+        self.data_dir.join(format!("{}-writer-{instance}", self.scope()))
     }
 }

@@ -103,6 +103,11 @@ pub struct Shared {
     pub assigned: Mutex<Option<Vec<i32>>>,
     /// Whether Kafka answers, sampled every second.
     pub probe: esk_runtime::sample::Sampled<Result<(), String>>,
+    /// Which context each category belongs to, followed: a request for a
+    /// category another context claimed is refused, never written here.
+    pub routes: Arc<esk_kafka::contexts::Routes>,
+    /// The thread that keeps `routes` current (stopped when dropped).
+    pub following: esk_kafka::contexts::Following,
 }
 
 impl std::fmt::Debug for Shared {
@@ -136,6 +141,8 @@ impl Shared {
             unusable: self.unusable.lock().expect("unusable lock").clone(),
             limits: self.limits,
             horizon_ms: self.horizon_ms,
+            context: &self.config.context,
+            routes: Some(&self.routes),
         }
     }
 }
@@ -185,6 +192,47 @@ async fn horizon(config: &Config, admin: &Admin, topics: &Topics) -> Result<Dura
     Ok(horizon)
 }
 
+/// ` --context NAME` for a context's topics (what `esk topics init` is told).
+fn init_flag(topics: &Topics) -> String {
+    match topics.context() {
+        esk_wire::topics::DEFAULT_CONTEXT => String::new(),
+        c => format!(" --context {c}"),
+    }
+}
+
+/// Claims the categories of the writer's aggregates and `--categories` for
+/// its context (refused when another context has one), then follows the
+/// registry: what the writer's batches check each request's category against.
+async fn claim(
+    config: &Config,
+    kafka: &KafkaConfig,
+    admin: &Admin,
+    topics: &Topics,
+    aggregates: &Registry,
+    store: &esk_store::Store,
+) -> Result<(esk_kafka::contexts::Following, Arc<esk_kafka::contexts::Routes>)> {
+    use esk_kafka::admin::{Durability, TopicKind};
+    if admin.describe(&[topics.contexts()]).await?.is_empty() {
+        // An installation from before contexts: its registry begins now.
+        let brokers = admin.broker_count().await?;
+        admin.ensure(&[TopicKind::Contexts.spec(topics.contexts(), 1, Durability::for_brokers(brokers))]).await?;
+    }
+    let mut categories: Vec<String> = aggregates.categories().map(str::to_owned).collect();
+    categories.extend(config.categories.iter().cloned());
+    categories.sort_unstable();
+    categories.dedup();
+    let by = format!(
+        "esk-writer {} (pid {})",
+        store.dir().file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        std::process::id()
+    );
+    let (k, t) = (kafka.clone(), topics.clone());
+    tokio::task::spawn_blocking(move || esk_kafka::contexts::claim(&k, &t, &categories, &by))
+        .await?
+        .with_context(|| format!("claiming the categories of context '{}'", topics.context()))?;
+    Ok(esk_kafka::contexts::follow_async(kafka, topics).await?)
+}
+
 /// A writer of the aggregates it is given.
 ///
 /// ```no_run
@@ -211,6 +259,15 @@ impl Writer {
         self
     }
 
+    /// Serves the bounded context `name` (ADR 13): its own requests, state,
+    /// answers and 2PC topics (`esk topics init --context NAME` makes them)
+    /// and writer group; the categories of its aggregates are claimed for it
+    /// at start. What a service declares here replaces `--context`.
+    pub fn context(mut self, name: &str) -> Self {
+        self.config.context = name.to_owned();
+        self
+    }
+
     /// Serves every aggregate of `registry` too.
     pub fn aggregates(mut self, registry: Registry) -> Self {
         self.aggregates.extend(registry);
@@ -223,29 +280,34 @@ impl Writer {
     }
 }
 
-/// The built-in writer (`account` and `inventory`) until `shutdown` is cancelled.
+/// The built-in writer until `shutdown` is cancelled: the built-in aggregates
+/// `--aggregates` names (`account` and `inventory` by default).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    Writer::new(config).aggregates(Registry::builtin()).run(shutdown).await
+    let wanted: Vec<String> = config.aggregates.iter().filter(|c| c.as_str() != "none").cloned().collect();
+    let builtin = Registry::builtin().only(&wanted).map_err(|e| anyhow::anyhow!("--aggregates: {e}"))?;
+    Writer::new(config).aggregates(builtin).run(shutdown).await
 }
 
 async fn serve(config: Config, aggregates: Registry, shutdown: CancellationToken) -> Result<()> {
+    esk_wire::topics::parse_context(&config.context).map_err(anyhow::Error::msg)?;
     // Install the recorder before anything counts.
     esk_runtime::metrics();
     esk_runtime::described::describe("writer");
 
     let kafka = KafkaConfig::load(&config.bootstrap_servers, config.kafka_timeout(), config.kafka_config.as_deref())?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
-    let topics = Topics::new(&config.prefix);
+    let topics = config.topics();
     let schemas = SchemaRegistry::with_dir(config.schemas_dir.as_deref())
         .with_context(|| format!("loading schemas from {:?}", config.schemas_dir))?;
     let admin = Admin::new(&kafka)?;
+    let flag = init_flag(&topics);
     let count = |name: String| {
-        let admin = &admin;
+        let (admin, flag) = (&admin, &flag);
         async move {
             let found = admin.describe(std::slice::from_ref(&name)).await?;
             match found.first() {
                 Some(t) => Ok(t.partitions),
-                None => bail!("topic {name} does not exist: run `esk topics init` first"),
+                None => bail!("topic {name} does not exist: run `esk topics init{flag}` first"),
             }
         }
     };
@@ -256,6 +318,19 @@ async fn serve(config: Config, aggregates: Registry, shutdown: CancellationToken
             bail!(
                 "{t} has {n} partitions but {} has {partitions}: co-partitioned topics must agree",
                 topics.commands()
+            );
+        }
+    }
+    let installation = Topics::new(topics.prefix());
+    if topics != installation {
+        let theirs = count(installation.commands()).await?;
+        if theirs != partitions {
+            bail!(
+                "{} has {partitions} partitions but the installation's {} has {theirs}: every context has the \
+                 installation's partition count (events topics are shared); make the context's topics again with \
+                 `esk topics init{flag}` while none of its writers runs",
+                topics.commands(),
+                installation.commands()
             );
         }
     }
@@ -275,19 +350,14 @@ async fn serve(config: Config, aggregates: Registry, shutdown: CancellationToken
     }
     let reply_partitions = count(topics.replies()).await?;
     let vote_partitions = count(topics.tx_votes()).await?;
-    count(topics.dlq("writer")).await?;
+    count(topics.writer_dlq()).await?;
     let horizon = horizon(&config, &admin, &topics).await?;
-    let written = [
-        topics.commands(),
-        topics.state(),
-        topics.answers(),
-        topics.replies(),
-        topics.tx_votes(),
-        topics.dlq("writer"),
-    ];
+    let written =
+        [topics.commands(), topics.state(), topics.answers(), topics.replies(), topics.tx_votes(), topics.writer_dlq()];
     let limits = admin.limits(&written).await?;
     let store = Arc::new(esk_store::Store::open_instance(|i| config.store_dir(i), config.instance.as_deref())?);
     store.bind_cluster(&admin.cluster_id().await?)?;
+    let routes = claim(&config, &kafka, &admin, &topics, &aggregates, &store).await?;
     let http = esk_runtime::http::bind(&config.http_addr, &config.http).await?;
     let watermarks = kafka.metadata(&format!("{}-watermarks", config.group_id())).create()?;
     let horizon_ms = horizon.as_millis() as i64;
@@ -301,6 +371,7 @@ async fn serve(config: Config, aggregates: Registry, shutdown: CancellationToken
     };
     tracing::info!(
         prefix = topics.prefix(),
+        context = topics.context(),
         partitions,
         shards,
         horizon_s = horizon.as_secs(),
@@ -332,6 +403,8 @@ async fn serve(config: Config, aggregates: Registry, shutdown: CancellationToken
         horizon_ms,
         assigned: Mutex::new(None),
         probe,
+        routes: routes.1,
+        following: routes.0,
     });
     let server = tokio::spawn(http::serve(http, shared.clone(), shutdown.clone()));
     let spec = esk_owner::GroupSpec {

@@ -772,7 +772,7 @@ impl Run {
             let value = serde_json::to_vec(message).map_err(|e| Failure::BeforeBegin(anyhow!(e)))?;
             deliveries.push(send(&votes_topic, *part, txid.as_bytes(), Some(&value), None, None)?);
         }
-        let dlq_topic = shared.topics.dlq("writer");
+        let dlq_topic = shared.topics.writer_dlq();
         for dl in &d.dead {
             let o = &dl.original;
             tracing::warn!(

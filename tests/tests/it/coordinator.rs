@@ -21,7 +21,7 @@ fn writer(env: &TestEnv, fault: Option<&str>) -> Service {
     Service::start(env, "writer", &vars)
 }
 
-fn coordinator(env: &TestEnv, fault: Option<&str>) -> Service {
+pub(crate) fn coordinator(env: &TestEnv, fault: Option<&str>) -> Service {
     let mut vars = vec![("ESK_COORDINATOR_SESSION_TIMEOUT_MS", SESSION), ("ESK_COORDINATOR_RESEND_MS", "1000")];
     if let Some(f) = fault {
         vars.push(("ESK_FAULT", f));
@@ -29,7 +29,7 @@ fn coordinator(env: &TestEnv, fault: Option<&str>) -> Service {
     Service::start(env, "coordinator", &vars)
 }
 
-async fn coordinating(c: &Service, partitions: u64) {
+pub(crate) async fn coordinating(c: &Service, partitions: u64) {
     poll_until(Duration::from_secs(60), "the coordinator to own every partition", || async {
         c.get_json("/health").filter(|h| h["partitions_owned"] == partitions).map(|_| ())
     })
@@ -45,11 +45,11 @@ async fn writer_and_coordinator(env: &TestEnv, partitions: u64) -> (Service, Ser
     (w, c)
 }
 
-fn cmd(ty: &str, data: Value) -> CommandData {
+pub(crate) fn cmd(ty: &str, data: Value) -> CommandData {
     CommandData { command_type: ty.into(), data }
 }
 
-fn leg(stream: &str, ty: &str, data: Value) -> Participant {
+pub(crate) fn leg(stream: &str, ty: &str, data: Value) -> Participant {
     Participant { stream: stream.into(), command: cmd(ty, data) }
 }
 
@@ -57,7 +57,7 @@ fn transfer_legs(from: &str, to: &str, amount: i64) -> Vec<Participant> {
     vec![leg(from, "Withdraw", json!({"amount": amount})), leg(to, "Deposit", json!({"amount": amount}))]
 }
 
-async fn open(client: &Client, stream: &str, deposit: i64) {
+pub(crate) async fn open(client: &Client, stream: &str, deposit: i64) {
     client.command(stream, ExpectedVersion::NoStream, cmd("OpenAccount", json!({"owner": "t"})), None).await.unwrap();
     if deposit > 0 {
         client.command(stream, ExpectedVersion::Any, cmd("Deposit", json!({"amount": deposit})), None).await.unwrap();
@@ -65,7 +65,7 @@ async fn open(client: &Client, stream: &str, deposit: i64) {
 }
 
 /// The last record of every key of a compacted topic.
-fn latest<T: serde::de::DeserializeOwned>(env: &TestEnv, topic: &str) -> BTreeMap<String, T> {
+pub(crate) fn latest<T: serde::de::DeserializeOwned>(env: &TestEnv, topic: &str) -> BTreeMap<String, T> {
     let mut out = BTreeMap::new();
     for r in env.read_topic(topic, true) {
         let (Some(k), Some(v)) = (r.key, r.value) else { continue };
@@ -77,7 +77,7 @@ fn latest<T: serde::de::DeserializeOwned>(env: &TestEnv, topic: &str) -> BTreeMa
 }
 
 /// Waits until every transaction in the log is decided and acknowledged; returns them.
-async fn settled(env: &TestEnv, timeout: Duration) -> BTreeMap<String, TxRecord> {
+pub(crate) async fn settled(env: &TestEnv, timeout: Duration) -> BTreeMap<String, TxRecord> {
     let deadline = Instant::now() + timeout;
     loop {
         let log: BTreeMap<String, TxRecord> = latest(env, &env.topics().tx_log());
@@ -99,7 +99,7 @@ async fn settled(env: &TestEnv, timeout: Duration) -> BTreeMap<String, TxRecord>
 }
 
 /// The 2PC legs in the event logs: txid -> [(stream, event type, amount or quantity)].
-fn legs(env: &TestEnv) -> HashMap<String, Vec<(String, String, i64)>> {
+pub(crate) fn legs(env: &TestEnv) -> HashMap<String, Vec<(String, String, i64)>> {
     let mut out: HashMap<String, Vec<(String, String, i64)>> = HashMap::new();
     for category in ["account", "inventory"] {
         for (_, _, e) in env.all_events(category) {

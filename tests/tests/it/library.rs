@@ -33,6 +33,7 @@ fn order(svc: &Service, query: &str) -> (u16, Value) {
 async fn a_service_on_the_library_decides_with_its_aggregate_and_serves_its_model() {
     let env = TestEnv::new();
     env.init_topics(2);
+    env.init_context("orders", 2);
     let svc = orders(&env, 2).await;
     let client = env.client(Duration::from_secs(30), false);
 
@@ -44,10 +45,17 @@ async fn a_service_on_the_library_decides_with_its_aggregate_and_serves_its_mode
     let bad = cmd("Place", json!({"customer": "ann", "item": "tea", "quantity": 0, "amount": 1}));
     let bad = client.command("order-2", ExpectedVersion::NoStream, bad, None).await.unwrap_err();
     assert!(matches!(bad, ClientError::Invalid(ref m) if m.contains("quantity")), "{bad:?}");
-    // A category it has no aggregate for takes no command, and says which it has.
+    // Its writer serves the context `orders`: another category's requests go
+    // to that category's context (here the default one, which no writer
+    // serves), never to this service.
+    assert_eq!(client.context_of("order"), "orders");
+    let short = env.client(Duration::from_secs(2), false);
     let other = cmd("OpenAccount", json!({"owner": "ann"}));
-    let other = client.command("account-1", ExpectedVersion::NoStream, other, None).await.unwrap_err();
-    assert!(matches!(other, ClientError::Invalid(ref m) if m.contains("order")), "{other:?}");
+    let other = short.command("account-1", ExpectedVersion::NoStream, other, None).await.unwrap_err();
+    assert!(matches!(other, ClientError::Unavailable(_)), "{other:?}");
+    let routed = |topic: &str| env.read_topic(topic, false).into_iter().filter_map(|r| r.key).collect::<Vec<_>>();
+    assert_eq!(routed(&env.topics().commands()), [b"account-1".to_vec()]);
+    assert!(routed(&env.topics().in_context("orders").commands()).iter().all(|k| k.starts_with(b"order-")));
 
     let confirmed =
         client.command("order-1", ExpectedVersion::Exact(1), cmd("Confirm", json!({})), None).await.unwrap();

@@ -3,6 +3,7 @@
 
 mod broker;
 mod cluster;
+mod contexts;
 mod coordinator;
 mod guarantees;
 mod health;

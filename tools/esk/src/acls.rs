@@ -83,17 +83,81 @@ fn idempotent() -> Acl {
     )
 }
 
-/// The ACLs of one role, for the built-in projection (`accounts`).
+/// The ACLs of one role, for the built-in projection (`accounts`) and the
+/// default context.
 #[cfg(test)]
 pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
-    acls_for(role, t, &["accounts".to_owned()])
+    acls_for(role, t, &["accounts".to_owned()], &[])
 }
 
-/// The ACLs of one role, where the projectors run `projections`.
-pub fn acls_for(role: Role, t: &Topics, projections: &[String]) -> Vec<Acl> {
+/// Reading the registry of contexts (ADR 13): clients and services route by it.
+fn registry(t: &Topics, write: bool) -> Vec<Acl> {
+    use Op::{Read, Write};
+    let ops: &[Op] = if write { &[Read, Write] } else { &[Read] };
+    vec![
+        Acl::new(
+            Kind::Topic,
+            &[t.contexts()],
+            ops,
+            if write {
+                "the registry of contexts: read to route, written to claim its categories"
+            } else {
+                "the registry of contexts: which context a category's requests go to"
+            },
+        ),
+        Acl::new(Kind::Group, &[format!("{}-contexts", t.prefix())], &[Read], "the registry's reader"),
+    ]
+}
+
+/// The ACLs of one role, where the projectors run `projections` and the
+/// writers serve the default context and `contexts`.
+pub fn acls_for(role: Role, t: &Topics, projections: &[String], contexts: &[String]) -> Vec<Acl> {
+    let mut all = vec![t.in_context(esk_wire::topics::DEFAULT_CONTEXT)];
+    all.extend(contexts.iter().map(|c| t.in_context(c)));
+    match role {
+        Role::Writer => {
+            let mut acls: Vec<Acl> = all.iter().flat_map(|t| acls_of(role, t, projections)).collect();
+            acls.retain(|a| a.kind != Kind::Cluster);
+            acls.push(idempotent());
+            acls.extend(registry(t, true));
+            acls
+        }
+        Role::Coordinator | Role::Client => {
+            let mut acls = acls_of(role, t, projections);
+            let (names, ops, why): (Vec<String>, &[Op], _) = if role == Role::Coordinator {
+                (
+                    all[1..].iter().flat_map(|t| [t.tx_prepare(), t.tx_commit()]).collect(),
+                    &[Op::Write, Op::DescribeConfigs],
+                    "prepares and decisions to the writers of the other contexts",
+                )
+            } else {
+                (
+                    all[1..].iter().map(Topics::commands).collect(),
+                    &[Op::Write, Op::DescribeConfigs],
+                    "requests to the writers of the other contexts",
+                )
+            };
+            if !names.is_empty() {
+                acls.push(Acl::new(Kind::Topic, &names, ops, why));
+            }
+            acls.extend(registry(t, false));
+            acls
+        }
+        Role::Replica => all.iter().flat_map(|t| acls_of(role, t, projections)).collect(),
+        Role::Projector => acls_of(role, t, projections),
+    }
+}
+
+/// The ACLs of one role in the context of `t`.
+fn acls_of(role: Role, t: &Topics, projections: &[String]) -> Vec<Acl> {
     use Kind::{Group, Topic, TransactionalId};
     use Op::{Create, Describe, DescribeConfigs, Read, Write};
     let p = t.prefix();
+    // The writers' group and transactional ids: `<prefix>[-<context>]-writer`.
+    let writer = match t.context() {
+        esk_wire::topics::DEFAULT_CONTEXT => format!("{p}-writer"),
+        c => format!("{p}-{c}-writer"),
+    };
     match role {
         // services/writer: src/lib.rs (topic checks, limits, groups), worker.rs (writes), restore.rs, standby.rs.
         Role::Writer => vec![
@@ -112,7 +176,7 @@ pub fn acls_for(role: Role, t: &Topics, projections: &[String]) -> Vec<Acl> {
             ),
             Acl::new(
                 Topic,
-                &[t.replies(), t.tx_votes(), t.dlq("writer")],
+                &[t.replies(), t.tx_votes(), t.writer_dlq()],
                 &[Write, DescribeConfigs],
                 "replies to clients, votes to the coordinator, parked requests",
             ),
@@ -124,13 +188,13 @@ pub fn acls_for(role: Role, t: &Topics, projections: &[String]) -> Vec<Acl> {
             ),
             Acl::prefixed(
                 Group,
-                format!("{p}-writer"),
+                writer.clone(),
                 &[Read],
                 "its group, and the -restore, -standby-*, -watermarks readers",
             ),
             Acl::prefixed(
                 TransactionalId,
-                format!("{p}-writer-s"),
+                format!("{writer}-s"),
                 &[Write],
                 "one transactional producer per owned shard",
             ),
@@ -294,7 +358,10 @@ pub fn run(g: &Global, args: &AclsArgs) -> Result<(), Failure> {
     let topics = Topics::new(&g.prefix);
     let roles = chosen(args)?;
     let projections = projections(args)?;
-    let acls = |role: Role, topics: &Topics| acls_for(role, topics, &projections);
+    for c in &args.contexts {
+        esk_wire::topics::check_context_name(c).map_err(|e| Failure::invalid(format!("--context: {e}")))?;
+    }
+    let acls = |role: Role, topics: &Topics| acls_for(role, topics, &projections, &args.contexts);
     if args.commands {
         for (role, principal) in &roles {
             for acl in acls(*role, &topics) {
@@ -360,13 +427,19 @@ mod tests {
     #[test]
     fn projectors_get_the_dead_letter_topics_of_the_projections_named() {
         let t = Topics::new("p");
-        let orders = acls_for(Role::Projector, &t, &["orders".into(), "shipments".into()]);
+        let orders = acls_for(Role::Projector, &t, &["orders".into(), "shipments".into()], &[]);
         let grants = |name: &str| orders.iter().any(|a| allows(a, Op::Create, Kind::Topic, name));
         assert!(grants("p.dlq.orders") && grants("p.dlq.shipments"));
         assert!(!grants("p.dlq.accounts"), "only the projections named");
         assert!(allowed(Role::Projector, Op::Write, Kind::Topic, "p.dlq.accounts"), "accounts by default");
         for bad in ["writer", "Orders", "a.b", ""] {
-            let args = AclsArgs { role: None, principal: vec![], projections: vec![bad.into()], commands: false };
+            let args = AclsArgs {
+                role: None,
+                principal: vec![],
+                projections: vec![bad.into()],
+                contexts: vec![],
+                commands: false,
+            };
             assert!(projections(&args).is_err(), "{bad}");
         }
     }
@@ -408,6 +481,33 @@ mod tests {
         assert!(!allowed(Role::Projector, Op::Write, Topic, "p.dlq.writer"));
         assert!(allowed(Role::Replica, Op::Describe, Topic, "p.state"));
         assert!(!allowed(Role::Replica, Op::Write, Topic, "p.state"));
+    }
+
+    #[test]
+    fn each_context_s_writers_get_its_topics_group_and_transactional_ids() {
+        use Kind::{Group, Topic, TransactionalId};
+        let t = Topics::new("p");
+        let contexts = ["payments".to_owned()];
+        let writer = acls_for(Role::Writer, &t, &[], &contexts);
+        let allows_op = |acls: &[Acl], op, kind, name: &str| acls.iter().any(|a| allows(a, op, kind, name));
+        let payments = t.in_context("payments");
+        for topic in [payments.commands(), payments.tx_prepare(), payments.tx_commit(), payments.shards()] {
+            assert!(allows_op(&writer, Op::Read, Topic, &topic), "{topic}");
+        }
+        assert!(allows_op(&writer, Op::Write, Topic, &payments.state()));
+        assert!(allows_op(&writer, Op::Write, Topic, &payments.writer_dlq()));
+        assert!(allows_op(&writer, Op::Read, Group, "p-payments-writer-standby-state"));
+        assert!(allows_op(&writer, Op::Write, TransactionalId, "p-payments-writer-s0"));
+        assert!(allows_op(&writer, Op::Write, Topic, "p.contexts"), "a writer claims its categories");
+        let client = acls_for(Role::Client, &t, &[], &contexts);
+        assert!(allows_op(&client, Op::Write, Topic, &payments.commands()));
+        assert!(allows_op(&client, Op::Read, Topic, "p.contexts"));
+        assert!(!allows_op(&client, Op::Write, Topic, "p.contexts"), "only writers claim");
+        let coordinator = acls_for(Role::Coordinator, &t, &[], &contexts);
+        assert!(allows_op(&coordinator, Op::Write, Topic, &payments.tx_commit()));
+        assert!(!allows_op(&coordinator, Op::Write, Topic, &payments.state()));
+        let replica = acls_for(Role::Replica, &t, &[], &contexts);
+        assert!(allows_op(&replica, Op::Read, Topic, &payments.state()));
     }
 
     #[test]

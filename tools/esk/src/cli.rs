@@ -136,6 +136,11 @@ pub struct AclsArgs {
     /// A service of your own on the esk library names its projections here.
     #[arg(long = "projection", value_name = "NAME")]
     pub projections: Vec<String>,
+    /// A bounded context beside the default one, for its writers' topics,
+    /// group and transactional ids and what clients, the coordinator and
+    /// replicas need of it; repeatable.
+    #[arg(long = "context", value_name = "NAME")]
+    pub contexts: Vec<String>,
     /// Print `kafka-acls` arguments, one ACL a line, to run as an admin:
     /// `esk acls --commands | while read -r a; do kafka-acls.sh
     /// --bootstrap-server HOST:PORT --command-config admin.properties $a; done`.
@@ -211,6 +216,10 @@ pub enum DlqCommand {
     List {
         /// writer, coordinator, or a projection's name.
         consumer: String,
+        /// The writers of this bounded context (with `writer`; default: the
+        /// default context's).
+        #[arg(long, value_name = "NAME")]
+        context: Option<String>,
     },
     /// Apply parked events again (a projection: each once per model version,
     /// only those the model parked), or send parked requests to their topic
@@ -218,6 +227,10 @@ pub enum DlqCommand {
     Replay {
         /// writer, coordinator, or a projection's name.
         consumer: String,
+        /// The writers of this bounded context (with `writer`; default: the
+        /// default context's).
+        #[arg(long, value_name = "NAME")]
+        context: Option<String>,
     },
 }
 
@@ -304,12 +317,21 @@ pub struct TailArgs {
 pub enum TopicsCommand {
     /// Create every platform topic with its configs. Idempotent: existing topics are kept.
     Init(InitArgs),
-    /// Show the platform topics that exist, their partitions, replication and configs.
+    /// Show the platform topics that exist, their partitions, replication and
+    /// configs, and the contexts: which categories each claimed, and their
+    /// topics.
     Describe,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct InitArgs {
+    /// Also make the topics of this bounded context (ADR 13):
+    /// `<prefix>.<context>.commands`, `.state`, `.answers`, `.tx.prepare`,
+    /// `.tx.commit`, `.dlq.writer` and `.shards`, for a writer started with
+    /// `--context NAME`. `--partitions` and `--shards` are then the context's
+    /// (default: the installation's).
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
     /// Partitions of every co-partitioned topic (default 12, or what an existing installation has).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: Option<i32>,

@@ -33,18 +33,36 @@ impl Parked {
     }
 }
 
-fn check_consumer(name: &str) -> Result<(), Failure> {
-    if esk_wire::stream::is_valid_category(name) {
-        Ok(())
-    } else {
-        Err(Failure::invalid(format!("'{name}' is not a consumer name (writer, or a projection such as accounts)")))
+fn check_consumer(name: &str, context: Option<&str>) -> Result<(), Failure> {
+    if !esk_wire::stream::is_valid_category(name) {
+        return Err(Failure::invalid(format!(
+            "'{name}' is not a consumer name (writer, or a projection such as accounts)"
+        )));
+    }
+    match context {
+        Some(_) if name != "writer" => {
+            Err(Failure::invalid(format!("--context is the writers' context: give it with 'writer', not '{name}'")))
+        }
+        Some(c) if c != esk_wire::topics::DEFAULT_CONTEXT => {
+            esk_wire::topics::check_context_name(c).map_err(|e| Failure::invalid(format!("--context: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The dead-letter topic of a consumer (a context's writers': that
+/// context's), and the name its replay group and transactional id take.
+fn parked_topic(topics: &Topics, consumer: &str, context: Option<&str>) -> (String, String) {
+    match context.filter(|c| *c != esk_wire::topics::DEFAULT_CONTEXT) {
+        Some(c) if consumer == "writer" => (topics.in_context(c).writer_dlq(), format!("{c}-writer")),
+        _ => (topics.dlq(consumer), consumer.to_owned()),
     }
 }
 
 /// Every record of `<prefix>.dlq.<consumer>`, read to its end.
-fn read_parked(g: &Global, consumer: &str) -> Result<(String, Vec<Parked>), Failure> {
+fn read_parked(g: &Global, consumer: &str, context: Option<&str>) -> Result<(String, Vec<Parked>), Failure> {
     let (config, topics): (_, Topics) = kafka(g)?;
-    let topic = topics.dlq(consumer);
+    let (topic, _) = parked_topic(&topics, consumer, context);
     let mut out = Vec::new();
     esk_kafka::read::read_topic(
         &config,
@@ -71,11 +89,11 @@ fn read_parked(g: &Global, consumer: &str) -> Result<(String, Vec<Parked>), Fail
     Ok((topic, out))
 }
 
-pub async fn list(g: &Global, consumer: &str) -> Result<(), Failure> {
-    check_consumer(consumer)?;
+pub async fn list(g: &Global, consumer: &str, context: Option<&str>) -> Result<(), Failure> {
+    check_consumer(consumer, context)?;
     let g2 = g.clone();
-    let name = consumer.to_owned();
-    let (topic, parked) = tokio::task::spawn_blocking(move || read_parked(&g2, &name))
+    let (name, context) = (consumer.to_owned(), context.map(str::to_owned));
+    let (topic, parked) = tokio::task::spawn_blocking(move || read_parked(&g2, &name, context.as_deref()))
         .await
         .map_err(|e| Failure::new(Kind::Internal, e))??;
     for p in &parked {
@@ -109,10 +127,10 @@ pub async fn list(g: &Global, consumer: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-pub async fn replay(g: &Global, consumer: &str) -> Result<(), Failure> {
-    check_consumer(consumer)?;
+pub async fn replay(g: &Global, consumer: &str, context: Option<&str>) -> Result<(), Failure> {
+    check_consumer(consumer, context)?;
     if consumer == "writer" || consumer == "coordinator" {
-        return replay_service(g, consumer).await;
+        return replay_service(g, consumer, context).await;
     }
     let (code, body) =
         call(&g.projector_url, "POST", &format!("/projections/{consumer}/replay"), g.timeout * 6).await?;
@@ -150,10 +168,10 @@ pub async fn replay(g: &Global, consumer: &str) -> Result<(), Failure> {
 /// cannot be sent again: it is reported and passed. (It reads with a consumer
 /// of its own rather than `esk_kafka::read::read_topic`: the offsets it
 /// commits in each transaction are that consumer group's.)
-async fn replay_service(g: &Global, consumer: &str) -> Result<(), Failure> {
+async fn replay_service(g: &Global, consumer: &str, context: Option<&str>) -> Result<(), Failure> {
     let g2 = g.clone();
-    let name = consumer.to_owned();
-    let report = tokio::task::spawn_blocking(move || replay_once(&g2, &name))
+    let (name, context) = (consumer.to_owned(), context.map(str::to_owned));
+    let report = tokio::task::spawn_blocking(move || replay_once(&g2, &name, context.as_deref()))
         .await
         .map_err(|e| Failure::new(Kind::Internal, e))??;
     if g.json {
@@ -178,11 +196,11 @@ struct Resent {
     without_origin: u64,
 }
 
-fn replay_once(g: &Global, consumer: &str) -> Result<Resent, Failure> {
+fn replay_once(g: &Global, consumer: &str, context: Option<&str>) -> Result<Resent, Failure> {
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
     let (config, topics): (_, Topics) = kafka(g)?;
-    let topic = topics.dlq(consumer);
-    let group = format!("{}-dlq-replay-{consumer}", topics.prefix());
+    let (topic, name) = parked_topic(&topics, consumer, context);
+    let group = format!("{}-dlq-replay-{name}", topics.prefix());
     let c: BaseConsumer =
         config.committed_reader(&group, Duration::from_millis(50)).create().map_err(esk_kafka::Error::from)?;
     let md = c

@@ -67,8 +67,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         },
         Command::Replica { command: ReplicaCommand::Status } => replica::status(&g).await,
         Command::Dlq { command } => match command {
-            DlqCommand::List { consumer } => dlq::list(&g, &consumer).await,
-            DlqCommand::Replay { consumer } => dlq::replay(&g, &consumer).await,
+            DlqCommand::List { consumer, context } => dlq::list(&g, &consumer, context.as_deref()).await,
+            DlqCommand::Replay { consumer, context } => dlq::replay(&g, &consumer, context.as_deref()).await,
         },
         Command::Acls(args) => acls::run(&g, &args),
     }

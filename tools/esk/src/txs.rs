@@ -54,8 +54,13 @@ async fn run(g: &Global, txid: Option<String>, participants: Vec<Participant>, a
     let timeout_ms = args.tx_timeout.as_millis() as u64;
     let builtin = Registry::builtin();
     let aggregates = (!args.any_category).then_some(&builtin);
-    esk_client::tx::validate(&txid, &participants, timeout_ms, aggregates).map_err(Failure::invalid)?;
+    // What needs no installation is checked before connecting; the
+    // categories then, against the built-in aggregates and the contexts that
+    // claimed categories (their writers check their commands).
+    esk_client::tx::validate(&txid, &participants, timeout_ms, None, &|_| false).map_err(Failure::invalid)?;
     let client = connect(g, false).await?;
+    let elsewhere = |category: &str| client.context_of(category) != esk_wire::topics::DEFAULT_CONTEXT;
+    esk_client::tx::validate(&txid, &participants, timeout_ms, aggregates, &elsewhere).map_err(Failure::invalid)?;
     let status = client.transact(&txid, participants, args.tx_timeout).await?;
     print(g, &status, false);
     match status.outcome.as_str() {

@@ -101,6 +101,9 @@ impl Aggregate for Order {
 /// The `orders` model's name: its store, group and dead-letter topic.
 pub const NAME: &str = "orders";
 
+/// The bounded context the orders service's writer serves: `order` is its.
+pub const CONTEXT: &str = "orders";
+
 /// The `orders` read model: one row an order.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Orders;

@@ -4,7 +4,8 @@
 //! `ESK_TOPIC_PREFIX`, `ESK_DATA_DIR`, `ESK_WRITER_HTTP`,
 //! `ESK_PROJECTOR_HTTP`, and the rest of `esk-writer --help` and
 //! `esk-projector --help`); it takes no arguments. Either part stopping
-//! stops the other, and the process waits for both.
+//! stops the other, and the process waits for both. Its writer serves the
+//! bounded context `orders` (topics `<prefix>.orders.*`).
 
 use esk::Parser as _;
 
@@ -16,7 +17,9 @@ async fn main() -> std::process::ExitCode {
         }
         let writer = esk::writer::Config::try_parse_from(["shop-orders"])?;
         let projector = esk::projector::Config::try_parse_from(["shop-orders"])?;
-        let writer = esk::Writer::new(writer).aggregate::<shop_orders::Order>();
+        // The orders context: its own topics (`esk topics init --context
+        // orders`) and writer group; `order` is claimed for it at start.
+        let writer = esk::Writer::new(writer).context(shop_orders::CONTEXT).aggregate::<shop_orders::Order>();
         let projector = esk::Projector::new(projector).projection(shop_orders::Orders).routes(shop_orders::routes());
         let (w, p) = tokio::join!(
             async {

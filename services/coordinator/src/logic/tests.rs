@@ -12,6 +12,7 @@ const HORIZON_MS: i64 = 3_600_000;
 fn ctx(aggregates: &Registry) -> Context<'_> {
     Context {
         aggregates,
+        router: &DefaultContext(P),
         partitions: P,
         reply_partitions: 2,
         resend_after_ms: 1000,
@@ -222,7 +223,7 @@ fn prepares_carry_the_deadline_and_replies_the_attempt() {
     v["attempt"] = json!("a-1");
     b.payload = Some(serde_json::to_vec(&v).unwrap());
     let s = step(&mut txs, vec![b], 100);
-    assert!(s.prepares.iter().all(|(_, _, p)| p.deadline_ms == Some(5100)));
+    assert!(s.prepares.iter().all(|(_, _, p, _)| p.deadline_ms == Some(5100)));
     let s = step(&mut txs, vec![vote("t1", "account-a", true), vote("t1", "account-b", true)], 200);
     assert_eq!(s.replies[0].2.attempt.as_deref(), Some("a-1"));
 }

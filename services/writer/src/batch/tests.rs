@@ -76,6 +76,7 @@ struct World {
     memory: BTreeMap<i32, Memo>,
     limits: Limits,
     horizon_ms: i64,
+    routes: Option<esk_kafka::contexts::Routes>,
 }
 
 /// What a batch wrote, decoded.
@@ -100,6 +101,7 @@ impl World {
             memory: BTreeMap::new(),
             limits: Limits::default(),
             horizon_ms: 3_600_000,
+            routes: None,
         }
     }
 
@@ -113,6 +115,8 @@ impl World {
             unusable: HashMap::new(),
             limits: self.limits,
             horizon_ms: self.horizon_ms,
+            context: esk_wire::topics::DEFAULT_CONTEXT,
+            routes: self.routes.as_ref(),
         }
     }
 
@@ -492,6 +496,31 @@ fn streams_must_arrive_on_their_own_partition_under_their_own_key() {
     assert!(failed(&o, 0).message.contains("key"));
     let o = w.run(vec![append("r", "nocategory", json!("any"), note("a"))]);
     assert!(failed(&o, 0).message.contains("no category"));
+}
+
+#[test]
+fn a_stream_of_a_category_another_context_claimed_is_not_written_here() {
+    let mut w = World::new();
+    let mut map = esk_wire::contexts::ContextMap::default();
+    let claim = json!({"context": "payments", "at_ms": 1, "by": "test"}).to_string();
+    map.apply(Some(b"account"), Some(claim.as_bytes())).unwrap();
+    w.routes = Some(esk_kafka::contexts::Routes::fixed(map));
+    let o = w.run(vec![
+        command("1", "account-1", "OpenAccount", json!({"owner": "a"})),
+        append("2", "note-1", json!("no_stream"), note("a")),
+    ]);
+    assert_eq!(o.events.len(), 1, "only the unclaimed category's event");
+    let refused = failed(&o, 0);
+    assert_eq!(refused.code, ErrorCode::InvalidInput);
+    assert!(refused.message.contains("belongs to context 'payments'"), "{}", refused.message);
+    appended(&o, 1);
+    // A prepare for it is voted down, and its decision is parked.
+    let o = w.run(vec![prepare("t1", "account-1", "Withdraw", 8)]);
+    assert!(o.events.is_empty());
+    assert!(o.votes.iter().all(|v| !vote(v).0) && o.dead.len() + o.votes.len() == 1, "{o:?}");
+    let o = w.run(vec![decide("t1", "account-1", "commit")]);
+    assert!(o.events.is_empty());
+    assert_eq!(o.dead.len(), 1);
 }
 
 #[test]
