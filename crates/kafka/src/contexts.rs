@@ -260,7 +260,16 @@ fn follow_loop(
                 continue;
             }
             match assign(consumer, topic, timeout) {
-                Ok(Some(high)) => end = Some(high),
+                Ok(Some(high)) => {
+                    end = Some(high);
+                    // An empty registry is read already (a consumer's
+                    // position stays unknown until it fetches a record).
+                    if high == 0
+                        && let Some(tx) = caught_up.take()
+                    {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
                 Ok(None) => {
                     // No registry (an installation from before contexts): no claims yet.
                     if let Some(tx) = caught_up.take() {

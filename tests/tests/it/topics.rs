@@ -49,6 +49,7 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
         "dlq.writer",
         "dlq.coordinator",
         "shards",
+        "contexts",
     ]
     .iter()
     .map(|s| format!("{p}.{s}"))
@@ -62,8 +63,8 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     let topics = read_back(&env).await;
     assert_eq!(topics.keys().cloned().collect::<Vec<_>>(), want);
     for (name, (partitions, configs)) in &topics {
-        // One shard by default: one partition of the shards topic.
-        let want = if name.ends_with(".shards") { 1 } else { 3 };
+        // One shard by default: one partition of the shards topic; one of the registry of contexts.
+        let want = if name.ends_with(".shards") || name.ends_with(".contexts") { 1 } else { 3 };
         assert_eq!(*partitions, want, "{name}");
         let compacted = name.ends_with(".state") || name.ends_with(".tx.log");
         let policy = if compacted { "compact" } else { "delete" };
@@ -110,10 +111,26 @@ async fn init_creates_every_platform_topic_with_its_configs_idempotently() {
     env.esk().args(["topics", "init", "--idempotency-horizon", "7d"]).run().ok();
     assert_eq!(read_back(&env).await, topics);
 
+    // A bounded context's own topics, with the installation's partitions.
+    let payments = env.esk().args(["topics", "init", "--context", "payments", "--json"]).run().ok().json();
+    let mut made: Vec<String> = serde_json::from_value(payments["created"].clone()).unwrap();
+    made.sort();
+    let mut want: Vec<String> = ["commands", "state", "answers", "tx.prepare", "tx.commit", "dlq.writer", "shards"]
+        .iter()
+        .map(|s| format!("{p}.payments.{s}"))
+        .collect();
+    want.sort();
+    assert_eq!(made, want);
+    assert_eq!(payments["partitions"], 3);
+    let other = env.esk().args(["topics", "init", "--context", "inventory", "--partitions", "4"]).run().code(4);
+    assert!(other.stderr.contains("installation's partition count"), "{}", other.stderr);
+    let bad = env.esk().args(["topics", "init", "--context", "events"]).run().code(4);
+    assert!(bad.stderr.contains("context name 'events'"), "{}", bad.stderr);
+
     // describe shows them all, none missing.
     let described = env.esk().args(["topics", "describe", "--json"]).run().ok().json();
     assert_eq!(described["missing"], serde_json::json!([]));
-    assert_eq!(described["topics"].as_array().unwrap().len(), expected.len());
+    assert_eq!(described["topics"].as_array().unwrap().len(), expected.len() + 7, "with the payments context's");
     let human = env.esk().args(["topics", "describe"]).run().ok();
     assert!(human.stdout.contains(&format!("{p}.state")) && human.stdout.contains("cleanup.policy=compact"));
 }

@@ -92,8 +92,9 @@ pub fn acls(role: Role, t: &Topics) -> Vec<Acl> {
 
 /// Reading the registry of contexts (ADR 13): clients and services route by it.
 fn registry(t: &Topics, write: bool) -> Vec<Acl> {
-    use Op::{Read, Write};
-    let ops: &[Op] = if write { &[Read, Write] } else { &[Read] };
+    use Op::{DescribeConfigs, Read, Write};
+    // A writer describes the registry at start (`esk topics init` makes it).
+    let ops: &[Op] = if write { &[Read, Write, DescribeConfigs] } else { &[Read] };
     vec![
         Acl::new(
             Kind::Topic,
