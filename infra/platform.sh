@@ -2,7 +2,9 @@
 # make up | down | status: the local esk platform.
 #
 #   up      the broker (unless KAFKA_BOOTSTRAP_SERVERS names one), the topics, the
-#           services; waits until each answers; idempotent
+#           platform's services, then the shop's (examples/shop: payments,
+#           inventory and orders, each its own bounded context, and shipping);
+#           waits until each answers; idempotent
 #   down    stops what up started
 #   status  what runs, where
 #
@@ -13,7 +15,10 @@
 # ESK_TOPIC_PREFIX (esk), ESK_PARTITIONS (12 for a new installation),
 # ESK_BIN_DIR (use these binaries instead of building target/release),
 # ESK_KAFKA_PORT (9092, for the local broker), ESK_<NAME>_HTTP (a service's
-# HTTP address, e.g. ESK_WRITER_HTTP=127.0.0.1:8701).
+# HTTP address, e.g. ESK_WRITER_HTTP=127.0.0.1:8701; the shop's:
+# ESK_PAYMENTS_HTTP, ESK_PAYMENTS_PROJECTOR_HTTP, ESK_INVENTORY_HTTP,
+# ESK_ORDERS_HTTP, ESK_ORDERS_PROJECTOR_HTTP, ESK_SHIPPING_HTTP),
+# ESK_CHECKOUT_TIMEOUT (the checkout saga's, 30s).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +30,14 @@ kafka=$repo/infra/kafka/kafka.sh
 
 # name:port of every service, in start order. Each binary is <bin_dir>/esk-<name>.
 SERVICES=("writer:8701" "projector:8702" "replica:8703" "coordinator:8704")
+# The shop: name:port[:projector port], binary <bin_dir>/shop-<name>. Each
+# service with a writer serves the bounded context of its name.
+SHOP=("payments:8711:8712" "inventory:8713" "orders:8714:8715" "shipping:8716")
+# What the platform's services are told: the default context's writer takes
+# raw appends only (the shop's contexts claim account, inventory and order);
+# the replica follows the payments context's state.
+PLATFORM_ENV=(ESK_WRITER_AGGREGATES=none ESK_CONTEXT=default)
+replica_env() { [ "$1" = replica ] && echo ESK_CONTEXT=payments || echo ESK_CONTEXT=default; }
 
 
 
@@ -39,7 +52,8 @@ die() { printf 'esk: %s\n' "$*" >&2; exit 1; }
 alive() {
   local name
   name=$(basename "$1" .pid)
-  [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)" "esk-$name"
+  [[ $name == shop-* ]] || name=esk-$name
+  [ -f "$1" ] && pid_runs "$(cat "$1" 2>/dev/null)" "$name"
 }
 
 # Whether the process of pid file $1, just started, still runs. Not what it
@@ -116,11 +130,42 @@ start_service() { # name port bin_dir bootstrap
     return
   fi
   setsid nohup env KAFKA_BOOTSTRAP_SERVERS="$bs" ESK_TOPIC_PREFIX="$prefix" \
-    "ESK_${name^^}_HTTP=$addr" ESK_DATA_DIR="$ESK_HOME/data" \
+    "ESK_${name^^}_HTTP=$addr" ESK_DATA_DIR="$ESK_HOME/data" "${PLATFORM_ENV[@]}" "$(replica_env "$name")" \
     "$bins/esk-$name" >>"$logs/$name.log" 2>&1 </dev/null &
   echo $! >"$pf"
   wait_ready "$name" "$addr" "$pf"
   say "$name started (pid $(cat "$pf"), http://$addr)"
+}
+
+# The shop's service `name` (binary shop-<name>): its writer's HTTP on
+# ESK_<NAME>_HTTP, its projector's on ESK_<NAME>_PROJECTOR_HTTP.
+start_shop() { # entry bin_dir bootstrap
+  local entry=$1 bins=$2 bs=$3 name port pport pf addr paddr vars=()
+  IFS=: read -r name port pport <<<"$entry"
+  pf=$run/shop-$name.pid
+  addr=$(http_addr "$name" "$port")
+  if [ "$name" = shipping ]; then
+    vars+=("ESK_PROJECTOR_HTTP=$addr")
+  else
+    vars+=("ESK_WRITER_HTTP=$addr")
+  fi
+  if [ -n "$pport" ]; then
+    paddr=$(http_addr "${name}_projector" "$pport")
+    vars+=("ESK_PROJECTOR_HTTP=$paddr")
+  fi
+  if alive "$pf"; then
+    wait_ready "shop-$name" "$addr" "$pf"
+    say "shop-$name already running (pid $(cat "$pf"), http://$addr${paddr:+, http://$paddr})"
+    return
+  fi
+  # ESK_PROJECTOR_INSTANCE: the shop's `accounts` model is a copy of its own
+  # beside the platform projector's (each instance keeps a full copy).
+  setsid nohup env KAFKA_BOOTSTRAP_SERVERS="$bs" ESK_TOPIC_PREFIX="$prefix" ESK_DATA_DIR="$ESK_HOME/data" \
+    ESK_PROJECTOR_INSTANCE=shop ESK_CHECKOUT_TIMEOUT="${ESK_CHECKOUT_TIMEOUT:-30s}" "${vars[@]}" \
+    "$bins/shop-$name" >>"$logs/shop-$name.log" 2>&1 </dev/null &
+  echo $! >"$pf"
+  wait_ready "shop-$name" "$addr" "$pf"
+  say "shop-$name started (pid $(cat "$pf"), http://$addr${paddr:+, http://$paddr})"
 }
 
 
@@ -137,9 +182,16 @@ up() {
   local init_args=(topics init --bootstrap-servers "$bs" --prefix "$prefix" --timeout 30s)
   if [ -n "${ESK_PARTITIONS:-}" ]; then init_args+=(--partitions "$ESK_PARTITIONS"); fi
   "$bins/esk" "${init_args[@]}" | tail -n 1 | sed 's/^/esk: topics: /'
+  local context
+  for context in payments inventory orders; do
+    "$bins/esk" "${init_args[@]}" --context "$context" | tail -n 1 | sed "s/^/esk: topics ($context): /"
+  done
   local entry
   for entry in "${SERVICES[@]}"; do
     start_service "${entry%%:*}" "${entry##*:}" "$bins" "$bs"
+  done
+  for entry in "${SHOP[@]}"; do
+    start_shop "$entry" "$bins" "$bs"
   done
   cat <<INFO
 esk: up.
@@ -148,11 +200,19 @@ esk: up.
   logs        $logs/<name>.log
   pids        $run/<name>.pid
   cli         $bins/esk --help
+  shop        payments http://$(http_addr payments 8711) (accounts: http://$(http_addr payments_projector 8712)/accounts/{id})
+              inventory http://$(http_addr inventory 8713)
+              orders http://$(http_addr orders 8714) (orders and checkouts: http://$(http_addr orders_projector 8715)/orders/{id})
+              shipping http://$(http_addr shipping 8716)/shipments/{order}
 INFO
 }
 
 down() {
   local entry i
+  for ((i = ${#SHOP[@]} - 1; i >= 0; i--)); do
+    entry=${SHOP[i]}
+    stop_service "shop-${entry%%:*}"
+  done
   for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
     entry=${SERVICES[i]}
     stop_service "${entry%%:*}"
@@ -189,6 +249,16 @@ status() {
     if alive "$run/$name.pid"; then
       say "$name: running (pid $(cat "$run/$name.pid"), http://$(http_addr "$name" "$port"))"
 
+    else
+      say "$name: stopped"
+      rc=1
+    fi
+  done
+  for entry in "${SHOP[@]}"; do
+    local name=shop-${entry%%:*} port
+    port=$(cut -d: -f2 <<<"$entry")
+    if alive "$run/$name.pid"; then
+      say "$name: running (pid $(cat "$run/$name.pid"), http://$(http_addr "${entry%%:*}" "$port"))"
     else
       say "$name: stopped"
       rc=1

@@ -15,8 +15,16 @@ pub const MAX_QUANTITY: i64 = 1_000_000_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum Command {
-    AddStock { quantity: i64 },
-    Reserve { quantity: i64 },
+    AddStock {
+        quantity: i64,
+    },
+    Reserve {
+        quantity: i64,
+    },
+    /// Gives back units a `Reserve` took.
+    Release {
+        quantity: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +42,9 @@ pub enum Event {
     },
     ReservationHeld {
         txid: String,
+        quantity: i64,
+    },
+    StockReleased {
         quantity: i64,
     },
     ReservationReleased {
@@ -95,6 +106,7 @@ impl Aggregate for Inventory {
             Command::Reserve { quantity } => {
                 Ok(vec![Event::StockReserved { quantity: check_reserve(state, *quantity)?, txid: None }])
             }
+            Command::Release { quantity } => Ok(vec![Event::StockReleased { quantity: check_quantity(*quantity)? }]),
         }
     }
 
@@ -102,6 +114,7 @@ impl Aggregate for Inventory {
         match event {
             Event::StockAdded { quantity, .. } => state.stock += quantity,
             Event::StockReserved { quantity, .. } => state.stock -= quantity,
+            Event::StockReleased { quantity } => state.stock += quantity,
             Event::ReservationHeld { txid, quantity } => {
                 state.held.insert(txid.clone(), *quantity);
             }
@@ -115,7 +128,9 @@ impl Aggregate for Inventory {
     fn validate_for_transaction(command: &Command) -> Result<(), DomainError> {
         match command {
             Command::Reserve { quantity } => check_quantity(*quantity).map(drop),
-            Command::AddStock { .. } => Err(DomainError::Invalid("only Reserve can be part of a transaction".into())),
+            Command::AddStock { .. } | Command::Release { .. } => {
+                Err(DomainError::Invalid("only Reserve can be part of a transaction".into()))
+            }
         }
     }
 
@@ -127,7 +142,9 @@ impl Aggregate for Inventory {
             Command::Reserve { quantity } => {
                 Ok(vec![Event::ReservationHeld { txid: txid.to_owned(), quantity: check_reserve(state, *quantity)? }])
             }
-            Command::AddStock { .. } => Err(DomainError::Invalid("only Reserve can be part of a transaction".into())),
+            Command::AddStock { .. } | Command::Release { .. } => {
+                Err(DomainError::Invalid("only Reserve can be part of a transaction".into()))
+            }
         }
     }
 
@@ -174,6 +191,14 @@ mod tests {
             .then_expect(vec![StockReserved { quantity: 5, txid: None }]);
         given::<Inventory>(&[added(5)]).when(&Reserve { quantity: 6 }).then_reject("available 5, requested 6");
         given::<Inventory>(&[]).when(&AddStock { quantity: 0 }).then_invalid("quantity");
+        let reserved = StockReserved { quantity: 5, txid: None };
+        given::<Inventory>(&[added(5), reserved.clone()])
+            .when(&Release { quantity: 2 })
+            .then_expect(vec![StockReleased { quantity: 2 }]);
+        let state = [added(5), reserved, StockReleased { quantity: 2 }].iter().fold(State::default(), Inventory::apply);
+        assert_eq!(state.stock, 2);
+        given::<Inventory>(&[]).when(&Release { quantity: 0 }).then_invalid("quantity");
+        assert!(Inventory::validate_for_transaction(&Release { quantity: 1 }).is_err());
     }
 
     #[test]

@@ -48,18 +48,17 @@
 //! `docs/guide.md`); aggregates and projections are tested without Kafka
 //! with [`testing`].
 //!
-//! # What a service gets, and its limits today
-//! - [`Writer`]: the single writer of each partition of the installation's
-//!   commands topic, for the aggregates it is given; raw appends to any
-//!   category. One writer group serves an installation, so every writer of it
-//!   must be given the same aggregates (the built-in ones are
-//!   [`Registry::builtin`]): a service with its own aggregates runs its own
-//!   writer under its own topic prefix, or registers the built-in ones too.
+//! # What a service gets
+//! - [`Writer`]: the single writer of each partition of its bounded
+//!   context's commands topic, for the aggregates it is given
+//!   ([`Writer::context`] names the context; the categories of its aggregates
+//!   are claimed for it, and clients route them there); raw appends to any
+//!   category of its context.
 //! - [`Projector`]: the projections it is given, each in its own SQLite store
 //!   and consumer group, plus the service's query routes ([`projector::after`]
-//!   waits for a read-your-writes token, [`projector::read`] reads).
-//! - [`coordinator::run_with`]: two-phase commits over the aggregates it is
-//!   given.
+//!   waits for a read-your-writes token, [`projector::read`] reads), and the
+//!   process managers ([`Process`], sagas with compensation) it is given.
+//! - [`coordinator::run_with`]: two-phase commits across contexts.
 //! - [`Client`]: appends, commands, reads and transactions from any program.
 
 /// Each service's `Config` parses its flags and environment (`Config::parse()`).
@@ -69,7 +68,8 @@ pub use esk_domain::{Aggregate, DomainError, EventData, Outcome, Registry};
 pub use esk_projection::sqlite::SqliteStore;
 pub use esk_projection::{ApplyError, Projection, Store, StoreError};
 pub use esk_projector::Projector;
-pub use esk_runtime::service_main;
+pub use esk_projector::process::Process;
+pub use esk_runtime::{parse_duration, service_main};
 pub use esk_wire::{Event, StreamName};
 pub use esk_writer::Writer;
 /// For projections' SQL and services' query routes, at the versions esk uses.
@@ -84,6 +84,22 @@ pub mod writer {
 pub mod projector {
     pub use esk_projector::http::{ApiError, Params, after, read};
     pub use esk_projector::{App, Config, Model, Projector};
+}
+
+/// Process managers (sagas): [`Process`], what its reactions ask for, and
+/// how its commands were answered.
+pub mod process {
+    pub use esk_projector::process::{Answer, Effects, MAX_IN_FLIGHT, Outgoing, Process, request_id};
+    pub use esk_wire::protocol::{CommandData, ExpectedVersion};
+}
+
+/// The aggregates and the read model esk ships (what `esk-writer` and
+/// `esk-projector` run): the shop's `payments` and `inventory` services serve
+/// them in their own contexts.
+pub mod builtin {
+    pub use esk_domain::account::Account;
+    pub use esk_domain::inventory::Inventory;
+    pub use esk_projector::accounts::{Accounts, routes as accounts_routes};
 }
 
 /// The coordinator of two-phase commits.

@@ -8,6 +8,9 @@
 //! while the others commit, the whole batch undone on a transient error —
 //! and `query` reads it back. The events are taken as given: decoding,
 //! upcasting and JSON Schema checks are the runner's, before `apply`.
+//! Process managers: a [`Processes`] harness applies events, answers and
+//! deadlines as the runner and the sender do, on the manager's own store and
+//! a clock the test moves, and shows the commands each reaction queued.
 //!
 //! ```
 //! use esk::testing::{Model, event};
@@ -38,6 +41,8 @@ use esk_projection::{ApplyError, Projection, StoreError};
 use esk_wire::{Event, StreamName};
 
 pub use esk_domain::testing::{Given, When, given};
+/// A process manager under test: see [`esk_projector::process::Harness`].
+pub use esk_projector::process::Harness as Processes;
 
 fn at(i: usize, e: StoreError) -> (usize, ApplyError) {
     (i, ApplyError::Transient(e.to_string()))

@@ -166,6 +166,32 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
     ),
     ("esk_projection_batch_seconds", Kind::Histogram, Unit::Seconds, "time to apply and commit one projection batch"),
     (
+        "esk_contexts_ignored_records_total",
+        Kind::Counter,
+        Unit::Count,
+        "records of the registry of contexts that were not valid claims (ignored)",
+    ),
+    ("esk_process_outbox", Kind::Gauge, Unit::Count, "commands of a process manager waiting for their answers"),
+    ("esk_process_deadlines", Kind::Gauge, Unit::Count, "deadlines a process manager has set and not yet passed"),
+    (
+        "esk_process_answers_total",
+        Kind::Counter,
+        Unit::Count,
+        "answers to a process manager's commands, by outcome (done, refused, invalid, wrong_expected_version, expired)",
+    ),
+    (
+        "esk_process_retries_total",
+        Kind::Counter,
+        Unit::Count,
+        "a process manager's commands sent again after no answer (Kafka or the writer unreachable)",
+    ),
+    (
+        "esk_process_refused_reactions_total",
+        Kind::Counter,
+        Unit::Count,
+        "reactions to answers or deadlines whose effects were refused (a step name used twice, a bad stream name)",
+    ),
+    (
         "esk_replica_lag_records",
         Kind::Gauge,
         Unit::Count,

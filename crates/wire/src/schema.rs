@@ -23,6 +23,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("account/HoldReleased.v1.json", include_str!("../../../schemas/account/HoldReleased.v1.json")),
     ("inventory/StockAdded.v1.json", include_str!("../../../schemas/inventory/StockAdded.v1.json")),
     ("inventory/StockReserved.v1.json", include_str!("../../../schemas/inventory/StockReserved.v1.json")),
+    ("inventory/StockReleased.v1.json", include_str!("../../../schemas/inventory/StockReleased.v1.json")),
     ("inventory/ReservationHeld.v1.json", include_str!("../../../schemas/inventory/ReservationHeld.v1.json")),
     ("inventory/ReservationReleased.v1.json", include_str!("../../../schemas/inventory/ReservationReleased.v1.json")),
 ];

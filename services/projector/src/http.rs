@@ -6,7 +6,10 @@
 //!   it (`timeout_ms`, default 5000), else 504 with what it reached. A route
 //!   reads through [`after`] and [`read`].
 //! - `GET /status`: per projection, checkpoints, high watermarks, lag, events/s, rebuild.
-//! - `POST /projections/{name}/rebuild`, `POST /projections/{name}/replay`.
+//! - `POST /projections/{name}/rebuild`, `POST /projections/{name}/replay`
+//!   (a process manager is not rebuilt: 409).
+//! - `GET /processes/{name}/{id}`: a process manager's process: state,
+//!   commands waiting, answers, deadlines.
 //! - `/health`, `/metrics`.
 //!
 //! Errors are JSON: `{"error": "<code>", "message": "..."}` with a 4xx or 5xx status.
@@ -67,7 +70,7 @@ impl IntoResponse for ApiError {
 pub type Params = Query<HashMap<String, String>>;
 
 /// The paths the projector serves itself; a model's own routes may not use them.
-pub const BUILT_IN: [&str; 7] = [
+pub const BUILT_IN: [&str; 8] = [
     "/health",
     "/ready",
     "/metrics",
@@ -75,6 +78,7 @@ pub const BUILT_IN: [&str; 7] = [
     "/projections",
     "/projections/{name}/rebuild",
     "/projections/{name}/replay",
+    "/processes/{name}/{id}",
 ];
 
 /// The built-in routes and `routes` (the models' queries). Made before
@@ -89,6 +93,7 @@ pub fn router(routes: Router<Arc<App>>) -> Router<Arc<App>> {
         .route("/projections", get(status))
         .route("/projections/{name}/rebuild", post(rebuild))
         .route("/projections/{name}/replay", post(replay))
+        .route("/processes/{name}/{id}", get(process))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
 }
 
@@ -248,10 +253,36 @@ fn named<'a>(app: &'a App, name: &str) -> Result<&'a Model, ApiError> {
 
 async fn rebuild(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<(StatusCode, Json<Value>), ApiError> {
     let model = named(&app, &name)?;
+    if model.process {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "'{name}' is a process manager: its store is not rebuilt (a rebuild would send its commands again)"
+            ),
+        ));
+    }
     let runner = &model.runner;
     let version = tokio::task::block_in_place(|| runner.rebuild())
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, "conflict", e))?;
     Ok((StatusCode::ACCEPTED, Json(json!({"projection": name, "version": version}))))
+}
+
+/// One process of a process manager: its state, the commands waiting for
+/// an answer, the answers so far and its deadlines.
+async fn process(
+    State(app): State<Arc<App>>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let model = named(&app, &name)?;
+    if !model.process {
+        return Err(ApiError::not_found(format!("'{name}' is a projection, not a process manager")));
+    }
+    let wanted = id.clone();
+    match read(model, move |c| crate::process::describe(c, &wanted)).await? {
+        Some(doc) => Ok(Json(doc)),
+        None => Err(ApiError::not_found(format!("no process '{id}' in '{name}'"))),
+    }
 }
 
 async fn replay(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {

@@ -23,6 +23,7 @@
 pub mod accounts;
 pub mod config;
 pub mod http;
+pub mod process;
 
 use std::sync::Arc;
 
@@ -45,6 +46,9 @@ pub struct Model {
     pub readers: Readers,
     /// Set once the model has caught up with its categories (for `/ready`).
     pub caught_up: esk_runtime::sample::CaughtUp,
+    /// A process manager's store (never rebuilt: a rebuild would send its
+    /// commands again).
+    pub process: bool,
 }
 
 /// What the HTTP handlers share: the running models, by name.
@@ -69,11 +73,19 @@ impl App {
 
 type Start = Box<dyn FnOnce(RunnerConfig, Arc<SchemaRegistry>, SqliteStore, Readers) -> Result<RunnerHandle> + Send>;
 
+/// Starts a process manager's sender on its store's file.
+type Sender = Box<
+    dyn FnOnce(std::path::PathBuf, Arc<esk_client::Client>, CancellationToken) -> tokio::task::JoinHandle<Result<()>>
+        + Send,
+>;
+
 /// A projection given to a [`Projector`], not yet started.
 struct Registered {
     name: String,
     categories: Vec<String>,
     start: Start,
+    /// A process manager's sender.
+    sender: Option<Sender>,
 }
 
 /// A projector: the projections it is given, each in its own SQLite store,
@@ -121,7 +133,23 @@ impl Projector {
             let on_switch = Box::new(move |s: &SqliteStore| readers.switch_to(s));
             Ok(runner::spawn(config, Arc::new(projection), schemas, store, on_switch)?)
         });
-        self.projections.push(Registered { name, categories, start });
+        self.projections.push(Registered { name, categories, start, sender: None });
+        self
+    }
+
+    /// Runs the process manager `process` too (see [`process`]): a projection
+    /// of its events into its processes' state, outbox and deadlines (named
+    /// as a projection is), and a sender of its commands. Its store is never
+    /// rebuilt.
+    pub fn process<P: process::Process>(mut self, process: P) -> Self {
+        let process = Arc::new(process);
+        let sending = process.clone();
+        self = self.projection(process::Manager(process));
+        let sender: Sender =
+            Box::new(move |path, client, shutdown| tokio::spawn(process::send(sending, path, client, shutdown)));
+        if let Some(last) = self.projections.last_mut() {
+            last.sender = Some(sender);
+        }
         self
     }
 
@@ -197,6 +225,7 @@ async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> 
     let probe_topic = topics.events(&projections[0].categories[0]);
     let probe = esk_runtime::sample::kafka_probe(&kafka, &config.group_id(&projections[0].name), &probe_topic)?;
     let mut models: Vec<Model> = Vec::new();
+    let mut senders = Vec::new();
     for p in projections {
         let dir = config.store_dir(&p.name);
         let started = SqliteStore::open(&dir)
@@ -227,9 +256,38 @@ async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> 
             categories = p.categories.join(","),
             "projection running"
         );
-        models.push(Model { name: p.name, categories: p.categories, runner, readers, caught_up: Default::default() });
+        let process = p.sender.is_some();
+        if let Some(sender) = p.sender {
+            senders.push((p.name.clone(), readers.current().1, sender));
+        }
+        models.push(Model {
+            name: p.name,
+            categories: p.categories,
+            runner,
+            readers,
+            caught_up: Default::default(),
+            process,
+        });
     }
     tracing::info!(http = %listener.local_addr()?, models = models.len(), "projector running");
+    // The process managers' senders share one client of the installation.
+    let mut sending = Vec::new();
+    if !senders.is_empty() {
+        let (k, t) = (kafka.clone(), topics.clone());
+        let client = tokio::task::spawn_blocking(move || esk_client::Client::connect_pipelined(k, t)).await?;
+        let client = match client {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                let started = std::mem::take(&mut models);
+                tokio::task::spawn_blocking(move || started.iter().for_each(|m| m.runner.stop())).await?;
+                return Err(anyhow::Error::new(e).context("connecting the process managers' client"));
+            }
+        };
+        for (name, path, sender) in senders {
+            tracing::info!(process = name, "process manager sending");
+            sending.push((name, sender(path, client.clone(), shutdown.clone())));
+        }
+    }
     let app = Arc::new(App { config, topics, models, probe });
     // A projection that stopped for good (fenced by another instance with
     // this id) ends the service: serving a model that no longer follows the
@@ -254,6 +312,11 @@ async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> 
     let served = http::serve(listener, app.clone(), router, shutdown.clone()).await;
     shutdown.cancel();
     let failure = failed.await?;
+    for (name, sender) in sending {
+        if let Err(e) = sender.await.map_err(anyhow::Error::from).and_then(|r| r) {
+            tracing::error!(process = name, "the sender stopped: {e:#}");
+        }
+    }
     // Every runner stops, whatever the HTTP server or a query still holds.
     let stopping = app.clone();
     tokio::task::spawn_blocking(move || stopping.models().for_each(|m| m.runner.stop())).await?;

@@ -13,6 +13,7 @@ mod platform;
 mod projector;
 mod replica;
 mod secured;
+mod shop;
 
 mod topics;
 mod writer;

@@ -16,11 +16,27 @@ struct Ports {
     projector: u16,
     coordinator: u16,
     replica: u16,
+    /// The shop's: payments, its projector, inventory, orders, its projector, shipping.
+    shop: [u16; 6],
 }
+
+/// The shop's HTTP variables, in the order of `Ports::shop`.
+const SHOP_VARS: [&str; 6] = [
+    "ESK_PAYMENTS_HTTP",
+    "ESK_PAYMENTS_PROJECTOR_HTTP",
+    "ESK_INVENTORY_HTTP",
+    "ESK_ORDERS_HTTP",
+    "ESK_ORDERS_PROJECTOR_HTTP",
+    "ESK_SHIPPING_HTTP",
+];
 
 fn make(target: &str, home: &Path, ports: Ports) -> (bool, String) {
     let bin_dir = bin("esk").parent().unwrap().to_owned();
-    let out = Command::new("make")
+    let mut cmd = Command::new("make");
+    for (var, port) in SHOP_VARS.iter().zip(ports.shop) {
+        cmd.env(var, format!("127.0.0.1:{port}"));
+    }
+    let out = cmd
         .arg("-s")
         .arg(target)
         .current_dir(repo_root())
@@ -94,7 +110,59 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
     let writer_pid = std::fs::read_to_string(home.path().join("run/writer.pid")).unwrap();
     assert!(home.path().join("log/writer.log").exists());
 
+    // The shop runs beside the platform, and the README's walkthrough works:
+    // an order placed is checked out by the saga across three contexts.
+    for service in ["payments", "inventory", "orders", "shipping"] {
+        assert!(status.contains(&format!("shop-{service}: running")), "{status}");
+    }
+    let shop_pids: Vec<String> = ["payments", "inventory", "orders", "shipping"]
+        .iter()
+        .map(|s| std::fs::read_to_string(home.path().join(format!("run/shop-{s}.pid"))).unwrap())
+        .collect();
+    let bootstrap = format!("127.0.0.1:{}", ports.kafka);
+    let esk = |args: &[&str]| {
+        let out = Command::new(bin("esk"))
+            .args(["--bootstrap-servers", &bootstrap, "--prefix", "esk", "--timeout", "30s"])
+            .args(args)
+            .env_remove("ESK_TIMEOUT")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "esk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    esk(&["command", "account-ann", "OpenAccount", r#"{"owner": "ann"}"#]);
+    esk(&["command", "account-ann", "Deposit", r#"{"amount": 5000}"#]);
+    esk(&["command", "inventory-tea", "AddStock", r#"{"quantity": 10}"#]);
+    let order = r#"{"customer": "ann", "item": "tea", "quantity": 2, "amount": 700}"#;
+    esk(&["command", "order-1", "Place", order, "--expected-version", "no-stream"]);
+    let orders = format!("127.0.0.1:{}", ports.shop[4]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = http_get(&orders, "/orders/1").map(|(_, body)| body).unwrap_or_default();
+        if row.contains(r#""status":"confirmed""#) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "order 1 not confirmed by the checkout saga: {row}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The shipping context's model and the payments context's agree, soon.
+    for (port, path, want) in
+        [(ports.shop[5], "/shipments/1", "to_ship"), (ports.shop[1], "/accounts/ann", r#""balance":4300"#)]
+    {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = http_get(&format!("127.0.0.1:{port}"), path).map(|(_, body)| body).unwrap_or_default();
+            if got.contains(want) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{path}: {got}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     drop(guard);
+    for pid in &shop_pids {
+        assert!(!pid_alive(pid), "a shop service (pid {pid}) alive after make down");
+    }
     assert!(!port_open(port), "port {port} still open after make down");
     assert!(!pid_alive(&pid), "broker pid {pid} alive after make down");
     assert!(!pid_alive(&writer_pid), "writer pid {writer_pid} alive after make down");
@@ -121,6 +189,7 @@ impl Ports {
             projector: free_port_pair().unwrap(),
             coordinator: free_port_pair().unwrap(),
             replica: free_port_pair().unwrap(),
+            shop: [(); 6].map(|()| free_port_pair().unwrap()),
         }
     }
 

@@ -2,7 +2,11 @@
 //! on esk: an [`Order`] aggregate (the `order` category), the `orders` read
 //! model ([`Orders`]) and its query route, through the `esk` facade alone.
 //!
-//! An order is placed once, then ends confirmed or cancelled, once.
+//! An order is placed once, then ends confirmed or cancelled, once. The
+//! [`checkout`] saga takes it there: stock, payment, confirmation, and
+//! compensation when a step is refused or the checkout times out.
+
+pub mod checkout;
 
 use std::sync::Arc;
 

@@ -2,7 +2,8 @@
 //! a projector of the `orders` model in one process. Configured by the
 //! environment alone, as esk's services can be (`KAFKA_BOOTSTRAP_SERVERS`,
 //! `ESK_TOPIC_PREFIX`, `ESK_DATA_DIR`, `ESK_WRITER_HTTP`,
-//! `ESK_PROJECTOR_HTTP`, and the rest of `esk-writer --help` and
+//! `ESK_PROJECTOR_HTTP`, `ESK_CHECKOUT_TIMEOUT` (the checkout saga's, default
+//! 30s), and the rest of `esk-writer --help` and
 //! `esk-projector --help`); it takes no arguments. Either part stopping
 //! stops the other, and the process waits for both. Its writer serves the
 //! bounded context `orders` (topics `<prefix>.orders.*`).
@@ -20,7 +21,15 @@ async fn main() -> std::process::ExitCode {
         // The orders context: its own topics (`esk topics init --context
         // orders`) and writer group; `order` is claimed for it at start.
         let writer = esk::Writer::new(writer).context(shop_orders::CONTEXT).aggregate::<shop_orders::Order>();
-        let projector = esk::Projector::new(projector).projection(shop_orders::Orders).routes(shop_orders::routes());
+        // The checkout saga: ESK_CHECKOUT_TIMEOUT (default 30s) bounds a checkout.
+        let timeout = match std::env::var("ESK_CHECKOUT_TIMEOUT") {
+            Ok(t) => esk::parse_duration(&t).map_err(|e| anyhow::anyhow!("ESK_CHECKOUT_TIMEOUT: {e}"))?,
+            Err(_) => shop_orders::checkout::Checkout::default().timeout,
+        };
+        let projector = esk::Projector::new(projector)
+            .projection(shop_orders::Orders)
+            .process(shop_orders::checkout::Checkout { timeout })
+            .routes(shop_orders::routes());
         let (w, p) = tokio::join!(
             async {
                 let r = writer.run(shutdown.clone()).await;
