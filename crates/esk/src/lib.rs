@@ -108,3 +108,9 @@ pub mod coordinator {
 }
 
 pub mod testing;
+
+/// `docs/guide.md`: its quick start compiles here, as a doctest; its other
+/// snippets are excerpts of `examples/shop`, which builds and is tested.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/guide.md")]
+pub struct Guide;
