@@ -1007,6 +1007,37 @@ impl Drop for Service {
     }
 }
 
+/// SIGKILLs each of `n` roles once, in an order and at moments of chance
+/// (0.7 to 3 s apart; the seed is printed): `kill(i)` kills role `i` and
+/// starts it again. Sets `over` after the last. The order the roles went in.
+pub fn kill_each_once(
+    n: usize,
+    over: Arc<std::sync::atomic::AtomicBool>,
+    kill: impl Fn(usize) + Send + 'static,
+) -> std::thread::JoinHandle<Vec<usize>> {
+    std::thread::spawn(move || {
+        let mut seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
+        println!("chaos seed {seed}");
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            order.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+        for &which in &order {
+            std::thread::sleep(Duration::from_millis(700 + next() % 2300));
+            kill(which);
+        }
+        over.store(true, std::sync::atomic::Ordering::SeqCst);
+        order
+    })
+}
+
 /// A minimal HTTP/1.0 GET over loopback: (status, body).
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     esk_client::http::get(addr, path, Duration::from_secs(30)).ok()

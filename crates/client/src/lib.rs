@@ -123,7 +123,7 @@ pub struct Client {
     routes: Arc<esk_kafka::contexts::Routes>,
     _following: esk_kafka::contexts::Following,
     /// Partitions of each context's commands topic, as first looked up.
-    context_partitions: Mutex<HashMap<String, i32>>,
+    context_partitions: esk_kafka::contexts::Partitions,
 }
 
 impl std::fmt::Debug for Client {
@@ -231,7 +231,7 @@ impl Client {
             point_readers: read::Pool::default(),
             routes,
             _following: following,
-            context_partitions: Mutex::default(),
+            context_partitions: Default::default(),
         })
     }
 
@@ -278,27 +278,10 @@ impl Client {
         if context == esk_wire::topics::DEFAULT_CONTEXT {
             return Ok((topic, self.partitions));
         }
-        if let Some(n) = self.context_partitions.lock().expect("partitions lock").get(&context) {
-            return Ok((topic, *n));
-        }
-        let md = self
-            .producer
-            .client()
-            .fetch_metadata(Some(&topic), self.config.timeout)
+        let n = self
+            .context_partitions
+            .of(self.producer.client(), &context, &topic, stream.category(), self.config.timeout)
             .map_err(|e| ClientError::Unavailable(format!("Kafka at {}: {e}", self.config.bootstrap)))?;
-        let n = md
-            .topics()
-            .first()
-            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-            .map(|t| t.partitions().len() as i32)
-            .ok_or_else(|| {
-                ClientError::Unavailable(format!(
-                    "{topic} does not exist, though the registry of contexts gives category '{}' to context \
-                     '{context}': run `esk topics init --context {context}`",
-                    stream.category()
-                ))
-            })?;
-        self.context_partitions.lock().expect("partitions lock").insert(context, n);
         Ok((topic, n))
     }
 
@@ -320,12 +303,27 @@ impl Client {
         body: RequestBody,
         request_id: Option<String>,
     ) -> Result<Submitted<'_>, ClientError> {
+        self.submit_first_sent(stream, body, request_id, None)
+    }
+
+    /// [`Client::submit`] of a request first sent at `first_sent_ms` (ms
+    /// since the epoch): a retry by a program that keeps its requests (a
+    /// process manager's outbox) says when it first sent it, so that one sent
+    /// again after the idempotency horizon is refused (`request_expired`)
+    /// rather than applied again. `None`: a UUIDv7 request id's time, else now.
+    pub fn submit_first_sent(
+        &self,
+        stream: &str,
+        body: RequestBody,
+        request_id: Option<String>,
+        first_sent_ms: Option<i64>,
+    ) -> Result<Submitted<'_>, ClientError> {
         let stream = StreamName::parse(stream).map_err(|e| ClientError::Invalid(e.to_string()))?;
         let request_id = request_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         limits::check_request_id(&request_id).map_err(ClientError::Invalid)?;
-        // The first attempt's time: a UUIDv7 id carries it, else it is now
-        // (see `Request::sent_ms`).
-        let sent_ms = limits::uuid_v7_ms(&request_id).is_none().then(now_ms);
+        // The first attempt's time: as given, or a UUIDv7 id carries it,
+        // else it is now (see `Request::sent_ms`).
+        let sent_ms = first_sent_ms.or_else(|| limits::uuid_v7_ms(&request_id).is_none().then(now_ms));
         let attempt = uuid::Uuid::new_v4().simple().to_string();
         let request = Request {
             request_id,
@@ -379,6 +377,20 @@ impl Client {
     ) -> Result<Appended, ClientError> {
         let body = RequestBody::Command { expected_version, command };
         appended(self.request(stream, body, request_id).await?)
+    }
+
+    /// [`Client::command`] first sent at `first_sent_ms`: see
+    /// [`Client::submit_first_sent`].
+    pub async fn command_first_sent(
+        &self,
+        stream: &str,
+        expected_version: ExpectedVersion,
+        command: CommandData,
+        request_id: String,
+        first_sent_ms: i64,
+    ) -> Result<Appended, ClientError> {
+        let body = RequestBody::Command { expected_version, command };
+        appended(self.submit_first_sent(stream, body, Some(request_id), Some(first_sent_ms))?.reply().await?)
     }
 
     /// The stream's version and where its events are.

@@ -61,6 +61,33 @@
 //! - [`coordinator::run_with`]: two-phase commits across contexts.
 //! - [`Client`]: appends, commands, reads and transactions from any program.
 
+/// Runs a writer and a projector in one process until `shutdown` is
+/// cancelled: either stopping (for good, or on an error) stops the other, and
+/// this waits for both, so that the writer leaves its partitions to the next
+/// owner at once. The first error is returned (both, if both failed).
+pub async fn run_both(
+    writer: Writer,
+    projector: Projector,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let (w, p) = tokio::join!(
+        async {
+            let r = writer.run(shutdown.clone()).await;
+            shutdown.cancel();
+            r
+        },
+        async {
+            let r = projector.run(shutdown.clone()).await;
+            shutdown.cancel();
+            r
+        }
+    );
+    match (w, p) {
+        (Err(w), Err(p)) => Err(w.context(format!("and the projector stopped too: {p:#}"))),
+        (w, p) => w.and(p),
+    }
+}
+
 /// Each service's `Config` parses its flags and environment (`Config::parse()`).
 pub use clap::Parser;
 pub use esk_client::Client;

@@ -164,6 +164,47 @@ impl Routes {
     }
 }
 
+/// The partition counts of contexts' co-partitioned topics, each looked up
+/// once (a context's topics keep their count: `esk topics init` refuses
+/// another).
+#[derive(Debug, Default)]
+pub struct Partitions {
+    known: std::sync::Mutex<std::collections::HashMap<String, i32>>,
+}
+
+impl Partitions {
+    /// The partitions of `topic`, the co-partitioned topic of `context` a
+    /// caller writes to, through `client`'s metadata. `Err`: Kafka did not
+    /// answer, or the topic does not exist (`esk topics init --context`
+    /// was not run), said for `category` when one is given.
+    pub fn of<C: rdkafka::ClientContext>(
+        &self,
+        client: &rdkafka::client::Client<C>,
+        context: &str,
+        topic: &str,
+        category: &str,
+        timeout: Duration,
+    ) -> Result<i32, String> {
+        if let Some(n) = self.known.lock().expect("partitions lock").get(context) {
+            return Ok(*n);
+        }
+        let md = client.fetch_metadata(Some(topic), timeout).map_err(|e| format!("metadata of {topic}: {e}"))?;
+        let n = md
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32)
+            .ok_or_else(|| {
+                let whose = if category.is_empty() { String::new() } else { format!("category '{category}' belongs to ") };
+                format!(
+                    "{whose}context '{context}', whose {topic} does not exist: run `esk topics init --context {context}`"
+                )
+            })?;
+        self.known.lock().expect("partitions lock").insert(context.to_owned(), n);
+        Ok(n)
+    }
+}
+
 /// A thread that keeps [`Routes`] current; stopped when dropped.
 #[derive(Debug)]
 pub struct Following {

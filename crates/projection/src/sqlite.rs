@@ -113,8 +113,11 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// `BEGIN IMMEDIATE`: the batch takes the write lock first, so another
+    /// writer of the file (a process manager's sender) makes it wait (the
+    /// busy timeout, 10 s) rather than fail when it upgrades a stale read.
     fn begin(&mut self) -> Result<Transaction<'_>, StoreError> {
-        Ok(self.conn.transaction()?)
+        Ok(self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
     }
 
     fn event_begin(tx: &mut Transaction<'_>) -> Result<(), StoreError> {

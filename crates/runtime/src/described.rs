@@ -173,6 +173,13 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
     ),
     ("esk_process_outbox", Kind::Gauge, Unit::Count, "commands of a process manager waiting for their answers"),
     ("esk_process_deadlines", Kind::Gauge, Unit::Count, "deadlines a process manager has set and not yet passed"),
+    ("esk_process_processes", Kind::Gauge, Unit::Count, "processes a process manager's store holds"),
+    (
+        "esk_process_forgotten_total",
+        Kind::Counter,
+        Unit::Count,
+        "finished processes removed from a process manager's store after 7 days",
+    ),
     (
         "esk_process_answers_total",
         Kind::Counter,

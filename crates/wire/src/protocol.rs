@@ -355,6 +355,11 @@ pub struct TxVote {
     pub yes: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The bounded context of the writer that voted (none: the default
+    /// one): where the coordinator answers a vote about a transaction it no
+    /// longer holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
 }
 
 /// A participant's acknowledgement of a [`Decision`].
@@ -481,6 +486,10 @@ pub struct ParticipantState {
     pub reason: Option<String>,
     #[serde(default)]
     pub acked: bool,
+    /// The bounded context its prepare went to (none: the default one): its
+    /// decision goes there too, whatever the registry says later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
 }
 
 /// The coordinator's record of a transaction, on `<prefix>.tx.log` (compacted, key = txid).

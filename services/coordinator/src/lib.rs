@@ -74,7 +74,7 @@ pub struct Shared {
     pub routes: Arc<esk_kafka::contexts::Routes>,
     pub following: esk_kafka::contexts::Following,
     /// Partitions of each context's `tx.prepare`, as first looked up.
-    pub context_partitions: Mutex<std::collections::HashMap<String, i32>>,
+    pub context_partitions: esk_kafka::contexts::Partitions,
     /// For those lookups.
     pub metadata: rdkafka::consumer::BaseConsumer,
 }
@@ -102,31 +102,17 @@ impl Shared {
 impl logic::Router for Shared {
     fn route(&self, category: &str) -> Result<(String, i32), String> {
         let context = self.routes.context_of(category);
-        if context == esk_wire::topics::DEFAULT_CONTEXT {
-            return Ok((context, self.partitions));
-        }
-        if let Some(n) = self.context_partitions.lock().expect("partitions lock").get(&context) {
-            return Ok((context, *n));
-        }
-        use rdkafka::consumer::Consumer;
-        let topic = self.topics.in_context(&context).tx_prepare();
-        let md = self
-            .metadata
-            .fetch_metadata(Some(&topic), self.config.kafka_timeout())
-            .map_err(|e| format!("metadata of {topic}: {e}"))?;
-        let n = md
-            .topics()
-            .first()
-            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-            .map(|t| t.partitions().len() as i32)
-            .ok_or_else(|| {
-                format!(
-                    "category '{category}' belongs to context '{context}', whose {topic} does not exist: run `esk \
-                     topics init --context {context}`"
-                )
-            })?;
-        self.context_partitions.lock().expect("partitions lock").insert(context.clone(), n);
+        let n = self.partitions(&context).map_err(|e| format!("category '{category}': {e}"))?;
         Ok((context, n))
+    }
+
+    fn partitions(&self, context: &str) -> Result<i32, String> {
+        use rdkafka::consumer::Consumer as _;
+        if context == esk_wire::topics::DEFAULT_CONTEXT {
+            return Ok(self.partitions);
+        }
+        let topic = self.topics.in_context(context).tx_prepare();
+        self.context_partitions.of(self.metadata.client(), context, &topic, "", self.config.kafka_timeout())
     }
 
     fn elsewhere(&self, category: &str) -> bool {
@@ -263,7 +249,7 @@ pub async fn run_with(config: Config, aggregates: Registry, shutdown: Cancellati
         probe,
         routes,
         following,
-        context_partitions: Mutex::default(),
+        context_partitions: Default::default(),
         metadata,
     });
     let server = tokio::spawn(http::serve(listener, shared.clone(), shutdown.clone()));

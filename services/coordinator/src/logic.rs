@@ -17,7 +17,7 @@ use esk_wire::limits::{self, Limits, MAX_REASON_BYTES, shorten};
 use esk_wire::partition::partition_for;
 use esk_wire::protocol::{
     Decision, ErrorCode, ParticipantMessage, ParticipantState, Prepare, Reply, ReplyError, ReplyOutcome, TxRecord,
-    TxRequest, TxState, TxStatus, Verdict, Waiter,
+    TxRequest, TxState, TxStatus, TxVote, Verdict, Waiter,
 };
 
 /// Where a category's 2PC records go (ADR 13): its context, from the
@@ -27,6 +27,8 @@ pub trait Router: std::fmt::Debug {
     /// `tx.commit`. `Err`: they cannot be known now (the context's topics
     /// are missing, or Kafka did not answer).
     fn route(&self, category: &str) -> Result<(String, i32), String>;
+    /// The partitions of a context's `tx.prepare` and `tx.commit`.
+    fn partitions(&self, context: &str) -> Result<i32, String>;
     /// Whether a context other than the default one claimed `category` (its
     /// writers check its commands when they vote).
     fn elsewhere(&self, category: &str) -> bool;
@@ -39,6 +41,10 @@ pub struct DefaultContext(pub i32);
 impl Router for DefaultContext {
     fn route(&self, _: &str) -> Result<(String, i32), String> {
         Ok((esk_wire::topics::DEFAULT_CONTEXT.to_owned(), self.0))
+    }
+
+    fn partitions(&self, _: &str) -> Result<i32, String> {
+        Ok(self.0)
     }
 
     fn elsewhere(&self, _: &str) -> bool {
@@ -345,17 +351,25 @@ impl Step {
         self.replies.push((partition, txid.to_owned(), Reply { request_id: txid.to_owned(), attempt, outcome }));
     }
 
-    fn decision_to(&mut self, ctx: &Context<'_>, txid: &str, stream: &str, verdict: Verdict, reason: Option<String>) {
-        let decision = Decision { txid: txid.to_owned(), stream: stream.to_owned(), decision: verdict, reason };
-        self.push_decision(ctx, decision);
+    /// A decision in answer to `vote`: to the context of the writer that voted.
+    fn decision_to(&mut self, ctx: &Context<'_>, vote: &TxVote, verdict: Verdict, reason: Option<String>) {
+        let decision = Decision { txid: vote.txid.clone(), stream: vote.stream.clone(), decision: verdict, reason };
+        self.push_decision(ctx, decision, vote.context.as_deref());
     }
 
-    /// A decision to its stream's context. One that cannot be routed now
-    /// (its context's topics unknown for the moment) is not sent: a decided
-    /// transaction's decisions are sent again until acknowledged, and a vote
-    /// about a decided one is answered again when it comes again.
-    fn push_decision(&mut self, ctx: &Context<'_>, decision: Decision) {
-        match route(ctx, &decision.stream) {
+    /// A decision to `context` (the one its prepare went to, or its voter's),
+    /// else to its stream's context as the registry says. One that cannot be
+    /// routed now (its context's topics unknown for the moment) is not sent:
+    /// a decided transaction's decisions are sent again until acknowledged,
+    /// and a vote about a decided one is answered again when it comes again.
+    fn push_decision(&mut self, ctx: &Context<'_>, decision: Decision, context: Option<&str>) {
+        // A context named on the wire is input: one that is not a name is not used.
+        let given = context.filter(|c| esk_wire::topics::check_context_name(c).is_ok());
+        let routed = match given {
+            Some(c) => ctx.router.partitions(c).map(|n| (c.to_owned(), n)),
+            None => route(ctx, &decision.stream),
+        };
+        match routed {
             Ok((context, n)) => {
                 let part = partition_for(decision.stream.as_bytes(), n);
                 self.decisions.push((part, decision.stream.clone(), decision, context));
@@ -506,12 +520,14 @@ impl Step {
                     state: TxState::Preparing,
                     participants: participants
                         .into_iter()
-                        .map(|p| ParticipantState {
+                        .zip(&routes)
+                        .map(|(p, (context, _))| ParticipantState {
                             stream: p.stream,
                             command: p.command,
                             vote: None,
                             reason: None,
                             acked: false,
+                            context: (context != esk_wire::topics::DEFAULT_CONTEXT).then(|| context.clone()),
                         })
                         .collect(),
                     deadline_ms,
@@ -573,7 +589,7 @@ impl Step {
                     if v.yes {
                         // Presumed abort: a yes for a transaction this log does not
                         // hold must not leave a hold behind.
-                        self.decision_to(ctx, &v.txid, &v.stream, Verdict::Abort, Some("unknown transaction".into()));
+                        self.decision_to(ctx, &v, Verdict::Abort, Some("unknown transaction".into()));
                     }
                     return;
                 };
@@ -582,7 +598,7 @@ impl Step {
                     // Not a participant: a hold placed by a stray prepare must not stay.
                     if v.yes {
                         let reason = Some(format!("{} is not a participant of {}", v.stream, v.txid));
-                        self.decision_to(ctx, &v.txid, &v.stream, Verdict::Abort, reason);
+                        self.decision_to(ctx, &v, Verdict::Abort, reason);
                     }
                     return;
                 };
@@ -615,11 +631,11 @@ impl Step {
                             return; // Sent in this very step.
                         }
                         let verdict = if r.state == TxState::Committing { Verdict::Commit } else { Verdict::Abort };
-                        self.decision_to(ctx, &v.txid, &v.stream, verdict, r.reason.clone());
+                        self.decision_to(ctx, &v, verdict, r.reason.clone());
                     }
                     // It applied the decision already: a yes now is a hold
                     // from a late or duplicate prepare, to be released.
-                    _ if v.yes => self.decision_to(ctx, &v.txid, &v.stream, Verdict::Abort, spurious()),
+                    _ if v.yes => self.decision_to(ctx, &v, Verdict::Abort, spurious()),
                     _ => {}
                 }
             }
@@ -671,7 +687,7 @@ impl Step {
                 decision: verdict,
                 reason: r.reason.clone(),
             };
-            self.push_decision(ctx, decision);
+            self.push_decision(ctx, decision, p.context.as_deref());
         }
         self.sent.push((r.txid.clone(), now_ms));
     }

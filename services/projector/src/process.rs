@@ -30,7 +30,9 @@
 //!
 //! Bounds: at most [`MAX_IN_FLIGHT`] commands of a manager in flight; step
 //! and deadline names at most 64 characters; a step name is used once per
-//! process (it makes the request id). A process manager's store is not
+//! process (it makes the request id); a finished process with nothing left
+//! to send is removed [`FINISHED_KEPT`] (7 days) after it finished
+//! (`esk_process_processes`, `esk_process_forgotten_total`). A process manager's store is not
 //! rebuilt (a rebuild would send its commands again): `POST
 //! /projections/{name}/rebuild` answers 409.
 
@@ -58,6 +60,11 @@ pub const MAX_NAME: usize = 64;
 const TICK: Duration = Duration::from_millis(50);
 /// The longest wait before a command that got no answer is sent again.
 const MAX_BACKOFF_MS: i64 = 30_000;
+/// How long a finished process with nothing left to send is kept (its
+/// state, steps and answers, for `/processes` and against a step sent again):
+/// 7 days, esk's default idempotency horizon. Then it is removed, so the
+/// store holds the processes of the last 7 days, however many there were.
+pub const FINISHED_KEPT: Duration = Duration::from_secs(7 * 86_400);
 
 /// A process manager: what it reads, how an event finds its process, and
 /// its reactions. Reactions are pure: they change the state and ask for
@@ -235,7 +242,8 @@ CREATE TABLE IF NOT EXISTS pm_outbox (
     created_ms INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_ms INTEGER NOT NULL,
-    last_error TEXT
+    last_error TEXT,
+    invalid TEXT
 );
 CREATE INDEX IF NOT EXISTS pm_outbox_next ON pm_outbox (next_ms);
 CREATE TABLE IF NOT EXISTS pm_answers (
@@ -270,8 +278,8 @@ fn load<P: Process>(c: &Connection, id: &str) -> Result<P::State, String> {
     }
 }
 
-/// Why a reaction could not be kept: the store failed (retry), or the
-/// reaction asked for something it may not (its input is parked or logged).
+/// Why a reaction could not be kept: the store failed (retry), or its state
+/// does not serialize (a bug of the process: its input is parked or logged).
 #[derive(Debug)]
 enum Failed {
     Store(String),
@@ -284,7 +292,17 @@ impl From<rusqlite::Error> for Failed {
     }
 }
 
-/// Keeps a reaction: the state, the commands (outbox), the deadlines.
+/// An effect a reaction may not have: logged and counted, and the rest kept.
+fn refuse_effect(manager: &str, process: &str, why: &str) {
+    tracing::error!(manager, process, "an effect of a reaction was refused: {why}");
+    metrics::counter!("esk_process_refused_reactions_total", "process" => manager.to_owned()).increment(1);
+}
+
+/// Keeps a reaction: the state, the commands (outbox), the deadlines. A
+/// command to a stream that is not a stream name is kept as answered
+/// `Invalid` (the sender answers it without sending, so the process hears of
+/// it); a step name used before or not a name, and a deadline name that is
+/// not a name, are refused alone.
 fn keep<P: Process>(c: &Connection, p: &P, id: &str, state: &P::State, fx: Effects, now_ms: i64) -> Result<(), Failed> {
     let state =
         serde_json::to_string(state).map_err(|e| Failed::Refused(format!("the state does not serialize: {e}")))?;
@@ -295,22 +313,27 @@ fn keep<P: Process>(c: &Connection, p: &P, id: &str, state: &P::State, fx: Effec
     )?
     .execute(params![id, state, fx.finished, now_ms])?;
     for out in fx.commands {
-        check_name("step", &out.step).map_err(Failed::Refused)?;
-        esk_wire::StreamName::parse(&out.stream).map_err(|e| Failed::Refused(format!("step {}: {e}", out.step)))?;
+        if let Err(why) = check_name("step", &out.step) {
+            refuse_effect(p.name(), id, &why);
+            continue;
+        }
         let new = c
             .prepare_cached("INSERT OR IGNORE INTO pm_steps (process, step) VALUES (?1, ?2)")?
             .execute(params![id, out.step])?;
         if new == 0 {
-            return Err(Failed::Refused(format!(
-                "process '{id}' sent a step named '{}' before: a step name is used once in a process (it makes the \
-                 command's request id)",
+            let why = format!(
+                "a step named '{}' was sent before: a step name is used once in a process (it makes the command's \
+                 request id)",
                 out.step
-            )));
+            );
+            refuse_effect(p.name(), id, &why);
+            continue;
         }
+        let invalid = esk_wire::StreamName::parse(&out.stream).err().map(|e| format!("step {}: {e}", out.step));
         let command = serde_json::to_string(&out.command).map_err(|e| Failed::Refused(e.to_string()))?;
         c.prepare_cached(
-            "INSERT INTO pm_outbox (request_id, process, step, stream, command, expected, created_ms, next_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            "INSERT INTO pm_outbox (request_id, process, step, stream, command, expected, created_ms, next_ms, invalid)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
         )?
         .execute(params![
             request_id(p.name(), id, &out.step),
@@ -319,7 +342,8 @@ fn keep<P: Process>(c: &Connection, p: &P, id: &str, state: &P::State, fx: Effec
             out.stream,
             command,
             out.expected.to_string(),
-            now_ms
+            now_ms,
+            invalid
         ])?;
     }
     for name in fx.cancelled {
@@ -329,7 +353,10 @@ fn keep<P: Process>(c: &Connection, p: &P, id: &str, state: &P::State, fx: Effec
         c.prepare_cached("DELETE FROM pm_deadlines WHERE process = ?1")?.execute([id])?;
     } else {
         for (name, after) in fx.deadlines {
-            check_name("deadline", &name).map_err(Failed::Refused)?;
+            if let Err(why) = check_name("deadline", &name) {
+                refuse_effect(p.name(), id, &why);
+                continue;
+            }
             let due = now_ms.saturating_add(after.as_millis().min(i64::MAX as u128) as i64);
             c.prepare_cached(
                 "INSERT INTO pm_deadlines (process, name, due_ms) VALUES (?1, ?2, ?3)
@@ -341,12 +368,26 @@ fn keep<P: Process>(c: &Connection, p: &P, id: &str, state: &P::State, fx: Effec
     Ok(())
 }
 
+/// Runs a reaction of the process's code; a panic in it is an error (the
+/// caller parks its event, or sends its command again later).
+fn react<P: Process>(
+    p: &P,
+    state: &mut P::State,
+    f: impl FnOnce(&P, &mut P::State, &mut Effects),
+) -> Result<Effects, String> {
+    let mut fx = Effects::default();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(p, state, &mut fx)))
+        .map_err(|_| format!("a reaction of process manager '{}' panicked", p.name()))?;
+    Ok(fx)
+}
+
 /// The reaction to one event, in the runner's transaction.
 fn react_to_event<P: Process>(c: &Connection, p: &P, event: &Event, now_ms: i64) -> Result<(), ApplyError> {
-    let Some(id) = p.correlate(event) else { return Ok(()) };
+    let id = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.correlate(event)))
+        .map_err(|_| ApplyError::Permanent(format!("process manager '{}' panicked correlating it", p.name())))?;
+    let Some(id) = id else { return Ok(()) };
     let mut state = load::<P>(c, &id).map_err(ApplyError::Permanent)?;
-    let mut fx = Effects::default();
-    p.on_event(&mut state, event, &mut fx);
+    let fx = react(p, &mut state, |p, s, fx| p.on_event(s, event, fx)).map_err(ApplyError::Permanent)?;
     keep(c, p, &id, &state, fx, now_ms).map_err(|e| match e {
         Failed::Store(m) => ApplyError::Transient(m),
         Failed::Refused(m) => ApplyError::Permanent(m),
@@ -363,11 +404,15 @@ struct Queued {
     command: CommandData,
     expected: ExpectedVersion,
     attempts: i64,
+    /// When it was queued: the request's first-attempt time.
+    created_ms: i64,
+    /// Why it cannot be sent (answered `Invalid` without sending).
+    invalid: Option<String>,
 }
 
 fn due_commands(c: &Connection, now_ms: i64, limit: usize) -> rusqlite::Result<Vec<Queued>> {
     let mut s = c.prepare_cached(
-        "SELECT request_id, process, step, stream, command, expected, attempts FROM pm_outbox
+        "SELECT request_id, process, step, stream, command, expected, attempts, created_ms, invalid FROM pm_outbox
          WHERE next_ms <= ?1 ORDER BY next_ms LIMIT ?2",
     )?;
     let rows = s.query_map(params![now_ms, limit as i64], |r| {
@@ -379,17 +424,19 @@ fn due_commands(c: &Connection, now_ms: i64, limit: usize) -> rusqlite::Result<V
             r.get::<_, String>(4)?,
             r.get::<_, String>(5)?,
             r.get::<_, i64>(6)?,
+            r.get::<_, i64>(7)?,
+            r.get::<_, Option<String>>(8)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (request_id, process, step, stream, command, expected, attempts) = row?;
+        let (request_id, process, step, stream, command, expected, attempts, created_ms, invalid) = row?;
         // Written by `keep` from valid values; a row that does not read is skipped (and stays, for an operator).
         let (Ok(command), Ok(expected)) = (serde_json::from_str(&command), expected.parse()) else {
             tracing::error!(request_id, "an outbox command does not read; left in the outbox");
             continue;
         };
-        out.push(Queued { request_id, process, step, stream, command, expected, attempts });
+        out.push(Queued { request_id, process, step, stream, command, expected, attempts, created_ms, invalid });
     }
     Ok(out)
 }
@@ -410,16 +457,14 @@ fn react_to_answer<P: Process>(
         .map_err(|e| e.to_string())?;
     let Some((process, step)) = found else { return Ok(false) };
     let mut state = load::<P>(&tx, &process)?;
-    let mut fx = Effects::default();
-    p.on_answer(&mut state, &step, answer, &mut fx);
+    let fx = react(p, &mut state, |p, s, fx| p.on_answer(s, &step, answer, fx))?;
     match keep(&tx, p, &process, &state, fx, now_ms) {
         Ok(()) => {}
         Err(Failed::Store(e)) => return Err(e),
         Err(Failed::Refused(why)) => {
-            // The reaction asked for what it may not: the answer is
-            // recorded, the reaction's effects are not (an error for its author).
-            tracing::error!(manager = p.name(), process, step, "a reaction to an answer was refused: {why}");
-            metrics::counter!("esk_process_refused_reactions_total", "process" => p.name().to_owned()).increment(1);
+            // The state does not serialize: the answer is recorded, the
+            // reaction is not (an error for its author).
+            refuse_effect(p.name(), &process, &why);
             drop(tx);
             return record_only(c, request_id, &process, &step, answer, now_ms).map(|()| true);
         }
@@ -457,43 +502,62 @@ fn record_only(
     tx.commit().map_err(|e| e.to_string())
 }
 
-/// Fires the deadlines due at `now_ms`, each once (at most `limit`): how many fired.
+/// Fires the deadlines due at `now_ms`, each once (at most `limit`): how many
+/// fired. One whose reaction cannot be kept (its state does not read, the
+/// reaction panicked, the store failed) is put off by 30 s, logged and
+/// counted, and the others fire.
 fn fire_deadlines<P: Process>(c: &mut Connection, p: &P, now_ms: i64, limit: usize) -> Result<usize, String> {
     let due: Vec<(String, String)> = c
         .prepare_cached("SELECT process, name FROM pm_deadlines WHERE due_ms <= ?1 ORDER BY due_ms LIMIT ?2")
         .and_then(|mut s| {
-            s.query_map(params![now_ms, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()
+            s.query_map(params![now_ms, limit as i64], |r| Ok((r.get(0)?, r.get(1)?))).and_then(Iterator::collect)
         })
         .map_err(|e| e.to_string())?;
     let mut fired = 0;
     for (process, name) in due {
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| e.to_string())?;
-        let gone = tx
-            .execute(
-                "DELETE FROM pm_deadlines WHERE process = ?1 AND name = ?2 AND due_ms <= ?3",
-                params![process, name, now_ms],
-            )
-            .map_err(|e| e.to_string())?;
-        if gone == 0 {
-            continue;
-        }
-        let mut state = load::<P>(&tx, &process)?;
-        let mut fx = Effects::default();
-        p.on_deadline(&mut state, &name, &mut fx);
-        match keep(&tx, p, &process, &state, fx, now_ms) {
-            Ok(()) => tx.commit().map_err(|e| e.to_string())?,
-            Err(Failed::Store(e)) => return Err(e),
-            Err(Failed::Refused(why)) => {
-                tracing::error!(manager = p.name(), process, name, "a reaction to a deadline was refused: {why}");
-                metrics::counter!("esk_process_refused_reactions_total", "process" => p.name().to_owned()).increment(1);
-                drop(tx);
-                c.execute("DELETE FROM pm_deadlines WHERE process = ?1 AND name = ?2", params![process, name])
-                    .map_err(|e| e.to_string())?;
+        match fire_one(c, p, &process, &name, now_ms) {
+            Ok(true) => fired += 1,
+            Ok(false) => {}
+            Err(why) => {
+                tracing::warn!(manager = p.name(), process, name, "a deadline's reaction: {why}; again in 30 s");
+                metrics::counter!("esk_process_retries_total", "process" => p.name().to_owned()).increment(1);
+                c.execute(
+                    "UPDATE pm_deadlines SET due_ms = ?3 WHERE process = ?1 AND name = ?2",
+                    params![process, name, now_ms + MAX_BACKOFF_MS],
+                )
+                .map_err(|e| e.to_string())?;
             }
         }
-        fired += 1;
     }
     Ok(fired)
+}
+
+/// One deadline's reaction, in one transaction with the deadline's removal.
+fn fire_one<P: Process>(c: &mut Connection, p: &P, process: &str, name: &str, now_ms: i64) -> Result<bool, String> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| e.to_string())?;
+    let gone = tx
+        .execute(
+            "DELETE FROM pm_deadlines WHERE process = ?1 AND name = ?2 AND due_ms <= ?3",
+            params![process, name, now_ms],
+        )
+        .map_err(|e| e.to_string())?;
+    if gone == 0 {
+        return Ok(false);
+    }
+    let mut state = load::<P>(&tx, process)?;
+    let fx = react(p, &mut state, |p, s, fx| p.on_deadline(s, name, fx))?;
+    match keep(&tx, p, process, &state, fx, now_ms) {
+        Ok(()) => tx.commit().map_err(|e| e.to_string())?,
+        Err(Failed::Store(e)) => return Err(e),
+        Err(Failed::Refused(why)) => {
+            // The state does not serialize: the deadline is gone, nothing else changes.
+            refuse_effect(p.name(), process, &why);
+            drop(tx);
+            c.execute("DELETE FROM pm_deadlines WHERE process = ?1 AND name = ?2", params![process, name])
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(true)
 }
 
 /// A command that got no answer goes back to the outbox for later.
@@ -520,6 +584,27 @@ fn answer_of(result: Result<esk_wire::protocol::Appended, ClientError>) -> Resul
         Err(ClientError::Expired(message)) => Ok(Answer::Expired { message }),
         Err(e @ (ClientError::Unavailable(_) | ClientError::Internal(_))) => Err(e.to_string()),
     }
+}
+
+/// Removes processes finished before `before_ms` with nothing left in their
+/// outbox (at most `limit` a call): how many.
+fn forget_finished(c: &mut Connection, before_ms: i64, limit: usize) -> rusqlite::Result<usize> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let ids: Vec<String> = tx
+        .prepare(
+            "SELECT id FROM pm_process p WHERE finished = 1 AND updated_ms < ?1
+             AND NOT EXISTS (SELECT 1 FROM pm_outbox o WHERE o.process = p.id) LIMIT ?2",
+        )?
+        .query_map(params![before_ms, limit as i64], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in &ids {
+        for table in ["pm_steps", "pm_answers", "pm_deadlines"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE process = ?1"), [id])?;
+        }
+        tx.execute("DELETE FROM pm_process WHERE id = ?1", [id])?;
+    }
+    tx.commit()?;
+    Ok(ids.len())
 }
 
 fn now_ms() -> i64 {
@@ -573,16 +658,19 @@ pub(crate) async fn send<P: Process>(
 ) -> anyhow::Result<()> {
     let name = process.name().to_owned();
     let conn = Arc::new(Mutex::new(open(&path)?));
+    // Every store job off the async threads; one that panicked (a process's
+    // reaction is caught already) is an error for this round, not the end.
     let blocking = |f: StoreJob| {
         let conn = conn.clone();
         async move {
-            tokio::task::spawn_blocking(move || f(&mut conn.lock().expect("process store lock")))
+            tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("a store job failed: {e}"))?
         }
     };
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut answered = Vec::new();
     let mut gauge_at = std::time::Instant::now();
     loop {
         if shutdown.is_cancelled() {
@@ -598,22 +686,35 @@ pub(crate) async fn send<P: Process>(
             let due = {
                 let conn = conn.clone();
                 tokio::task::spawn_blocking(move || {
-                    due_commands(&conn.lock().expect("process store lock"), now_ms(), limit)
+                    let c = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    due_commands(&c, now_ms(), limit).map_err(|e| e.to_string())
                 })
-                .await?
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
             };
             match due {
                 Ok(due) => {
                     let fresh: Vec<Queued> =
                         due.into_iter().filter(|q| !in_flight.contains(&q.request_id)).take(room).collect();
                     for q in fresh {
+                        if let Some(why) = q.invalid.clone() {
+                            // Not sendable (a bad stream name): answered at once.
+                            answered.push((q, Ok(Answer::Invalid { message: why })));
+                            continue;
+                        }
                         in_flight.insert(q.request_id.clone());
                         let client = client.clone();
                         tasks.spawn(async move {
                             let r = client
-                                .command(&q.stream, q.expected, q.command.clone(), Some(q.request_id.clone()))
+                                .command_first_sent(
+                                    &q.stream,
+                                    q.expected,
+                                    q.command.clone(),
+                                    q.request_id.clone(),
+                                    q.created_ms,
+                                )
                                 .await;
-                            (q, r)
+                            (q, answer_of(r))
                         });
                     }
                 }
@@ -622,59 +723,94 @@ pub(crate) async fn send<P: Process>(
         }
         if gauge_at.elapsed() > Duration::from_secs(1) {
             gauge_at = std::time::Instant::now();
-            let conn = conn.clone();
-            let counts = tokio::task::spawn_blocking(move || {
-                let c = conn.lock().expect("process store lock");
+            let label = name.clone();
+            let counts = blocking(Box::new(move |c| {
+                let before = now_ms().saturating_sub(FINISHED_KEPT.as_millis() as i64);
+                let forgotten = forget_finished(c, before, 1000).map_err(|e| e.to_string())?;
                 let one = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap_or(-1);
-                (one("SELECT COUNT(*) FROM pm_outbox"), one("SELECT COUNT(*) FROM pm_deadlines"))
-            })
-            .await?;
-            metrics::gauge!("esk_process_outbox", "process" => name.clone()).set(counts.0 as f64);
-            metrics::gauge!("esk_process_deadlines", "process" => name.clone()).set(counts.1 as f64);
-        }
-        let finished = tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(TICK) => None,
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => Some(done),
-        };
-        let Some(done) = finished else { continue };
-        let (q, result) = done?;
-        in_flight.remove(&q.request_id);
-        match answer_of(result) {
-            Ok(answer) => {
-                let outcome = match &answer {
-                    Answer::Done { .. } => "done",
-                    Answer::Refused { .. } => "refused",
-                    Answer::Invalid { .. } => "invalid",
-                    Answer::WrongExpectedVersion { .. } => "wrong_expected_version",
-                    Answer::Expired { .. } => "expired",
+                let gauge = |metric: &'static str, sql: &str| {
+                    metrics::gauge!(metric, "process" => label.clone()).set(one(sql) as f64);
                 };
-                metrics::counter!("esk_process_answers_total", "process" => name.clone(), "outcome" => outcome)
-                    .increment(1);
-                let (p, id) = (process.clone(), q.request_id.clone());
-                let kept = blocking(Box::new(move |c| {
-                    react_to_answer(c, p.as_ref(), &id, &answer, now_ms()).map(usize::from)
-                }))
-                .await;
-                if let Err(e) = kept {
-                    // The answer will come again: the command is still in the outbox.
-                    tracing::warn!(process = name, request = q.request_id, "keeping an answer: {e}; asked again");
+                gauge("esk_process_outbox", "SELECT COUNT(*) FROM pm_outbox");
+                gauge("esk_process_deadlines", "SELECT COUNT(*) FROM pm_deadlines");
+                gauge("esk_process_processes", "SELECT COUNT(*) FROM pm_process");
+                Ok(forgotten)
+            }))
+            .await;
+            match counts {
+                Ok(n) => {
+                    metrics::counter!("esk_process_forgotten_total", "process" => name.clone()).increment(n as u64);
+                }
+                Err(e) => tracing::warn!(process = name, "counting: {e}"),
+            }
+        }
+        if answered.is_empty() {
+            let finished = tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(TICK) => None,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => Some(done),
+            };
+            match finished {
+                None => {}
+                Some(Ok((q, result))) => {
+                    in_flight.remove(&q.request_id);
+                    answered.push((q, result));
+                }
+                Some(Err(e)) => {
+                    // A send task panicked: its command is still in the
+                    // outbox; in_flight forgets it when the set empties.
+                    tracing::error!(process = name, "a send failed: {e}");
+                    if tasks.is_empty() {
+                        in_flight.clear();
+                    }
                 }
             }
-            Err(why) => {
-                metrics::counter!("esk_process_retries_total", "process" => name.clone()).increment(1);
-                tracing::debug!(process = name, request = q.request_id, attempts = q.attempts, "no answer: {why}");
-                let kept =
-                    blocking(Box::new(move |c| postpone(c, &q, &why, now_ms()).map(|()| 0).map_err(|e| e.to_string())))
-                        .await;
-                if let Err(e) = kept {
-                    tracing::warn!(process = name, "outbox: {e}");
+        }
+        for (q, result) in answered.drain(..) {
+            match result {
+                Ok(answer) => {
+                    let outcome = match &answer {
+                        Answer::Done { .. } => "done",
+                        Answer::Refused { .. } => "refused",
+                        Answer::Invalid { .. } => "invalid",
+                        Answer::WrongExpectedVersion { .. } => "wrong_expected_version",
+                        Answer::Expired { .. } => "expired",
+                    };
+                    metrics::counter!("esk_process_answers_total", "process" => name.clone(), "outcome" => outcome)
+                        .increment(1);
+                    let (p, id) = (process.clone(), q.request_id.clone());
+                    let kept = blocking(Box::new(move |c| {
+                        react_to_answer(c, p.as_ref(), &id, &answer, now_ms()).map(usize::from)
+                    }))
+                    .await;
+                    if let Err(e) = kept {
+                        // Sent again later (the writer answers the same): the
+                        // command is still in the outbox.
+                        retry_later(&blocking, &name, q, format!("keeping its answer: {e}")).await;
+                    }
                 }
+                Err(why) => retry_later(&blocking, &name, q, why).await,
             }
         }
     }
     tasks.shutdown().await;
     Ok(())
+}
+
+/// Puts a command off with a backoff: it got no answer, or its answer
+/// could not be kept.
+async fn retry_later<F, Fut>(blocking: &F, name: &str, q: Queued, why: String)
+where
+    F: Fn(StoreJob) -> Fut,
+    Fut: Future<Output = Result<usize, String>>,
+{
+    metrics::counter!("esk_process_retries_total", "process" => name.to_owned()).increment(1);
+    tracing::debug!(process = name, request = q.request_id, attempts = q.attempts, "again later: {why}");
+    let kept =
+        blocking(Box::new(move |c| postpone(c, &q, &why, now_ms()).map(|()| 0).map_err(|e| e.to_string()))).await;
+    if let Err(e) = kept {
+        tracing::warn!(process = name, "outbox: {e}");
+    }
 }
 
 /// A manager's processes as its store holds them, for `/processes/{name}/{id}`.
@@ -735,9 +871,10 @@ impl<P: Process> Harness<P> {
         Ok(Self { process, conn, now_ms: 1_000_000, _dir: dir })
     }
 
-    /// Applies events in one transaction, each in its own savepoint as the
-    /// runner does: the commands they queued. `Err`: the index and reason of
-    /// an event the runner would park (its reaction is undone).
+    /// Applies events, each alone as the runner's savepoints make it (one
+    /// the runner would park is undone alone): the commands they queued.
+    /// `Err`: the index and reason of the first event the runner would park;
+    /// the events before it are kept.
     pub fn given(&mut self, events: &[Event]) -> Result<Vec<Outgoing>, (usize, String)> {
         let before = self.queued();
         for (i, e) in events.iter().enumerate() {
@@ -767,6 +904,13 @@ impl<P: Process> Harness<P> {
         self.now_ms += by.as_millis() as i64;
         fire_deadlines(&mut self.conn, &self.process, self.now_ms, usize::MAX >> 1)?;
         Ok(self.new_since(&before))
+    }
+
+    /// Removes what finished longer ago than [`FINISHED_KEPT`], as the
+    /// sender does: how many processes.
+    pub fn forget_finished(&mut self) -> Result<usize, String> {
+        let before = self.now_ms.saturating_sub(FINISHED_KEPT.as_millis() as i64);
+        forget_finished(&mut self.conn, before, usize::MAX >> 1).map_err(|e| e.to_string())
     }
 
     /// A process's state, if it has one.

@@ -398,7 +398,7 @@ impl<'s> Batch<'s> {
                         && p.stream.len() <= esk_wire::stream::MAX_STREAM_LEN =>
                 {
                     let reason = Some(shorten(reason, MAX_REASON_BYTES));
-                    let vote = TxVote { txid: p.txid.clone(), stream: p.stream, yes: false, reason };
+                    let vote = TxVote { txid: p.txid.clone(), stream: p.stream, yes: false, reason, context: None };
                     self.vote(ctx, &p.txid, ParticipantMessage::Vote(vote));
                 }
                 _ => self.dead_letter(msg, reason),
@@ -423,20 +423,6 @@ impl<'s> Batch<'s> {
     /// Checks that a stream name is valid and belongs to the record's partition.
     fn owned_stream(ctx: &Context<'_>, msg: &Incoming, stream: &str) -> Result<StreamName, String> {
         let name = StreamName::parse(stream).map_err(|e| e.to_string())?;
-        if let Some(routes) = ctx.routes
-            && !routes.routes_to(name.category(), ctx.context)
-        {
-            // A client whose registry was stale, or a record produced by hand:
-            // a stream is written by its category's context alone.
-            return Err(format!(
-                "category '{}' belongs to context '{}', not to '{}' whose {} this record came on: clients route by \
-                 the registry of contexts; nothing was written",
-                name.category(),
-                routes.context_of(name.category()),
-                ctx.context,
-                msg.topic
-            ));
-        }
         let home = partition_for(stream.as_bytes(), ctx.partitions);
         if home != msg.partition || msg.key.as_deref() != Some(stream.as_bytes()) {
             return Err(format!(
@@ -448,6 +434,24 @@ impl<'s> Batch<'s> {
             ));
         }
         Ok(name)
+    }
+
+    /// Whether this context owns the stream's category: a client whose view
+    /// of the registry was stale, or a record produced by hand, may send it
+    /// here, and a stream is written by its category's context alone.
+    fn foreign(ctx: &Context<'_>, stream: &StreamName, msg: &Incoming) -> Option<String> {
+        let routes = ctx.routes?;
+        if routes.routes_to(stream.category(), ctx.context) {
+            return None;
+        }
+        Some(format!(
+            "category '{}' belongs to context '{}', not to '{}' whose {} this record came on: clients route by the \
+             registry of contexts (one that had not seen the claim yet sends it again there); nothing was written",
+            stream.category(),
+            routes.context_of(stream.category()),
+            ctx.context,
+            msg.topic
+        ))
     }
 
     fn handle_request(&mut self, ctx: &Context<'_>, msg: Incoming) {
@@ -492,6 +496,11 @@ impl<'s> Batch<'s> {
             Ok(s) => s,
             Err(m) => return self.reply(part, id, attempt, error(ErrorCode::InvalidInput, m)),
         };
+        if let Some(why) = Self::foreign(ctx, &stream, &msg) {
+            // Not final: the sender's view of the registry was behind; sent
+            // again, it reaches the right context.
+            return self.reply(part, id, attempt, error(ErrorCode::Unavailable, why));
+        }
         if let Err(reason) = self.load(stream.as_str()) {
             return self.reply(part, id, attempt, error(ErrorCode::Unavailable, reason));
         }
@@ -843,7 +852,14 @@ impl<'s> Batch<'s> {
         self.in_batch.push(InBatch { answer, last_event });
     }
 
-    fn vote(&mut self, ctx: &Context<'_>, txid: &str, message: ParticipantMessage) {
+    fn vote(&mut self, ctx: &Context<'_>, txid: &str, mut message: ParticipantMessage) {
+        // A vote says whose it is, so that a decision sent in answer to it
+        // comes back to this context's writers.
+        if let ParticipantMessage::Vote(v) = &mut message
+            && ctx.context != esk_wire::topics::DEFAULT_CONTEXT
+        {
+            v.context = Some(ctx.context.to_owned());
+        }
         let partition = partition_for(txid.as_bytes(), ctx.vote_partitions);
         self.votes.push((partition, txid.to_owned(), message));
     }
@@ -852,7 +868,7 @@ impl<'s> Batch<'s> {
     /// its deadline: the vote is sent again, and the coordinator answers a
     /// vote for a decided or unknown transaction with the decision.
     pub fn ask(&mut self, ctx: &Context<'_>, txid: &str, stream: &str) {
-        let vote = TxVote { txid: txid.to_owned(), stream: stream.to_owned(), yes: true, reason: None };
+        let vote = TxVote { txid: txid.to_owned(), stream: stream.to_owned(), yes: true, reason: None, context: None };
         self.vote(ctx, txid, ParticipantMessage::Vote(vote));
     }
 
@@ -865,17 +881,30 @@ impl<'s> Batch<'s> {
         if prepare.txid.is_empty() || prepare.txid.len() > MAX_TXID_BYTES {
             return self.dead_letter(msg, format!("a txid has 1 to {MAX_TXID_BYTES} characters"));
         }
-        if Self::owned_stream(ctx, &msg, &prepare.stream).is_err() {
+        let Ok(stream) = Self::owned_stream(ctx, &msg, &prepare.stream) else {
             let reason = format!("stream '{}' is not a stream of this partition", shorten(&prepare.stream, 100));
             return self.dead_letter(msg, reason);
-        }
-        let vote = match self.prepare(ctx, &msg, &prepare) {
-            Ok(()) => TxVote { txid: prepare.txid.clone(), stream: prepare.stream.clone(), yes: true, reason: None },
+        };
+        // A prepare for another context's stream is voted down: the
+        // transaction aborts at once instead of at its deadline.
+        let prepared = match Self::foreign(ctx, &stream, &msg) {
+            Some(why) => Err(why),
+            None => self.prepare(ctx, &msg, &prepare),
+        };
+        let vote = match prepared {
+            Ok(()) => TxVote {
+                txid: prepare.txid.clone(),
+                stream: prepare.stream.clone(),
+                yes: true,
+                reason: None,
+                context: None,
+            },
             Err(reason) => TxVote {
                 txid: prepare.txid.clone(),
                 stream: prepare.stream.clone(),
                 yes: false,
                 reason: Some(shorten(&reason, MAX_REASON_BYTES)),
+                context: None,
             },
         };
         self.vote(ctx, &prepare.txid, ParticipantMessage::Vote(vote));
@@ -948,6 +977,9 @@ impl<'s> Batch<'s> {
             Ok(s) => s,
             Err(reason) => return self.dead_letter(msg, reason),
         };
+        if let Some(why) = Self::foreign(ctx, &stream, &msg) {
+            return self.dead_letter(msg, why);
+        }
         if let Err(reason) = ctx.writable(&stream).and_then(|()| self.load(stream.as_str())) {
             return self.dead_letter(msg, reason);
         }

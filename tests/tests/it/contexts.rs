@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use esk_client::ClientError;
-use esk_tests::{Service, TestEnv, poll_until, wait_serving};
+use esk_tests::{Service, TestEnv, kill_each_once, poll_until, wait_serving};
 use esk_wire::protocol::{ExpectedVersion, StreamRecord, TxState};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -137,32 +137,22 @@ struct Roles {
 }
 
 impl Roles {
-    fn kill_and_restart(&self, which: usize) -> &'static str {
+    fn kill_and_restart(&self, which: usize) {
         let again = |slot: &Mutex<Option<Service>>, start: &dyn Fn() -> Service| {
             let mut s = slot.lock().unwrap();
             s.take().unwrap().kill();
             *s = Some(start());
         };
         match which {
-            0 => {
-                again(&self.coordinator, &|| coordinator(&self.env, None));
-                "coordinator"
-            }
-            1 => {
-                again(&self.payments, &|| context_writer(&self.env, "payments", "account"));
-                "payments writer"
-            }
-            2 => {
-                again(&self.inventory, &|| context_writer(&self.env, "inventory", "inventory"));
-                "inventory writer"
-            }
+            0 => again(&self.coordinator, &|| coordinator(&self.env, None)),
+            1 => again(&self.payments, &|| context_writer(&self.env, "payments", "account")),
+            2 => again(&self.inventory, &|| context_writer(&self.env, "inventory", "inventory")),
             _ => {
                 let mut p = self.projector.lock().unwrap();
                 let (old, dir) = p.take().unwrap();
                 old.kill();
                 let dir_s = dir.to_string_lossy().into_owned();
                 *p = Some((Service::start(&self.env, "projector", &[("ESK_DATA_DIR", &dir_s)]), dir));
-                "projector"
             }
         }
     }
@@ -197,28 +187,9 @@ async fn a_transaction_across_two_contexts_is_all_or_nothing_under_chaos() {
     // Every role is killed once, in an order and at moments of chance.
     let over = Arc::new(AtomicBool::new(false));
     let chaos = {
-        let (roles, over) = (roles.clone(), over.clone());
-        std::thread::spawn(move || {
-            let mut seed =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-            println!("chaos seed {seed}");
-            let mut next = move || {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed
-            };
-            let mut order = vec![0, 1, 2, 3];
-            for i in (1..order.len()).rev() {
-                order.swap(i, (next() % (i as u64 + 1)) as usize);
-            }
-            let mut killed = Vec::new();
-            for which in order {
-                std::thread::sleep(Duration::from_millis(1000 + next() % 2000));
-                killed.push(roles.kill_and_restart(which));
-            }
-            over.store(true, Ordering::SeqCst);
-            killed
+        let roles = roles.clone();
+        kill_each_once(4, over.clone(), move |which| {
+            roles.kill_and_restart(which);
         })
     };
     let runs: Vec<_> = (0..6u64)
@@ -249,8 +220,7 @@ async fn a_transaction_across_two_contexts_is_all_or_nothing_under_chaos() {
         outcomes.extend(r.await.unwrap());
     }
     let killed = chaos.join().unwrap();
-    println!("killed: {killed:?}; {} purchases", outcomes.len());
-    assert_eq!(killed.len(), 4, "every role killed once: {killed:?}");
+    println!("killed (0 coordinator, 1 payments, 2 inventory, 3 projector): {killed:?}; {} purchases", outcomes.len());
 
     // No transaction in doubt; each committed one has both legs, the others none.
     let log = settled(&env, Duration::from_secs(120)).await;

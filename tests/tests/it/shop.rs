@@ -3,10 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use esk_tests::{Service, TestEnv, http_get, poll_until, wait_serving};
+use esk_tests::{Service, TestEnv, http_get, kill_each_once, poll_until, wait_serving};
 use esk_wire::protocol::{CommandData, ExpectedVersion, StreamRecord};
 use serde_json::{Value, json};
 
@@ -15,9 +15,10 @@ use crate::coordinator::latest;
 const SESSION: (&str, &str) = ("ESK_WRITER_SESSION_TIMEOUT_MS", "6000");
 
 /// One shop service: its binary, its HTTP variables (the first is `http`).
-/// A checkout times out after 4 s: shorter than a writer's takeover (6 s
-/// session), so a service killed mid-checkout makes some checkouts time out
-/// and compensate (late payments refunded, late reservations released).
+/// A checkout times out after 30 s, the default: a takeover (6 s session)
+/// on a loaded machine stays well within it. (With 4 s, a loaded CI run saw
+/// every checkout time out; the timeout's compensations are unit-tested in
+/// `checkout::tests`.)
 fn shop(env: &TestEnv, service: &str) -> Service {
     let (program, vars): (&str, &[&str]) = match service {
         "orders" => ("shop-orders", &["ESK_WRITER_HTTP", "ESK_PROJECTOR_HTTP"]),
@@ -25,7 +26,7 @@ fn shop(env: &TestEnv, service: &str) -> Service {
         "inventory" => ("shop-inventory", &["ESK_WRITER_HTTP"]),
         _ => ("shop-shipping", &["ESK_PROJECTOR_HTTP"]),
     };
-    Service::program(env, program, vars, &[SESSION, ("ESK_CHECKOUT_TIMEOUT", "4s")])
+    Service::program(env, program, vars, &[SESSION, ("ESK_CHECKOUT_TIMEOUT", "30s")])
 }
 
 fn place(customer: &str, item: &str, quantity: i64, amount: i64) -> CommandData {
@@ -79,31 +80,11 @@ async fn checkouts_under_chaos_end_confirmed_or_cancelled_and_conserve_stock_and
     // while 200 checkouts run.
     let over = Arc::new(AtomicBool::new(false));
     let chaos = {
-        let (services, over, env) = (services.clone(), over.clone(), env.clone());
-        std::thread::spawn(move || {
-            let mut seed =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-            println!("chaos seed {seed}");
-            let mut next = move || {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed
-            };
-            let mut order: Vec<usize> = (0..names.len()).collect();
-            for i in (1..order.len()).rev() {
-                order.swap(i, (next() % (i as u64 + 1)) as usize);
-            }
-            let mut killed = Vec::new();
-            for which in order {
-                std::thread::sleep(Duration::from_millis(500 + next() % 2500));
-                let mut slot = services[which].lock().unwrap();
-                slot.take().unwrap().kill();
-                *slot = Some(shop(&env, names[which]));
-                killed.push(names[which]);
-            }
-            over.store(true, Ordering::SeqCst);
-            killed
+        let (services, env) = (services.clone(), env.clone());
+        kill_each_once(names.len(), over.clone(), move |which| {
+            let mut slot = services[which].lock().unwrap();
+            slot.take().unwrap().kill();
+            *slot = Some(shop(&env, names[which]));
         })
     };
     let orders = 200usize;
@@ -140,9 +121,8 @@ async fn checkouts_under_chaos_end_confirmed_or_cancelled_and_conserve_stock_and
     for p in placing {
         placed.extend(p.await.unwrap());
     }
-    let killed = chaos.join().unwrap();
+    let killed: Vec<&str> = chaos.join().unwrap().into_iter().map(|i| names[i]).collect();
     println!("killed: {killed:?}");
-    assert_eq!(killed.len(), 4);
 
     // Every order ends confirmed or cancelled, and stock and money add up:
     // what confirmed orders took, and nothing else (no reservation or

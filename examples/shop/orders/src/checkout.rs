@@ -45,6 +45,10 @@ pub enum Stage {
     Cancelling,
     Confirmed,
     Cancelled,
+    /// A step was answered "expired" (sent again after the idempotency
+    /// horizon, not remembered): it may or may not have been applied, so
+    /// nothing more is sent; an operator looks (`reason`).
+    Attention,
 }
 
 /// One checkout: the order's terms, where it is, and what was done.
@@ -66,6 +70,8 @@ pub struct CheckoutState {
     pub refunded: bool,
     pub cancel_sent: bool,
     pub reason: Option<String>,
+    /// Compensations that were not applied (refused or invalid), for an operator.
+    pub problems: Vec<String>,
 }
 
 impl CheckoutState {
@@ -158,6 +164,13 @@ impl Process for Checkout {
     }
 
     fn on_answer(&self, s: &mut CheckoutState, step: &str, answer: &Answer, fx: &mut Effects) {
+        if let Answer::Expired { message } = answer {
+            // Maybe applied, maybe not: neither going on nor giving back is safe.
+            s.stage = Stage::Attention;
+            s.reason = Some(format!("step {step} expired: {message}"));
+            fx.cancel_deadline("timeout");
+            return;
+        }
         match (step, answer.is_done()) {
             ("reserve", true) => {
                 s.reserved = true;
@@ -184,13 +197,19 @@ impl Process for Checkout {
             ("confirm", false) => {
                 // The order could not be confirmed (cancelled meanwhile): give everything back.
                 s.reason = Some(format!("not confirmed: {}", why(answer)));
+                if !s.cancel_sent {
+                    s.cancel_sent = true;
+                    fx.send("cancel", &s.order, "Cancel", json!({ "reason": "not confirmed" }));
+                }
                 s.give_back(fx);
             }
+            ("release" | "refund" | "cancel", false) => s.problems.push(format!("{step}: {}", why(answer))),
             _ => {}
         }
     }
 
     fn on_deadline(&self, s: &mut CheckoutState, name: &str, fx: &mut Effects) {
+        // (A checkout needing attention has no deadline left.)
         if name == "timeout" && matches!(s.stage, Stage::Reserving | Stage::Paying) {
             s.compensate(format!("checkout timed out after {:?}", self.timeout), fx);
         }
@@ -289,6 +308,36 @@ mod tests {
         assert_eq!(steps(&t.elapse(Duration::from_secs(31)).unwrap()), [("cancel", "order-1", "Cancel")]);
         assert_eq!(steps(&t.answer("1", "reserve", done()).unwrap()), [("release", "inventory-tea", "Release")]);
         assert_eq!(t.state("1").unwrap().stage, Stage::Cancelling);
+    }
+
+    #[test]
+    fn a_finished_checkout_is_forgotten_after_seven_days_an_open_one_never() {
+        let mut t = checkout();
+        placed(&mut t);
+        let data = json!({"customer": "bob", "item": "tea", "quantity": 1, "amount": 10});
+        t.given(&[event("order-2", 1, "Placed", data)]).unwrap();
+        t.answer("1", "reserve", refused("none left")).unwrap();
+        t.answer("1", "cancel", done()).unwrap();
+        t.given(&[event("order-1", 2, "Cancelled", json!({"reason": "none left"}))]).unwrap();
+        t.elapse(Duration::from_secs(6 * 86_400)).unwrap();
+        assert_eq!(t.forget_finished().unwrap(), 0, "kept 7 days");
+        t.elapse(Duration::from_secs(2 * 86_400)).unwrap();
+        assert_eq!(t.forget_finished().unwrap(), 1);
+        assert!(t.state("1").is_none());
+        assert!(t.state("2").is_some(), "order 2 is not finished: its reserve still waits");
+    }
+
+    #[test]
+    fn an_expired_answer_stops_the_checkout_for_an_operator() {
+        let mut t = checkout();
+        placed(&mut t);
+        t.answer("1", "reserve", done()).unwrap();
+        let out = t.answer("1", "pay", Answer::Expired { message: "not remembered".into() }).unwrap();
+        assert!(out.is_empty(), "neither confirmed nor compensated: it may have been paid");
+        let s = t.state("1").unwrap();
+        assert_eq!(s.stage, Stage::Attention);
+        assert!(s.reason.unwrap().contains("pay expired"));
+        assert!(t.elapse(Duration::from_secs(60)).unwrap().is_empty(), "no timeout left");
     }
 
     #[test]

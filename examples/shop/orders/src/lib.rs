@@ -72,6 +72,11 @@ impl Aggregate for Order {
                         "an order needs a customer, an item, a quantity from 1 and an amount from 0".into(),
                     ));
                 }
+                // The checkout sends commands to account-<customer> and inventory-<item>.
+                for (category, id) in [("account", customer), ("inventory", item)] {
+                    esk::StreamName::new(category, id)
+                        .map_err(|e| DomainError::Invalid(format!("'{id}' cannot name a {category} stream: {e}")))?;
+                }
                 if s.placed {
                     return Err(DomainError::Rejected("the order is already placed".into()));
                 }
@@ -226,6 +231,12 @@ mod tests {
     fn an_order_is_placed_once() {
         given::<Order>(&[]).when(&place()).then_expect(vec![placed()]);
         given::<Order>(&[placed()]).when(&place()).then_reject("already placed");
+    }
+
+    #[test]
+    fn an_order_names_a_customer_and_an_item_that_name_streams() {
+        let bad = Command::Place { customer: "ann smith".into(), item: "tea".into(), quantity: 1, amount: 7 };
+        given::<Order>(&[]).when(&bad).then_invalid("account stream");
     }
 
     #[test]

@@ -30,19 +30,7 @@ async fn main() -> std::process::ExitCode {
             .projection(shop_orders::Orders)
             .process(shop_orders::checkout::Checkout { timeout })
             .routes(shop_orders::routes());
-        let (w, p) = tokio::join!(
-            async {
-                let r = writer.run(shutdown.clone()).await;
-                shutdown.cancel();
-                r
-            },
-            async {
-                let r = projector.run(shutdown.clone()).await;
-                shutdown.cancel();
-                r
-            }
-        );
-        w.and(p)
+        esk::run_both(writer, projector, shutdown).await
     })
     .await
 }

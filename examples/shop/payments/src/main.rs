@@ -23,19 +23,7 @@ async fn main() -> std::process::ExitCode {
         let writer = esk::Writer::new(writer).context(CONTEXT).aggregate::<esk::builtin::Account>();
         let projector =
             esk::Projector::new(projector).projection(esk::builtin::Accounts).routes(esk::builtin::accounts_routes());
-        let (w, p) = tokio::join!(
-            async {
-                let r = writer.run(shutdown.clone()).await;
-                shutdown.cancel();
-                r
-            },
-            async {
-                let r = projector.run(shutdown.clone()).await;
-                shutdown.cancel();
-                r
-            }
-        );
-        w.and(p)
+        esk::run_both(writer, projector, shutdown).await
     })
     .await
 }

@@ -432,3 +432,70 @@ fn the_clock_decides_exactly_what_is_due_among_many() {
     w.txs.forget_sent();
     assert_eq!(w.txs.len(), 200);
 }
+
+/// A registry a test changes: categories to contexts, each context with its
+/// partition count.
+#[derive(Debug, Default)]
+struct Moving {
+    owners: std::sync::Mutex<HashMap<String, String>>,
+}
+
+impl Router for Moving {
+    fn route(&self, category: &str) -> Result<(String, i32), String> {
+        let context = self.owners.lock().unwrap().get(category).cloned().unwrap_or_else(|| "default".into());
+        Ok((context.clone(), self.partitions(&context)?))
+    }
+
+    fn partitions(&self, context: &str) -> Result<i32, String> {
+        match context {
+            "default" => Ok(P),
+            "payments" => Ok(3),
+            other => Err(format!("no context {other}")),
+        }
+    }
+
+    fn elsewhere(&self, category: &str) -> bool {
+        self.owners.lock().unwrap().contains_key(category)
+    }
+}
+
+#[test]
+fn a_decision_goes_where_its_prepare_went_whatever_the_registry_says_later() {
+    let router = Moving::default();
+    router.owners.lock().unwrap().insert("account".into(), "payments".into());
+    let aggregates = Registry::builtin();
+    let c = Context { router: &router, ..ctx(&aggregates) };
+    let mut w = World::default();
+    let run = |w: &mut World, inputs: Vec<Incoming>, now: i64| {
+        let mut s = Step::default();
+        for i in inputs {
+            s.handle(&c, &w.txs, &mut w.done, i, now);
+        }
+        for r in s.records() {
+            if r.is_done() {
+                w.done.insert(r.txid.clone(), r);
+            }
+        }
+        w.txs.absorb(&s);
+        s
+    };
+    let s = run(&mut w, vec![transfer()], 0);
+    assert!(s.prepares.iter().all(|p| p.3 == "payments" && p.0 == partition_for(p.1.as_bytes(), 3)), "{s:?}");
+    // The registry changes (it cannot for a category with holds; say it did).
+    router.owners.lock().unwrap().clear();
+    let s = run(&mut w, vec![vote("t1", "account-a", true), vote("t1", "account-b", true)], 10);
+    assert_eq!(s.decisions.len(), 2);
+    assert!(s.decisions.iter().all(|d| d.3 == "payments" && d.0 == partition_for(d.1.as_bytes(), 3)), "{s:?}");
+    // A vote about a transaction the log no longer holds is answered to the
+    // voter's context; a context named on the wire that is not a name is not used.
+    let mut stray = vote("t9", "account-z", true);
+    let named = json!({"kind": "vote", "txid": "t9", "stream": "account-z", "yes": true, "context": "payments"});
+    stray.payload = Some(serde_json::to_vec(&named).unwrap());
+    let s = run(&mut w, vec![stray], 20);
+    assert_eq!((s.decisions[0].3.as_str(), s.decisions[0].2.decision), ("payments", Verdict::Abort));
+    let mut forged = vote("t8", "account-y", true);
+    let bad = json!({"kind": "vote", "txid": "t8", "stream": "account-y", "yes": true, "context": "../x"});
+    forged.payload = Some(serde_json::to_vec(&bad).unwrap());
+    let s = run(&mut w, vec![forged], 30);
+    assert_eq!(s.decisions[0].3, "default", "a context that is not a name is not used");
+}

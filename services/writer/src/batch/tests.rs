@@ -511,13 +511,15 @@ fn a_stream_of_a_category_another_context_claimed_is_not_written_here() {
     ]);
     assert_eq!(o.events.len(), 1, "only the unclaimed category's event");
     let refused = failed(&o, 0);
-    assert_eq!(refused.code, ErrorCode::InvalidInput);
+    assert_eq!(refused.code, ErrorCode::Unavailable, "not final: sent again, it reaches its context");
     assert!(refused.message.contains("belongs to context 'payments'"), "{}", refused.message);
     appended(&o, 1);
     // A prepare for it is voted down, and its decision is parked.
     let o = w.run(vec![prepare("t1", "account-1", "Withdraw", 8)]);
     assert!(o.events.is_empty());
-    assert!(o.votes.iter().all(|v| !vote(v).0) && o.dead.len() + o.votes.len() == 1, "{o:?}");
+    assert_eq!(o.votes.len(), 1);
+    let (yes, why) = vote(&o.votes[0]);
+    assert!(!yes && why.unwrap().contains("belongs to context 'payments'"));
     let o = w.run(vec![decide("t1", "account-1", "commit")]);
     assert!(o.events.is_empty());
     assert_eq!(o.dead.len(), 1);
