@@ -201,6 +201,9 @@ impl<A: Aggregate + 'static> DynAggregate for Typed<A> {
 #[derive(Clone, Default)]
 pub struct Registry {
     by_category: BTreeMap<&'static str, Arc<dyn DynAggregate>>,
+    /// The categories served by esk's own aggregates ([`Registry::builtin`]):
+    /// their events follow esk's shipped schemas.
+    builtin: std::collections::BTreeSet<&'static str>,
 }
 
 impl fmt::Debug for Registry {
@@ -215,16 +218,32 @@ impl Registry {
         let mut r = Self::default();
         r.register::<crate::account::Account>();
         r.register::<crate::inventory::Inventory>();
+        r.builtin = r.by_category.keys().copied().collect();
         r
     }
 
+    /// Serves `A::CATEGORY` with `A` (replacing a built-in one of that category).
     pub fn register<A: Aggregate + 'static>(&mut self) {
         self.by_category.insert(A::CATEGORY, Arc::new(Typed::<A>::default()));
+        self.builtin.remove(A::CATEGORY);
     }
 
     /// Adds every aggregate of `other` (replacing one of the same category).
     pub fn extend(&mut self, other: Registry) {
+        for category in other.by_category.keys() {
+            if !other.builtin.contains(category) {
+                self.builtin.remove(category);
+            }
+        }
+        self.builtin.extend(other.builtin);
         self.by_category.extend(other.by_category);
+    }
+
+    /// The categories served by esk's built-in aggregates: those whose events
+    /// are held to esk's shipped schemas. A category of a service's own
+    /// aggregate, whatever its name, is not (no category is esk's alone).
+    pub fn builtin_categories(&self) -> Vec<&'static str> {
+        self.builtin.iter().copied().collect()
     }
 
     pub fn get(&self, category: &str) -> Option<&Arc<dyn DynAggregate>> {
@@ -240,6 +259,8 @@ impl Registry {
             ));
         }
         self.by_category.retain(|c, _| categories.iter().any(|k| k == c));
+        let kept: Vec<&'static str> = self.by_category.keys().copied().collect();
+        self.builtin.retain(|c| kept.contains(c));
         Ok(self)
     }
 
@@ -260,6 +281,37 @@ pub enum Outcome {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// An aggregate of a service's own, named like a built-in one.
+    struct MyAccount;
+    impl Aggregate for MyAccount {
+        type State = ();
+        type Command = ();
+        type Event = ();
+        const CATEGORY: &'static str = "account";
+        fn handle(_: &(), _: &()) -> Result<Vec<()>, DomainError> {
+            Ok(vec![])
+        }
+        fn apply((): (), _: &()) {}
+    }
+
+    #[test]
+    fn only_esk_s_own_aggregates_count_as_built_in() {
+        assert_eq!(Registry::builtin().builtin_categories(), ["account", "inventory"]);
+        let mut mine = Registry::builtin();
+        mine.register::<MyAccount>();
+        assert_eq!(mine.builtin_categories(), ["inventory"], "a service's own account is not esk's");
+        let mut extended = Registry::default();
+        extended.register::<MyAccount>();
+        extended.extend(Registry::builtin().only(&["inventory".into()]).unwrap());
+        assert_eq!(extended.builtin_categories(), ["inventory"]);
+        let mut replaced = Registry::builtin();
+        let mut own = Registry::default();
+        own.register::<MyAccount>();
+        replaced.extend(own);
+        assert_eq!(replaced.builtin_categories(), ["inventory"]);
+        assert!(Registry::builtin().only(&[]).unwrap().builtin_categories().is_empty());
+    }
 
     #[test]
     fn an_unreadable_state_is_an_error_never_a_panic() {

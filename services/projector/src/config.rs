@@ -39,7 +39,8 @@ pub struct Config {
     /// for less with `timeout_ms`).
     #[arg(long, env = "ESK_PROJECTOR_MAX_WAIT_MS", default_value_t = 30_000)]
     pub max_wait_ms: u64,
-    /// Also load the JSON Schemas in this folder, beside the built-in ones.
+    /// Also load the JSON Schemas in this folder. esk's shipped schemas hold
+    /// only for the categories of the built-in model it runs (`accounts`).
     #[arg(long, env = "ESK_SCHEMAS_DIR")]
     pub schemas_dir: Option<PathBuf>,
     /// Bounds of the HTTP server.

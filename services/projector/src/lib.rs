@@ -83,6 +83,8 @@ type Sender = Box<
 struct Registered {
     name: String,
     categories: Vec<String>,
+    /// The categories it reads with esk's shipped schemas (a built-in model's).
+    builtin: Vec<String>,
     start: Start,
     /// A process manager's sender.
     sender: Option<Sender>,
@@ -129,11 +131,18 @@ impl Projector {
     pub fn projection<P: Projection<SqliteStore>>(mut self, projection: P) -> Self {
         let name = projection.name().to_owned();
         let categories = projection.categories();
+        // esk's own model reads its events with esk's shipped schemas; any
+        // other projection with the schemas of `--schemas-dir` alone.
+        let builtin = if std::any::TypeId::of::<P>() == std::any::TypeId::of::<accounts::Accounts>() {
+            categories.clone()
+        } else {
+            Vec::new()
+        };
         let start: Start = Box::new(move |config, schemas, store, readers| {
             let on_switch = Box::new(move |s: &SqliteStore| readers.switch_to(s));
             Ok(runner::spawn(config, Arc::new(projection), schemas, store, on_switch)?)
         });
-        self.projections.push(Registered { name, categories, start, sender: None });
+        self.projections.push(Registered { name, categories, builtin, start, sender: None });
         self
     }
 
@@ -217,7 +226,8 @@ async fn serve(projector: Projector, shutdown: CancellationToken) -> Result<()> 
     )?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = Topics::new(&config.prefix);
-    let schemas = SchemaRegistry::with_dir(config.schemas_dir.as_deref())
+    let builtin: Vec<&str> = projections.iter().flat_map(|p| p.builtin.iter().map(String::as_str)).collect();
+    let schemas = SchemaRegistry::with_dir_for(config.schemas_dir.as_deref(), &builtin)
         .with_context(|| format!("loading schemas from {:?}", config.schemas_dir))?;
     let schemas = Arc::new(schemas);
     let listener = esk_runtime::http::bind(&config.http_addr, &config.http).await?;

@@ -120,8 +120,10 @@ pub struct Config {
     #[arg(long, env = "ESK_WRITER_HOLD_GRACE_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub hold_grace_ms: u64,
-    /// Also load the JSON Schemas in this folder (`<category>/<Type>.v<N>.json`),
-    /// beside the built-in ones: each category found becomes strict.
+    /// Also load the JSON Schemas in this folder (`<category>/<Type>.v<N>.json`):
+    /// each category found becomes strict. esk's shipped schemas
+    /// (`schemas/account`, `schemas/inventory`) hold only for the categories
+    /// of the built-in aggregates this writer runs.
     #[arg(long, env = "ESK_SCHEMAS_DIR")]
     pub schemas_dir: Option<PathBuf>,
     /// Bounds of the HTTP server.

@@ -297,7 +297,9 @@ async fn serve(config: Config, aggregates: Registry, shutdown: CancellationToken
     let kafka = KafkaConfig::load(&config.bootstrap_servers, config.kafka_timeout(), config.kafka_config.as_deref())?;
     Topics::validate_prefix(&config.prefix).map_err(anyhow::Error::msg)?;
     let topics = config.topics();
-    let schemas = SchemaRegistry::with_dir(config.schemas_dir.as_deref())
+    // esk's shipped schemas hold only where esk's own aggregates run: a
+    // service's own category, whatever its name, follows its own schemas.
+    let schemas = SchemaRegistry::with_dir_for(config.schemas_dir.as_deref(), &aggregates.builtin_categories())
         .with_context(|| format!("loading schemas from {:?}", config.schemas_dir))?;
     let admin = Admin::new(&kafka)?;
     let flag = init_flag(&topics);

@@ -281,3 +281,26 @@ async fn a_transaction_across_two_contexts_is_all_or_nothing_under_chaos() {
     })
     .await;
 }
+
+/// No category is esk's alone: a context's writer that takes raw appends to
+/// `account` (no built-in aggregate there) holds them to its own schemas, not
+/// to esk's shipped ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_category_named_like_a_built_in_one_is_a_context_s_own() {
+    let env = TestEnv::new();
+    env.init_topics(1);
+    env.init_context("ledger", 1);
+    let ledger = Service::start(
+        &env,
+        "writer",
+        &[("ESK_CONTEXT", "ledger"), ("ESK_WRITER_AGGREGATES", "none"), ("ESK_WRITER_CATEGORIES", "account")],
+    );
+    wait_serving(&[&ledger], 1, Duration::from_secs(60)).await;
+    let client = env.client(Duration::from_secs(20), false);
+    assert_eq!(client.context_of("account"), "ledger");
+    let event = esk_wire::protocol::NewEvent { id: None, event_type: "Booked".into(), data: json!({"cents": 5}) };
+    let a = client.append("account-1", ExpectedVersion::NoStream, vec![event], None).await.unwrap();
+    assert_eq!(a.first_version, 1, "an event type esk's account schemas do not know, taken");
+    let events = env.all_events("account");
+    assert_eq!(events[0].2.event_type, "Booked");
+}
