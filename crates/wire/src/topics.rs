@@ -97,6 +97,16 @@ impl Topics {
         }
     }
 
+    /// What a context's groups, transactional ids and stores are named by:
+    /// `<prefix>`, or `<prefix>-<context>` outside the default context (the
+    /// writers' group is `<scope>-writer`).
+    pub fn scope(&self) -> String {
+        match &self.context {
+            Some(c) => format!("{}-{c}", self.prefix),
+            None => self.prefix.clone(),
+        }
+    }
+
     /// The registry of contexts: which context owns each claimed category
     /// (one partition, kept forever; the first claim of a category wins).
     pub fn contexts(&self) -> String {
@@ -226,6 +236,7 @@ mod tests {
         assert_eq!(t.dlq("orders"), "t1.dlq.orders");
         assert_eq!(t.contexts(), "t1.contexts");
         assert_eq!(t.in_context(DEFAULT_CONTEXT), Topics::new("t1"));
+        assert_eq!((t.scope(), Topics::new("t1").scope()), ("t1-payments".to_owned(), "t1".to_owned()));
         assert_eq!(Topics::new("t1").context(), DEFAULT_CONTEXT);
     }
 

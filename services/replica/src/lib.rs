@@ -79,10 +79,7 @@ impl Config {
 
     /// `<prefix>`, or `<prefix>-<context>` for another context than the default.
     fn scope(&self) -> String {
-        match self.context.as_str() {
-            esk_wire::topics::DEFAULT_CONTEXT => self.prefix.clone(),
-            c => format!("{}-{c}", self.prefix),
-        }
+        Topics::new(&self.prefix).in_context(&self.context).scope()
     }
 }
 

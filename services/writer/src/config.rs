@@ -145,14 +145,10 @@ impl Config {
         esk_wire::Topics::new(&self.prefix).in_context(&self.context)
     }
 
-    /// `<prefix>` in the default context, `<prefix>-<context>` in another:
-    /// what the writer's group, transactional ids and store are named by.
+    /// What the writer's group, transactional ids and store are named by
+    /// ([`esk_wire::Topics::scope`]).
     fn scope(&self) -> String {
-        if self.context == esk_wire::topics::DEFAULT_CONTEXT {
-            self.prefix.clone()
-        } else {
-            format!("{}-{}", self.prefix, self.context)
-        }
+        self.topics().scope()
     }
 
     /// Bound on any single Kafka call (metadata, commit, restore step).

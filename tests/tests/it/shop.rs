@@ -221,6 +221,20 @@ async fn checkouts_under_chaos_end_confirmed_or_cancelled_and_conserve_stock_and
         .await;
         assert_eq!(doc["state"]["stage"], ended[n], "{doc}");
     }
+    // Asking for what is not a process: 404 with the reason; a process
+    // manager is not rebuilt (409).
+    for (path, why) in [
+        ("/processes/nope/1", "no projection 'nope'"),
+        ("/processes/orders/1", "not a process manager"),
+        ("/processes/checkout/999999", "no process '999999'"),
+    ] {
+        let (code, body) = http_get(&projector, path).expect("the projector answers");
+        assert_eq!(code, 404, "{path}: {body}");
+        assert!(body.contains(why), "{path}: {body}");
+    }
+    let url = format!("http://{projector}");
+    let rebuild = env.esk().args(["projection", "rebuild", "checkout", "--projector-url", &url]).run().code(1);
+    assert!(rebuild.stderr.contains("not rebuilt"), "{}", rebuild.stderr);
     // The shipping context's model agrees.
     let shipping = services[3].lock().unwrap().take().unwrap();
     for (n, ..) in &placed {

@@ -155,10 +155,7 @@ fn acls_of(role: Role, t: &Topics, projections: &[String]) -> Vec<Acl> {
     use Op::{Create, Describe, DescribeConfigs, Read, Write};
     let p = t.prefix();
     // The writers' group and transactional ids: `<prefix>[-<context>]-writer`.
-    let writer = match t.context() {
-        esk_wire::topics::DEFAULT_CONTEXT => format!("{p}-writer"),
-        c => format!("{p}-{c}-writer"),
-    };
+    let writer = format!("{}-writer", t.scope());
     match role {
         // services/writer: src/lib.rs (topic checks, limits, groups), worker.rs (writes), restore.rs, standby.rs.
         Role::Writer => vec![

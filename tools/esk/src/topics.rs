@@ -234,10 +234,7 @@ pub async fn describe(g: &Global) -> Result<(), Failure> {
 
 /// The writer group of a context.
 fn group_of(t: &Topics) -> String {
-    match t.context() {
-        esk_wire::topics::DEFAULT_CONTEXT => format!("{}-writer", t.prefix()),
-        c => format!("{}-{c}-writer", t.prefix()),
-    }
+    format!("{}-writer", t.scope())
 }
 
 /// The context a context-owned topic name belongs to, among the claimed ones.
