@@ -379,7 +379,9 @@ function projectionsPage(root) {
   const msg = slot();
   const meta = h('p', {class: 'meta', testid: 'projections-updated'}, 'loading…');
   const table = grid([
-    ['projection', (p) => h('strong', null, p.name), 'projection-name'],
+    ['projection', (p) => h('span', null, h('strong', null, p.name),
+      p.projector ? h('small', null, h('br'), `${p.instance != null ? `instance ${p.instance} · ` : ''}${p.projector}`) : null),
+    'projection-name'],
     ['lag', (p) => (p.lag == null ? 'not sampled yet'
       : `${p.lag} event${p.lag === 1 ? '' : 's'}${p.lag_ms ? ` · ${fmtSecs(p.lag_ms)} behind` : ''}`), 'projection-lag'],
     ['events/s', (p) => (p.events_per_second ?? 0).toFixed(1), 'projection-rate'],
@@ -387,11 +389,15 @@ function projectionsPage(root) {
     ['rebuild', rebuildCell, 'projection-rebuild'],
     ['parked', (p) => (p.parked ? h('a', {href: '#/dead-letters'}, String(p.parked)) : '0'), 'projection-parked'],
   ], 'projections', (p) => ({testid: 'projection', 'data-name': p.name, class: p.parked ? 'warn' : null}));
-  root.append(h('h1', null, 'Projections'), meta, msg, table.el);
+  const down = h('div', {testid: 'projections-unreachable'});
+  root.append(h('h1', null, 'Projections'), meta, msg, down, table.el);
   return poll(2000, async () => {
     try {
       const doc = await api('/projections');
       table.set(doc.projections || []);
+      // A projector that did not answer is named, not left out silently.
+      down.replaceChildren(...(doc.unreachable || []).map((u) => h('div', {class: 'problem'},
+        h('strong', null, 'projector unreachable '), h('code', null, u.url), `: ${u.error}`)));
       meta.textContent = `${doc.instance ? `instance ${doc.instance} · ` : ''}updated ${new Date().toLocaleTimeString()}`;
       show(msg, null);
     } catch (e) {
@@ -526,7 +532,7 @@ function deadLettersPage(root) {
           ['type', (d) => d.type || '–'],
           ['reason', (d) => d.reason, 'dlq-reason'],
           ['source', (d) => h('code', null, `${d.topic}/${d.source_partition}@${d.source_offset}`)],
-          ['time (UTC)', (d) => fmtTime(d.time)],
+          ['parked (UTC)', (d) => fmtTime(d.time ?? d.time_ms)],
           ['parked at', (d) => h('code', null, `${d.partition}@${d.offset}`)],
         ], 'dlq-parked', (d) => ({testid: 'dlq-entry', 'data-stream': d.stream, 'data-offset': d.source_offset}));
         parked.set(c.parked || []);
