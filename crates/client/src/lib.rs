@@ -39,7 +39,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
-pub use read::{ReadEvent, decode, read_stream};
+pub use read::{Page, ReadEvent, decode, read_range, read_stream};
 
 /// Why a request did not succeed. Each variant maps to one CLI exit code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -48,20 +48,45 @@ pub async fn read_stream(
     from: u64,
     schemas: Arc<SchemaRegistry>,
 ) -> Result<Vec<ReadEvent>, ClientError> {
+    Ok(read_range(client, stream, from, u64::MAX, schemas).await?.events)
+}
+
+/// A page of a stream: at most `max` events from version `from` on, and the
+/// stream's version when it was read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub events: Vec<ReadEvent>,
+    /// The stream's last version (0: no events) as the writer answered.
+    pub version: u64,
+}
+
+/// [`read_stream`] of at most `max` events: a page.
+pub async fn read_range(
+    client: &Client,
+    stream: &str,
+    from: u64,
+    max: u64,
+    schemas: Arc<SchemaRegistry>,
+) -> Result<Page, ClientError> {
     let from = from.max(1);
     let head = client.head_from(stream, from).await?;
-    if head.version < from {
-        return Ok(Vec::new());
+    let version = head.version;
+    if head.version < from || max == 0 {
+        return Ok(Page { events: Vec::new(), version });
     }
-    let (last, partition) = (head.version, head.partition);
+    let (last, partition) = (head.version.min(from.saturating_add(max - 1)), head.partition);
+    // Entries past `last` start runs this page does not read: once one is
+    // seen, the index of every run it reads is known.
     let mut index = head.index;
-    let mut more = head.more;
+    let mut more = head.more && index.last().is_none_or(|e| e.version <= last);
+    index.retain(|e| e.version <= last);
     while more {
         let after = index.last().map_or(from, |e| e.version);
         let next = client.head_from(stream, after).await?;
         let before = index.len();
+        let past = next.index.last().is_some_and(|e| e.version > last);
         index.extend(next.index.into_iter().filter(|e| e.version > after && e.version <= last));
-        more = next.more && index.last().is_some_and(|e| e.version < last);
+        more = next.more && !past && index.last().is_some_and(|e| e.version < last);
         if more && index.len() == before {
             return Err(ClientError::Internal(format!(
                 "{stream}: the writer's index does not go on after version {after}"
@@ -109,7 +134,7 @@ pub async fn read_stream(
         let part = task.await.map_err(|e| ClientError::Internal(format!("the reader panicked: {e}")))??;
         out.extend(part);
     }
-    Ok(out)
+    Ok(Page { events: out, version })
 }
 
 /// Idle consumers of [`read_stream`], at most [`READERS`]: a read takes

@@ -164,6 +164,22 @@ impl KafkaConfig {
         self.finish(c)
     }
 
+    /// [`KafkaConfig::committed_reader`] for a live subscription that waits
+    /// on its reader: what it fetches ahead is bounded
+    /// ([`SUBSCRIPTION_PREFETCH_KB`] a subscription), so a slow reader holds
+    /// little memory.
+    pub fn subscription_reader(&self, group: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "100")
+            // A cursor older than what retention kept goes on from the oldest kept.
+            .set("auto.offset.reset", "earliest")
+            .set("queued.max.messages.kbytes", SUBSCRIPTION_PREFETCH_KB.to_string());
+        self.finish(c)
+    }
+
     /// [`KafkaConfig::committed_reader`] for reading scattered records by
     /// offset (a stream's events from its index): small fetches, so that a
     /// seek does not wait for a large prefetch to arrive and be dropped.
@@ -323,6 +339,9 @@ pub fn probe<C: ClientContext>(client: &Client<C>, topic: &str, timeout: Duratio
         Err(e) => Err(e.to_string()),
     }
 }
+
+/// What a subscription's reader fetches ahead at most, in KiB.
+pub const SUBSCRIPTION_PREFETCH_KB: u32 = 4096;
 
 /// The pause before a call that failed with a transient error is tried again.
 pub const TRANSIENT_RETRY_PAUSE: Duration = Duration::from_millis(50);

@@ -20,6 +20,26 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "records of an internal topic refused on read (forged or malformed), by topic",
     ),
+    (
+        "esk_gateway_problems_total",
+        Kind::Counter,
+        Unit::Count,
+        "gateway answers that were problems (application/problem+json), by type",
+    ),
+    ("esk_gateway_subscriptions", Kind::Gauge, Unit::Count, "subscriptions the gateway serves now"),
+    (
+        "esk_gateway_subscriptions_refused_total",
+        Kind::Counter,
+        Unit::Count,
+        "subscriptions refused over --max-subscriptions",
+    ),
+    ("esk_gateway_subscription_events_total", Kind::Counter, Unit::Count, "events sent to subscriptions"),
+    (
+        "esk_gateway_subscription_skipped_total",
+        Kind::Counter,
+        Unit::Count,
+        "records of an events topic that were not esk events, skipped by subscriptions",
+    ),
     ("esk_writer_partitions", Kind::Gauge, Unit::Count, "partitions this writer owns"),
     (
         "esk_owner_unknown_shards_total",

@@ -136,16 +136,24 @@ fn same_token(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// 401 for a request that changes something (not GET or HEAD) without the admin token.
+/// Which requests need the admin token: those for which it says true.
+pub type Guarded = fn(&axum::http::Method, &str) -> bool;
+
+/// The services' rule: every request that changes something (not GET or HEAD).
+pub fn changes(method: &axum::http::Method, _path: &str) -> bool {
+    !matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD)
+}
+
+/// 401 for a request that `guarded` names without the admin token.
 async fn require_token(
     token: Option<Arc<str>>,
+    guarded: Guarded,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    use axum::http::Method;
     use axum::response::IntoResponse;
     let Some(token) = token else { return next.run(request).await };
-    if matches!(*request.method(), Method::GET | Method::HEAD) {
+    if !guarded(request.method(), request.uri().path()) {
         return next.run(request).await;
     }
     let given = request
@@ -170,16 +178,28 @@ content-length: 84\r\n\r\n{\"error\":\"busy\",\"message\":\"too many connections
 
 /// Serves `app` on `listener` within `limits` until `shutdown`; then stops
 /// accepting and gives open connections up to five seconds to finish.
+/// Every request that changes something needs the admin token when one is set.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: CancellationToken,
     limits: &HttpLimits,
 ) -> std::io::Result<()> {
+    serve_guarded(listener, app, shutdown, limits, changes).await
+}
+
+/// [`serve`] where the admin token guards the requests `guarded` names.
+pub async fn serve_guarded(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    limits: &HttpLimits,
+    guarded: Guarded,
+) -> std::io::Result<()> {
     check_exposure(&listener, limits)?;
     let token: Option<Arc<str>> = limits.admin_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
     let app = app
-        .layer(axum::middleware::from_fn(move |request, next| require_token(token.clone(), request, next)))
+        .layer(axum::middleware::from_fn(move |request, next| require_token(token.clone(), guarded, request, next)))
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes as usize))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
