@@ -226,6 +226,7 @@ function streamsPage(root, arg) {
     catsMsg, cats);
   if (arg) open(arg);
   categories();
+  return {update(name) { input.value = name; arg = name; if (name) open(name); else view.replaceChildren(); }};
 }
 
 // ---- Live tail: Server-Sent Events read with fetch() (EventSource cannot
@@ -464,7 +465,7 @@ function transactionsPage(root, arg) {
   root.append(h('h1', null, 'Transactions'), form, detailMsg, detail,
     h('div', {class: 'heading'}, h('h2', null, 'Newest first'), meta), listMsg, list.el);
   if (arg) lookup(arg);
-  return poll(3000, async () => {
+  const stop = poll(3000, async () => {
     try {
       const {transactions} = await api('/transactions?limit=50');
       list.set(transactions);
@@ -474,6 +475,7 @@ function transactionsPage(root, arg) {
       show(listMsg, e);
     }
   });
+  return {stop, update(txid) { input.value = txid; if (txid) lookup(txid); else detail.replaceChildren(); }};
 }
 
 // ---- Dead letters: parked events per consumer, and replays with the admin token
@@ -596,7 +598,8 @@ const PAGES = {
   'dead-letters': ['Dead letters', deadLettersPage],
   services: ['Services', servicesPage],
 };
-let leave = null;
+// What the page shown returned: {stop, update} (a bare function is its stop).
+let current = {name: null, stop: null, update: null};
 
 function setNav(open) {
   document.body.classList.toggle('nav-open', open);
@@ -606,21 +609,23 @@ function setNav(open) {
 function route() {
   const [name, ...rest] = location.hash.replace(/^#\/?/, '').split('/');
   if (!PAGES[name]) { location.replace('#/streams'); return; }
-  if (leave) leave();
-  leave = null;
-  const [title, page] = PAGES[name];
   let arg = '';
   try { arg = decodeURIComponent(rest.join('/')); } catch { arg = rest.join('/'); }
+  setNav(false);
+  // Another stream or txid on the page shown: that page updates in place.
+  if (current.name === name && current.update) { current.update(arg); return; }
+  if (current.stop) current.stop();
+  const [title, page] = PAGES[name];
   for (const a of document.querySelectorAll('#nav a')) {
     const here = a.getAttribute('href') === `#/${name}`;
     a.classList.toggle('active', here);
     if (here) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
   }
-  setNav(false);
   document.title = `${title} · esk console`;
   const root = h('section', {class: 'page', testid: `page-${name}`});
   document.getElementById('main').replaceChildren(root);
-  leave = page(root, arg) || null;
+  const got = page(root, arg);
+  current = {name, stop: typeof got === 'function' ? got : got && got.stop, update: got && got.update};
 }
 
 document.querySelector('.nav-toggle').addEventListener('click', () => {
