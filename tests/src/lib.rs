@@ -1043,6 +1043,129 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     esk_client::http::get(addr, path, Duration::from_secs(30)).ok()
 }
 
+/// An HTTP answer: status, headers (names lowercase) and body.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// One HTTP/1.0 request (the answer's body ends with the connection): any
+/// method, headers and body, within `timeout` for each read and write.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> std::io::Result<HttpAnswer> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    s.write_all(head.as_bytes())?;
+    // A server may answer (413) before it has read a large body.
+    let _ = s.write_all(body);
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an HTTP answer: {text:.200}"));
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpAnswer { status, headers, body: body.to_owned() })
+}
+
+/// A Server-Sent Events stream being read: its events' ids and data.
+#[derive(Debug)]
+pub struct Sse {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    pub status: u16,
+}
+
+/// One event of a [`Sse`] stream.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub data: String,
+}
+
+impl Sse {
+    /// Opens `GET path` with `Last-Event-ID` when given; each read waits at most `timeout`.
+    pub fn open(addr: &str, path: &str, last_event_id: Option<&str>, timeout: Duration) -> std::io::Result<Self> {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(timeout))?;
+        let resume = last_event_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{resume}\r\n")?;
+        let mut reader = std::io::BufReader::new(s);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                break;
+            }
+        }
+        Ok(Self { reader, status })
+    }
+
+    /// The next event (comments skipped); `None` when the stream ended,
+    /// an error when a read timed out.
+    pub fn next_event(&mut self) -> std::io::Result<Option<SseEvent>> {
+        use std::io::BufRead;
+        let (mut id, mut data, mut any) = (None, String::new(), false);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Ok(None);
+            }
+            let l = line.trim_end_matches(['\r', '\n']);
+            if l.is_empty() {
+                if any {
+                    return Ok(Some(SseEvent { id, data }));
+                }
+                continue;
+            }
+            if let Some(v) = l.strip_prefix("id:") {
+                id = Some(v.trim_start().to_owned());
+                any = true;
+            } else if let Some(v) = l.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                any = true;
+            }
+        }
+    }
+}
+
 /// Waits until the writers together serve `partitions` partitions.
 pub async fn wait_serving(writers: &[&Service], partitions: u64, timeout: Duration) {
     let what = format!("{partitions} partitions served by the writers");

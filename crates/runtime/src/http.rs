@@ -185,16 +185,18 @@ pub async fn serve(
     shutdown: CancellationToken,
     limits: &HttpLimits,
 ) -> std::io::Result<()> {
-    serve_guarded(listener, app, shutdown, limits, changes).await
+    serve_guarded(listener, app, shutdown, limits, changes, |app| app).await
 }
 
-/// [`serve`] where the admin token guards the requests `guarded` names.
+/// [`serve`] where the admin token guards the requests `guarded` names, and
+/// `outer` wraps everything (the bounds' own answers too).
 pub async fn serve_guarded(
     listener: TcpListener,
     app: Router,
     shutdown: CancellationToken,
     limits: &HttpLimits,
     guarded: Guarded,
+    outer: fn(Router) -> Router,
 ) -> std::io::Result<()> {
     check_exposure(&listener, limits)?;
     let token: Option<Arc<str>> = limits.admin_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
@@ -205,6 +207,7 @@ pub async fn serve_guarded(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(limits.request_timeout_ms),
         ));
+    let app = outer(app);
     let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
     let graceful = GracefulShutdown::new();
     let header_timeout = Duration::from_millis(limits.header_timeout_ms);

@@ -28,7 +28,8 @@ use crate::App;
 use crate::api::EventDoc;
 use crate::problem::{Class, Problem};
 
-/// Records the console reads at most from the end of each partition.
+/// Records the console shows at most from the end of each partition (it
+/// reads twice as many offsets back).
 pub const MAX_RECENT: i64 = 200;
 
 const INDEX: &str = include_str!("../console/index.html");
@@ -412,9 +413,10 @@ pub async fn transactions(
     Ok(Json(json!({ "transactions": docs })))
 }
 
-/// The newest `n` records of each partition of `topic` that `keep` turns
-/// into something (in log order per partition); none when the topic does
-/// not exist.
+/// What `keep` makes of the records among the newest `2n + 16` offsets of
+/// each partition of `topic` (at least its newest `n` records, Kafka
+/// transactions' markers taking an offset each), in log order per
+/// partition; none when the topic does not exist.
 fn recent<T>(
     consumer: &BaseConsumer,
     kafka: &KafkaConfig,
@@ -432,7 +434,9 @@ fn recent<T>(
         let (low, high) = esk_kafka::watermarks(consumer.client(), topic, p.id(), kafka.timeout)
             .map_err(|e| format!("Kafka: {topic}/{}: {e}", p.id()))?;
         if high > low {
-            tpl.add_partition_offset(topic, p.id(), Offset::Offset((high - n).max(low))).map_err(|e| e.to_string())?;
+            // Kafka transactions' markers take offsets too: twice as far back.
+            tpl.add_partition_offset(topic, p.id(), Offset::Offset((high - 2 * n - 16).max(low)))
+                .map_err(|e| e.to_string())?;
             ends.insert(p.id(), high);
         }
     }

@@ -137,7 +137,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     tracing::info!(http = %listener.local_addr()?, "gateway for {} at {}", app.topics.prefix(), app.kafka.bootstrap);
     let connecting = tokio::spawn(connect(app.clone(), shutdown.clone()));
     let limits = app.config.http.clone();
-    esk_runtime::http::serve_guarded(listener, router(app.clone()), shutdown, &limits, console::admin_only).await?;
+    esk_runtime::http::serve_guarded(listener, router(app.clone()), shutdown, &limits, console::admin_only, |r| {
+        r.layer(axum::middleware::map_response(as_problem))
+    })
+    .await?;
     connecting.abort();
     if let Some(client) = Arc::into_inner(app).and_then(|a| a.client.into_inner()) {
         // Dropping a client joins its reader thread: off the runtime.
@@ -173,7 +176,7 @@ async fn connect(app: Arc<App>, shutdown: CancellationToken) {
     }
 }
 
-/// Every route, and errors of the HTTP layer (404, 405, 408, 413, 401) as problems.
+/// Every route (the HTTP layer's own errors become problems in [`run`]).
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/streams/{stream}/events", post(api::append))
@@ -203,7 +206,6 @@ pub fn router(app: Arc<App>) -> Router {
             Problem::new(Class::MethodNotAllowed, "this endpoint does not take that method (see /openapi.json)")
         })
         .with_state(app)
-        .layer(axum::middleware::map_response(as_problem))
 }
 
 /// Ready once the gateway reached Kafka (its client is connected).
