@@ -17,7 +17,8 @@
 # ESK_KAFKA_PORT (9092, for the local broker), ESK_<NAME>_HTTP (a service's
 # HTTP address, e.g. ESK_WRITER_HTTP=127.0.0.1:8701; the shop's:
 # ESK_PAYMENTS_HTTP, ESK_PAYMENTS_PROJECTOR_HTTP, ESK_INVENTORY_HTTP,
-# ESK_ORDERS_HTTP, ESK_ORDERS_PROJECTOR_HTTP, ESK_SHIPPING_HTTP),
+# ESK_ORDERS_HTTP, ESK_ORDERS_PROJECTOR_HTTP, ESK_SHIPPING_HTTP; the gateway's
+# ESK_GATEWAY_HTTP, 127.0.0.1:8705),
 # ESK_CHECKOUT_TIMEOUT (the checkout saga's, 30s).
 set -euo pipefail
 
@@ -29,7 +30,7 @@ prefix=${ESK_TOPIC_PREFIX:-esk}
 kafka=$repo/infra/kafka/kafka.sh
 
 # name:port of every service, in start order. Each binary is <bin_dir>/esk-<name>.
-SERVICES=("writer:8701" "projector:8702" "replica:8703" "coordinator:8704")
+SERVICES=("writer:8701" "projector:8702" "replica:8703" "coordinator:8704" "gateway:8705")
 # The shop: name:port[:projector port], binary <bin_dir>/shop-<name>. Each
 # service with a writer serves the bounded context of its name.
 SHOP=("payments:8711:8712" "inventory:8713" "orders:8714:8715" "shipping:8716")
@@ -121,9 +122,20 @@ wait_ready() { # name addr pidfile
   die "$name did not become ready on $addr in 120 s (${why:-no answer}); see $logs/$name.log"
 }
 
+# What the gateway's console shows: every service of the platform and the shop.
+gateway_env() {
+  local urls
+  urls() { local u="" e; for e in "$@"; do u+="${u:+,}http://$(http_addr "${e%%:*}" "${e##*:}")"; done; echo "$u"; }
+  echo "ESK_GATEWAY_WRITER_URL=$(urls writer:8701 payments:8711 inventory:8713 orders:8714)"
+  echo "ESK_GATEWAY_PROJECTOR_URL=$(urls projector:8702 payments_projector:8712 orders_projector:8715 shipping:8716)"
+  echo "ESK_GATEWAY_REPLICA_URL=$(urls replica:8703)"
+  echo "ESK_GATEWAY_COORDINATOR_URL=$(urls coordinator:8704)"
+}
+
 start_service() { # name port bin_dir bootstrap
-  local name=$1 bins=$3 bs=$4 pf=$run/$1.pid addr
+  local name=$1 bins=$3 bs=$4 pf=$run/$1.pid addr extra=()
   addr=$(http_addr "$1" "$2")
+  if [ "$name" = gateway ]; then mapfile -t extra < <(gateway_env); fi
   if alive "$pf"; then
     wait_ready "$name" "$addr" "$pf"
     say "$name already running (pid $(cat "$pf"), http://$addr)"
@@ -131,7 +143,7 @@ start_service() { # name port bin_dir bootstrap
   fi
   setsid nohup env KAFKA_BOOTSTRAP_SERVERS="$bs" ESK_TOPIC_PREFIX="$prefix" \
     "ESK_${name^^}_HTTP=$addr" ESK_DATA_DIR="$ESK_HOME/data" "${PLATFORM_ENV[@]}" "$(replica_env "$name")" \
-    "$bins/esk-$name" >>"$logs/$name.log" 2>&1 </dev/null &
+    "${extra[@]}" "$bins/esk-$name" >>"$logs/$name.log" 2>&1 </dev/null &
   echo $! >"$pf"
   wait_ready "$name" "$addr" "$pf"
   say "$name started (pid $(cat "$pf"), http://$addr)"
@@ -200,6 +212,7 @@ esk: up.
   logs        $logs/<name>.log
   pids        $run/<name>.pid
   cli         $bins/esk --help
+  http api    http://$(http_addr gateway 8705) (OpenAPI: /openapi.json; console: http://$(http_addr gateway 8705)/console/)
   shop        payments http://$(http_addr payments 8711) (accounts: http://$(http_addr payments_projector 8712)/accounts/{id})
               inventory http://$(http_addr inventory 8713)
               orders http://$(http_addr orders 8714) (orders and checkouts: http://$(http_addr orders_projector 8715)/orders/{id})

@@ -16,6 +16,7 @@ struct Ports {
     projector: u16,
     coordinator: u16,
     replica: u16,
+    gateway: u16,
     /// The shop's: payments, its projector, inventory, orders, its projector, shipping.
     shop: [u16; 6],
 }
@@ -48,6 +49,7 @@ fn make(target: &str, home: &Path, ports: Ports) -> (bool, String) {
         .env("ESK_PROJECTOR_HTTP", format!("127.0.0.1:{}", ports.projector))
         .env("ESK_COORDINATOR_HTTP", format!("127.0.0.1:{}", ports.coordinator))
         .env("ESK_REPLICA_HTTP", format!("127.0.0.1:{}", ports.replica))
+        .env("ESK_GATEWAY_HTTP", format!("127.0.0.1:{}", ports.gateway))
         .env_remove("KAFKA_BOOTSTRAP_SERVERS")
         .env_remove("ESK_TOPIC_PREFIX")
         .output()
@@ -104,6 +106,7 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
     assert!(status.contains("projector: running"), "{status}");
     assert!(status.contains("coordinator: running"), "{status}");
     assert!(status.contains("replica: running"), "{status}");
+    assert!(status.contains("gateway: running"), "{status}");
     let projector_pid = std::fs::read_to_string(home.path().join("run/projector.pid")).unwrap();
     assert!(home.path().join("data").is_dir(), "the projector's store lives under ESK_HOME/data");
 
@@ -159,7 +162,25 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
         }
     }
 
+    // The gateway serves the same installation over HTTP, and its console
+    // sees every service of the platform and the shop.
+    let gateway = ports.http("gateway");
+    let (code, body) = http_get(&gateway, "/streams/order-1").unwrap_or_default();
+    assert!(code == 200 && body.contains(r#""type":"Confirmed""#), "{code} {body}");
+    let (_, services) = http_get(&gateway, "/services").unwrap_or_default();
+    let services: serde_json::Value = serde_json::from_str(&services).unwrap_or_default();
+    let ready: Vec<&str> = services["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["ready"] == true)
+        .filter_map(|s| s["url"].as_str())
+        .collect();
+    assert_eq!(ready.len(), 11, "the gateway, 4 writers, 4 projectors, the replica and the coordinator: {services}");
+    let gateway_pid = std::fs::read_to_string(home.path().join("run/gateway.pid")).unwrap();
+
     drop(guard);
+    assert!(!pid_alive(&gateway_pid), "gateway pid {gateway_pid} alive after make down");
     for pid in &shop_pids {
         assert!(!pid_alive(pid), "a shop service (pid {pid}) alive after make down");
     }
@@ -189,6 +210,7 @@ impl Ports {
             projector: free_port_pair().unwrap(),
             coordinator: free_port_pair().unwrap(),
             replica: free_port_pair().unwrap(),
+            gateway: free_port_pair().unwrap(),
             shop: [(); 6].map(|()| free_port_pair().unwrap()),
         }
     }
@@ -199,6 +221,7 @@ impl Ports {
             "projector" => self.projector,
             "coordinator" => self.coordinator,
             "replica" => self.replica,
+            "gateway" => self.gateway,
             other => panic!("no service {other}"),
         };
         format!("127.0.0.1:{port}")
@@ -236,7 +259,7 @@ fn make_up_restarts_every_service_after_sigkill() {
     };
     let log =
         |service: &str| std::fs::read_to_string(home.path().join(format!("log/{service}.log"))).unwrap_or_default();
-    for service in ["writer", "projector", "replica", "coordinator"] {
+    for service in ["writer", "projector", "replica", "coordinator", "gateway"] {
         let started = Instant::now();
         let mut slowest = Duration::ZERO;
         for round in 1..=RESTARTS {
