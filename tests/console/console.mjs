@@ -209,8 +209,12 @@ async function tailPage(stream) {
   page.on('request', (r) => {
     if (r.url().includes('/subscriptions')) resumes.push(r.headers()['last-event-id'] ?? null);
   });
-  await open(`#/tail/${CATEGORY}`);
+  // Every category first, then the test's category from the picker.
+  await open('#/tail');
   const status = '[data-testid=tail-status]';
+  await visible(`${status}[data-state=live]`, 'the live tail of every category to connect');
+  await page.selectOption('[data-testid=tail-category]', CATEGORY);
+  await until('the picker to route to the category', async () => page.url().endsWith(`#/tail/${CATEGORY}`));
   await visible(`${status}[data-state=live]`, 'the live tail to connect');
   const row = (v) => `[data-testid=tail-event][data-stream="${stream}"][data-version="${v}"]`;
 
@@ -241,8 +245,8 @@ async function tailPage(stream) {
     const n = await count(row(v));
     if (n !== 1) fail(`version ${v} shows ${n} times on the tail, wanted once`);
   }
-  // Requests: from now, from the start, after the pause, after the drop.
-  if (resumes.length < 4 || resumes.slice(2).some((id) => !id)) {
+  // The category from now and from the start, then after the pause and after the drop.
+  if (resumes.length < 4 || resumes.slice(-2).some((id) => !id)) {
     fail(`the tail's reconnections did not all send Last-Event-ID: ${JSON.stringify(resumes)}`);
   }
   await until('the tail to be live again', async () => (await page.getAttribute(status, 'data-state')) === 'live');
@@ -299,7 +303,10 @@ async function deadLettersPage() {
     await page.fill('[data-testid=admin-token]', '');
     await page.click(`${consumer} [data-testid=dlq-replay]`);
     const asked = await visible('[data-testid=dlq-auth]', 'the request for the admin token');
-    if (!/admin token/i.test(await asked.innerText())) fail(`a 401 shows ${await asked.innerText()}`);
+    const detail = await page.innerText('[data-testid=dlq-auth-detail]');
+    if (!/admin token/i.test(await asked.innerText()) || !detail.trim()) {
+      fail(`a 401 shows '${await asked.innerText()}', without the problem's detail`);
+    }
     await page.fill('[data-testid=admin-token]', ADMIN);
   }
   await page.click(`${consumer} [data-testid=dlq-replay]`);

@@ -512,7 +512,8 @@ function deadLettersPage(root) {
       if (e.status === 401) {
         result.replaceChildren(h('div', {class: 'problem', role: 'alert', testid: 'dlq-auth'},
           h('strong', null, 'The gateway asks for its admin token. '),
-          'Type it in the admin token field above, then press Replay again.', h('br'), h('small', null, e.message)));
+          'Type it in the admin token field above, then press Replay again.', h('br'),
+          h('small', {testid: 'dlq-auth-detail'}, e.message)));
         token.focus();
       } else {
         show(result, e);

@@ -180,7 +180,6 @@ async fn the_console_shows_in_a_browser_what_the_api_wrote() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let output = std::fs::read_to_string(&log).unwrap_or_default();
-    println!("{output}");
     assert!(
         status.is_some_and(|s| s.success()),
         "tests/console/console.mjs failed ({}) after {:.0?}:\n{output}\ngateway log:\n{}",
@@ -188,4 +187,5 @@ async fn the_console_shows_in_a_browser_what_the_api_wrote() {
         started.elapsed(),
         gateway.log_tail()
     );
+    println!("{output}");
 }
