@@ -243,11 +243,11 @@ def write_cursor(path, cursor):
         raise
 
 
-def carrier_for(order, data):
-    """The carrier an order names among ours, else one chosen by its id: the
-    same every time, so that a retry sends the same event under its key."""
-    if isinstance(data, dict) and data.get("carrier") in CARRIERS:
-        return data["carrier"]
+def carrier_for(order):
+    """The order's carrier, chosen by its id alone: the Dispatched event of an
+    order is one request whatever the event that asked for it, so that every
+    retry under its key (a restart, a second Confirmed) is the same request
+    and the gateway answers it with the first answer."""
     return CARRIERS[zlib.crc32(order.encode()) % len(CARRIERS)]
 
 
@@ -275,7 +275,7 @@ class Dispatcher:
         if not isinstance(stream, str) or not stream.startswith(prefix) or len(stream) == len(prefix):
             return self.skip(sse_id, f"a Confirmed event of stream {stream!r}, not {prefix}<id>")
         order = stream[len(prefix) :]
-        dispatched = {"type": "Dispatched", "data": {"order": order, "carrier": carrier_for(order, event.get("data"))}}
+        dispatched = {"type": "Dispatched", "data": {"order": order, "carrier": carrier_for(order)}}
         return self.append(sse_id, order, dispatched)
 
     def append(self, sse_id, order, dispatched):
@@ -298,7 +298,8 @@ class Dispatcher:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             self.counts["dispatched"] += 1
-            log(f"order {order}: dispatched with {dispatched['data']['carrier']} ({parcel} version {answer.get('last_version')})")
+            carrier = dispatched["data"]["carrier"]
+            log(f"order {order}: dispatched with {carrier} ({parcel} version {answer.get('last_version')})")
             return True
 
     def skip(self, sse_id, why):
