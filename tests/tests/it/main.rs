@@ -11,6 +11,7 @@ mod health;
 mod kafka_config;
 mod library;
 mod platform;
+mod polyglot;
 mod projector;
 mod replica;
 mod secured;
