@@ -12,6 +12,7 @@ names its orders with fresh uuids. Every wait is bounded.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,7 @@ class DispatchTest(unittest.TestCase):
             s.close()
             if failed:
                 print(f"\n--- {s.log_path}\n{s.log()[-6000:]}", file=sys.stderr)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def start(self):
         s = Dispatch(self.state, self.workdir)
