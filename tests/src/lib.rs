@@ -1104,6 +1104,7 @@ pub fn http(
 pub struct Sse {
     reader: std::io::BufReader<std::net::TcpStream>,
     pub status: u16,
+    timeout: Duration,
 }
 
 /// One event of a [`Sse`] stream.
@@ -1131,16 +1132,20 @@ impl Sse {
                 break;
             }
         }
-        Ok(Self { reader, status })
+        Ok(Self { reader, status, timeout })
     }
 
-    /// The next event (comments skipped); `None` when the stream ended,
-    /// an error when a read timed out.
+    /// The next event (comments skipped); `None` when the stream ended, an
+    /// error when none came within the timeout (keep-alive comments or not).
     pub fn next_event(&mut self) -> std::io::Result<Option<SseEvent>> {
         use std::io::BufRead;
         let (mut id, mut data, mut any) = (None, String::new(), false);
         let mut line = String::new();
+        let deadline = Instant::now() + self.timeout;
         loop {
+            if Instant::now() > deadline {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no event within the timeout"));
+            }
             line.clear();
             if self.reader.read_line(&mut line)? == 0 {
                 return Ok(None);

@@ -348,7 +348,7 @@ fn problem(e: esk_client::ClientError) -> Problem {
 #[utoipa::path(
     post, path = "/streams/{stream}/events", tag = "streams",
     params(
-        ("stream" = String, Path, description = "`<category>-<id>`, e.g. `order-1`"),
+        ("stream" = String, Path, description = "`<category>-<id>`, e.g. `order-1`", pattern = r"^[a-z][a-z0-9_]*-[A-Za-z0-9_.:@-]+$"),
         ("Idempotency-Key" = Option<String>, Header, description = "The request id (1 to 128 visible ASCII characters): the same key again within the idempotency horizon (24 h) is answered with the first result, nothing written twice"),
     ),
     request_body = AppendBody,
@@ -394,7 +394,7 @@ pub async fn append(
 #[utoipa::path(
     post, path = "/streams/{stream}/commands/{command}", tag = "streams",
     params(
-        ("stream" = String, Path, description = "`<category>-<id>`"),
+        ("stream" = String, Path, description = "`<category>-<id>`", pattern = r"^[a-z][a-z0-9_]*-[A-Za-z0-9_.:@-]+$"),
         ("command" = String, Path, description = "The command type, e.g. `Deposit`"),
         ("Idempotency-Key" = Option<String>, Header, description = "The request id: the same key again is answered with the first result"),
     ),
@@ -443,7 +443,7 @@ fn check_type(what: &str, name: &str) -> Result<(), Problem> {
 /// Reads a stream, a page at a time, forwards or backwards.
 #[utoipa::path(
     get, path = "/streams/{stream}", tag = "streams",
-    params(("stream" = String, Path, description = "`<category>-<id>`"), ReadParams),
+    params(("stream" = String, Path, description = "`<category>-<id>`", pattern = r"^[a-z][a-z0-9_]*-[A-Za-z0-9_.:@-]+$"), ReadParams),
     responses(
         (status = 200, description = "A page of the stream", body = StreamPage),
         (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
@@ -621,7 +621,7 @@ pub async fn transaction(State(app): State<Arc<App>>, Path(txid): Path<String>) 
 #[utoipa::path(
     get, path = "/subscriptions/{category}", tag = "subscriptions",
     params(
-        ("category" = String, Path, description = "A category, e.g. `order`"),
+        ("category" = String, Path, description = "A category, e.g. `order`", pattern = r"^[a-z][a-z0-9_]*$"),
         ("Last-Event-ID" = Option<String>, Header, description = "The `id` of the last event received: resumes right after it, no gap, no duplicate"),
         SubscribeParams,
     ),
@@ -643,7 +643,7 @@ pub async fn subscribe_category(
             esk_wire::limits::shorten(&category, 80)
         )));
     }
-    subscription(app, Some(category), &headers, &params)
+    subscription(app, Some(category), &headers, &params).await
 }
 
 /// Live events of every category as Server-Sent Events.
@@ -664,10 +664,10 @@ pub async fn subscribe_all(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
-    subscription(app, None, &headers, &params)
+    subscription(app, None, &headers, &params).await
 }
 
-fn subscription(
+async fn subscription(
     app: Arc<App>,
     category: Option<String>,
     headers: &HeaderMap,
@@ -706,9 +706,17 @@ fn subscription(
     };
     client(&app)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let rx =
-        subscribe::spawn(&app.kafka, &app.topics, app.schemas.clone(), Spec { category, from, limit }, stop.clone())
-            .map_err(Problem::unavailable)?;
+    let rx = {
+        let (app, stop) = (app.clone(), stop.clone());
+        let spec = Spec { category, from, limit };
+        tokio::task::spawn_blocking(move || subscribe::spawn(&app.kafka, &app.topics, app.schemas.clone(), spec, stop))
+            .await
+            .map_err(|e| Problem::internal(e.to_string()))?
+            .map_err(|e| match e {
+                subscribe::Refused::Invalid(m) => Problem::invalid(m),
+                subscribe::Refused::Unavailable(m) => Problem::unavailable(m),
+            })?
+    };
     let guard = Leaving { _slot: slot, stop };
     let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
         let item = rx.recv().await?;

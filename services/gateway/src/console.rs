@@ -244,7 +244,7 @@ fn parked_doc(m: &BorrowedMessage<'_>) -> Value {
 /// Replays a projection's parked events (the projector that runs it does;
 /// needs the admin token when one is set).
 #[utoipa::path(post, path = "/dead-letters/{projection}/replay", tag = "console",
-    params(("projection" = String, Path, description = "A projection's name")),
+    params(("projection" = String, Path, description = "A projection's name", pattern = r"^[a-z][a-z0-9_]*$")),
     responses((status = 200, description = "What the projector replayed", body = Object),
               (status = 400, description = "Not a projection name", body = Problem, content_type = "application/problem+json"),
               (status = 401, description = "The admin token is needed", body = Problem, content_type = "application/problem+json"),
@@ -314,7 +314,7 @@ pub async fn categories(State(app): State<Arc<App>>) -> Result<Json<Value>, Prob
 
 /// A category's newest events, newest first.
 #[utoipa::path(get, path = "/categories/{category}/events", tag = "console",
-    params(("category" = String, Path, description = "A category"),
+    params(("category" = String, Path, description = "A category", pattern = r"^[a-z][a-z0-9_]*$"),
            ("limit" = Option<u32>, Query, description = "At most this many (1 to 200, default 50)", minimum = 1, maximum = 200)),
     responses((status = 200, description = "`{\"events\": [Event...]}`", body = Object),
               (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
@@ -345,7 +345,12 @@ pub async fn category_events(
         let mut events: Vec<EventDoc> = recent(&consumer, &kafka, &topic, limit, |m| {
             esk_client::decode(m, &schemas).ok().map(|e| EventDoc::of(&e))
         })?;
-        events.sort_by(|a, b| b.time.cmp(&a.time));
+        // Newest first; one append's events share a time: by offset then.
+        let place = |e: &EventDoc| -> (String, i64) {
+            let offset = e.position.rsplit(':').next().and_then(|o| o.parse().ok()).unwrap_or(0);
+            (e.time.clone(), offset)
+        };
+        events.sort_by_key(|e| std::cmp::Reverse(place(e)));
         events.truncate(limit as usize);
         esk_kafka::destroy_later(consumer);
         Ok(Some(events))

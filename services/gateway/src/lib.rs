@@ -193,10 +193,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/dead-letters", get(console::dead_letters))
         .route("/dead-letters/{projection}/replay", post(console::replay))
         .route("/openapi.json", get(openapi::document))
-        .route("/health", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/status", get(status))
-        .route("/metrics", get(|| async { esk_runtime::metrics().render() }))
+        .route("/metrics", get(metrics))
         .route("/", get(|| async { axum::response::Redirect::to("/console/") }))
         .route("/console", get(|| async { axum::response::Redirect::to("/console/") }))
         .route("/console/", get(console::index))
@@ -208,8 +208,25 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// The gateway runs.
+#[utoipa::path(get, path = "/health", tag = "service",
+    responses((status = 200, description = "`{\"status\": \"ok\"}`", body = Object)))]
+pub async fn health() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Prometheus metrics (`esk_gateway_*`, `esk_http_*`).
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "The Prometheus text format", body = String, content_type = "text/plain")))]
+pub async fn metrics() -> String {
+    esk_runtime::metrics().render()
+}
+
 /// Ready once the gateway reached Kafka (its client is connected).
-async fn ready(axum::extract::State(app): axum::extract::State<Arc<App>>) -> Response {
+#[utoipa::path(get, path = "/ready", tag = "service",
+    responses((status = 200, description = "`{\"ready\": true}`", body = Object),
+              (status = 503, description = "`{\"ready\": false, \"reasons\": [...]}`", body = Object)))]
+pub async fn ready(axum::extract::State(app): axum::extract::State<Arc<App>>) -> Response {
     let mut reasons = Vec::new();
     if app.client.get().is_none() {
         let why = app.connect_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -222,7 +239,10 @@ async fn ready(axum::extract::State(app): axum::extract::State<Arc<App>>) -> Res
     esk_runtime::http::readiness(reasons).into_response()
 }
 
-async fn status(axum::extract::State(app): axum::extract::State<Arc<App>>) -> axum::Json<serde_json::Value> {
+/// Whether the gateway reached Kafka, and its subscriptions.
+#[utoipa::path(get, path = "/status", tag = "service",
+    responses((status = 200, description = "`{connected, prefix, subscriptions, max_subscriptions}`", body = Object)))]
+pub async fn status(axum::extract::State(app): axum::extract::State<Arc<App>>) -> axum::Json<serde_json::Value> {
     let open = app.config.max_subscriptions as usize - app.subscriptions.available_permits();
     axum::Json(serde_json::json!({
         "connected": app.client.get().is_some(),

@@ -27,6 +27,7 @@ use crate::problem::Problem;
         api::subscribe_category, api::subscribe_all,
         console::transactions, console::categories, console::category_events,
         console::services, console::projections, console::dead_letters, console::replay,
+        crate::health, crate::ready, crate::status, crate::metrics, document,
     ),
     components(schemas(
         Problem, api::AppendBody, api::NewEventDoc, api::Expected, api::Keyword, api::CommandBody,
@@ -39,6 +40,7 @@ use crate::problem::Problem;
         (name = "transactions", description = "All-or-nothing writes across streams"),
         (name = "subscriptions", description = "Live events as Server-Sent Events"),
         (name = "console", description = "What the web console shows"),
+        (name = "service", description = "The gateway itself"),
     ),
 )]
 pub struct ApiDoc;
@@ -67,6 +69,9 @@ pub fn json() -> String {
     text
 }
 
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)))]
 pub async fn document() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], json())
 }

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 
 /// Events a subscription holds for a slow client before its reader waits.
 pub const BUFFERED: usize = 256;
-/// How often a subscription to every category looks for new categories.
+/// How often a subscription looks for new categories and partitions.
 const DISCOVER_EVERY: Duration = Duration::from_secs(2);
 /// Longest cursor accepted (a `Last-Event-ID` or `from=`), in bytes.
 pub const MAX_CURSOR_BYTES: usize = 64 * 1024;
@@ -141,17 +141,30 @@ pub enum Item {
     Skipped(String),
 }
 
-/// The reader of a subscription, running until the client leaves (its
-/// channel closes), the limit is reached, or `stop`.
+/// Why a subscription could not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Its `from` names no event of this installation.
+    Invalid(String),
+    /// Kafka did not answer.
+    Unavailable(String),
+}
+
+/// Starts a subscription's reader: where it starts is fixed before this
+/// returns (so `from=end` means the end when the client asked), then it runs
+/// on a thread of its own until the client leaves (its channel closes), the
+/// limit is reached, or `stop`. Blocking.
 pub fn spawn(
     config: &KafkaConfig,
     topics: &Topics,
     schemas: Arc<SchemaRegistry>,
     spec: Spec,
     stop: Arc<AtomicBool>,
-) -> Result<mpsc::Receiver<Item>, String> {
-    let consumer: BaseConsumer =
-        config.subscription_reader(&format!("{}-gateway", topics.prefix())).create().map_err(|e| e.to_string())?;
+) -> Result<mpsc::Receiver<Item>, Refused> {
+    let consumer: BaseConsumer = config
+        .subscription_reader(&format!("{}-gateway", topics.prefix()))
+        .create()
+        .map_err(|e| Refused::Unavailable(e.to_string()))?;
     let (tx, rx) = mpsc::channel(BUFFERED);
     let mut reader = Reader {
         consumer,
@@ -165,6 +178,10 @@ pub fn spawn(
         stop,
         sent: 0,
     };
+    if let Err(e) = reader.discover(true) {
+        esk_kafka::destroy_later(reader.consumer);
+        return Err(if e.starts_with("Kafka") { Refused::Unavailable(e) } else { Refused::Invalid(e) });
+    }
     std::thread::Builder::new()
         .name("esk-subscription".into())
         .spawn(move || {
@@ -176,7 +193,7 @@ pub fn spawn(
             metrics::gauge!("esk_gateway_subscriptions").decrement(1.0);
             esk_kafka::destroy_later(reader.consumer);
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Refused::Unavailable(e.to_string()))?;
     Ok(rx)
 }
 
@@ -200,13 +217,12 @@ impl Reader {
     }
 
     fn run(&mut self) -> Result<(), String> {
-        let mut first = true;
-        let mut looked = Instant::now() - DISCOVER_EVERY;
+        let mut looked = Instant::now();
         while !self.done() {
-            if first || (self.spec.category.is_none() && looked.elapsed() >= DISCOVER_EVERY) {
+            // New categories, a category's topic made since, more partitions.
+            if looked.elapsed() >= DISCOVER_EVERY {
                 looked = Instant::now();
-                self.discover(first)?;
-                first = false;
+                self.discover(false)?;
             }
             let Some(m) = self.consumer.poll(Duration::from_millis(100)) else { continue };
             let m = match m {

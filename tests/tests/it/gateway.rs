@@ -222,6 +222,27 @@ async fn every_endpoint_answers_and_every_error_class_is_a_problem() {
     let replay = http(&g.http, "POST", "/dead-letters/accounts/replay", &[], None, T).unwrap();
     problem(&replay, 401, "unauthorized");
 
+    // Subscriptions: live from now (where "now" is fixed before the answer),
+    // or after a write's position token.
+    let mut live = Sse::open(&g.http, "/subscriptions/note", None, T).unwrap();
+    assert_eq!(live.status, 200);
+    let body = json!({"events": [{"type": "Noted", "data": {"live": true}}]});
+    assert_eq!(post(&g, "/streams/note-live/events", &[], &body).status, 201);
+    let e: Value = serde_json::from_str(&live.next_event().unwrap().unwrap().data).unwrap();
+    assert_eq!((e["stream"].as_str(), e["data"].clone()), (Some("note-live"), json!({"live": true})));
+    drop(live);
+    let mut after = Sse::open(&g.http, &format!("/subscriptions/note?from={token}&limit=5"), None, T).unwrap();
+    let mut seen = Vec::new();
+    while let Ok(Some(e)) = after.next_event() {
+        let doc: Value = serde_json::from_str(&e.data).unwrap();
+        seen.push((doc["stream"].as_str().unwrap().to_owned(), doc["version"].as_u64().unwrap()));
+    }
+    assert!(seen.contains(&("note-1".into(), 3)) && seen.contains(&("note-live".into(), 1)), "{seen:?}");
+    assert!(!seen.contains(&("note-1".into(), 2)), "from a token: after that write, {seen:?}");
+    assert_eq!(seen.len(), 5, "note-1 3 to 6 and note-live: {seen:?}");
+    problem(&get(&g, "/subscriptions/note?from=note:0:999999"), 400, "invalid-input");
+    problem(&get(&g, "/subscriptions/note?from=account:0:1"), 400, "invalid-input");
+
     // Subscriptions: bounded; the one over the bound is 503 with Retry-After.
     let held = Sse::open(&g.http, "/subscriptions/note?from=start", None, T).unwrap();
     assert_eq!(held.status, 200);

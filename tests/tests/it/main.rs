@@ -6,6 +6,7 @@ mod cluster;
 mod console;
 mod contexts;
 mod coordinator;
+mod gateway;
 mod guarantees;
 mod health;
 mod kafka_config;
