@@ -15,6 +15,9 @@
 #   BENCH_SIZE        record size in bytes, for esk and the tools (200)
 #   BENCH_PROJECTOR_EVENTS  backlog for the projector's catch-up (1000000)
 #   BENCH_TRANSFERS   2PC transfers at 8, 32 and 256 clients (a fifth at 1) (5000)
+#   BENCH_GATEWAY_APPENDS  appends through the gateway at 64 in flight, and
+#                     through the client beside them (50000)
+#   BENCH_SSE_EVENTS  backlog a subscription through the gateway reads (1000000)
 #   BENCH_ARGS        extra arguments for esk-bench (e.g. --read-events 0)
 #   BENCH_SATURATION_EVENTS   events of the saturation run, esk produce of
 #                     one event a line over BENCH_SATURATION_STREAMS streams
@@ -152,7 +155,8 @@ PY
   echo
   # shellcheck disable=SC2086
   "$bin/esk-bench" --record-size "$size" --projector-bin "$bin/esk-projector" \
-    --replica-bin "$bin/esk-replica" --writer-bin "$bin/esk-writer" \
+    --replica-bin "$bin/esk-replica" --writer-bin "$bin/esk-writer" --gateway-bin "$bin/esk-gateway" \
+    --gateway-appends "${BENCH_GATEWAY_APPENDS:-50000}" --sse-events "${BENCH_SSE_EVENTS:-1000000}" \
     --writer-pid "$writer_pid" ${broker_pid:+--broker-pid "$broker_pid"} \
     --projector-events "$projector_events" --transfers "$transfers" ${BENCH_ARGS:-}
   if [ "$saturation_events" -gt 0 ]; then

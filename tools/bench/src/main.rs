@@ -11,13 +11,17 @@
 //! - takeover: SIGKILL of a partition's owner with `--takeover-streams`
 //!   streams and `--takeover-answers` remembered requests, with and without
 //!   hot standby;
-//! - memory: a writer's RSS with `--memory-streams` streams in its partition.
+//! - memory: a writer's RSS with `--memory-streams` streams in its partition;
+//! - gateway (with `--gateway-bin`): appends through HTTP at 64 in flight
+//!   beside the client's in the same run, and a subscription's delivery of a
+//!   backlog of `--sse-events` events.
 
 /// mimalloc rather than glibc's malloc: esk's hot paths allocate and free
 /// per record (ADR 11).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod gateway;
 mod projector;
 mod replica;
 mod tx;
@@ -37,9 +41,9 @@ use serde_json::json;
 
 #[derive(Debug, Parser)]
 #[command(name = "esk-bench", about = "esk's benchmarks (needs a running esk-writer)")]
-struct Args {
+pub struct Args {
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
-    bootstrap_servers: String,
+    pub bootstrap_servers: String,
     /// Kafka client properties (librdkafka names: TLS, SASL, tuning) from a
     /// Java-style properties file, as Kafka's tools take `--command-config`.
     /// Each `ESK_KAFKA_<PROPERTY>` variable applies on top (`_` for `.`, `__`
@@ -49,10 +53,10 @@ struct Args {
     #[arg(long, env = "ESK_KAFKA_CONFIG")]
     kafka_config: Option<std::path::PathBuf>,
     #[arg(long, env = "ESK_TOPIC_PREFIX", default_value = "esk")]
-    prefix: String,
+    pub prefix: String,
     /// Bytes of event data per append.
     #[arg(long, default_value_t = 200)]
-    record_size: usize,
+    pub record_size: usize,
     /// Appends measured with one request in flight.
     #[arg(long, default_value_t = 2000)]
     sequential: usize,
@@ -103,6 +107,15 @@ struct Args {
     /// 2PC transfers per concurrency level (needs a running esk-coordinator; 0 skips).
     #[arg(long, default_value_t = 0)]
     transfers: usize,
+    /// The esk-gateway binary for the gateway benchmarks (skipped without it).
+    #[arg(long)]
+    gateway_bin: Option<std::path::PathBuf>,
+    /// Appends through the gateway (and through the client beside it).
+    #[arg(long, default_value_t = 50_000)]
+    pub gateway_appends: usize,
+    /// Backlog a subscription through the gateway reads (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub sse_events: usize,
 }
 
 fn event(size: usize, n: usize) -> NewEvent {
@@ -113,7 +126,7 @@ fn event(size: usize, n: usize) -> NewEvent {
     }
 }
 
-fn report(name: &str, h: &Histogram<u64>, count: usize, elapsed: Duration) {
+pub fn report(name: &str, h: &Histogram<u64>, count: usize, elapsed: Duration) {
     println!(
         "{name:<28} {count:>8} appends in {:>6.2}s = {:>8.0}/s   latency p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms",
         elapsed.as_secs_f64(),
@@ -162,7 +175,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 
 /// Tells this run's streams from an earlier run's on the same installation
 /// (every append expects the exact version, `NoStream` first).
-fn run_tag() -> &'static str {
+pub fn run_tag() -> &'static str {
     static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TAG.get_or_init(|| {
         format!(
@@ -173,7 +186,7 @@ fn run_tag() -> &'static str {
 }
 
 /// Streams the appends of a run are spread over (more when more are in flight).
-const STREAMS: usize = 1000;
+pub const STREAMS: usize = 1000;
 
 /// `count` appends by `in_flight` workers, like for like with the event
 /// stores a user compares: every append names the exact version it expects
@@ -250,6 +263,10 @@ async fn main() -> Result<()> {
     }
     if args.transfers > 0 {
         tx::run(&client, args.transfers, &args.transfer_clients).await?;
+    }
+    if let Some(bin) = &args.gateway_bin {
+        let direct = appends(&client, &args, "gwdirect", args.gateway_appends, 64).await?;
+        gateway::run(&client, bin, &args, direct).await?;
     }
     if let Some(bin) = &args.projector_bin {
         projector::run(&client, bin, args.projector_events, args.record_size, &args.prefix, &args.bootstrap_servers)

@@ -66,8 +66,24 @@ pub fn get(addr: &str, path: &str) -> Option<(u16, Value)> {
 /// Writes `total` valid account events (1000 accounts) straight into the
 /// category topic: the backlog a new projector must catch up with.
 async fn backlog(client: &Client, total: usize, size: usize) -> Result<String> {
+    let pad = "x".repeat(size.saturating_sub(40));
+    backlog_of(client, "account", total, |v| {
+        if v == 1 { ("AccountOpened", json!({"owner": pad})) } else { ("Deposited", json!({"amount": 1})) }
+    })
+    .await
+}
+
+/// Writes `total` events of `category` (1000 streams, `<category>-bk<n>`,
+/// each event's type and data made by `event` from its version) straight
+/// into its topic; the topic's name.
+pub async fn backlog_of(
+    client: &Client,
+    category: &str,
+    total: usize,
+    event: impl Fn(u64) -> (&'static str, Value),
+) -> Result<String> {
     let topics = client.topics();
-    let topic = topics.events("account");
+    let topic = topics.events(category);
     let partitions = client.partitions();
     let admin = Admin::new(client.kafka())?;
     let brokers = admin.broker_count().await?;
@@ -75,14 +91,12 @@ async fn backlog(client: &Client, total: usize, size: usize) -> Result<String> {
     let producer: FutureProducer = client.kafka().producer(esk_kafka::Sending::Bulk { idempotent: true }).create()?;
     let accounts = 1000;
     let per_account = total / accounts;
-    let pad = "x".repeat(size.saturating_sub(40));
     let started = Instant::now();
     let mut pending = Vec::new();
     for v in 1..=per_account as u64 {
         for a in 0..accounts {
-            let stream = StreamName::parse(&format!("account-bk{a}"))?;
-            let (ty, data) =
-                if v == 1 { ("AccountOpened", json!({"owner": pad})) } else { ("Deposited", json!({"amount": 1})) };
+            let stream = StreamName::parse(&format!("{category}-bk{a}"))?;
+            let (ty, data) = event(v);
             let e = Event {
                 id: format!("bk{a}-{v}"),
                 source: "esk-bench".into(),
@@ -92,7 +106,7 @@ async fn backlog(client: &Client, total: usize, size: usize) -> Result<String> {
                 version: v,
                 correlation_id: None,
                 causation_id: None,
-                data_schema: Some(format!("urn:esk:schema:account:{ty}:v1")),
+                data_schema: (category == "account").then(|| format!("urn:esk:schema:account:{ty}:v1")),
                 data,
             };
             let headers = e
