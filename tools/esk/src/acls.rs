@@ -116,6 +116,22 @@ pub fn acls_for(role: Role, t: &Topics, projections: &[String], contexts: &[Stri
     let mut all = vec![t.in_context(esk_wire::topics::DEFAULT_CONTEXT)];
     all.extend(contexts.iter().map(|c| t.in_context(c)));
     match role {
+        // services/gateway: a client (src/api.rs), and the console's reads (src/console.rs, src/subscribe.rs).
+        Role::Gateway => {
+            use Kind::{Group, Topic};
+            let mut acls = acls_for(Role::Client, t, projections, contexts);
+            let mut parked: Vec<String> = projections.iter().map(|n| t.dlq(n)).collect();
+            parked.push(t.writer_dlq());
+            acls.push(Acl::new(Topic, &[t.tx_log()], &[Op::Read], "the console's transactions"));
+            acls.push(Acl::new(Topic, &parked, &[Op::Read], "the console's dead letters"));
+            acls.push(Acl::new(
+                Group,
+                &[format!("{}-gateway", t.prefix())],
+                &[Op::Read],
+                "its subscriptions' and the console's readers (nothing is committed)",
+            ));
+            acls
+        }
         Role::Writer => {
             let mut acls: Vec<Acl> = all.iter().flat_map(|t| acls_of(role, t, projections)).collect();
             acls.retain(|a| a.kind != Kind::Cluster);
@@ -257,6 +273,8 @@ fn acls_of(role: Role, t: &Topics, projections: &[String]) -> Vec<Acl> {
             ),
             idempotent(),
         ],
+        // The client's and more: see `acls_for`.
+        Role::Gateway => acls_of(Role::Client, t, projections),
         // services/replica: src/lib.rs; crates/follower.
         Role::Replica => vec![
             Acl::new(Topic, &[t.state()], &[Read], "the leader topic it follows"),
@@ -300,7 +318,7 @@ fn chosen(args: &AclsArgs) -> Result<Vec<(Role, String)>, Failure> {
             .ok_or_else(|| Failure::invalid(format!("--principal '{given}': give ROLE=User:name")))?;
         let role = <Role as clap::ValueEnum>::from_str(role, true).map_err(|_| {
             Failure::invalid(format!(
-                "--principal '{given}': '{role}' is no role (writer, coordinator, projector, replica, client)"
+                "--principal '{given}': '{role}' is no role (writer, coordinator, projector, replica, client, gateway)"
             ))
         })?;
         if !principal.contains(':') || principal.ends_with(':') {
@@ -458,6 +476,13 @@ mod tests {
         assert!(allowed(Role::Client, Op::Read, Topic, &t.replies()));
         assert!(allowed(Role::Client, Op::Read, Topic, &t.events("account")));
         assert!(allowed(Role::Client, Op::Read, Kind::Group, "p-client"));
+        assert!(!allowed(Role::Client, Op::Read, Topic, &t.tx_log()), "the console's reads are the gateway's");
+        assert!(allowed(Role::Gateway, Op::Write, Topic, &t.commands()), "the gateway is a client");
+        assert!(allowed(Role::Gateway, Op::Read, Topic, &t.tx_log()));
+        assert!(allowed(Role::Gateway, Op::Read, Topic, &t.dlq("accounts")));
+        assert!(allowed(Role::Gateway, Op::Read, Topic, &t.writer_dlq()));
+        assert!(!allowed(Role::Gateway, Op::Write, Topic, &t.tx_log()));
+        assert!(!allowed(Role::Gateway, Op::Read, Topic, &t.state()));
     }
 
     #[test]

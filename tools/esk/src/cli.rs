@@ -107,10 +107,14 @@ pub enum Role {
     Replica,
     /// Appends, commands, transactions and reads (`esk` and esk-client).
     Client,
+    /// esk-gateway: a client, and the console's reads of the coordinator's
+    /// log and the dead letters.
+    Gateway,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [Role::Writer, Role::Coordinator, Role::Projector, Role::Replica, Role::Client];
+    pub const ALL: [Role; 6] =
+        [Role::Writer, Role::Coordinator, Role::Projector, Role::Replica, Role::Client, Role::Gateway];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -119,6 +123,7 @@ impl Role {
             Role::Projector => "projector",
             Role::Replica => "replica",
             Role::Client => "client",
+            Role::Gateway => "gateway",
         }
     }
 }
