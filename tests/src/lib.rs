@@ -1105,6 +1105,8 @@ pub struct Sse {
     reader: std::io::BufReader<std::net::TcpStream>,
     pub status: u16,
     timeout: Duration,
+    /// The id of the last frame that had one (an event's, or the start's).
+    pub last_id: Option<String>,
 }
 
 /// One event of a [`Sse`] stream.
@@ -1132,7 +1134,7 @@ impl Sse {
                 break;
             }
         }
-        Ok(Self { reader, status, timeout })
+        Ok(Self { reader, status, timeout, last_id: None })
     }
 
     /// The next event (comments skipped); `None` when the stream ended, an
@@ -1152,13 +1154,16 @@ impl Sse {
             }
             let l = line.trim_end_matches(['\r', '\n']);
             if l.is_empty() {
-                if any {
+                if any && !data.is_empty() {
                     return Ok(Some(SseEvent { id, data }));
                 }
+                // A frame with an id alone (the start) only sets the id, as in a browser.
+                (id, any) = (None, false);
                 continue;
             }
             if let Some(v) = l.strip_prefix("id:") {
                 id = Some(v.trim_start().to_owned());
+                self.last_id.clone_from(&id);
                 any = true;
             } else if let Some(v) = l.strip_prefix("data:") {
                 if !data.is_empty() {

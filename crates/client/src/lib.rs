@@ -347,7 +347,10 @@ impl Client {
             .key(stream.as_str())
             .payload(&payload);
         match self.producer.send_result(record) {
-            Ok(delivery) => Ok(Submitted { client: self, id, attempt, topic, delivery, rx }),
+            Ok(delivery) => {
+                let forget = Forget { pending: self.pending.clone(), attempt: attempt.clone() };
+                Ok(Submitted { client: self, id, attempt, topic, delivery, rx, _forget: forget })
+            }
             Err((e, _)) => {
                 self.pending.lock().expect("pending lock").remove(&attempt);
                 Err(send_error(&topic, e))
@@ -416,6 +419,20 @@ pub struct Submitted<'c> {
     topic: String,
     delivery: rdkafka::producer::DeliveryFuture,
     rx: oneshot::Receiver<Reply>,
+    _forget: Forget,
+}
+
+/// Forgets a send's waiting entry when the wait ends, however it ends (a
+/// caller that gave up, a dropped future): no entry outlives its waiter.
+pub(crate) struct Forget {
+    pub(crate) pending: Pending,
+    pub(crate) attempt: String,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.attempt);
+    }
 }
 
 impl std::fmt::Debug for Submitted<'_> {
@@ -431,7 +448,7 @@ impl Submitted<'_> {
 
     /// Waits for the request to be stored and answered, up to the client's timeout.
     pub async fn reply(self) -> Result<Reply, ClientError> {
-        let Submitted { client, id, attempt, topic, delivery, rx } = self;
+        let Submitted { client, id, attempt, topic, delivery, rx, _forget } = self;
         let timeout = client.config.timeout;
         let outcome = async {
             match tokio::time::timeout(timeout, delivery).await {
@@ -462,8 +479,8 @@ impl Submitted<'_> {
                 .map_err(|_| ClientError::Internal("the reply reader stopped".into()))
         }
         .await;
-        client.pending.lock().expect("pending lock").remove(&attempt);
-        tracing::debug!(request = id, "reply received");
+        drop(_forget);
+        tracing::debug!(request = id, attempt, "reply received");
         outcome
     }
 }

@@ -222,9 +222,16 @@ fn fetch_runs(
             if m.key() != Some(stream.as_bytes()) {
                 continue;
             }
-            let e = decode(&m, schemas).map_err(|e| {
-                ClientError::Internal(format!("{topic}/{partition}@{}: undecodable event of {stream}: {e}", m.offset()))
-            })?;
+            // A record with the stream's key that is no esk event (another
+            // producer's) is not one of its events: the writer's follow it,
+            // and their versions say whether any is missing.
+            let e = match decode(&m, schemas) {
+                Ok(e) => e,
+                Err(why) => {
+                    tracing::debug!("{topic}/{partition}@{}: skipping a record of {stream}'s key: {why}", m.offset());
+                    continue;
+                }
+            };
             if e.event.version < want {
                 continue;
             }

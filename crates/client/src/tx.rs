@@ -95,6 +95,7 @@ impl Client {
             .lock()
             .expect("pending lock")
             .insert(attempt.clone(), crate::Waiting { request_id: txid.clone(), tx });
+        let forget = crate::Forget { pending: self.pending.clone(), attempt };
         let topic = self.topics.tx_requests();
         let record = FutureRecord::to(&topic)
             .partition(partition_for(txid.as_bytes(), self.tx_partitions))
@@ -115,7 +116,7 @@ impl Client {
                 ))),
             },
         };
-        self.pending.lock().expect("pending lock").remove(&attempt);
+        drop(forget);
         outcome
     }
 

@@ -193,6 +193,14 @@ impl KafkaConfig {
         self.finish(c)
     }
 
+    /// [`KafkaConfig::point_reader`] that says when it reached the end of a
+    /// partition (`PartitionEOF`): reading the newest records of a log.
+    pub fn tail_reader(&self, group: &str) -> ClientConfig {
+        let mut c = self.point_reader(group);
+        c.set("enable.partition.eof", "true");
+        c
+    }
+
     /// [`KafkaConfig::committed_reader`] with large fetches: reading a
     /// partition to its end (restores).
     pub fn bulk_reader(&self, group: &str) -> ClientConfig {

@@ -337,7 +337,9 @@ fn written(status: StatusCode, a: Appended) -> Response {
 /// A client error as a problem; an over-the-limit request is 413.
 fn problem(e: esk_client::ClientError) -> Problem {
     if let esk_client::ClientError::Invalid(m) = &e
-        && m.contains("the limit is")
+        && (m.contains("the limit is")
+            || m.contains("the limit in a transaction is")
+            || m.contains("MessageSizeTooLarge"))
     {
         return Problem::new(Class::PayloadTooLarge, m.clone());
     }
@@ -490,17 +492,15 @@ pub async fn read(
             (page.events, page.version, next)
         }
         Direction::Backwards => {
-            let top = match from {
-                Some(f) => f,
-                None => client.head(stream.as_str()).await.map_err(problem)?.version,
-            };
+            let last = client.head(stream.as_str()).await.map_err(problem)?.version;
+            let top = from.map_or(last, |f| f.min(last));
             let start = top.saturating_sub(limit - 1).max(1);
             let page = esk_client::read_range(&client, stream.as_str(), start, top.saturating_sub(start) + 1, schemas)
                 .await
                 .map_err(problem)?;
             let mut events = page.events;
             events.reverse();
-            let next = (start > 1 && top >= 1).then(|| start - 1);
+            let next = (start > 1 && !events.is_empty()).then(|| start - 1);
             (events, page.version, next)
         }
     };
@@ -561,7 +561,8 @@ pub async fn transact(
     for p in &participants {
         check_type("command", &p.command.command_type)?;
     }
-    esk_client::tx::validate(&txid, &participants, timeout_ms, None, &|_| false).map_err(Problem::invalid)?;
+    esk_client::tx::validate(&txid, &participants, timeout_ms, None, &|_| false)
+        .map_err(|e| problem(esk_client::ClientError::Invalid(e)))?;
     let client = client(&app)?;
     // An answer before the HTTP request's own bound: the outcome is asked
     // for again with GET /transactions/{txid}.
@@ -709,20 +710,25 @@ async fn subscription(
     let rx = {
         let (app, stop) = (app.clone(), stop.clone());
         let spec = Spec { category, from, limit };
-        tokio::task::spawn_blocking(move || subscribe::spawn(&app.kafka, &app.topics, app.schemas.clone(), spec, stop))
-            .await
-            .map_err(|e| Problem::internal(e.to_string()))?
-            .map_err(|e| match e {
-                subscribe::Refused::Invalid(m) => Problem::invalid(m),
-                subscribe::Refused::Unavailable(m) => Problem::unavailable(m),
-            })?
+        // The slot goes with the reader: setup a client gave up on still counts.
+        tokio::task::spawn_blocking(move || {
+            subscribe::spawn(&app.kafka, &app.topics, app.schemas.clone(), spec, stop, slot)
+        })
+        .await
+        .map_err(|e| Problem::internal(e.to_string()))?
+        .map_err(|e| match e {
+            subscribe::Refused::Invalid(m) => Problem::invalid(m),
+            subscribe::Refused::Unavailable(m) => Problem::unavailable(m),
+        })?
     };
-    let guard = Leaving { _slot: slot, stop };
+    let guard = Leaving { stop };
     let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
         let item = rx.recv().await?;
         let event = match item {
+            Item::Start(id) => Event::default().id(id).comment("start"),
             Item::Event { id, data } => Event::default().id(id).data(data),
-            Item::Skipped(note) => Event::default().comment(note),
+            // A comment is one line: what a foreign record's header said may not be.
+            Item::Skipped(note) => Event::default().comment(note.replace(['\r', '\n'], " ")),
         };
         Some((Ok::<_, Infallible>(event), (rx, guard)))
     });
@@ -731,10 +737,9 @@ async fn subscription(
         .into_response())
 }
 
-/// Held by a subscription's response: when the client leaves, its slot
-/// frees and its reader stops.
+/// Held by a subscription's response: when the client leaves, its reader
+/// stops (and frees its slot).
 struct Leaving {
-    _slot: tokio::sync::OwnedSemaphorePermit,
     stop: Arc<AtomicBool>,
 }
 

@@ -169,8 +169,10 @@ pub async fn projections(State(app): State<Arc<App>>) -> Json<Value> {
 async fn projections_of(app: &App) -> (Vec<Value>, Vec<Value>) {
     let mut projections = Vec::new();
     let mut unreachable = Vec::new();
-    for url in &app.config.projector_url {
-        match call(url, "GET", "/status", None, PROBE).await {
+    let asked =
+        app.config.projector_url.iter().map(|url| async move { (url, call(url, "GET", "/status", None, PROBE).await) });
+    for (url, answer) in futures::future::join_all(asked).await {
+        match answer {
             Ok((200, v)) => {
                 for mut p in v.get("projections").and_then(Value::as_array).cloned().unwrap_or_default() {
                     p["projector"] = json!(url);
@@ -201,7 +203,8 @@ pub async fn dead_letters(State(app): State<Arc<App>>) -> Result<Json<Value>, Pr
     let kafka = app.kafka.clone();
     let group = format!("{}-gateway", app.topics.prefix());
     let consumers = tokio::task::spawn_blocking(move || -> Result<Vec<Value>, String> {
-        let consumer: BaseConsumer = kafka.point_reader(&group).create().map_err(|e| e.to_string())?;
+        let consumer: BaseConsumer<Tail> =
+            kafka.tail_reader(&group).create_with_context(Tail).map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         for (name, topic) in wanted {
             let mut parked: Vec<Value> = recent(&consumer, &kafka, &topic, MAX_RECENT, |m| Some(parked_doc(m)))?;
@@ -255,6 +258,7 @@ pub async fn replay(State(app): State<Arc<App>>, Path(name): Path<String>) -> Re
     if !esk_wire::stream::is_valid_category(&name) {
         return Err(Problem::invalid(format!("'{}' is not a projection name", esk_wire::limits::shorten(&name, 80))));
     }
+    let started = Instant::now();
     let (projections, unreachable) = projections_of(&app).await;
     let Some(url) = projections
         .iter()
@@ -270,9 +274,9 @@ pub async fn replay(State(app): State<Arc<App>>, Path(name): Path<String>) -> Re
     };
     let token = app.config.http.admin_token.as_deref();
     // A replay takes as long as the projector takes, within the request's bound.
-    let (status, body) = call(&url, "POST", &format!("/projections/{name}/replay"), token, app.max_wait())
-        .await
-        .map_err(Problem::unavailable)?;
+    let left = app.max_wait().saturating_sub(started.elapsed());
+    let (status, body) =
+        call(&url, "POST", &format!("/projections/{name}/replay"), token, left).await.map_err(Problem::unavailable)?;
     match status {
         200 => Ok(Json(body)),
         401 => {
@@ -337,7 +341,8 @@ pub async fn category_events(
     let (kafka, schemas) = (app.kafka.clone(), app.schemas.clone());
     let group = format!("{}-gateway", app.topics.prefix());
     let events = tokio::task::spawn_blocking(move || -> Result<Option<Vec<EventDoc>>, String> {
-        let consumer: BaseConsumer = kafka.point_reader(&group).create().map_err(|e| e.to_string())?;
+        let consumer: BaseConsumer<Tail> =
+            kafka.tail_reader(&group).create_with_context(Tail).map_err(|e| e.to_string())?;
         let md = consumer.fetch_metadata(Some(&topic), kafka.timeout).map_err(|e| e.to_string())?;
         if md.topics().first().is_none_or(|t| t.error().is_some() || t.partitions().is_empty()) {
             return Ok(None);
@@ -384,7 +389,8 @@ pub async fn transactions(
     let (kafka, topic) = (app.kafka.clone(), app.topics.tx_log());
     let group = format!("{}-gateway", app.topics.prefix());
     let records = tokio::task::spawn_blocking(move || -> Result<Vec<TxRecord>, String> {
-        let consumer: BaseConsumer = kafka.point_reader(&group).create().map_err(|e| e.to_string())?;
+        let consumer: BaseConsumer<Tail> =
+            kafka.tail_reader(&group).create_with_context(Tail).map_err(|e| e.to_string())?;
         let r = recent(&consumer, &kafka, &topic, MAX_RECENT, |m| {
             m.payload().and_then(|p| serde_json::from_slice::<TxRecord>(p).ok())
         });
@@ -418,12 +424,27 @@ pub async fn transactions(
     Ok(Json(json!({ "transactions": docs })))
 }
 
+/// The context of the console's readers: a partition's end is what they
+/// wait for, not an error to log (librdkafka reports it as one too).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tail;
+
+impl rdkafka::ClientContext for Tail {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            tracing::warn!("Kafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Tail {}
+
 /// What `keep` makes of the records among the newest `2n + 16` offsets of
 /// each partition of `topic` (at least its newest `n` records, Kafka
 /// transactions' markers taking an offset each), in log order per
 /// partition; none when the topic does not exist.
 fn recent<T>(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<Tail>,
     kafka: &KafkaConfig,
     topic: &str,
     n: i64,
@@ -451,25 +472,26 @@ fn recent<T>(
     consumer.assign(&tpl).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     let deadline = Instant::now() + kafka.timeout;
-    // Under read_committed, the last offsets may be transaction markers: a
-    // partition is done once a record at or past its end - 1 arrived, or
-    // it went quiet at its end (the poll's partition EOF is not enabled).
-    let mut quiet = Instant::now();
+    // A partition is done at its end (the last offsets may be transaction
+    // markers, which a read_committed reader never sees: the reader's
+    // partition EOF says so); what was written since is not read.
     while !ends.is_empty() && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                quiet = Instant::now();
-                if let Some(end) = ends.get(&m.partition())
-                    && m.offset() >= end - 1
-                {
+                let Some(end) = ends.get(&m.partition()).copied() else { continue };
+                if m.offset() >= end - 1 {
                     ends.remove(&m.partition());
                 }
-                if let Some(t) = keep(&m) {
+                if m.offset() < end
+                    && let Some(t) = keep(&m)
+                {
                     out.push(t);
                 }
             }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                ends.remove(&p);
+            }
             Some(Err(e)) => return Err(format!("Kafka: {topic}: {e}")),
-            None if quiet.elapsed() > Duration::from_millis(500) => break,
             None => {}
         }
     }

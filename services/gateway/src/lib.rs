@@ -287,7 +287,9 @@ async fn as_problem(response: Response) -> Response {
     };
     let (parts, _) = response.into_parts();
     let mut p = Problem::new(class, detail);
-    p.status = status.as_u16();
+    // The request's bound ran out while the gateway worked: its slowness,
+    // not the client's (and a 408 is one a browser may send again by itself).
+    p.status = if status == StatusCode::REQUEST_TIMEOUT { StatusCode::GATEWAY_TIMEOUT } else { status }.as_u16();
     let mut out = p.into_response();
     if let Some(v) = parts.headers.get(header::WWW_AUTHENTICATE) {
         out.headers_mut().insert(header::WWW_AUTHENTICATE, v.clone());

@@ -133,6 +133,9 @@ pub struct Spec {
 /// One event or a note for the client, as the response sends it.
 #[derive(Debug)]
 pub enum Item {
+    /// Where the subscription starts: an id before any event, so that a
+    /// client that reconnects before the first event resumes from here.
+    Start(String),
     Event {
         id: String,
         data: String,
@@ -144,47 +147,88 @@ pub enum Item {
 /// Why a subscription could not start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refused {
-    /// Its `from` names no event of this installation.
+    /// Its `from` names no event of this installation, or it is too large.
     Invalid(String),
     /// Kafka did not answer.
     Unavailable(String),
 }
 
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::Invalid(m) | Refused::Unavailable(m) => f.write_str(m),
+        }
+    }
+}
+
+fn kafka(what: impl fmt::Display, e: impl fmt::Display) -> Refused {
+    Refused::Unavailable(format!("Kafka: {what}: {e}"))
+}
+
+/// Partitions one subscription reads at most: its cursor names each (about
+/// 12 bytes a partition, in every event's id).
+pub const MAX_PARTITIONS: usize = 4096;
+
 /// Starts a subscription's reader: where it starts is fixed before this
-/// returns (so `from=end` means the end when the client asked), then it runs
-/// on a thread of its own until the client leaves (its channel closes), the
-/// limit is reached, or `stop`. Blocking.
+/// returns (so `from=end` means the end when the client asked), and the
+/// first item sent is that start ([`Item::Start`]); then it runs on a thread
+/// of its own, holding `slot`, until the client leaves (its channel closes),
+/// the limit is reached, or `stop`. Blocking.
 pub fn spawn(
     config: &KafkaConfig,
     topics: &Topics,
     schemas: Arc<SchemaRegistry>,
     spec: Spec,
     stop: Arc<AtomicBool>,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<mpsc::Receiver<Item>, Refused> {
+    if let From::Cursor(c) = &spec.from {
+        if c.0.is_empty() {
+            return Err(Refused::Invalid("an empty cursor: give the `id` of an event a subscription sent".into()));
+        }
+        if let Some(category) = &spec.category
+            && let Some(other) = c.0.keys().find(|k| *k != category)
+        {
+            return Err(Refused::Invalid(format!(
+                "the cursor names category {other}: it is not from a subscription to {category}"
+            )));
+        }
+    }
     let consumer: BaseConsumer = config
         .subscription_reader(&format!("{}-gateway", topics.prefix()))
         .create()
-        .map_err(|e| Refused::Unavailable(e.to_string()))?;
+        .map_err(|e| kafka("a reader", e))?;
     let (tx, rx) = mpsc::channel(BUFFERED);
+    let cursor = match &spec.from {
+        From::Cursor(c) => c.clone(),
+        _ => Cursor::default(),
+    };
     let mut reader = Reader {
         consumer,
         topics: topics.clone(),
         spec,
         schemas,
         timeout: config.timeout,
-        cursor: Cursor::default(),
+        cursor,
         tpl: TopicPartitionList::new(),
         tx,
         stop,
         sent: 0,
+        notes: Vec::new(),
     };
     if let Err(e) = reader.discover(true) {
         esk_kafka::destroy_later(reader.consumer);
-        return Err(if e.starts_with("Kafka") { Refused::Unavailable(e) } else { Refused::Invalid(e) });
+        return Err(e);
+    }
+    // The start, then what the start found (gaps), before any event.
+    let _ = reader.tx.try_send(Item::Start(reader.cursor.to_string()));
+    for note in std::mem::take(&mut reader.notes) {
+        let _ = reader.tx.try_send(Item::Skipped(note));
     }
     std::thread::Builder::new()
         .name("esk-subscription".into())
         .spawn(move || {
+            let _slot = slot;
             metrics::gauge!("esk_gateway_subscriptions").increment(1.0);
             if let Err(e) = reader.run() {
                 tracing::info!("a subscription ended: {e}");
@@ -203,12 +247,15 @@ struct Reader {
     spec: Spec,
     schemas: Arc<SchemaRegistry>,
     timeout: Duration,
-    /// Next offset to send per partition: what each event's id says.
+    /// Next offset to send per partition: what each event's id says (from
+    /// the cursor given, whatever is not assigned yet included).
     cursor: Cursor,
     tpl: TopicPartitionList,
     tx: mpsc::Sender<Item>,
     stop: Arc<AtomicBool>,
     sent: u64,
+    /// What the first look found for the client (a gap), sent after the start.
+    notes: Vec<String>,
 }
 
 impl Reader {
@@ -216,13 +263,18 @@ impl Reader {
         self.stop.load(Ordering::Relaxed) || self.tx.is_closed() || self.spec.limit.is_some_and(|l| self.sent >= l)
     }
 
-    fn run(&mut self) -> Result<(), String> {
+    fn run(&mut self) -> Result<(), Refused> {
         let mut looked = Instant::now();
         while !self.done() {
             // New categories, a category's topic made since, more partitions.
             if looked.elapsed() >= DISCOVER_EVERY {
                 looked = Instant::now();
                 self.discover(false)?;
+                for note in std::mem::take(&mut self.notes) {
+                    if self.tx.blocking_send(Item::Skipped(note)).is_err() {
+                        return Ok(());
+                    }
+                }
             }
             let Some(m) = self.consumer.poll(Duration::from_millis(100)) else { continue };
             let m = match m {
@@ -245,7 +297,8 @@ impl Reader {
             self.cursor.0.entry(category).or_default().insert(partition, offset + 1);
             let item = match decode(&m, &self.schemas) {
                 Ok(e) => {
-                    let data = serde_json::to_string(&crate::api::EventDoc::of(&e)).map_err(|e| e.to_string())?;
+                    let data = serde_json::to_string(&crate::api::EventDoc::of(&e))
+                        .map_err(|e| Refused::Unavailable(e.to_string()))?;
                     self.sent += 1;
                     Item::Event { id: self.cursor.to_string(), data }
                 }
@@ -265,11 +318,11 @@ impl Reader {
     /// Assigns the partitions of the categories subscribed that are not yet
     /// assigned, from where the subscription starts (at the first look) or
     /// from their start (categories and partitions new since).
-    fn discover(&mut self, first: bool) -> Result<(), String> {
+    fn discover(&mut self, first: bool) -> Result<(), Refused> {
         let md = self
             .consumer
             .fetch_metadata(self.spec.category.as_deref().map(|c| self.topics.events(c)).as_deref(), self.timeout)
-            .map_err(|e| format!("Kafka: {e}"))?;
+            .map_err(|e| kafka("metadata", e))?;
         let prefix = self.topics.events_prefix();
         let mut added = Vec::new();
         for t in md.topics() {
@@ -289,10 +342,21 @@ impl Reader {
         if added.is_empty() {
             return Ok(());
         }
+        if self.tpl.count() + added.len() > MAX_PARTITIONS {
+            let why = format!(
+                "the subscription would read {} partitions; at most {MAX_PARTITIONS} (subscribe to fewer categories)",
+                self.tpl.count() + added.len()
+            );
+            if first {
+                return Err(Refused::Invalid(why));
+            }
+            self.notes.push(format!("not following new partitions: {why}"));
+            return Ok(());
+        }
         let starts = self.starts(&added, first)?;
         for ((category, topic, p), next) in added.iter().zip(starts) {
             self.cursor.0.entry(category.clone()).or_default().insert(*p, next);
-            self.tpl.add_partition_offset(topic, *p, Offset::Offset(next)).map_err(|e| e.to_string())?;
+            self.tpl.add_partition_offset(topic, *p, Offset::Offset(next)).map_err(|e| kafka(topic, e))?;
         }
         // Keep what is assigned where it is.
         let positions = self.consumer.position().unwrap_or_default();
@@ -303,37 +367,63 @@ impl Reader {
                 let _ = self.tpl.set_partition_offset(e.topic(), e.partition(), Offset::Offset(n));
             }
         }
-        self.consumer.assign(&self.tpl).map_err(|e| format!("Kafka: {e}"))
+        self.consumer.assign(&self.tpl).map_err(|e| kafka("assign", e))
     }
 
     /// The first offset to send of each partition: as the subscription's
     /// `from` says at the first look; the start of a partition that a cursor
-    /// does not name or that appeared later (new since).
-    fn starts(&self, added: &[(String, String, i32)], first: bool) -> Result<Vec<i64>, String> {
+    /// does not name or that appeared later (new since). A cursor's offset
+    /// past the end is refused (is it from this installation?); one before
+    /// what retention kept starts at the oldest kept, with a note.
+    fn starts(&mut self, added: &[(String, String, i32)], first: bool) -> Result<Vec<i64>, Refused> {
         let client = self.consumer.client();
+        let timeout = self.timeout;
         let marks = |topic: &str, p: i32| {
-            esk_kafka::watermarks(client, topic, p, self.timeout).map_err(|e| format!("Kafka: {topic}/{p}: {e}"))
+            esk_kafka::watermarks(client, topic, p, timeout).map_err(|e| kafka(format!("{topic}/{p}"), e))
         };
         let low = |t: &str, p: i32| marks(t, p).map(|(low, _)| low);
         match &self.spec.from {
-            From::Cursor(c) => added
-                .iter()
-                .map(|(category, t, p)| match c.0.get(category).and_then(|ps| ps.get(p)) {
-                    Some(next) => Ok(*next),
-                    None => low(t, *p),
-                })
-                .collect(),
+            From::Cursor(c) => {
+                let mut out = Vec::with_capacity(added.len());
+                for (category, t, p) in added {
+                    let Some(next) = c.0.get(category).and_then(|ps| ps.get(p)).copied() else {
+                        out.push(low(t, *p)?);
+                        continue;
+                    };
+                    let (low, high) = marks(t, *p)?;
+                    if next > high {
+                        return Err(Refused::Invalid(format!(
+                            "the cursor is past the end of {t}/{p} ({next} > {high}): is it from this installation?"
+                        )));
+                    }
+                    if next < low {
+                        self.notes.push(format!(
+                            "{t}/{p}: offsets {next} to {} are gone (retention); going on from {low}",
+                            low - 1
+                        ));
+                    }
+                    out.push(next.max(low));
+                }
+                Ok(out)
+            }
             _ if !first => added.iter().map(|(_, t, p)| low(t, *p)).collect(),
             From::Start => added.iter().map(|(_, t, p)| low(t, *p)).collect(),
             From::End => added.iter().map(|(_, t, p)| marks(t, *p).map(|(_, high)| high)).collect(),
             From::Position(pos) => {
                 let topic = self.topics.events(&pos.category);
+                if !added.iter().any(|(_, t, p)| *t == topic && *p == pos.partition) {
+                    return Err(Refused::Invalid(format!(
+                        "position {pos}: there is no partition {} of category {} here (is the token from this \
+                         installation?)",
+                        pos.partition, pos.category
+                    )));
+                }
                 let at = self.time_of(&topic, pos.partition, pos.offset)?;
                 let mut tpl = TopicPartitionList::new();
                 for (_, t, p) in added {
-                    tpl.add_partition_offset(t, *p, Offset::Offset(at)).map_err(|e| e.to_string())?;
+                    tpl.add_partition_offset(t, *p, Offset::Offset(at)).map_err(|e| kafka(t, e))?;
                 }
-                let found = self.consumer.offsets_for_times(tpl, self.timeout).map_err(|e| format!("Kafka: {e}"))?;
+                let found = self.consumer.offsets_for_times(tpl, self.timeout).map_err(|e| kafka("offsets", e))?;
                 added
                     .iter()
                     .map(|(_, t, p)| {
@@ -352,29 +442,32 @@ impl Reader {
     }
 
     /// The time (ms) of the record at `offset`, for a start from a position token.
-    fn time_of(&self, topic: &str, partition: i32, offset: i64) -> Result<i64, String> {
-        let unknown =
-            || format!("position {topic}/{partition}@{offset}: no such event (is the token from this installation?)");
+    fn time_of(&self, topic: &str, partition: i32, offset: i64) -> Result<i64, Refused> {
         let (low, high) = esk_kafka::watermarks(self.consumer.client(), topic, partition, self.timeout)
-            .map_err(|e| format!("Kafka: {topic}/{partition}: {e}"))?;
+            .map_err(|e| kafka(format!("{topic}/{partition}"), e))?;
         if offset < low || offset >= high {
-            return Err(unknown());
+            return Err(Refused::Invalid(format!(
+                "position {topic}/{partition}@{offset}: no such event (is the token from this installation?)"
+            )));
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).map_err(|e| e.to_string())?;
-        self.consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).map_err(|e| kafka(topic, e))?;
+        self.consumer.assign(&tpl).map_err(|e| kafka("assign", e))?;
         let deadline = Instant::now() + self.timeout;
         let found = loop {
             if Instant::now() > deadline || self.done() {
                 break None;
             }
             match self.consumer.poll(Duration::from_millis(100)) {
+                // Under read_committed the offset may be a marker: the next record's time.
                 Some(Ok(m)) if m.offset() >= offset => break m.timestamp().to_millis(),
                 _ => {}
             }
         };
-        self.consumer.unassign().map_err(|e| e.to_string())?;
-        found.ok_or_else(unknown)
+        self.consumer.unassign().map_err(|e| kafka("unassign", e))?;
+        found.ok_or_else(|| {
+            Refused::Unavailable(format!("Kafka: reading {topic}/{partition}@{offset} took over {:?}", self.timeout))
+        })
     }
 }
 

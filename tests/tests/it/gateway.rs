@@ -231,6 +231,9 @@ async fn every_endpoint_answers_and_every_error_class_is_a_problem() {
     let e: Value = serde_json::from_str(&live.next_event().unwrap().unwrap().data).unwrap();
     assert_eq!((e["stream"].as_str(), e["data"].clone()), (Some("note-live"), json!({"live": true})));
     drop(live);
+    // Its slot frees once its reader saw the client go (within a poll).
+    let open = || get(&g, "/status").json()["subscriptions"].as_u64();
+    esk_tests::poll_until(T, "the subscription's slot free", || async { (open() == Some(0)).then_some(()) }).await;
     let mut after = Sse::open(&g.http, &format!("/subscriptions/note?from={token}&limit=5"), None, T).unwrap();
     let mut seen = Vec::new();
     while let Ok(Some(e)) = after.next_event() {
@@ -251,6 +254,7 @@ async fn every_endpoint_answers_and_every_error_class_is_a_problem() {
     assert!(over.header("retry-after").is_some(), "{over:?}");
     drop(held);
     problem(&get(&g, "/subscriptions/Note"), 400, "invalid-input");
+    esk_tests::poll_until(T, "the subscription's slot free", || async { (open() == Some(0)).then_some(()) }).await;
 
     // The HTTP layer's own errors are problems too.
     problem(&get(&g, "/nowhere"), 404, "not-found");
@@ -372,4 +376,63 @@ async fn a_subscription_outlives_a_gateway_restart_with_no_gap_and_no_duplicate(
     let addr = gateway.as_ref().unwrap().http.clone();
     let mut tail = Sse::open(&addr, "/subscriptions/ticket", last_id.as_deref(), Duration::from_secs(3)).unwrap();
     assert!(tail.next_event().is_err(), "no event after the last one (the read timed out)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_resumes_from_its_start_and_goes_past_hostile_records() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let (env, _w, _c) = platform(2).await;
+    let g = gateway(&env, &[]);
+    ready(&g).await;
+    let body = |n: u64| json!({"events": [{"type": "Rang", "data": {"n": n}}]});
+    assert_eq!(post(&g, "/streams/bell-0/events", &[], &body(0)).status, 201);
+
+    // A quiet subscription from now that drops before any event: the id of
+    // its start frame resumes it, so the events written meanwhile arrive.
+    let mut quiet = Sse::open(&g.http, "/subscriptions/bell", None, Duration::from_secs(2)).unwrap();
+    assert!(quiet.next_event().is_err(), "no event yet");
+    let start = quiet.last_id.clone().expect("the start frame has an id");
+    drop(quiet);
+    for n in 1..=3 {
+        assert_eq!(post(&g, "/streams/bell-1/events", &[], &body(n)).status, 201);
+    }
+    // A foreign record whose header holds a line break, between the events.
+    let topic = env.topics().events("bell");
+    let producer: FutureProducer =
+        env.kafka().producer(esk_kafka::Sending::Foreign { max_message_bytes: 1_000_000 }).create().unwrap();
+    let headers = rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header { key: "ce_specversion", value: Some("1.0\n: forged".as_bytes()) });
+    let forged = FutureRecord::to(&topic).key("bell-1").payload("{}").headers(headers);
+    producer.send(forged, T).await.unwrap();
+    assert_eq!(post(&g, "/streams/bell-1/events", &[], &body(4)).status, 201);
+    let mut resumed = Sse::open(&g.http, "/subscriptions/bell", Some(&start), T).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let e = resumed.next_event().expect("every event after the start, past the forged record").unwrap();
+        let doc: Value = serde_json::from_str(&e.data).unwrap();
+        got.push(doc["data"]["n"].as_u64().unwrap());
+    }
+    assert_eq!(got, vec![1, 2, 3, 4], "from the start frame on, not bell-0 again");
+    drop(resumed);
+
+    // Cursors that are not this subscription's are refused, not read from the start.
+    problem(&get(&g, "/subscriptions/bell?from="), 400, "invalid-input");
+    let foreign = start.replace("bell:", "other:");
+    problem(&get(&g, &format!("/subscriptions/bell?from={foreign}")), 400, "invalid-input");
+    problem(&get(&g, "/subscriptions/bell?from=bell:0=999999"), 400, "invalid-input");
+    problem(&get(&g, "/subscriptions/bell?from=bell:7:0"), 400, "invalid-input");
+    let overflow =
+        http(&g.http, "GET", "/subscriptions/bell", &[("Last-Event-ID", &"bell:0=1,".repeat(10_000))], None, T)
+            .unwrap();
+    problem(&overflow, 400, "invalid-input");
+
+    // Paging backwards from past the end starts at the end and ends.
+    let page = get(&g, "/streams/bell-1?direction=backwards&from=18446744073709551615&limit=3");
+    assert_eq!(page.status, 200, "{page:?}");
+    let page = page.json();
+    let versions: Vec<u64> =
+        page["events"].as_array().unwrap().iter().map(|e| e["version"].as_u64().unwrap()).collect();
+    assert_eq!((versions, page["next"].as_u64()), (vec![4, 3, 2], Some(1)), "{page}");
+    let last = get(&g, "/streams/bell-1?direction=backwards&from=1").json();
+    assert_eq!(last["next"], Value::Null, "{last}");
 }
