@@ -86,22 +86,84 @@ fn docker_answers() -> bool {
     buf.starts_with("HTTP/1.") && buf.contains(" 200 ")
 }
 
+/// A Kafka container: the image `infra/docker/build.sh` builds here
+/// (`esk/kafka:<the pom's Kafka version>`, no registry), on the host's
+/// network, listening on 127.0.0.1 alone. testcontainers' blocking runner
+/// makes a runtime of its own, which may not run inside a test's tokio
+/// runtime: it runs on a thread of its own.
 fn start_container() -> Result<Broker> {
-    use testcontainers::ImageExt;
+    std::thread::spawn(start_container_here)
+        .join()
+        .map_err(|_| anyhow::anyhow!("starting a Kafka container panicked"))?
+}
+
+fn start_container_here() -> Result<Broker> {
+    use testcontainers::core::WaitFor;
     use testcontainers::runners::SyncRunner;
-    use testcontainers_modules::kafka::apache::{KAFKA_PORT, Kafka};
-    let container = Kafka::default()
-        .with_env_var("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
-        .with_env_var("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
-        .with_env_var("KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
-        .with_env_var("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
-        .start()
-        .context("starting a Kafka container")?;
-    let port = container.get_host_port_ipv4(KAFKA_PORT)?;
-    // The container lives as long as the test process; testcontainers' reaper
-    // removes it when the process ends.
+    use testcontainers::{GenericImage, ImageExt};
+    let built = Command::new(repo_root().join("infra/docker/build.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running infra/docker/build.sh")?;
+    if !built.status.success() {
+        bail!("infra/docker/build.sh failed ({}): the Docker path needs the image esk/kafka", built.status);
+    }
+    let image = String::from_utf8_lossy(&built.stdout).trim().to_owned();
+    let (name, tag) = image.split_once(':').context("infra/docker/build.sh printed no image name")?;
+    let port = free_port_pair()?;
+    let container_name = format!("esk-test-kafka-{}-{port}", std::process::id());
+    // The container outlives nothing of the test process: a watchdog removes
+    // it when the process ends, however it ends (SIGKILL too), from before
+    // it exists.
+    watch_container(&container_name)?;
+    let started = GenericImage::new(name, tag)
+        .with_wait_for(WaitFor::message_on_stdout("Kafka Server started"))
+        .with_network("host")
+        .with_env_var("ESK_KAFKA_PORT", port.to_string())
+        .with_container_name(&container_name)
+        .with_label("esk.test-pid", std::process::id().to_string())
+        .with_startup_timeout(Duration::from_secs(120))
+        .start();
+    let container = match started {
+        Ok(c) => c,
+        Err(e) => {
+            let kept = container_logs(&container_name, port);
+            let _ = Command::new("docker").args(["rm", "-f", "-v", &container_name]).output();
+            bail!("starting a Kafka container of {image}: {e}; its log: {kept}");
+        }
+    };
+    // The static broker is never dropped; the watchdog removes the container.
     std::mem::forget(container);
     Ok(Broker { bootstrap: format!("127.0.0.1:{port}"), kind: BrokerKind::Container })
+}
+
+/// A container's log under `target/test-logs/`, for a failed start.
+fn container_logs(name: &str, port: u16) -> String {
+    let dir = repo_root().join("target/test-logs");
+    let path = dir.join(format!("kafka-container-{port}.log"));
+    let out = Command::new("docker").args(["logs", name]).output();
+    let text = match out {
+        Ok(o) => format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        Err(e) => format!("docker logs {name}: {e}"),
+    };
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, text)) {
+        Ok(()) => path.display().to_string(),
+        Err(e) => format!("(not kept: {e})"),
+    }
+}
+
+/// Starts a detached watchdog that removes the container `name` once this
+/// process is gone (as `kafka.sh start --watch-pid` kills the local broker).
+fn watch_container(name: &str) -> Result<()> {
+    let script = r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done; docker rm -f -v "$2" >/dev/null 2>&1"#;
+    Command::new("setsid")
+        .args(["sh", "-c", script, "esk-container-watch", &std::process::id().to_string(), name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the container's watchdog")?;
+    Ok(())
 }
 
 fn kafka_sh() -> PathBuf {
@@ -1193,6 +1255,39 @@ pub async fn wait_serving(writers: &[&Service], partitions: u64, timeout: Durati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Kafka of infra/kafka/pom.xml, whichever path a test takes: the
+    /// local broker's jars, the image infra/docker/build.sh builds (tagged
+    /// with the pom's version, read by the script), and the compose file.
+    #[test]
+    fn the_kafka_version_is_the_same_on_every_path() {
+        let read = |p: &str| std::fs::read_to_string(repo_root().join(p)).unwrap();
+        let pom = read("infra/kafka/pom.xml");
+        let version = pom.split("<kafka.version>").nth(1).and_then(|r| r.split('<').next()).unwrap().to_owned();
+        assert!(version.split('.').all(|n| n.parse::<u32>().is_ok()), "{version}");
+        let build = read("infra/docker/build.sh");
+        assert!(build.contains("<kafka.version>") && build.contains("image=esk/kafka:$version"), "build.sh's tag");
+        let compose = read("infra/docker-compose.yml");
+        let images: Vec<&str> =
+            compose.lines().filter_map(|l| l.trim().strip_prefix("image:")).map(str::trim).collect();
+        assert!(!images.is_empty());
+        for image in images.iter().filter(|i| i.contains("kafka")) {
+            assert_eq!(image.rsplit(':').next(), Some(version.as_str()), "compose: {image}");
+        }
+        // The jars kafka.sh fetched, when they are there (CI fetches them first).
+        let lib = repo_root().join("infra/kafka/lib");
+        if lib.is_dir() {
+            let jars: Vec<String> = std::fs::read_dir(&lib)
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("kafka-clients-") || n.starts_with("kafka_2."))
+                .collect();
+            assert!(!jars.is_empty(), "no kafka jar in {}", lib.display());
+            for jar in jars {
+                assert!(jar.ends_with(&format!("-{version}.jar")), "{jar} is not Kafka {version}");
+            }
+        }
+    }
 
     #[test]
     fn ports_are_outside_the_ephemeral_range_and_handed_out_once() {

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# A Docker engine for the tests' Docker path, that sends nothing beyond
+# loopback: dockerd with no bridge and no iptables rules (containers run on
+# the host's network and listen on 127.0.0.1).
+#
+#   infra/docker/engine.sh start   start dockerd unless an engine answers (waits up to 60 s)
+#   infra/docker/engine.sh stop    stop the dockerd that `start` started (none other)
+#   infra/docker/engine.sh clean   fail, naming them, if containers are left (docker ps -a)
+#
+# The pid of a dockerd it started: target/docker/dockerd.pid; its log:
+# target/docker/dockerd.log.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+work=$repo/target/docker
+pidfile=$work/dockerd.pid
+say() { printf 'docker/engine: %s\n' "$*" >&2; }
+
+answers() { docker info >/dev/null 2>&1; }
+
+case "${1:-}" in
+start)
+  if answers; then
+    say "a Docker engine answers already"
+    exit 0
+  fi
+  command -v dockerd >/dev/null || { say "no dockerd (Debian: apt-get install docker.io)"; exit 1; }
+  mkdir -p "$work"
+  sudo_=""
+  [ "$(id -u)" = 0 ] || sudo_=sudo
+  $sudo_ setsid dockerd --bridge=none --iptables=false --ip-masq=false >"$work/dockerd.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  for _ in $(seq 1 300); do
+    answers && { say "dockerd started (pid $(cat "$pidfile"))"; exit 0; }
+    sleep 0.2
+  done
+  say "dockerd did not answer in 60 s: see $work/dockerd.log"
+  tail -n 20 "$work/dockerd.log" >&2 || true
+  exit 1
+  ;;
+stop)
+  [ -f "$pidfile" ] || exit 0
+  pid=$(cat "$pidfile")
+  kill -TERM "$pid" 2>/dev/null || sudo kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  rm -f "$pidfile"
+  say "dockerd stopped"
+  ;;
+clean)
+  left=$(docker ps -a --format '{{.Names}} ({{.Image}}, {{.Status}})')
+  if [ -n "$left" ]; then
+    say "containers left behind:"
+    printf '%s\n' "$left" >&2
+    exit 1
+  fi
+  say "no container left"
+  ;;
+*)
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+  ;;
+esac
