@@ -4,7 +4,8 @@
 # the host's network and listen on 127.0.0.1).
 #
 #   infra/docker/engine.sh start   start dockerd unless an engine answers (waits up to 60 s)
-#   infra/docker/engine.sh stop    stop the dockerd that `start` started (none other)
+#   infra/docker/engine.sh stop    stop the dockerd that `start` started (none other),
+#                                  removing test containers a failed run left
 #   infra/docker/engine.sh clean   fail, naming them, if containers are left (docker ps -a)
 #
 # The pid of a dockerd it started: target/docker/dockerd.pid; its log:
@@ -41,6 +42,14 @@ start)
 stop)
   [ -f "$pidfile" ] || exit 0
   pid=$(cat "$pidfile")
+  # A run that failed half way may leave test containers whose watchdogs
+  # cannot remove them once the engine is gone: they go now.
+  left=$(docker ps -aq --filter label=esk.test-pid 2>/dev/null || true)
+  if [ -n "$left" ]; then
+    # shellcheck disable=SC2086
+    docker rm -f -v $left >/dev/null 2>&1 || true
+    say "removed $(echo "$left" | wc -w) test container(s) left behind"
+  fi
   kill -TERM "$pid" 2>/dev/null || sudo kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 1 100); do
     kill -0 "$pid" 2>/dev/null || break

@@ -1,34 +1,46 @@
 #!/usr/bin/env bash
 # A test process killed with SIGKILL on the Docker path leaves no container:
-# runs one integration test on a container broker, SIGKILLs the test binary
-# once its container runs, and waits (20 s at most) for the watchdog to
-# remove the container. Needs the binaries built (make build) and the image
-# (infra/docker/build.sh).
+# runs a long integration test on a container broker, SIGKILLs the test
+# binary while its broker serves it, and waits (20 s at most) for the
+# watchdog to remove the container. Needs the binaries built (make build),
+# the image (infra/docker/build.sh) and a Docker engine.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
+mkdir -p target/docker
+log=target/docker/sigkill-check.log
 say() { printf 'docker/sigkill-check: %s\n' "$*" >&2; }
+fail() { say "$*"; tail -n 20 "$log" >&2 || true; exit 1; }
 
-ESK_TEST_BROKER=docker ESK_TEST_NO_BUILD=1 cargo test --locked -q -p esk-tests --test it -- writer::tail_follows_new_events \
-  >target/docker/sigkill-check.log 2>&1 &
-runner=$!
-cid=""
-for _ in $(seq 1 900); do
-  cid=$(docker ps -q --filter label=esk.test-pid | head -n 1)
-  [ -n "$cid" ] && break
-  kill -0 "$runner" 2>/dev/null || { say "the test ended before its container ran: see target/docker/sigkill-check.log"; exit 1; }
+# The containers of earlier runs go first (their watchdogs take a second or two).
+for _ in $(seq 1 100); do
+  [ -z "$(docker ps -aq --filter label=esk.test-pid)" ] && break
   sleep 0.2
 done
-[ -n "$cid" ] || { say "no container in 180 s"; kill "$runner" 2>/dev/null; exit 1; }
+[ -z "$(docker ps -aq --filter label=esk.test-pid)" ] || fail "containers of earlier test runs are still there"
+
+# Writes under load for half a minute or more: long enough to be killed mid-run.
+ESK_TEST_BROKER=docker ESK_TEST_NO_BUILD=1 cargo test --locked -q -p esk-tests --test it -- \
+  writer::sigkill_mid_load_loses_nothing_acknowledged_and_splits_nothing >"$log" 2>&1 &
+runner=$!
+cid="" pid=""
+for _ in $(seq 1 900); do
+  read -r cid pid < <(docker ps --filter label=esk.test-pid --format '{{.ID}} {{.Label "esk.test-pid"}}' | head -n 1) || true
+  [ -n "$cid" ] && break
+  kill -0 "$runner" 2>/dev/null || fail "the test ended before its container ran"
+  sleep 0.2
+done
+[ -n "$cid" ] || { kill "$runner" 2>/dev/null; fail "no container in 180 s"; }
 # Mid-run: the broker serves and the test runs against it.
 for _ in $(seq 1 600); do
   docker logs "$cid" 2>&1 | grep -q "Kafka Server started" && break
+  [ -n "$(docker ps -q --filter "id=$cid")" ] || fail "container $cid ended before its broker started"
   sleep 0.2
 done
-sleep 2
-pid=$(docker inspect --format '{{ index .Config.Labels "esk.test-pid" }}' "$cid")
-say "container $cid runs for test process $pid: kill -9 $pid"
+sleep 1
+kill -0 "$pid" 2>/dev/null || fail "test process $pid ended before it could be killed"
+say "container $cid serves test process $pid: kill -9 $pid"
 kill -9 "$pid"
 wait "$runner" 2>/dev/null || true
 for _ in $(seq 1 100); do
@@ -38,6 +50,5 @@ for _ in $(seq 1 100); do
   fi
   sleep 0.2
 done
-say "container $cid still there 20 s after its test process was killed"
 docker ps -a >&2
-exit 1
+fail "container $cid still there 20 s after its test process was killed"
