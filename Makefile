@@ -1,7 +1,7 @@
 # esk: event sourcing on Apache Kafka. Thin targets: the work is in cargo and infra/.
 CARGO ?= cargo
 
-.PHONY: up down status build test bench bench-peers lint fmt
+.PHONY: up down status build test bench bench-peers lint fmt images
 
 ## up: start Kafka (unless KAFKA_BOOTSTRAP_SERVERS names one), create the topics, start the services
 up:
@@ -17,6 +17,10 @@ status:
 
 build:
 	$(CARGO) build --locked --workspace --bins
+
+## images: esk/kafka and esk/esk (release binaries), built here with no registry, for infra/docker-compose.yml
+images:
+	@infra/docker/build.sh all
 
 ## test: every test, unit and integration, against a real broker (started here if needed)
 test: build

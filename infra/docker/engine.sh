@@ -5,8 +5,10 @@
 #
 #   infra/docker/engine.sh start   start dockerd unless an engine answers (waits up to 60 s)
 #   infra/docker/engine.sh stop    stop the dockerd that `start` started (none other),
-#                                  removing test containers a failed run left
-#   infra/docker/engine.sh clean   fail, naming them, if containers are left (docker ps -a)
+#                                  removing test containers (and compose test
+#                                  projects' volumes) a failed run left
+#   infra/docker/engine.sh clean   fail, naming them, if containers or compose test
+#                                  volumes are left (docker ps -a)
 #
 # The pid of a dockerd it started: target/docker/dockerd.pid; its log:
 # target/docker/dockerd.log.
@@ -44,12 +46,19 @@ stop)
   pid=$(cat "$pidfile")
   # A run that failed half way may leave test containers whose watchdogs
   # cannot remove them once the engine is gone: they go now.
-  left=$(docker ps -aq --filter label=esk.test-pid 2>/dev/null || true)
+  left=$( {
+    docker ps -aq --filter label=esk.test-pid
+    docker ps -a --format '{{.ID}} {{.Label "com.docker.compose.project"}}' | awk '$2 ~ /^esk-test-/ { print $1 }'
+  } 2>/dev/null || true)
   if [ -n "$left" ]; then
     # shellcheck disable=SC2086
     docker rm -f -v $left >/dev/null 2>&1 || true
     say "removed $(echo "$left" | wc -w) test container(s) left behind"
   fi
+  volumes=$(docker volume ls --format '{{.Name}} {{.Label "com.docker.compose.project"}}' 2>/dev/null |
+    awk '$2 ~ /^esk-test-/ { print $1 }' || true)
+  # shellcheck disable=SC2086
+  [ -z "$volumes" ] || docker volume rm $volumes >/dev/null 2>&1 || true
   kill -TERM "$pid" 2>/dev/null || sudo kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 1 100); do
     kill -0 "$pid" 2>/dev/null || break
@@ -60,15 +69,19 @@ stop)
   ;;
 clean)
   left=$(docker ps -a --format '{{.Names}} ({{.Image}}, {{.Status}})')
-  if [ -n "$left" ]; then
-    say "containers left behind:"
-    printf '%s\n' "$left" >&2
+  volumes=$(docker volume ls --format '{{.Name}} {{.Label "com.docker.compose.project"}}' |
+    awk '$2 ~ /^esk-test-/ { print $1 }')
+  if [ -n "$left$volumes" ]; then
+    say "left behind:"
+    [ -z "$left" ] || printf '%s\n' "$left" >&2
+    # shellcheck disable=SC2086
+    [ -z "$volumes" ] || printf 'volume %s\n' $volumes >&2
     exit 1
   fi
-  say "no container left"
+  say "no container and no test volume left"
   ;;
 *)
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
   ;;
 esac

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# A test process killed with SIGKILL on the Docker path leaves no container:
-# runs a long integration test on a container broker, SIGKILLs the test
-# binary while its broker serves it, and waits (20 s at most) for the
-# watchdog to remove the container. Needs the binaries built (make build),
-# the image (infra/docker/build.sh) and a Docker engine.
+# A test process killed with SIGKILL on the Docker path leaves no container
+# and no process: runs a long integration test on a container broker,
+# SIGKILLs the test binary while its broker serves it, and waits (20 s at
+# most each) for the watchdogs to remove the container and to end the
+# services the test started. Needs the binaries built (make build), the
+# image (infra/docker/build.sh) and a Docker engine.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -43,12 +44,33 @@ kill -0 "$pid" 2>/dev/null || fail "test process $pid ended before it could be k
 say "container $cid serves test process $pid: kill -9 $pid"
 kill -9 "$pid"
 wait "$runner" 2>/dev/null || true
+# The processes the test started (its services) carry ESK_TEST_OWNER=<its pid>.
+owned() {
+  local e p
+  for e in /proc/[0-9]*/environ; do
+    if tr '\0' '\n' <"$e" 2>/dev/null | grep -qx "ESK_TEST_OWNER=$pid"; then
+      p=${e#/proc/}
+      printf '%s ' "${p%/environ}"
+    fi
+  done
+}
+gone=""
 for _ in $(seq 1 100); do
   if [ -z "$(docker ps -aq --filter "id=$cid")" ]; then
-    say "the watchdog removed the container"
+    gone=yes
+    break
+  fi
+  sleep 0.2
+done
+[ -n "$gone" ] || { docker ps -a >&2; fail "container $cid still there 20 s after its test process was killed"; }
+say "the watchdog removed the container"
+for _ in $(seq 1 100); do
+  left=$(owned)
+  if [ -z "$left" ]; then
+    say "no process the test started runs"
     exit 0
   fi
   sleep 0.2
 done
-docker ps -a >&2
-fail "container $cid still there 20 s after its test process was killed"
+ps -o pid,args -p "${left// /,}" >&2 || true
+fail "processes the test started still run 20 s after it was killed: $left"

@@ -67,7 +67,7 @@ fn start_broker() -> Result<Broker> {
 }
 
 /// Whether a Docker engine answers on its socket (the `docker` client alone is not enough).
-fn docker_answers() -> bool {
+pub fn docker_answers() -> bool {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     let path = std::env::var("DOCKER_HOST")
@@ -163,6 +163,24 @@ fn watch_container(name: &str) -> Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting the container's watchdog")?;
+    Ok(())
+}
+
+/// Starts a detached watchdog that removes the containers and volumes of the
+/// compose project `project` once this process is gone, however it ends.
+pub fn watch_compose_project(project: &str) -> Result<()> {
+    let script = r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done
+label="label=com.docker.compose.project=$2"
+docker ps -aq --filter "$label" | xargs -r docker rm -f -v >/dev/null 2>&1
+docker volume ls -q --filter "$label" | xargs -r docker volume rm >/dev/null 2>&1"#;
+    Command::new("setsid")
+        .args(["sh", "-c", script, "esk-compose-watch", &std::process::id().to_string(), project])
+        .env_remove(OWNER_VAR)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the compose project's watchdog")?;
     Ok(())
 }
 
@@ -722,7 +740,7 @@ impl Esk {
     /// Starts the command without waiting.
     pub fn spawn(mut self) -> Spawned {
         let started = Instant::now();
-        let child = self.cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("running esk");
+        let child = owned(&mut self.cmd).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("running esk");
         Spawned { child, started }
     }
 
@@ -953,6 +971,128 @@ impl Record {
     }
 }
 
+/// The variable that marks a process as this test process's:
+/// [`owned`] sets it, and the watchdog [`owned`] starts SIGKILLs every
+/// process that carries it once this process is gone.
+pub const OWNER_VAR: &str = "ESK_TEST_OWNER";
+
+/// Ties what `cmd` starts, and what that starts in turn (it inherits the
+/// environment), to this test process: when the test process ends, however
+/// it ends (a panic that aborts, SIGKILL), a detached watchdog SIGKILLs every
+/// process whose environment carries `ESK_TEST_OWNER=<this pid>`, as
+/// `kafka.sh start --watch-pid` does for the local broker. The marker, not a
+/// pid, names them, so a reused pid is never killed. `Drop` still stops a
+/// service at the end of its test; this is for the ends that run no `Drop`.
+pub fn owned(cmd: &mut Command) -> &mut Command {
+    static WATCHDOG: OnceLock<Result<(), String>> = OnceLock::new();
+    let me = std::process::id().to_string();
+    let watching = WATCHDOG.get_or_init(|| {
+        let script = r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done
+for e in /proc/[0-9]*/environ; do
+  if tr '\0' '\n' <"$e" 2>/dev/null | grep -qx "$2=$1"; then p=${e#/proc/}; kill -9 "${p%/environ}" 2>/dev/null; fi
+done"#;
+        Command::new("setsid")
+            .args(["sh", "-c", script, "esk-test-watch", &me, OWNER_VAR])
+            .env_remove(OWNER_VAR)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(drop)
+            .map_err(|e| format!("starting the test processes' watchdog: {e}"))
+    });
+    if let Err(e) = watching {
+        panic!("{e}");
+    }
+    cmd.env(OWNER_VAR, me)
+}
+
+/// What a bounded run of a program printed.
+#[derive(Debug)]
+pub struct Ran {
+    pub ok: bool,
+    pub output: String,
+    pub elapsed: Duration,
+}
+
+/// Runs `cmd` with stdout and stderr to one file, killed after `timeout`
+/// (what it printed is kept, with a line saying so).
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Ran {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let path = dir.path().join("output");
+    let file = std::fs::File::create(&path).expect("an output file");
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("a second handle"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let ok = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the child") {
+            break status.success();
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut output = std::fs::read_to_string(&path).unwrap_or_default();
+    if started.elapsed() > timeout {
+        output.push_str(&format!("\n(killed after {timeout:?})"));
+    }
+    Ran { ok, output, elapsed: started.elapsed() }
+}
+
+/// The README's walkthrough of the shop, on an installation (prefix `esk`)
+/// a test started as a user would (`make up`, the compose file): the `esk`
+/// binary against `bootstrap`, its orders projector at `orders_projector`.
+#[derive(Debug)]
+pub struct ShopWalk {
+    pub bootstrap: String,
+    pub orders_projector: String,
+}
+
+impl ShopWalk {
+    /// Runs `esk <args>` on the installation; panics with its stderr when it fails.
+    pub fn esk(&self, args: &[&str]) {
+        let out = owned(&mut Command::new(bin("esk")))
+            .args(["--bootstrap-servers", &self.bootstrap, "--prefix", "esk", "--timeout", "30s"])
+            .args(args)
+            .env_remove("ESK_TIMEOUT")
+            .output()
+            .expect("running esk");
+        assert!(out.status.success(), "esk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Ann's account with 5,000 and ten tea in stock.
+    pub fn stock(&self) {
+        self.esk(&["command", "account-ann", "OpenAccount", r#"{"owner": "ann"}"#]);
+        self.esk(&["command", "account-ann", "Deposit", r#"{"amount": 5000}"#]);
+        self.esk(&["command", "inventory-tea", "AddStock", r#"{"quantity": 10}"#]);
+    }
+
+    /// Places `order-<id>` (two tea for 700) and waits up to `bound` for the
+    /// checkout saga to confirm it; Err says what the order's row was.
+    pub fn checkout(&self, id: &str, bound: Duration) -> std::result::Result<(), String> {
+        let placed = r#"{"customer": "ann", "item": "tea", "quantity": 2, "amount": 700}"#;
+        self.esk(&["command", &format!("order-{id}"), "Place", placed, "--expected-version", "no-stream"]);
+        let deadline = Instant::now() + bound;
+        loop {
+            let row = http_get(&self.orders_projector, &format!("/orders/{id}")).map(|(_, b)| b).unwrap_or_default();
+            if row.contains(r#""status":"confirmed""#) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("order {id} not confirmed by the checkout saga in {bound:?}: {row}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 /// A running esk service (`esk-<name>`), killed on drop.
 #[derive(Debug)]
 pub struct Service {
@@ -998,7 +1138,7 @@ impl Service {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {program}: {e}"));
+        let child = owned(&mut cmd).spawn().unwrap_or_else(|e| panic!("starting {program}: {e}"));
         Self { name: program.trim_start_matches("esk-").to_owned(), child, http, ports: addrs, log }
     }
 
@@ -1274,6 +1414,10 @@ mod tests {
         for image in images.iter().filter(|i| i.contains("kafka")) {
             assert_eq!(image.rsplit(':').next(), Some(version.as_str()), "compose: {image}");
         }
+        // And esk's image is this workspace's version, as `make images` tags it.
+        let cargo = read("Cargo.toml");
+        let esk_version = cargo.lines().find_map(|l| l.strip_prefix("version = \"")).unwrap().trim_end_matches('"');
+        assert!(compose.contains(&format!("esk/esk:{esk_version}}}")), "compose runs esk/esk:{esk_version}");
         // The jars kafka.sh fetched, when they are there (CI fetches them first).
         let lib = repo_root().join("infra/kafka/lib");
         if lib.is_dir() {

@@ -152,7 +152,7 @@ async fn the_console_shows_in_a_browser_what_the_api_wrote() {
     let shots = repo_root().join("target/console-screenshots");
     let log = repo_root().join(format!("target/test-logs/{}-console.log", env.prefix));
     let file = std::fs::File::create(&log).expect("a log file");
-    let mut script = Command::new("node")
+    let mut script = esk_tests::owned(&mut Command::new("node"))
         .arg(scripts.join("console.mjs"))
         .env("ESK_GATEWAY_URL", url(&gateway))
         .env("ESK_ADMIN_TOKEN", ADMIN_TOKEN)

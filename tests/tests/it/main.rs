@@ -3,6 +3,7 @@
 
 mod broker;
 mod cluster;
+mod compose;
 mod console;
 mod contexts;
 mod coordinator;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use esk_tests::{bin, free_port_pair, http_get, repo_root};
+use esk_tests::{ShopWalk, bin, free_port_pair, http_get, repo_root};
 
 /// The ports one `make up` of this test uses: the broker's and the writer's.
 #[derive(Clone, Copy)]
@@ -34,6 +34,8 @@ const SHOP_VARS: [&str; 6] = [
 fn make(target: &str, home: &Path, ports: Ports) -> (bool, String) {
     let bin_dir = bin("esk").parent().unwrap().to_owned();
     let mut cmd = Command::new("make");
+    // The services `make up` starts inherit the marker: they die with this test process.
+    esk_tests::owned(&mut cmd);
     for (var, port) in SHOP_VARS.iter().zip(ports.shop) {
         cmd.env(var, format!("127.0.0.1:{port}"));
     }
@@ -122,31 +124,12 @@ fn make_up_is_idempotent_and_make_down_leaves_nothing() {
         .iter()
         .map(|s| std::fs::read_to_string(home.path().join(format!("run/shop-{s}.pid"))).unwrap())
         .collect();
-    let bootstrap = format!("127.0.0.1:{}", ports.kafka);
-    let esk = |args: &[&str]| {
-        let out = Command::new(bin("esk"))
-            .args(["--bootstrap-servers", &bootstrap, "--prefix", "esk", "--timeout", "30s"])
-            .args(args)
-            .env_remove("ESK_TIMEOUT")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "esk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let shop = ShopWalk {
+        bootstrap: format!("127.0.0.1:{}", ports.kafka),
+        orders_projector: format!("127.0.0.1:{}", ports.shop[4]),
     };
-    esk(&["command", "account-ann", "OpenAccount", r#"{"owner": "ann"}"#]);
-    esk(&["command", "account-ann", "Deposit", r#"{"amount": 5000}"#]);
-    esk(&["command", "inventory-tea", "AddStock", r#"{"quantity": 10}"#]);
-    let order = r#"{"customer": "ann", "item": "tea", "quantity": 2, "amount": 700}"#;
-    esk(&["command", "order-1", "Place", order, "--expected-version", "no-stream"]);
-    let orders = format!("127.0.0.1:{}", ports.shop[4]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let row = http_get(&orders, "/orders/1").map(|(_, body)| body).unwrap_or_default();
-        if row.contains(r#""status":"confirmed""#) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "order 1 not confirmed by the checkout saga: {row}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    shop.stock();
+    shop.checkout("1", Duration::from_secs(60)).unwrap();
     // The shipping context's model and the payments context's agree, soon.
     for (port, path, want) in
         [(ports.shop[5], "/shipments/1", "to_ship"), (ports.shop[1], "/accounts/ann", r#""balance":4300"#)]

@@ -5,10 +5,10 @@
 //! each answer against it.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use esk_tests::{Service, TestEnv, free_port_pair, poll_until, repo_root, wait_serving};
+use esk_tests::{Service, TestEnv, free_port_pair, poll_until, repo_root, run_bounded, wait_serving};
 
 use crate::coordinator::coordinating;
 
@@ -69,48 +69,12 @@ async fn stack(full: bool) -> Stack {
     Stack { gateway, _others: others, _env: env }
 }
 
-/// What a bounded run of a program printed.
-struct Ran {
-    ok: bool,
-    output: String,
-    elapsed: Duration,
-}
-
-/// Runs `cmd` with stdout and stderr to one file, killed after `timeout`.
-fn run_bounded(mut cmd: Command, timeout: Duration) -> Ran {
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let path = dir.path().join("output");
-    let file = std::fs::File::create(&path).expect("an output file");
-    let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("a second handle"))
-        .stderr(file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-    let ok = loop {
-        if let Some(status) = child.try_wait().expect("waiting for the child") {
-            break status.success();
-        }
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut output = std::fs::read_to_string(&path).unwrap_or_default();
-    if started.elapsed() > timeout {
-        output.push_str(&format!("\n(killed after {timeout:?})"));
-    }
-    Ran { ok, output, elapsed: started.elapsed() }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_python_dispatcher_ships_every_confirmed_order_once_through_the_gateway() {
     let stack = stack(false).await;
     let dir = repo_root().join("examples/shop/dispatch");
     let mut cmd = Command::new("python3");
+    esk_tests::owned(&mut cmd);
     cmd.args(["-m", "unittest", "-v"])
         .current_dir(&dir)
         .env("ESK_GATEWAY_URL", url(&stack.gateway))
@@ -142,6 +106,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_openapi_docume
     // In a folder of its own: Hypothesis keeps its example database in the working directory.
     let work = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(venv.join("bin/schemathesis"));
+    esk_tests::owned(&mut cmd);
     cmd.arg("run")
         .arg(&schema)
         .args(["--url", &url(&stack.gateway)])
