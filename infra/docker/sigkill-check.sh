@@ -39,21 +39,30 @@ for _ in $(seq 1 600); do
   [ -n "$(docker ps -q --filter "id=$cid")" ] || fail "container $cid ended before its broker started"
   sleep 0.2
 done
-sleep 1
-kill -0 "$pid" 2>/dev/null || fail "test process $pid ended before it could be killed"
-say "container $cid serves test process $pid: kill -9 $pid"
-kill -9 "$pid"
-wait "$runner" 2>/dev/null || true
 # The processes the test started (its services) carry ESK_TEST_OWNER=<its pid>.
 owned() {
   local e p
   for e in /proc/[0-9]*/environ; do
-    if tr '\0' '\n' <"$e" 2>/dev/null | grep -qx "ESK_TEST_OWNER=$pid"; then
+    if { tr '\0' '\n' <"$e"; } 2>/dev/null | grep -qx "ESK_TEST_OWNER=$pid"; then
       p=${e#/proc/}
       printf '%s ' "${p%/environ}"
     fi
   done
 }
+# Mid-run also for its services: the writer the test started runs.
+started=""
+for _ in $(seq 1 300); do
+  started=$(owned)
+  [ -n "$started" ] && break
+  kill -0 "$pid" 2>/dev/null || fail "test process $pid ended before it started a service"
+  sleep 0.2
+done
+[ -n "$started" ] || fail "test process $pid started no service in 60 s"
+sleep 1
+kill -0 "$pid" 2>/dev/null || fail "test process $pid ended before it could be killed"
+say "container $cid and process(es) ${started% } serve test process $pid: kill -9 $pid"
+kill -9 "$pid"
+wait "$runner" 2>/dev/null || true
 gone=""
 for _ in $(seq 1 100); do
   if [ -z "$(docker ps -aq --filter "id=$cid")" ]; then
