@@ -25,6 +25,8 @@
 # instead of `cargo build --release`), ESK_IMAGE (esk/esk's name,
 # esk/esk:<version of Cargo.toml>).
 set -euo pipefail
+# A failure inside $(...) (the base image's name) fails the build too.
+shopt -s inherit_errexit
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 here=$repo/infra/docker
@@ -42,6 +44,11 @@ command -v docker >/dev/null || die "no docker client (Debian: apt-get install d
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd: infra/docker/engine.sh start)"
 sudo_=""
 [ "$(id -u)" = 0 ] || sudo_=sudo
+# One build at a time on a machine (the tests' broker and the compose test
+# may both ask at once): they share target/docker.
+mkdir -p "$work"
+exec 9>"$work/build.lock"
+flock 9
 
 # Removes image id $1 unless it is image $2's (a rebuilt image leaves the one
 # it replaced dangling); one still in use stays.
@@ -93,7 +100,7 @@ kafka() {
     --change "LABEL esk.checksum=$sum esk.kafka.version=$version" \
     --change "ENV ESK_KAFKA_VERSION=$version" \
     --change 'WORKDIR /var/lib/kafka' \
-    - "$image" >/dev/null
+    - "$image" >/dev/null || die "importing $image failed"
   $sudo_ rm -rf "$root"
   forget "$old" "$image"
   echo "$image"
@@ -117,7 +124,8 @@ base() {
   $sudo_ chown 10001:10001 "$root/var/lib/esk"
   say "importing $image"
   old=$(id_of "$image")
-  $sudo_ tar -C "$root" -c . | docker import --change "LABEL esk.checksum=$sum" - "$image" >/dev/null
+  $sudo_ tar -C "$root" -c . | docker import --change "LABEL esk.checksum=$sum" - "$image" >/dev/null ||
+    die "importing $image failed"
   $sudo_ rm -rf "$root"
   forget "$old" "$image"
   echo "$image"
@@ -171,6 +179,9 @@ esk() {
 case "${1:-kafka}" in
 kafka) kafka ;;
 esk) esk ;;
-all) kafka && esk ;;
+all)
+  kafka
+  esk
+  ;;
 *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

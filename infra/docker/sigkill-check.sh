@@ -43,7 +43,7 @@ done
 owned() {
   local e p
   for e in /proc/[0-9]*/environ; do
-    if { tr '\0' '\n' <"$e"; } 2>/dev/null | grep -qx "ESK_TEST_OWNER=$pid"; then
+    if grep -qzxF "ESK_TEST_OWNER=$pid" "$e" 2>/dev/null; then
       p=${e#/proc/}
       printf '%s ' "${p%/environ}"
     fi
@@ -81,5 +81,6 @@ for _ in $(seq 1 100); do
   fi
   sleep 0.2
 done
+left=${left% }
 ps -o pid,args -p "${left// /,}" >&2 || true
 fail "processes the test started still run 20 s after it was killed: $left"

@@ -169,9 +169,22 @@ fn watch_container(name: &str) -> Result<()> {
 /// Starts a detached watchdog that removes the containers and volumes of the
 /// compose project `project` once this process is gone, however it ends.
 pub fn watch_compose_project(project: &str) -> Result<()> {
+    // A compose command still running may create a container after a pass:
+    // passes go on until two in a row find none (a minute at most).
     let script = r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done
 label="label=com.docker.compose.project=$2"
-docker ps -aq --filter "$label" | xargs -r docker rm -f -v >/dev/null 2>&1
+quiet=0
+for _ in $(seq 1 60); do
+  left=$(docker ps -aq --filter "$label")
+  if [ -z "$left" ]; then
+    quiet=$((quiet + 1))
+    [ "$quiet" -ge 2 ] && break
+  else
+    quiet=0
+    echo "$left" | xargs docker rm -f -v >/dev/null 2>&1
+  fi
+  sleep 1
+done
 docker volume ls -q --filter "$label" | xargs -r docker volume rm >/dev/null 2>&1"#;
     Command::new("setsid")
         .args(["sh", "-c", script, "esk-compose-watch", &std::process::id().to_string(), project])
@@ -746,7 +759,7 @@ impl Esk {
 
     pub fn run(mut self) -> Run {
         let started = Instant::now();
-        let out: Output = self.cmd.output().expect("running esk");
+        let out: Output = owned(&mut self.cmd).output().expect("running esk");
         Run {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -987,9 +1000,16 @@ pub fn owned(cmd: &mut Command) -> &mut Command {
     static WATCHDOG: OnceLock<Result<(), String>> = OnceLock::new();
     let me = std::process::id().to_string();
     let watching = WATCHDOG.get_or_init(|| {
+        // A marked process still alive may start another while a pass runs
+        // (make, node): passes go on until one finds none (30 at most).
         let script = r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done
-for e in /proc/[0-9]*/environ; do
-  if tr '\0' '\n' <"$e" 2>/dev/null | grep -qx "$2=$1"; then p=${e#/proc/}; kill -9 "${p%/environ}" 2>/dev/null; fi
+for _ in $(seq 1 30); do
+  found=""
+  for e in /proc/[0-9]*/environ; do
+    if grep -qzxF "$2=$1" "$e" 2>/dev/null; then p=${e#/proc/}; kill -9 "${p%/environ}" 2>/dev/null; found=1; fi
+  done
+  [ -n "$found" ] || break
+  sleep 0.2
 done"#;
         Command::new("setsid")
             .args(["sh", "-c", script, "esk-test-watch", &me, OWNER_VAR])
