@@ -156,14 +156,21 @@ fn container_logs(name: &str, port: u16) -> String {
 /// process is gone (as `kafka.sh start --watch-pid` kills the local broker).
 fn watch_container(name: &str) -> Result<()> {
     let script = r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done; docker rm -f -v "$2" >/dev/null 2>&1"#;
+    spawn_watchdog("esk-container-watch", script, name).context("starting the container's watchdog")
+}
+
+/// Starts `script` (sh, `$1` this process's pid, `$2` what it watches over)
+/// detached in a session of its own, so that it outlives this process. It
+/// never carries [`OWNER_VAR`]: the sweep of [`owned`] must not end it.
+fn spawn_watchdog(name: &str, script: &str, arg: &str) -> std::io::Result<()> {
     Command::new("setsid")
-        .args(["sh", "-c", script, "esk-container-watch", &std::process::id().to_string(), name])
+        .args(["sh", "-c", script, name, &std::process::id().to_string(), arg])
+        .env_remove(OWNER_VAR)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("starting the container's watchdog")?;
-    Ok(())
+        .map(drop)
 }
 
 /// Starts a detached watchdog that removes the containers and volumes of the
@@ -186,15 +193,7 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 docker volume ls -q --filter "$label" | xargs -r docker volume rm >/dev/null 2>&1"#;
-    Command::new("setsid")
-        .args(["sh", "-c", script, "esk-compose-watch", &std::process::id().to_string(), project])
-        .env_remove(OWNER_VAR)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting the compose project's watchdog")?;
-    Ok(())
+    spawn_watchdog("esk-compose-watch", script, project).context("starting the compose project's watchdog")
 }
 
 fn kafka_sh() -> PathBuf {
@@ -998,7 +997,6 @@ pub const OWNER_VAR: &str = "ESK_TEST_OWNER";
 /// service at the end of its test; this is for the ends that run no `Drop`.
 pub fn owned(cmd: &mut Command) -> &mut Command {
     static WATCHDOG: OnceLock<Result<(), String>> = OnceLock::new();
-    let me = std::process::id().to_string();
     let watching = WATCHDOG.get_or_init(|| {
         // A marked process still alive may start another while a pass runs
         // (make, node): passes go on until one finds none (30 at most).
@@ -1011,20 +1009,33 @@ for _ in $(seq 1 30); do
   [ -n "$found" ] || break
   sleep 0.2
 done"#;
-        Command::new("setsid")
-            .args(["sh", "-c", script, "esk-test-watch", &me, OWNER_VAR])
-            .env_remove(OWNER_VAR)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map(drop)
+        spawn_watchdog("esk-test-watch", script, OWNER_VAR)
             .map_err(|e| format!("starting the test processes' watchdog: {e}"))
     });
     if let Err(e) = watching {
         panic!("{e}");
     }
-    cmd.env(OWNER_VAR, me)
+    cmd.env(OWNER_VAR, std::process::id().to_string())
+}
+
+/// Calls `check` every 250 ms until it finds something or `bound` has
+/// passed: what it found, or an error naming `what` (blocking; in async
+/// tests, [`poll_until`]).
+pub fn wait_for<T>(
+    bound: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> std::result::Result<T, String> {
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(found) = check() {
+            return Ok(found);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what}: not within {bound:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// What a bounded run of a program printed.
@@ -1066,6 +1077,18 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Ran {
     Ran { ok, output, elapsed: started.elapsed() }
 }
 
+/// The HTTP addresses of the shop's services, as `make up` and the compose
+/// file take them: payments, its projector, inventory, orders, its
+/// projector, shipping.
+pub const SHOP_HTTP_VARS: [&str; 6] = [
+    "ESK_PAYMENTS_HTTP",
+    "ESK_PAYMENTS_PROJECTOR_HTTP",
+    "ESK_INVENTORY_HTTP",
+    "ESK_ORDERS_HTTP",
+    "ESK_ORDERS_PROJECTOR_HTTP",
+    "ESK_SHIPPING_HTTP",
+];
+
 /// The README's walkthrough of the shop, on an installation (prefix `esk`)
 /// a test started as a user would (`make up`, the compose file): the `esk`
 /// binary against `bootstrap`, its orders projector at `orders_projector`.
@@ -1099,17 +1122,12 @@ impl ShopWalk {
     pub fn checkout(&self, id: &str, bound: Duration) -> std::result::Result<(), String> {
         let placed = r#"{"customer": "ann", "item": "tea", "quantity": 2, "amount": 700}"#;
         self.esk(&["command", &format!("order-{id}"), "Place", placed, "--expected-version", "no-stream"]);
-        let deadline = Instant::now() + bound;
-        loop {
-            let row = http_get(&self.orders_projector, &format!("/orders/{id}")).map(|(_, b)| b).unwrap_or_default();
-            if row.contains(r#""status":"confirmed""#) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("order {id} not confirmed by the checkout saga in {bound:?}: {row}"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let mut row = String::new();
+        wait_for(bound, &format!("order {id} confirmed by the checkout saga"), || {
+            row = http_get(&self.orders_projector, &format!("/orders/{id}")).map(|(_, b)| b).unwrap_or_default();
+            row.contains(r#""status":"confirmed""#).then_some(())
+        })
+        .map_err(|e| format!("{e} (its row: {row})"))
     }
 }
 

@@ -15,29 +15,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use esk_tests::{
-    ShopWalk, bin, docker_answers, free_port_pair, http_get, owned, repo_root, run_bounded, watch_compose_project,
+    SHOP_HTTP_VARS, ShopWalk, bin, docker_answers, free_port_pair, http_get, owned, repo_root, run_bounded, wait_for,
+    watch_compose_project,
 };
 
 /// The image of esk's binaries the test builds from this build's binaries
 /// (not the release build `make images` tags esk/esk:<version>).
 const IMAGE: &str = "esk/esk:test";
 
-/// The HTTP address of every service the compose file runs beside Kafka
-/// and `topics` (two shop services serve a projector's too): 11, as the
-/// gateway's console counts them.
-const HTTP_VARS: [&str; 11] = [
-    "ESK_WRITER_HTTP",
-    "ESK_PROJECTOR_HTTP",
-    "ESK_REPLICA_HTTP",
-    "ESK_COORDINATOR_HTTP",
-    "ESK_GATEWAY_HTTP",
-    "ESK_PAYMENTS_HTTP",
-    "ESK_PAYMENTS_PROJECTOR_HTTP",
-    "ESK_INVENTORY_HTTP",
-    "ESK_ORDERS_HTTP",
-    "ESK_ORDERS_PROJECTOR_HTTP",
-    "ESK_SHIPPING_HTTP",
-];
+/// The HTTP addresses of the platform's services; with the shop's
+/// ([`SHOP_HTTP_VARS`]) every one the compose file runs beside Kafka and
+/// `topics`: 11, as the gateway's console counts them.
+const PLATFORM_HTTP_VARS: [&str; 5] =
+    ["ESK_WRITER_HTTP", "ESK_PROJECTOR_HTTP", "ESK_REPLICA_HTTP", "ESK_COORDINATOR_HTTP", "ESK_GATEWAY_HTTP"];
 
 /// `docker compose` (the plugin) or `docker-compose`, whichever runs; None
 /// (and why) when no Docker engine answers.
@@ -150,19 +140,6 @@ fn build(args: &[&str], env: &[(&str, &Path)]) -> String {
     ran.output.lines().last().unwrap_or_default().to_owned()
 }
 
-fn poll<T>(bound: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T, String> {
-    let deadline = Instant::now() + bound;
-    loop {
-        if let Some(found) = check() {
-            return Ok(found);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{what}: not within {bound:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 fn the_compose_file_runs_the_whole_stack_on_images_built_here() {
     let Some(compose) = compose_command() else { return };
@@ -182,7 +159,7 @@ fn the_compose_file_runs_the_whole_stack_on_images_built_here() {
         ("ESK_PARTITIONS".to_owned(), "2".to_owned()),
         ("ESK_CHECKOUT_TIMEOUT".to_owned(), "30s".to_owned()),
     ];
-    for var in HTTP_VARS {
+    for var in PLATFORM_HTTP_VARS.into_iter().chain(SHOP_HTTP_VARS) {
         env.push((var.to_owned(), format!("127.0.0.1:{}", free_port_pair().expect("a free port"))));
     }
     let log = repo_root().join(format!("target/test-logs/compose-{name}.log"));
@@ -194,9 +171,9 @@ fn the_compose_file_runs_the_whole_stack_on_images_built_here() {
     // once its /ready answers.
     let started = Instant::now();
     project.run(&["up", "-d"], Duration::from_secs(420));
-    for var in HTTP_VARS {
+    for var in PLATFORM_HTTP_VARS.into_iter().chain(SHOP_HTTP_VARS) {
         let addr = project.var(var);
-        let ready = poll(Duration::from_secs(240), &format!("the service at {var}={addr} ready"), || {
+        let ready = wait_for(Duration::from_secs(240), &format!("the service at {var}={addr} ready"), || {
             http_get(addr, "/ready").filter(|(code, _)| *code == 200)
         });
         if let Err(e) = ready {
@@ -240,7 +217,7 @@ fn the_compose_file_runs_the_whole_stack_on_images_built_here() {
     let killed = Command::new("kill").args(["-KILL", &pid]).status().is_ok_and(|s| s.success())
         || Command::new("sudo").args(["-n", "kill", "-KILL", &pid]).status().is_ok_and(|s| s.success());
     assert!(killed, "kill -KILL {pid} (the orders service, uid 10001), also with sudo -n");
-    let restarted = poll(Duration::from_secs(120), "the orders service restarted and ready", || {
+    let restarted = wait_for(Duration::from_secs(120), "the orders service restarted and ready", || {
         let count: u32 = inspect("{{.RestartCount}}").parse().unwrap_or(0);
         let ready = http_get(project.var("ESK_ORDERS_HTTP"), "/ready").is_some_and(|(c, _)| c == 200);
         (count >= 1 && ready && inspect("{{.State.Pid}}") != pid).then_some(count)

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use esk_tests::{ShopWalk, bin, free_port_pair, http_get, repo_root};
+use esk_tests::{SHOP_HTTP_VARS, ShopWalk, bin, free_port_pair, http_get, repo_root};
 
 /// The ports one `make up` of this test uses: the broker's and the writer's.
 #[derive(Clone, Copy)]
@@ -21,22 +21,12 @@ struct Ports {
     shop: [u16; 6],
 }
 
-/// The shop's HTTP variables, in the order of `Ports::shop`.
-const SHOP_VARS: [&str; 6] = [
-    "ESK_PAYMENTS_HTTP",
-    "ESK_PAYMENTS_PROJECTOR_HTTP",
-    "ESK_INVENTORY_HTTP",
-    "ESK_ORDERS_HTTP",
-    "ESK_ORDERS_PROJECTOR_HTTP",
-    "ESK_SHIPPING_HTTP",
-];
-
 fn make(target: &str, home: &Path, ports: Ports) -> (bool, String) {
     let bin_dir = bin("esk").parent().unwrap().to_owned();
     let mut cmd = Command::new("make");
     // The services `make up` starts inherit the marker: they die with this test process.
     esk_tests::owned(&mut cmd);
-    for (var, port) in SHOP_VARS.iter().zip(ports.shop) {
+    for (var, port) in SHOP_HTTP_VARS.iter().zip(ports.shop) {
         cmd.env(var, format!("127.0.0.1:{port}"));
     }
     let out = cmd
